@@ -1,0 +1,221 @@
+"""Command line: ``stream-detector run | replay | generate | demo | config``.
+
+Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import IO, Sequence
+
+from stream_detector.errors import ConfigError, StreamDetectorError
+
+log = logging.getLogger("stream_detector")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stream-detector", description="Streaming anomaly detection for sales events on Kafka.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="consume the input topic, publish anomalies, serve metrics (the daemon)")
+    _config_arg(run)
+
+    replay = sub.add_parser("replay", help="score JSON-lines events without a broker; one JSON line out per line in")
+    _config_arg(replay)
+    replay.add_argument("--input", default="-", help="JSON-lines file of sale events, or - for stdin (default)")
+    replay.add_argument("--output", default="-", help="where to write the scored lines, or - for stdout (default)")
+
+    gen = sub.add_parser("generate", help="a synthetic sales stream with labelled anomalies")
+    gen.add_argument("--count", type=_positive_int, required=True, help="number of events")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--anomaly-rate", type=_fraction, default=0.01, help="share of injected point anomalies (default 0.01)")
+    gen.add_argument("--rate", type=_positive_float, default=None, help="events per second (default: as fast as possible)")
+    target = gen.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output", help="JSON-lines file, or - for stdout")
+    target.add_argument("--bootstrap-servers", help="produce to Kafka at HOST:PORT instead (needs --topic)")
+    gen.add_argument("--topic", help="topic to produce to, with --bootstrap-servers")
+    gen.add_argument("--labels", help="write labels (event_id -> kind, and store-stopped windows) to this JSON-lines file")
+
+    demo = sub.add_parser("demo", help="embedded broker + synthetic stream + detector, anomalies printed")
+    _config_arg(demo)
+    demo.add_argument("--rate", type=_positive_float, default=2000.0, help="generated events per second (default 2000)")
+    demo.add_argument("--count", type=_positive_int, default=None, help="stop generating after this many events")
+    demo.add_argument("--duration", type=_positive_float, default=None, help="stop after this many seconds")
+    demo.add_argument("--metrics-port", type=int, default=None, help="metrics port (default: metrics.port)")
+    demo.add_argument("--seed", type=int, default=0)
+
+    config = sub.add_parser("config", help="show or validate configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the effective configuration (secrets masked)")
+    _config_arg(show)
+    validate = config_sub.add_parser("validate", help="check a configuration file")
+    validate.add_argument("file")
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults, as in config/detector.yaml)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args, parser)
+    except ConfigError as exc:
+        print(f"stream-detector: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except StreamDetectorError as exc:
+        log.error("%s", exc)
+        print(f"stream-detector: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from stream_detector.config import load_settings
+    from stream_detector.logs import setup_logging
+
+    if args.command == "generate":
+        setup_logging("INFO", "auto")
+        return _generate(args, parser)
+    if args.command == "config":
+        return _config(args)
+    settings = load_settings(args.config)
+    setup_logging(settings.logging.level, settings.logging.format)
+    if args.command == "run":
+        from stream_detector.runtime.daemon import Daemon
+
+        daemon = Daemon(settings)
+        daemon.install_signal_handlers()
+        return daemon.run()
+    if args.command == "replay":
+        from stream_detector.runtime.replay import replay
+
+        with _open_in(args.input) as src, _open_out(args.output) as dst:
+            replay(settings, src, dst)
+        return EXIT_OK
+    if args.command == "demo":
+        from stream_detector.runtime.demo import run_demo
+
+        return run_demo(settings, rate=args.rate, count=args.count, duration=args.duration, metrics_port=args.metrics_port, seed=args.seed)
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+def _config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from stream_detector.config import load_settings, masked_dump
+
+    if args.config_command == "validate":
+        load_settings(args.file)
+        print(f"{args.file}: ok")
+        return EXIT_OK
+    settings = load_settings(args.config)
+    yaml.safe_dump(masked_dump(settings), sys.stdout, sort_keys=False)
+    return EXIT_OK
+
+
+def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from stream_detector.generator import GeneratorConfig, SalesGenerator, produce_to_kafka, write_jsonl, write_labels
+
+    if args.bootstrap_servers and not args.topic:
+        parser.error("--bootstrap-servers needs --topic")
+    generator = SalesGenerator(GeneratorConfig(seed=args.seed, anomaly_rate=args.anomaly_rate))
+    labels = []
+
+    def events():
+        for event, label in generator.generate(args.count):
+            if label is not None:
+                labels.append(label)
+            yield event
+
+    if args.output is not None:
+        stream = _paced(events(), args.rate) if args.rate else events()
+        with _open_out(args.output, binary=True) as out:
+            write_jsonl(stream, out)
+    else:
+        produce_to_kafka(events(), args.bootstrap_servers, args.topic, rate=args.rate, log=log)
+    if args.labels:
+        write_labels([*labels, *generator.window_labels], args.labels)
+    return EXIT_OK
+
+
+def _paced(events, rate: float):
+    import time
+
+    started = time.monotonic()
+    for n, event in enumerate(events):
+        ahead = n / rate - (time.monotonic() - started)
+        if ahead > 0.01:
+            time.sleep(ahead)
+        yield event
+
+
+class _open_in:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.handle: IO[bytes] | None = None
+
+    def __enter__(self) -> IO[bytes]:
+        if self.name == "-":
+            return sys.stdin.buffer
+        try:
+            self.handle = open(self.name, "rb")
+        except OSError as exc:
+            raise ConfigError(f"--input {self.name}: {exc.strerror}") from None
+        return self.handle
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+class _open_out:
+    def __init__(self, name: str, binary: bool = True) -> None:
+        self.name = name
+        self.handle: IO[bytes] | None = None
+
+    def __enter__(self) -> IO[bytes]:
+        if self.name == "-":
+            return sys.stdout.buffer
+        try:
+            Path(self.name).parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.name, "wb")
+        except OSError as exc:
+            raise ConfigError(f"--output {self.name}: {exc.strerror}") from None
+        return self.handle
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        else:
+            sys.stdout.buffer.flush()

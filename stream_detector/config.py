@@ -1,0 +1,400 @@
+"""Configuration: frozen pydantic-settings models loaded from YAML plus environment overrides.
+
+Precedence (highest first): ``STREAM_DETECTOR_<SECTION>__<KEY>`` environment variables, the
+YAML file given with ``--config``, the defaults below (the same values as
+``config/detector.yaml``). Unknown keys and bad values are rejected with a message that names
+the key; the CLI turns that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from stream_detector.errors import ConfigError
+
+ENV_PREFIX = "STREAM_DETECTOR_"
+ENV_NESTED_DELIMITER = "__"
+
+# Derived features a detector may use, plus the raw numeric fields of a sale.
+KNOWN_FEATURES = frozenset(
+    {
+        "amount",
+        "quantity",
+        "unit_price",
+        "log_amount",
+        "log_quantity",
+        "log_unit_price",
+        "log_price_ratio",
+        "is_refund",
+        "is_zero",
+        "hour_sin",
+        "hour_cos",
+        "dow_sin",
+        "dow_cos",
+    }
+)
+
+
+class Section(BaseModel):
+    """Base for config sections: frozen, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ClientValue = str | int | float | bool
+
+
+class KafkaConfig(Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    input_topic: str = "sales"
+    output_topic: str = "sales-anomalies"
+    dlq_topic: str = "sales-dlq"
+    group_id: str = "stream-detector"
+    # Passed through to librdkafka for the consumer, producer and admin client alike
+    # (security.protocol, sasl.*, ssl.*, ...). Values that look secret are masked when printed.
+    client_config: dict[str, ClientValue] = Field(default_factory=dict)
+    consumer_config: dict[str, ClientValue] = Field(default_factory=dict)
+    producer_config: dict[str, ClientValue] = Field(default_factory=dict)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # Create missing input/output/dead-letter topics on start (handy for demos; production
+    # clusters usually manage topics themselves).
+    create_topics: bool = False
+    topic_partitions: int = Field(default=3, ge=1)
+    sasl_password: SecretStr | None = None
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers_look_like_host_port(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected HOST:PORT[,HOST:PORT...], got {value!r}")
+        return value
+
+
+class ProcessingConfig(Section):
+    guarantee: Literal["at-least-once"] = "at-least-once"
+    # One micro-batch: up to batch_size records, or what arrived within max_wait_ms.
+    # Every detector (the autoencoder included) scores a micro-batch in one pass.
+    batch_size: int = Field(default=2000, ge=1, le=100_000)
+    max_wait_ms: int = Field(default=50, ge=1, le=60_000)
+    max_record_bytes: int = Field(default=1_048_576, ge=256)
+    # Events whose top-level "version" field is above this go to the dead-letter topic.
+    max_event_version: int = Field(default=1, ge=1)
+
+
+class SchemaConfig(Section):
+    # Fields whose values, joined by "|", form an event's key (output record key, z-score key).
+    key_fields: list[str] = Field(default_factory=lambda: ["store_id"], min_length=1)
+    # Numeric fields read from events. amount is required, the others optional.
+    feature_fields: list[str] = Field(default_factory=lambda: ["amount", "quantity", "unit_price"])
+    max_abs_amount: float = Field(default=1e9, gt=0)
+
+    @field_validator("feature_fields")
+    @classmethod
+    def _amount_is_required(cls, value: list[str]) -> list[str]:
+        if "amount" not in value:
+            raise ValueError("must include 'amount'")
+        return value
+
+
+class KeySetConfig(Section):
+    # Event fields that form the key (empty: one global key for every event).
+    fields: list[str]
+    # Features scored per key of this set.
+    features: list[str] = Field(min_length=1)
+
+    @field_validator("features")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        return _check_features(value)
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.fields) or "global"
+
+
+def _default_key_sets() -> list[KeySetConfig]:
+    return [
+        KeySetConfig(fields=["store_id"], features=["log_amount", "log_quantity"]),
+        KeySetConfig(fields=["product_id"], features=["log_unit_price", "log_quantity"]),
+        KeySetConfig(fields=[], features=["log_price_ratio"]),
+    ]
+
+
+class ZScoreConfig(Section):
+    enabled: bool = True
+    # Each key set keeps its own statistics per key and feature.
+    key_sets: list[KeySetConfig] = Field(default_factory=_default_key_sets, min_length=1)
+    # A key alerts from its own statistics once it has seen this many events; before that
+    # the global statistics score it.
+    warmup: int = Field(default=30, ge=2)
+    # Floor on the standard deviation (features are on a log scale: 0.05 ~ 5 %).
+    min_std: float = Field(default=0.05, gt=0)
+    max_keys: int = Field(default=100_000, ge=1)
+
+
+class DuplicateConfig(Section):
+    enabled: bool = True
+    # An event identical to an earlier one (every field but event_id) within this much event
+    # time is a duplicate.
+    window_seconds: float = Field(default=3600.0, gt=0)
+    max_entries: int = Field(default=1_000_000, ge=1)
+    # Tail probability given to an exact duplicate (how likely a genuine sale repeats every
+    # field, timestamp included, to the millisecond).
+    probability: float = Field(default=1e-9, gt=0, lt=1)
+
+
+class RiverConfig(Section):
+    enabled: bool = True
+    # Any class of river.anomaly, by name; HalfSpaceTrees uses a vectorised engine that gives
+    # River's exact scores.
+    model: str = "HalfSpaceTrees"
+    params: dict[str, Any] = Field(default_factory=lambda: {"n_trees": 25, "height": 10, "window_size": 1000})
+    features: list[str] = Field(
+        default_factory=lambda: ["log_amount", "log_quantity", "log_unit_price", "hour_sin", "hour_cos"]
+    )
+    scale: bool = True
+    seed: int = 42
+
+    @field_validator("features")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        return _check_features(value)
+
+    @field_validator("model")
+    @classmethod
+    def _is_river_anomaly_model(cls, value: str) -> str:
+        import river.anomaly
+        from river.base import AnomalyDetector
+
+        def is_detector(obj: Any) -> bool:
+            return isinstance(obj, type) and issubclass(obj, AnomalyDetector)
+
+        if not is_detector(getattr(river.anomaly, value, None)):
+            names = sorted(n for n in dir(river.anomaly) if is_detector(getattr(river.anomaly, n)))
+            raise ValueError(f"unknown river.anomaly model {value!r}; choose one of {', '.join(names)}")
+        return value
+
+
+class AutoencoderConfig(Section):
+    enabled: bool = True
+    features: list[str] = Field(
+        default_factory=lambda: [
+            "log_amount",
+            "log_quantity",
+            "log_unit_price",
+            "log_price_ratio",
+            "is_refund",
+            "is_zero",
+            "hour_sin",
+            "hour_cos",
+            "dow_sin",
+            "dow_cos",
+        ]
+    )
+    hidden: list[int] = Field(default_factory=lambda: [16, 4], min_length=1)
+    lr: float = Field(default=1e-3, gt=0, le=1)
+    train_batch_size: int = Field(default=256, ge=1)
+    train_steps: int = Field(default=1, ge=1)
+    warmup_events: int = Field(default=512, ge=0)
+    device: str = "auto"
+    # torch intra-op threads on CPU; 1 is fastest for this small network.
+    cpu_threads: int = Field(default=1, ge=1, le=256)
+    seed: int = 0
+
+    @field_validator("features")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        return _check_features(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+
+class ScoringConfig(Section):
+    # An event is an anomaly when its fused score is above this. The fused score is
+    # 1 - p, where p is the (Bonferroni-adjusted) smallest tail probability of the detectors:
+    # 0.999 means "fewer than 1 in 1,000 normal events look this extreme to some detector".
+    threshold: float = Field(default=0.9995, gt=0, lt=1)
+    # Calibration: each detector's raw scores over a reference window of recent events.
+    calibration_window: int = Field(default=20_000, ge=100)
+    calibration_refresh: int = Field(default=1_000, ge=1)
+    # No alerts until a detector's calibrator has seen this many scores.
+    calibration_min_events: int = Field(default=2_000, ge=10)
+    # The tail above this quantile of the reference is fitted with a generalised Pareto
+    # distribution, so probabilities smaller than 1/window stay meaningful.
+    tail_quantile: float = Field(default=0.98, gt=0.5, lt=1)
+
+    @model_validator(mode="after")
+    def _window_holds_min_events(self) -> ScoringConfig:
+        if self.calibration_min_events > self.calibration_window:
+            raise ValueError("calibration_min_events must not exceed calibration_window")
+        if self.calibration_refresh > self.calibration_window:
+            raise ValueError("calibration_refresh must not exceed calibration_window")
+        return self
+
+
+class MetricsConfig(Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with ``load_settings``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    processing: ProcessingConfig = Field(default_factory=ProcessingConfig)
+    schema_: SchemaConfig = Field(default_factory=SchemaConfig, alias="schema")
+    zscore: ZScoreConfig = Field(default_factory=ZScoreConfig)
+    duplicates: DuplicateConfig = Field(default_factory=DuplicateConfig)
+    river: RiverConfig = Field(default_factory=RiverConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; environment variables override it.
+        return (env_settings, init_settings)
+
+    @property
+    def schema(self) -> SchemaConfig:  # type: ignore[override]
+        return self.schema_
+
+
+def _check_features(value: list[str]) -> list[str]:
+    unknown = [name for name in value if name not in KNOWN_FEATURES]
+    if unknown:
+        raise ValueError(f"unknown feature(s) {unknown}; known: {sorted(KNOWN_FEATURES)}")
+    return value
+
+
+SECTIONS = ("kafka", "processing", "schema", "zscore", "duplicates", "river", "autoencoder", "scoring", "metrics", "logging")
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Load the YAML file (optional) and apply environment overrides; raise ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    environ = dict(os.environ if environ is None else environ)
+    _reject_unknown_env(environ)
+    try:
+        return _build(data, environ)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path) if path else None, environ)) from None
+
+
+def _build(data: dict[str, Any], environ: dict[str, str]) -> Settings:
+    saved = dict(os.environ)
+    try:
+        # pydantic-settings reads os.environ; give it exactly the environment we were handed.
+        os.environ.clear()
+        os.environ.update(environ)
+        return Settings(**data)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _reject_unknown_env(environ: dict[str, str]) -> None:
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue
+        section = upper[len(ENV_PREFIX) :].split(ENV_NESTED_DELIMITER, 1)[0].lower()
+        if section not in SECTIONS:
+            raise ConfigError(f"{name}: unknown config section {section!r}; sections are {', '.join(SECTIONS)}")
+
+
+def format_validation_error(exc: ValidationError, path: str | None, environ: dict[str, str]) -> str:
+    """One line per problem: the dotted key, what is wrong, and where the value came from."""
+    env_names = {name.upper(): name for name in environ}
+    lines = [f"invalid configuration{f' in {path}' if path else ''}:"]
+    for error in exc.errors():
+        parts = ["schema" if part == "schema_" else str(part) for part in error["loc"]]
+        loc = ".".join(parts) or "(top level)"
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(parts).upper()
+        origin = f" (from environment variable {env_names[env_name]})" if env_name in env_names else ""
+        lines.append(f"  {loc}: {message}{origin}")
+    return "\n".join(lines)
+
+
+SECRET_MARKERS = ("password", "secret", "token", "key.pem", "ssl.key", "sasl.oauthbearer.client.secret")
+
+
+def masked_dump(settings: Settings) -> dict[str, Any]:
+    """The effective config as plain data, with secrets replaced by '**********'."""
+    data = settings.model_dump(mode="json", by_alias=True)
+    for section in ("client_config", "consumer_config", "producer_config"):
+        conf = data["kafka"].get(section, {})
+        for key in list(conf):
+            if any(marker in key.lower() for marker in SECRET_MARKERS):
+                conf[key] = "**********"
+    if data["kafka"].get("sasl_password"):
+        data["kafka"]["sasl_password"] = "**********"
+    return data
+
+
+def librdkafka_config(settings: Settings, role: Literal["consumer", "producer", "admin"]) -> dict[str, Any]:
+    """The librdkafka settings for one client role: ours, then the user's pass-through."""
+    kafka = settings.kafka
+    conf: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers}
+    conf.update(kafka.client_config)
+    if kafka.sasl_password is not None:
+        conf["sasl.password"] = kafka.sasl_password.get_secret_value()
+    if role == "consumer":
+        conf.update(kafka.consumer_config)
+    elif role == "producer":
+        conf.update(kafka.producer_config)
+    return conf

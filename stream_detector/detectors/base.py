@@ -1,0 +1,87 @@
+"""The detector contract: one small protocol every detector follows.
+
+Direction: a raw score is a float, **higher = more anomalous**. Raw scores of different
+detectors are not comparable; the calibrators in ``scoring/`` turn them into tail
+probabilities.
+
+Sequential semantics, computed on a whole batch:
+
+* ``score(batch, learn)`` scores every event of the batch **in order**, as if the events were
+  given one by one: event ``i`` sees the committed state plus the events ``j < i`` of the same
+  batch for which ``learn[j]`` is true. It does not change the detector: it returns the scores
+  and a ``Step`` that holds the state the detector would have after learning the batch.
+* ``commit(step)`` makes that state current.
+
+The pipeline decides ``learn`` (events it did not flag); because event ``i``'s flag only depends
+on events before it, the pipeline finds the sequential answer with a short fixed-point loop
+over ``score`` (see ``scoring/pipeline.py``). A conformance test checks for every detector that
+scoring a batch equals scoring its events one at a time.
+
+``state_dict()``/``load_state_dict()`` carry a ``version`` so snapshots can be checked on restore.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stream_detector.features import FeatureBatch
+
+
+@dataclass
+class Step:
+    """What ``score`` returns: scores for the batch plus the state after learning it."""
+
+    scores: np.ndarray  # float64 (n,), higher = more anomalous
+    # Per-event arrays a detector wants to explain its scores with (aligned with the batch).
+    details: dict[str, np.ndarray] = field(default_factory=dict)
+    # Detector-private: the state after learning the batch, applied by ``commit``.
+    next_state: Any = None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why one event scored the way it did, for the anomaly record."""
+
+    details: dict[str, Any]
+    reasons: list[str]
+
+
+class Detector(ABC):
+    """Base class for detectors. Subclasses keep hyperparameters as same-named attributes."""
+
+    name: str = "detector"
+    state_version: int = 1
+    # True when raw scores are already 1 - tail probability (no calibration needed).
+    outputs_probability: bool = False
+
+    @abstractmethod
+    def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
+        """Score ``batch`` in order without changing the detector (see module docstring)."""
+
+    @abstractmethod
+    def commit(self, step: Step) -> None:
+        """Adopt the state of a ``Step`` returned by ``score`` on the last batch."""
+
+    def explain(self, batch: FeatureBatch, step: Step, i: int) -> Explanation:
+        """Details and human-readable reasons for event ``i`` of ``batch``."""
+        return Explanation(details={}, reasons=[])
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """A picklable snapshot of the learned state, including ``version``."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a snapshot made by ``state_dict``; raise ``StateError`` if incompatible."""
+
+    def learn_one_batch(self, batch: FeatureBatch, learn: np.ndarray | None = None) -> np.ndarray:
+        """Score then learn a batch; convenience for tests and simple callers."""
+        if learn is None:
+            learn = np.ones(batch.n, dtype=bool)
+        step = self.score(batch, learn)
+        self.commit(step)
+        return step.scores

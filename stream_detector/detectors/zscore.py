@@ -1,0 +1,389 @@
+"""Online z-score per key and feature, computed on whole batches with sequential semantics.
+
+For every key set (e.g. ``store_id``) the detector keeps a streaming count, mean and sum of
+squared deviations per key and feature (Welford/Chan). An event is scored against the
+statistics of the events *before* it, also inside a batch: the batch is grouped by key and
+exclusive prefix sums give each event the statistics of its predecessors, merged with the
+committed state by Chan's parallel formula. A key that has seen fewer than ``warmup`` events
+is scored against the global statistics instead and reported as not warm.
+
+Raw score: the largest |z| over key sets and features (higher = more anomalous).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream_detector.detectors.base import Detector, Explanation, Step
+from stream_detector.errors import StateError
+from stream_detector.features import FeatureBatch
+
+GLOBAL = "global"
+
+
+@dataclass
+class _Stats:
+    """Count, mean and M2 per slot (rows) and feature (columns), plus last event time per slot.
+
+    Arrays have spare capacity (grown by doubling); rows past the number of keys are empty.
+    """
+
+    count: np.ndarray  # (S, F)
+    mean: np.ndarray  # (S, F)
+    m2: np.ndarray  # (S, F)
+    last_seen: np.ndarray  # (S,)
+
+    @classmethod
+    def empty(cls, n_features: int, capacity: int = 0) -> _Stats:
+        return cls(
+            np.zeros((capacity, n_features)),
+            np.zeros((capacity, n_features)),
+            np.zeros((capacity, n_features)),
+            np.full(capacity, -np.inf),
+        )
+
+    def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(count, mean, m2) rows for ``slots``; slots beyond capacity (new keys) are empty."""
+        capacity = self.count.shape[0]
+        inside = slots < capacity
+        if inside.all():
+            return self.count[slots], self.mean[slots], self.m2[slots]
+        if capacity == 0:
+            empty = np.zeros((len(slots), self.count.shape[1]))
+            return empty, empty.copy(), empty.copy()
+        safe = np.where(inside, slots, 0)
+        keep = inside[:, None]
+        return (
+            np.where(keep, self.count[safe], 0.0),
+            np.where(keep, self.mean[safe], 0.0),
+            np.where(keep, self.m2[safe], 0.0),
+        )
+
+    def ensure_capacity(self, size: int) -> None:
+        capacity = self.count.shape[0]
+        if size <= capacity:
+            return
+        extra = max(size, 2 * capacity, 64) - capacity
+        pad = np.zeros((extra, self.count.shape[1]))
+        self.count = np.vstack([self.count, pad])
+        self.mean = np.vstack([self.mean, pad])
+        self.m2 = np.vstack([self.m2, pad])
+        self.last_seen = np.concatenate([self.last_seen, np.full(extra, -np.inf)])
+
+
+@dataclass
+class _KeySetState:
+    slots: dict[str, int]
+    stats: _Stats
+
+
+@dataclass
+class _Update:
+    """What learning one batch changes for one key set (or the global statistics)."""
+
+    new_keys: list[str]  # appended to the slot table in this order
+    touched: np.ndarray  # slots whose statistics change
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+    last_seen: np.ndarray  # per touched slot: the latest event time of the batch
+
+    def apply(self, state: _KeySetState) -> None:
+        for key in self.new_keys:
+            state.slots[key] = len(state.slots)
+        st = state.stats
+        st.ensure_capacity(len(state.slots))
+        st.count[self.touched] = self.count
+        st.mean[self.touched] = self.mean
+        st.m2[self.touched] = self.m2
+        st.last_seen[self.touched] = np.maximum(st.last_seen[self.touched], self.last_seen)
+
+
+@dataclass
+class _State:
+    key_sets: dict[str, _KeySetState]
+    global_stats: _Stats
+
+
+def _grouped_exclusive_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Exclusive cumulative sums that restart where ``starts`` is True (rows already grouped)."""
+    inclusive = np.cumsum(values, axis=0)
+    exclusive = inclusive - values
+    group_of_row = np.cumsum(starts) - 1
+    return exclusive - exclusive[np.flatnonzero(starts)][group_of_row]
+
+
+def _prefix_stats(
+    x: np.ndarray, contrib: np.ndarray, slot: np.ndarray, prior: _Stats
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Statistics each event sees (prior state + earlier contributing events of its slot).
+
+    Returns (count, mean, m2) per event and feature, and the per-slot totals after the batch
+    as (slots, count, mean, m2) for the slots the batch touched.
+    """
+    order = np.argsort(slot, kind="stable")
+    s_sorted = slot[order]
+    starts = np.empty(len(order), dtype=bool)
+    if len(order):
+        starts[0] = True
+        starts[1:] = s_sorted[1:] != s_sorted[:-1]
+    n0, mean0, m20 = prior.gather(s_sorted)
+    w = contrib[order].astype(np.float64)
+    # Shift by the prior mean so the sums of squares stay small (no cancellation).
+    dev = np.where(w > 0, x[order] - mean0, 0.0)
+    nb = _grouped_exclusive_cumsum(w, starts)
+    sb = _grouped_exclusive_cumsum(dev, starts)
+    ssb = _grouped_exclusive_cumsum(dev * dev, starts)
+    count, mean, m2 = _merge(n0, mean0, m20, nb, sb, ssb)
+
+    # Totals per touched slot: the exclusive prefix at the last row plus that row itself.
+    ends = np.r_[np.flatnonzero(starts)[1:] - 1, len(order) - 1] if len(order) else np.empty(0, dtype=np.int64)
+    tot = _merge(n0[ends], mean0[ends], m20[ends], nb[ends] + w[ends], sb[ends] + dev[ends], ssb[ends] + dev[ends] ** 2)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return count[inverse], mean[inverse], m2[inverse], (s_sorted[ends], *tot)
+
+
+def _merge(n0, mean0, m20, nb, sb, ssb):
+    """Chan's parallel merge of (n0, mean0, m20) with nb values whose deviations from mean0
+    sum to sb and whose squared deviations sum to ssb."""
+    n = n0 + nb
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shift = np.where(nb > 0, sb / nb, 0.0)
+        m2b = np.where(nb > 0, ssb - sb * shift, 0.0)
+        mean = mean0 + np.where(n > 0, shift * nb / n, 0.0)
+        m2 = m20 + m2b + np.where(n > 0, shift * shift * n0 * nb / n, 0.0)
+    return n, mean, np.maximum(m2, 0.0)
+
+
+class ZScoreDetector(Detector):
+    """Streaming z-score per key set, key and feature (see module docstring)."""
+
+    name = "zscore"
+    state_version = 1
+
+    def __init__(
+        self,
+        features: tuple[str, ...] = ("log_amount", "log_quantity", "log_unit_price"),
+        key_sets: tuple[str, ...] = ("store_id",),
+        warmup: int = 30,
+        min_std: float = 0.05,
+        max_keys: int = 100_000,
+        key_set_features: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        self.features = tuple(features)
+        self.key_sets = tuple(key_sets)
+        # Which features each key set scores (default: all): a product's unit price is
+        # meaningful, a store's unit price (mixing cheap and dear products) is not.
+        self.key_set_features = {ks: tuple((key_set_features or {}).get(ks, self.features)) for ks in self.key_sets}
+        self._use = np.array([[f in self.key_set_features[ks] for f in self.features] for ks in self.key_sets], dtype=bool).reshape(len(self.key_sets), len(self.features))
+        self.warmup = warmup
+        self.min_std = min_std
+        self.max_keys = max_keys
+        n_features = len(self.features)
+        self._state = _State(
+            key_sets={ks: _KeySetState({}, _Stats.empty(n_features)) for ks in self.key_sets},
+            global_stats=_Stats.empty(n_features, capacity=1),
+        )
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
+        n, n_features = batch.n, len(self.features)
+        x = batch.matrix(self.features)
+        contrib = ~np.isnan(x) & np.asarray(learn, dtype=bool)[:, None]
+
+        g_count, g_mean, g_m2, g_tot = _prefix_stats(x, contrib, np.zeros(n, dtype=np.int64), self._state.global_stats)
+        g_z = self._z(x, g_count, g_mean, g_m2)
+        g_std = self._std(g_count, g_m2)
+
+        n_sets = len(self.key_sets)
+        z = np.full((n, n_sets, n_features), np.nan)
+        mean = np.full((n, n_sets, n_features), np.nan)
+        std = np.full((n, n_sets, n_features), np.nan)
+        warm = np.zeros((n, n_sets), dtype=bool)
+        updates: dict[str, _Update] = {}
+        for k, ks in enumerate(self.key_sets):
+            slot, new_keys = self._slots(ks, batch.keys.get(ks))
+            has_key = slot >= 0
+            safe_slot = np.where(has_key, slot, 0)
+            used = self._use[k]
+            k_count, k_mean, k_m2, tot = _prefix_stats(
+                x, contrib & has_key[:, None] & used[None, :], safe_slot, self._state.key_sets[ks].stats
+            )
+            # Per feature: a key scores on its own statistics once it has `warmup` values of
+            # that feature, on the global statistics before that.
+            use_key = has_key[:, None] & (k_count >= self.warmup) & used[None, :]
+            z[:, k] = np.where(use_key, self._z(x, k_count, k_mean, k_m2), np.where(used[None, :], g_z, np.nan))
+            mean[:, k] = np.where(use_key, k_mean, g_mean)
+            std[:, k] = np.where(use_key, self._std(k_count, k_m2), g_std)
+            warm[:, k] = use_key.any(axis=1)
+            touched_rows = np.isin(tot[0], np.unique(slot[has_key])) if n else np.zeros(0, dtype=bool)
+            last_seen = np.full(len(tot[0]), -np.inf)
+            if has_key.any():
+                per_slot = np.full(int(slot.max()) + 1, -np.inf)
+                np.maximum.at(per_slot, slot[has_key], batch.event_time[has_key])
+                last_seen = per_slot[tot[0]]
+            updates[ks] = _Update(
+                new_keys,
+                tot[0][touched_rows],
+                tot[1][touched_rows],
+                tot[2][touched_rows],
+                tot[3][touched_rows],
+                last_seen[touched_rows],
+            )
+
+        g_update = _Update([], g_tot[0], g_tot[1], g_tot[2], g_tot[3], np.full(len(g_tot[0]), -np.inf))
+        abs_z = np.abs(z).reshape(n, -1)
+        any_z = ~np.all(np.isnan(abs_z), axis=1) if n else np.zeros(0, dtype=bool)
+        scores = np.zeros(n)
+        scores[any_z] = np.nanmax(abs_z[any_z], axis=1)
+        details = {"z": z, "mean": mean, "std": std, "warm": warm}
+        return Step(scores=scores, details=details, next_state=(updates, g_update))
+
+    def _std(self, count: np.ndarray, m2: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = np.where(count > 1, m2 / np.maximum(count - 1, 1), np.nan)
+        return np.maximum(np.sqrt(var), self.min_std)
+
+    def _z(self, x: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> np.ndarray:
+        z = (x - mean) / self._std(count, m2)
+        return np.where(count >= self.warmup, z, np.nan)
+
+    def _slots(self, key_set: str, keys: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+        """Slot per event (-1 where the event has no key) and the keys seen for the first time."""
+        n = 0 if keys is None else len(keys)
+        slot = np.full(n, -1, dtype=np.int64)
+        if keys is None or n == 0:
+            return slot, []
+        present = np.fromiter((k is not None for k in keys), dtype=bool, count=n)
+        if not present.any():
+            return slot, []
+        known = self._state.key_sets[key_set].slots
+        uniq, inverse = np.unique(keys[present].astype(str), return_inverse=True)
+        new_keys: list[str] = []
+        uniq_slots = np.empty(len(uniq), dtype=np.int64)
+        for u, key in enumerate(uniq.tolist()):
+            s = known.get(key)
+            if s is None:
+                s = len(known) + len(new_keys)
+                new_keys.append(key)
+            uniq_slots[u] = s
+        slot[present] = uniq_slots[inverse]
+        return slot, new_keys
+
+    def commit(self, step: Step) -> None:
+        updates, g_update = step.next_state
+        for ks, update in updates.items():
+            state = self._state.key_sets[ks]
+            update.apply(state)
+            if len(state.slots) > self.max_keys:
+                self._state.key_sets[ks] = self._evict(state)
+        g_update.apply(_KeySetState({}, self._state.global_stats))
+
+    def _evict(self, state: _KeySetState) -> _KeySetState:
+        """Drop the least recently seen keys down to 90 % of max_keys; they restart from global."""
+        size = len(state.slots)
+        keep_n = int(self.max_keys * 0.9)
+        order = np.sort(np.argsort(-state.stats.last_seen[:size], kind="stable")[:keep_n])
+        by_slot = {s: k for k, s in state.slots.items()}
+        slots = {by_slot[int(s)]: i for i, s in enumerate(order)}
+        st = state.stats
+        return _KeySetState(slots, _Stats(st.count[order], st.mean[order], st.m2[order], st.last_seen[order]))
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def n_keys(self) -> dict[str, int]:
+        return {ks: len(state.slots) for ks, state in self._state.key_sets.items()}
+
+    def learning_keys(self) -> dict[str, int]:
+        """Keys per key set that have not yet seen ``warmup`` events."""
+        out = {}
+        for ks, state in self._state.key_sets.items():
+            counts = state.stats.count[: len(state.slots)]
+            out[ks] = int(np.sum(counts.max(axis=1, initial=0) < self.warmup)) if counts.size else 0
+        return out
+
+    def explain(self, batch: FeatureBatch, step: Step, i: int) -> Explanation:
+        z = step.details["z"][i]
+        if np.all(np.isnan(z)):
+            return Explanation(details={"warm": False}, reasons=[])
+        k, f = np.unravel_index(np.nanargmax(np.abs(z)), z.shape)
+        key_set, feature = self.key_sets[k], self.features[f]
+        key = batch.keys.get(key_set, np.full(batch.n, None, dtype=object))[i]
+        warm = bool(step.details["warm"][i, k])
+        mean = float(step.details["mean"][i, k, f])
+        std = float(step.details["std"][i, k, f])
+        zf = float(z[k, f])
+        value = float(batch.column(feature)[i])
+        scope = f"{key_set} {key}" if warm else f"all keys ({key_set} {key} still learning)"
+        field, shown, typical = _in_original_units(feature, value, mean)
+        direction = "above" if zf > 0 else "below"
+        reason = f"{field} {shown} is {abs(zf):.1f} sd {direction} {scope}'s mean {typical}"
+        if feature.startswith("log_"):
+            reason += " (log scale)"
+        details = {
+            "key_set": key_set,
+            "key": key,
+            "feature": feature,
+            "value": value,
+            "mean": mean,
+            "std": std,
+            "z": zf,
+            "warm": warm,
+        }
+        return Explanation(details=details, reasons=[reason])
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        sets = {}
+        for ks, state in self._state.key_sets.items():
+            size = len(state.slots)
+            keys = sorted(state.slots, key=state.slots.__getitem__)
+            st = state.stats
+            sets[ks] = {
+                "keys": keys,
+                "count": st.count[:size].copy(),
+                "mean": st.mean[:size].copy(),
+                "m2": st.m2[:size].copy(),
+                "last_seen": st.last_seen[:size].copy(),
+            }
+        g = self._state.global_stats
+        return {
+            "version": self.state_version,
+            "features": list(self.features),
+            "key_sets": sets,
+            "global": {"count": g.count.copy(), "mean": g.mean.copy(), "m2": g.m2.copy()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != self.state_version:
+            raise StateError(f"zscore state version {state.get('version')!r}, expected {self.state_version}")
+        if list(state["features"]) != list(self.features):
+            raise StateError(f"zscore state has features {state['features']}, configured {list(self.features)}")
+        sets = {}
+        for ks in self.key_sets:
+            data = state["key_sets"].get(ks)
+            if data is None:
+                sets[ks] = _KeySetState({}, _Stats.empty(len(self.features)))
+                continue
+            slots = {key: i for i, key in enumerate(data["keys"])}
+            sets[ks] = _KeySetState(
+                slots,
+                _Stats(np.array(data["count"]), np.array(data["mean"]), np.array(data["m2"]), np.array(data["last_seen"])),
+            )
+        g = state["global"]
+        self._state = _State(sets, _Stats(np.array(g["count"]), np.array(g["mean"]), np.array(g["m2"]), np.full(1, -np.inf)))
+
+
+def _in_original_units(feature: str, value: float, mean: float) -> tuple[str, str, str]:
+    """(field name, value, typical value) as a person reads them: log features back in units."""
+    if feature.startswith("log_"):
+        field = feature[4:]
+        typical = float(np.sign(mean) * np.expm1(abs(mean)))
+        original = float(np.sign(value) * np.expm1(abs(value)))
+        return field, f"{original:,.2f}", f"{typical:,.2f}"
+    return feature, f"{value:,.4g}", f"{mean:,.4g}"

@@ -1,0 +1,280 @@
+"""Decode a whole batch of raw record values into columns, splitting off the invalid ones.
+
+Strict validation without a per-event model: each record is parsed once with orjson, then
+every field is checked column-wise. A record that fails any check is reported with a short,
+bounded ``reason`` (it becomes a metric label and a dead-letter header) and a detail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import numpy as np
+import orjson
+
+from stream_detector.features import FeatureBatch, add_derived_features
+
+# Bounded set of dead-letter reasons (metric label values).
+REASONS = (
+    "oversized",
+    "not_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "not_finite",
+    "out_of_range",
+    "invalid_timestamp",
+    "unsupported_version",
+)
+
+STRING_FIELDS = ("event_id", "store_id", "product_id", "currency", "channel", "customer_id")
+# Epoch milliseconds outside [1990, 2200) are treated as a unit mistake, not a date.
+_MIN_EPOCH_S = 631_152_000.0
+_MAX_EPOCH_S = 7_258_118_400.0
+
+
+@dataclass(frozen=True)
+class InvalidRecord:
+    index: int  # position in the raw batch
+    reason: str  # one of REASONS
+    detail: str
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """Valid events as columns plus the invalid records, both indexed into the raw batch."""
+
+    features: FeatureBatch
+    events: list[dict[str, Any]]  # the original valid events (passed through in records)
+    keys: np.ndarray  # object (n,): the record key, from schema.key_fields
+    source_index: np.ndarray  # int64 (n,): position of each valid event in the raw batch
+    invalid: list[InvalidRecord]
+
+
+@dataclass(frozen=True)
+class EventSchema:
+    key_fields: tuple[str, ...] = ("store_id",)
+    feature_fields: tuple[str, ...] = ("amount", "quantity", "unit_price")
+    max_record_bytes: int = 1_048_576
+    max_abs_value: float = 1e9
+    max_event_version: int = 1
+    # Key sets the detectors keep per-key state for (each a tuple of event fields).
+    key_sets: tuple[tuple[str, ...], ...] = (("store_id",),)
+
+
+def decode_batch(values: Sequence[bytes | None], schema: EventSchema) -> DecodedBatch:
+    """Parse and validate ``values``; every input index ends up valid or in ``invalid``."""
+    invalid: list[InvalidRecord] = []
+    docs: list[dict[str, Any]] = []
+    doc_index: list[int] = []
+    for i, value in enumerate(values):
+        doc = _parse_one(i, value, schema, invalid)
+        if doc is not None:
+            docs.append(doc)
+            doc_index.append(i)
+
+    ok = np.ones(len(docs), dtype=bool)
+    problems: dict[int, tuple[str, str]] = {}
+    event_ids = _string_column(docs, "event_id", required=True, problems=problems)
+    event_time = _timestamps(docs, problems)
+    numeric = {name: _numeric_column(docs, name, name == "amount", schema.max_abs_value, problems) for name in schema.feature_fields}
+    string_fields = dict.fromkeys([*STRING_FIELDS[1:], *schema.key_fields, *(f for ks in schema.key_sets for f in ks)])
+    strings = {name: _string_column(docs, name, required=False, problems=problems) for name in string_fields}
+    _check_versions(docs, schema.max_event_version, problems)
+    for j, (reason, detail) in problems.items():
+        ok[j] = False
+        invalid.append(InvalidRecord(doc_index[j], reason, detail))
+
+    keep = np.flatnonzero(ok)
+    doc_index_arr = np.asarray(doc_index, dtype=np.int64)[keep]
+    columns = {name: col[keep] for name, col in numeric.items()}
+    event_time = event_time[keep]
+    key_columns = {name: col[keep] for name, col in strings.items()}
+    features = FeatureBatch(
+        event_time=event_time,
+        columns=add_derived_features(columns, event_time),
+        keys={_key_set_name(ks): _join_keys(key_columns, ks) for ks in schema.key_sets},
+        event_ids=event_ids[keep],
+        fingerprints=fingerprints([docs[j] for j in keep]),
+    )
+    invalid.sort(key=lambda r: r.index)
+    return DecodedBatch(
+        features=features,
+        events=[docs[j] for j in keep],
+        keys=_join_keys(key_columns, schema.key_fields),
+        source_index=doc_index_arr,
+        invalid=invalid,
+    )
+
+
+def fingerprints(docs: list[dict[str, Any]]) -> np.ndarray:
+    """Stable 64-bit hash of each event without its event_id: equal for re-sent copies."""
+    out = np.empty(len(docs), dtype=np.uint64)
+    for j, doc in enumerate(docs):
+        body = {k: v for k, v in doc.items() if k != "event_id"}
+        digest = hashlib.blake2b(orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=8).digest()
+        out[j] = int.from_bytes(digest, "little")
+    return out
+
+
+def _key_set_name(fields: tuple[str, ...]) -> str:
+    return "+".join(fields) or "global"
+
+
+def key_set_name(fields: Sequence[str]) -> str:
+    """The name a key set's column has in ``FeatureBatch.keys`` (fields joined by '+')."""
+    return _key_set_name(tuple(fields))
+
+
+def _parse_one(i: int, value: bytes | None, schema: EventSchema, invalid: list[InvalidRecord]) -> dict[str, Any] | None:
+    if value is None:
+        invalid.append(InvalidRecord(i, "invalid_json", "empty record (null value)"))
+        return None
+    if len(value) > schema.max_record_bytes:
+        invalid.append(InvalidRecord(i, "oversized", f"{len(value)} bytes > max_record_bytes {schema.max_record_bytes}"))
+        return None
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        message = str(exc)
+        reason = "not_utf8" if "utf-8" in message.lower() else "invalid_json"
+        invalid.append(InvalidRecord(i, reason, message[:200]))
+        return None
+    if not isinstance(doc, dict):
+        invalid.append(InvalidRecord(i, "not_an_object", f"top-level JSON {type(doc).__name__}, expected an object"))
+        return None
+    return doc
+
+
+def _string_column(docs: list[dict[str, Any]], name: str, required: bool, problems: dict[int, tuple[str, str]]) -> np.ndarray:
+    values = [doc.get(name) for doc in docs]
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    # Fast path: all strings. Otherwise find the offenders (rare).
+    if not all(type(v) is str for v in values):
+        for j, v in enumerate(values):
+            if v is None:
+                if required:
+                    problems.setdefault(j, ("missing_field", f"{name} is required"))
+            elif type(v) is int and name != "event_id":
+                column[j] = str(v)  # numeric ids are common (store 17): accept and keep as text
+            elif type(v) is not str:
+                problems.setdefault(j, ("wrong_type", f"{name} must be a string, got {_json_type(v)}"))
+                column[j] = None
+            elif not v and required:
+                problems.setdefault(j, ("missing_field", f"{name} is empty"))
+    return column
+
+
+def _numeric_column(
+    docs: list[dict[str, Any]], name: str, required: bool, limit: float, problems: dict[int, tuple[str, str]]
+) -> np.ndarray:
+    values = [doc.get(name) for doc in docs]
+    try:
+        if not all(type(v) is float or type(v) is int for v in values):
+            raise TypeError
+        column = np.asarray(values, dtype=np.float64)
+    except (TypeError, OverflowError):
+        column = np.full(len(values), np.nan)
+        for j, v in enumerate(values):
+            if v is None:
+                if required:
+                    problems.setdefault(j, ("missing_field", f"{name} is required"))
+            elif type(v) not in (int, float):
+                problems.setdefault(j, ("wrong_type", f"{name} must be a number, got {_json_type(v)}"))
+            else:
+                try:
+                    column[j] = float(v)
+                except OverflowError:
+                    problems.setdefault(j, ("out_of_range", f"{name}={v} does not fit a float"))
+    for j in np.flatnonzero(np.isinf(column)):
+        problems.setdefault(int(j), ("not_finite", f"{name} is not finite"))
+    bad = np.flatnonzero(np.abs(column) > limit)
+    for j in bad:
+        problems.setdefault(int(j), ("out_of_range", f"|{name}| = {column[j]:.6g} > {limit:.6g}"))
+    if name == "quantity":
+        for j in np.flatnonzero(column < 0):
+            problems.setdefault(int(j), ("out_of_range", f"quantity {column[j]:.6g} is negative"))
+    return column
+
+
+def _timestamps(docs: list[dict[str, Any]], problems: dict[int, tuple[str, str]]) -> np.ndarray:
+    """Epoch seconds from ISO-8601 strings or epoch milliseconds."""
+    values = [doc.get("timestamp") for doc in docs]
+    fast = _parse_utc_strings(values)
+    if fast is not None:
+        return _check_time_range(fast, problems)
+    out = np.full(len(values), np.nan)
+    for j, v in enumerate(values):
+        if v is None:
+            problems.setdefault(j, ("missing_field", "timestamp is required"))
+        elif type(v) is str:
+            try:
+                parsed = datetime.fromisoformat(v)
+            except ValueError:
+                problems.setdefault(j, ("invalid_timestamp", f"timestamp {v[:40]!r} is not ISO-8601"))
+                continue
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=timezone.utc)  # naive times are taken as UTC
+            out[j] = parsed.timestamp()
+        elif type(v) is int or type(v) is float:
+            out[j] = float(v) / 1000.0
+        else:
+            problems.setdefault(j, ("wrong_type", f"timestamp must be an ISO-8601 string or epoch milliseconds, got {_json_type(v)}"))
+    return _check_time_range(out, problems)
+
+
+def _parse_utc_strings(values: list[Any]) -> np.ndarray | None:
+    """Vectorised parse when every value is a UTC ('Z') ISO string; None to take the slow path."""
+    if not values or not all(type(v) is str and v.endswith("Z") and len(v) >= 20 for v in values):
+        return None
+    try:
+        parsed = np.array([v[:-1] for v in values], dtype="datetime64[ms]")
+    except ValueError:
+        return None
+    return parsed.astype(np.int64) / 1000.0
+
+
+def _check_time_range(out: np.ndarray, problems: dict[int, tuple[str, str]]) -> np.ndarray:
+    bad = np.flatnonzero(~((out >= _MIN_EPOCH_S) & (out < _MAX_EPOCH_S)) & ~np.isnan(out))
+    for j in bad:
+        problems.setdefault(int(j), ("invalid_timestamp", f"timestamp {out[j] * 1000:.0f} ms is outside 1990..2200"))
+    return out
+
+
+def _check_versions(docs: list[dict[str, Any]], max_version: int, problems: dict[int, tuple[str, str]]) -> None:
+    for j, doc in enumerate(docs):
+        version = doc.get("version")
+        if version is None:
+            continue
+        if type(version) is not int or version < 1:
+            problems.setdefault(j, ("wrong_type", f"version must be a positive integer, got {version!r}"[:120]))
+        elif version > max_version:
+            problems.setdefault(j, ("unsupported_version", f"event version {version} > supported {max_version}"))
+
+
+def _join_keys(columns: dict[str, np.ndarray], fields: Sequence[str]) -> np.ndarray:
+    """Key strings for a set of fields ('s-1|p-9'); None where any field is missing.
+
+    No fields means one key for every event: the global key set.
+    """
+    if not fields:
+        n = len(next(iter(columns.values()))) if columns else 0
+        return np.full(n, "*", dtype=object)
+    parts = [columns[f] for f in fields]
+    if len(parts) == 1:
+        return parts[0]
+    out = np.empty(len(parts[0]), dtype=object)
+    out[:] = ["|".join(vs) if None not in vs else None for vs in zip(*parts)]
+    return out
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )

@@ -1,0 +1,75 @@
+"""Encode what the pipeline decided into output records (anomalies, replay lines, dead letters)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from stream_detector.events.decode import DecodedBatch, InvalidRecord
+from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
+
+
+def iso_utc(epoch_seconds: float) -> str:
+    return datetime.fromtimestamp(epoch_seconds, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def anomaly_record(pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, i: int) -> dict[str, Any]:
+    """The output-topic record for anomalous event ``i`` of the batch."""
+    details, reasons = pipeline.explain(result, i)
+    return {
+        "event_id": decoded.features.event_ids[i],
+        "key": decoded.keys[i],
+        "timestamp": iso_utc(float(decoded.features.event_time[i])),
+        "score": float(result.fused[i]),
+        "threshold": result.threshold,
+        "detectors": details,
+        "reasons": reasons,
+        "event": decoded.events[i],
+        "detected_at": iso_utc(time.time()),
+    }
+
+
+def encode_anomalies(pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult) -> list[tuple[int, bytes | None, bytes]]:
+    """(index in the valid batch, key, value) for every anomaly, in input order."""
+    out = []
+    for i in result.is_anomaly.nonzero()[0].tolist():
+        record = anomaly_record(pipeline, decoded, result, i)
+        key = decoded.keys[i]
+        out.append((i, key.encode() if key is not None else None, orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)))
+    return out
+
+
+def replay_lines(decoded: DecodedBatch, result: BatchResult, line_numbers: list[int]) -> list[tuple[int, dict[str, Any]]]:
+    """(raw index, replay line) for each event, valid and invalid, of one batch."""
+    lines: list[tuple[int, dict[str, Any]]] = []
+    names = list(result.probability)
+    for i, raw_index in enumerate(decoded.source_index.tolist()):
+        lines.append(
+            (
+                raw_index,
+                {
+                    "event_id": decoded.features.event_ids[i],
+                    "key": decoded.keys[i],
+                    "score": float(result.fused[i]),
+                    "is_anomaly": bool(result.is_anomaly[i]),
+                    "detectors": {name: float(1.0 - result.probability[name][i]) for name in names},
+                },
+            )
+        )
+    for bad in decoded.invalid:
+        lines.append((bad.index, {"line": line_numbers[bad.index], "error": f"{bad.reason}: {bad.detail}"}))
+    lines.sort(key=lambda item: item[0])
+    return lines
+
+
+def dead_letter_headers(bad: InvalidRecord, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    return [
+        ("dlq.reason", bad.reason.encode()),
+        ("dlq.detail", bad.detail.encode("utf-8", "replace")),
+        ("dlq.source.topic", topic.encode()),
+        ("dlq.source.partition", str(partition).encode()),
+        ("dlq.source.offset", str(offset).encode()),
+    ]

@@ -1,0 +1,172 @@
+"""Turn a detector's raw scores into tail probabilities, in the spirit of SPOT.
+
+A calibrator keeps the last ``window`` raw scores. Every ``refresh`` events it refits: the
+body of the distribution is the empirical survival function of the window, and the tail
+above the ``tail_quantile`` is a generalised Pareto distribution fitted to the exceedances
+(method of moments), so probabilities far below 1/window remain meaningful.
+
+Like the detectors, a calibrator is sequential and pure until committed: event ``i`` is
+calibrated with the fit of the last refresh point at or before it, counted in events, so the
+result does not depend on how the stream was cut into batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream_detector.errors import StateError
+
+# Floor for probabilities: a score beyond a bounded tail is "extremely unlikely", not impossible.
+MIN_PROBABILITY = 1e-12
+MIN_EXCEEDANCES = 10
+
+
+@dataclass(frozen=True)
+class TailFit:
+    """A fitted survival function; ``ready`` is False while there is too little data."""
+
+    ready: bool
+    reference: np.ndarray  # sorted window
+    threshold: float = 0.0
+    tail_fraction: float = 0.0
+    shape: float = 0.0  # GPD xi
+    scale: float = 1.0  # GPD sigma
+
+    def survival(self, scores: np.ndarray) -> np.ndarray:
+        """P(normal raw score >= s) for each s."""
+        if not self.ready:
+            return np.ones(len(scores))
+        ref = self.reference
+        m = len(ref)
+        body = (m - np.searchsorted(ref, scores, side="left") + 1.0) / (m + 1.0)
+        excess = np.maximum(scores - self.threshold, 0.0)
+        if abs(self.shape) < 1e-9:
+            tail = np.exp(-excess / self.scale)
+        else:
+            base = np.maximum(1.0 + self.shape * excess / self.scale, 0.0)
+            with np.errstate(divide="ignore"):
+                tail = np.power(base, -1.0 / self.shape)
+        tail_p = self.tail_fraction * tail
+        p = np.where(scores > self.threshold, np.minimum(tail_p, body), body)
+        return np.clip(np.nan_to_num(p, nan=1.0), MIN_PROBABILITY, 1.0)
+
+
+def fit_tail(window: np.ndarray, tail_quantile: float) -> TailFit:
+    reference = np.sort(window)
+    m = len(reference)
+    threshold = float(reference[min(int(tail_quantile * m), m - 1)])
+    excess = reference[reference > threshold] - threshold
+    if len(excess) < MIN_EXCEEDANCES:
+        # No spread in the tail (e.g. a detector still emitting constant scores): not usable.
+        return TailFit(ready=False, reference=reference)
+    mean = float(excess.mean())
+    var = float(excess.var())
+    if var <= 0 or mean <= 0:
+        return TailFit(ready=False, reference=reference)
+    ratio = mean * mean / var
+    shape = float(np.clip(0.5 * (1.0 - ratio), -0.5, 0.5))
+    scale = 0.5 * mean * (1.0 + ratio)
+    return TailFit(True, reference, threshold, len(excess) / m, shape, scale)
+
+
+@dataclass
+class _CalibratorState:
+    buffer: np.ndarray  # ring buffer of raw scores
+    seen: int  # scores seen in total
+    fit: TailFit
+
+
+class Calibrator:
+    """Streaming raw-score -> tail-probability calibration for one detector."""
+
+    state_version = 1
+
+    def __init__(self, window: int = 20_000, refresh: int = 1_000, min_events: int = 2_000, tail_quantile: float = 0.98):
+        self.window = window
+        self.refresh = refresh
+        self.min_events = min_events
+        self.tail_quantile = tail_quantile
+        self._state = _CalibratorState(np.zeros(window), 0, TailFit(False, np.zeros(0)))
+
+    @property
+    def ready(self) -> bool:
+        return self._state.fit.ready
+
+    def transform(self, raw: np.ndarray, learn: np.ndarray | None = None) -> tuple[np.ndarray, _CalibratorState]:
+        """Tail probabilities for ``raw`` (in order) and the state after seeing them.
+
+        Only scores of events that may be learned (not flagged) enter the reference window,
+        as in SPOT: alarms would otherwise fatten the fitted tail and hide the next ones.
+        """
+        n = len(raw)
+        learn = np.ones(n, dtype=bool) if learn is None else np.asarray(learn, dtype=bool)
+        state = self._state
+        buffer = state.buffer.copy()
+        seen, fit = state.seen, state.fit
+        out = np.empty(n)
+        # Learned events counted from the batch start: refresh points fall on multiples of
+        # ``refresh`` learned events, wherever the batch boundaries are.
+        learned_before = np.cumsum(learn) - learn
+        start = 0
+        while start < n:
+            to_refresh = self.refresh - (seen % self.refresh)
+            # The segment ends right after the learned event that completes ``refresh``.
+            done = learned_before[start]
+            stop = int(np.searchsorted(learned_before, done + to_refresh, side="left"))
+            out[start:stop] = fit.survival(raw[start:stop])
+            taken = raw[start:stop][learn[start:stop]]
+            _ring_write(buffer, seen, taken)
+            seen += len(taken)
+            if len(taken) and seen % self.refresh == 0 and seen >= self.min_events:
+                fit = fit_tail(buffer[: min(seen, self.window)], self.tail_quantile)
+            start = stop
+        return out, _CalibratorState(buffer, seen, fit)
+
+    def commit(self, state: _CalibratorState) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict:
+        s = self._state
+        return {
+            "version": self.state_version,
+            "window": self.window,
+            "buffer": s.buffer.copy(),
+            "seen": s.seen,
+            # The fit in force (its sorted reference), so a restore continues exactly.
+            "fit_reference": s.fit.reference.copy() if s.fit.ready else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != self.state_version or state.get("window") != self.window:
+            raise StateError("calibrator state does not match this configuration (version or window)")
+        reference = state.get("fit_reference")
+        fit = TailFit(False, np.zeros(0)) if reference is None else fit_tail(np.asarray(reference), self.tail_quantile)
+        self._state = _CalibratorState(np.array(state["buffer"], dtype=np.float64), int(state["seen"]), fit)
+
+
+def _ring_write(buffer: np.ndarray, seen: int, values: np.ndarray) -> None:
+    """Write ``values`` into the ring buffer after ``seen`` earlier scores."""
+    window = len(buffer)
+    skip = max(0, len(values) - window)
+    positions = (seen + skip + np.arange(len(values) - skip)) % window
+    buffer[positions] = values[skip:]
+
+
+class PassThrough:
+    """For detectors whose raw score is already 1 - tail probability (e.g. exact duplicates)."""
+
+    ready = True
+
+    def transform(self, raw: np.ndarray, learn: np.ndarray | None = None) -> tuple[np.ndarray, None]:
+        return np.clip(1.0 - raw, MIN_PROBABILITY, 1.0), None
+
+    def commit(self, state: None) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {"version": 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None

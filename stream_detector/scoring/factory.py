@@ -1,0 +1,98 @@
+"""Build the scoring pipeline (detectors, calibrators, fusion) from the configuration."""
+
+from __future__ import annotations
+
+from stream_detector.config import Settings
+from stream_detector.detectors.base import Detector
+from stream_detector.events.decode import EventSchema
+from stream_detector.scoring.calibration import Calibrator, PassThrough
+from stream_detector.scoring.pipeline import ScoringPipeline
+
+
+def event_schema(settings: Settings) -> EventSchema:
+    return EventSchema(
+        key_fields=tuple(settings.schema.key_fields),
+        feature_fields=tuple(settings.schema.feature_fields),
+        max_record_bytes=settings.processing.max_record_bytes,
+        max_abs_value=settings.schema.max_abs_amount,
+        max_event_version=settings.processing.max_event_version,
+        key_sets=tuple(tuple(ks.fields) for ks in settings.zscore.key_sets) if settings.zscore.enabled else (),
+    )
+
+
+def build_detectors(settings: Settings) -> list[Detector]:
+    """The enabled detectors, heavy imports (torch, river) only for those that are on."""
+    detectors: list[Detector] = []
+    if settings.zscore.enabled:
+        from stream_detector.detectors.zscore import ZScoreDetector
+
+        z = settings.zscore
+        features = tuple(dict.fromkeys(f for ks in z.key_sets for f in ks.features))
+        detectors.append(
+            ZScoreDetector(
+                features=features,
+                key_sets=tuple(ks.name for ks in z.key_sets),
+                key_set_features={ks.name: tuple(ks.features) for ks in z.key_sets},
+                warmup=z.warmup,
+                min_std=z.min_std,
+                max_keys=z.max_keys,
+            )
+        )
+    if settings.duplicates.enabled:
+        from stream_detector.detectors.duplicates import DuplicateDetector
+
+        d = settings.duplicates
+        detectors.append(DuplicateDetector(window_seconds=d.window_seconds, max_entries=d.max_entries, probability=d.probability))
+    if settings.river.enabled:
+        r = settings.river
+        if r.model == "HalfSpaceTrees":
+            from stream_detector.detectors.hst import HalfSpaceTreesDetector
+
+            detectors.append(
+                HalfSpaceTreesDetector(features=tuple(r.features), scale=r.scale, seed=r.seed, **r.params)
+            )
+        else:
+            from stream_detector.detectors.river_model import RiverModelDetector
+
+            detectors.append(
+                RiverModelDetector(model=r.model, params=r.params, features=tuple(r.features), scale=r.scale, seed=r.seed)
+            )
+    if settings.autoencoder.enabled:
+        import torch
+
+        from stream_detector.detectors.autoencoder import AutoencoderDetector
+
+        a = settings.autoencoder
+        # The network is tiny: intra-op threads only add synchronisation (8x slower measured
+        # on 2 cores for a 2000-row forward pass), and the other core serves librdkafka.
+        torch.set_num_threads(a.cpu_threads)
+        detectors.append(
+            AutoencoderDetector(
+                features=tuple(a.features),
+                hidden=tuple(a.hidden),
+                lr=a.lr,
+                train_batch_size=a.train_batch_size,
+                train_steps=a.train_steps,
+                warmup_events=a.warmup_events,
+                device=a.device,
+                seed=a.seed,
+            )
+        )
+    return detectors
+
+
+def build_pipeline(settings: Settings) -> ScoringPipeline:
+    detectors = build_detectors(settings)
+    s = settings.scoring
+    calibrators = {
+        d.name: PassThrough()
+        if d.outputs_probability
+        else Calibrator(
+            window=s.calibration_window,
+            refresh=s.calibration_refresh,
+            min_events=s.calibration_min_events,
+            tail_quantile=s.tail_quantile,
+        )
+        for d in detectors
+    }
+    return ScoringPipeline(detectors, calibrators, threshold=s.threshold)

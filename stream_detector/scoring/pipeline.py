@@ -1,0 +1,192 @@
+"""Score a batch with every detector, calibrate, fuse, decide, and learn from the normal events.
+
+The pipeline is sequential in meaning and batched in execution. Event ``i`` is scored by
+detectors that learned every earlier event that was *not* flagged; whether an event is flagged
+depends on those scores. Detectors score a whole batch given a learn mask, so the pipeline
+starts with "learn everything", flags, and re-scores with the flagged events masked out until
+the flags stop changing. The answer is the sequential one: each round fixes at least the
+events up to the first flag that changed, and there is only one self-consistent assignment.
+Almost every batch settles in two rounds; if one does not within ``max_rounds``, the settled
+prefix is committed and the rest is processed as a batch of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stream_detector.detectors.base import Detector, Step
+from stream_detector.features import FeatureBatch
+from stream_detector.scoring.calibration import Calibrator
+
+
+@dataclass
+class Segment:
+    """Part of a batch processed in one go: its offset in the batch and each detector's step."""
+
+    start: int
+    batch: FeatureBatch
+    steps: dict[str, Step]
+
+
+@dataclass
+class BatchResult:
+    """Scores and decisions for one batch, aligned with its events."""
+
+    fused: np.ndarray  # float64 (n,), in [0, 1], higher = more anomalous
+    is_anomaly: np.ndarray  # bool (n,)
+    probability: dict[str, np.ndarray]  # detector -> tail probability (n,)
+    raw: dict[str, np.ndarray]  # detector -> raw score (n,)
+    threshold: float
+    segments: list[Segment] = field(default_factory=list)
+    rounds: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.fused)
+
+    def detector_scores(self, i: int) -> dict[str, float]:
+        """Each detector's calibrated score (1 - tail probability) for event ``i``."""
+        return {name: float(1.0 - p[i]) for name, p in self.probability.items()}
+
+
+class ScoringPipeline:
+    """Detectors + calibrators + fusion. Owns their state; not thread-safe."""
+
+    def __init__(
+        self,
+        detectors: list[Detector],
+        calibrators: dict[str, Calibrator],
+        threshold: float,
+        max_rounds: int = 8,
+    ) -> None:
+        if not detectors:
+            raise ValueError("at least one detector must be enabled")
+        self.detectors = detectors
+        self.calibrators = calibrators
+        self.threshold = threshold
+        self.max_rounds = max_rounds
+
+    @property
+    def detector_names(self) -> list[str]:
+        return [d.name for d in self.detectors]
+
+    def process(self, batch: FeatureBatch) -> BatchResult:
+        """Score, decide and learn one batch (see the module docstring)."""
+        parts: list[BatchResult] = []
+        start = 0
+        while start < batch.n or (batch.n == 0 and not parts):
+            part = self._process_settled_prefix(batch.slice(start, batch.n), start)
+            parts.append(part)
+            start += part.n
+            if batch.n == 0:
+                break
+        return _concat(parts, self.threshold)
+
+    def _process_settled_prefix(self, batch: FeatureBatch, offset: int) -> BatchResult:
+        learn = np.ones(batch.n, dtype=bool)
+        for rounds in range(1, self.max_rounds + 1):
+            steps, probs, cal_states = self._score(batch, learn)
+            fused, flagged = self._decide(probs)
+            new_learn = ~flagged
+            if np.array_equal(new_learn, learn):
+                return self._commit(batch, offset, steps, probs, cal_states, fused, flagged, rounds)
+            changed = int(np.flatnonzero(new_learn != learn)[0])
+            learn = new_learn
+        # Not settled: events before the first change are final. Redo them alone and commit.
+        prefix = max(changed, 1)
+        sub = batch.slice(0, prefix)
+        sub_learn = learn[:prefix]
+        steps, probs, cal_states = self._score(sub, sub_learn)
+        fused, flagged = self._decide(probs)
+        return self._commit(sub, offset, steps, probs, cal_states, fused, flagged, self.max_rounds + 1)
+
+    def _score(self, batch: FeatureBatch, learn: np.ndarray) -> tuple[dict[str, Step], dict[str, np.ndarray], dict[str, Any]]:
+        steps: dict[str, Step] = {}
+        probs: dict[str, np.ndarray] = {}
+        cal_states: dict[str, Any] = {}
+        for detector in self.detectors:
+            step = detector.score(batch, learn)
+            steps[detector.name] = step
+            probs[detector.name], cal_states[detector.name] = self.calibrators[detector.name].transform(step.scores, learn)
+        return steps, probs, cal_states
+
+    def _decide(self, probs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Fused score = 1 - min(1, k * min_d p_d) (Bonferroni over k detectors)."""
+        stacked = np.vstack(list(probs.values()))
+        p_min = stacked.min(axis=0) if stacked.size else np.ones(0)
+        fused = 1.0 - np.minimum(1.0, len(probs) * p_min)
+        return fused, fused > self.threshold
+
+    def _commit(self, batch, offset, steps, probs, cal_states, fused, flagged, rounds) -> BatchResult:
+        for detector in self.detectors:
+            detector.commit(steps[detector.name])
+            self.calibrators[detector.name].commit(cal_states[detector.name])
+        return BatchResult(
+            fused=fused,
+            is_anomaly=flagged,
+            probability=probs,
+            raw={name: step.scores for name, step in steps.items()},
+            threshold=self.threshold,
+            segments=[Segment(offset, batch, steps)],
+            rounds=rounds,
+        )
+
+    # -- explanations ----------------------------------------------------------------------
+
+    def explain(self, result: BatchResult, i: int) -> tuple[dict[str, Any], list[str]]:
+        """Per-detector details and human-readable reasons for event ``i`` of the batch."""
+        segment = next(s for s in reversed(result.segments) if s.start <= i)
+        j = i - segment.start
+        k = len(self.detectors)
+        details: dict[str, Any] = {}
+        reasons: list[str] = []
+        for detector in self.detectors:
+            name = detector.name
+            p = float(result.probability[name][i])
+            explanation = detector.explain(segment.batch, segment.steps[name], j)
+            fired = 1.0 - min(1.0, k * p) > self.threshold
+            details[name] = {
+                "score": 1.0 - p,
+                "raw": float(result.raw[name][i]),
+                "tail_probability": p,
+                "fired": fired,
+                **explanation.details,
+            }
+            if fired:
+                reasons.extend(explanation.reasons or [f"{name} score {1.0 - p:.4f} (tail probability {p:.2e})"])
+        return details, reasons
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "detectors": {d.name: d.state_dict() for d in self.detectors},
+            "calibrators": {name: c.state_dict() for name, c in self.calibrators.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for detector in self.detectors:
+            if detector.name in state["detectors"]:
+                detector.load_state_dict(state["detectors"][detector.name])
+        for name, calibrator in self.calibrators.items():
+            if name in state["calibrators"]:
+                calibrator.load_state_dict(state["calibrators"][name])
+
+
+def _concat(parts: list[BatchResult], threshold: float) -> BatchResult:
+    if len(parts) == 1:
+        return parts[0]
+    names = list(parts[0].probability)
+    return BatchResult(
+        fused=np.concatenate([p.fused for p in parts]),
+        is_anomaly=np.concatenate([p.is_anomaly for p in parts]),
+        probability={n: np.concatenate([p.probability[n] for p in parts]) for n in names},
+        raw={n: np.concatenate([p.raw[n] for p in parts]) for n in names},
+        threshold=threshold,
+        segments=[s for p in parts for s in p.segments],
+        rounds=max(p.rounds for p in parts),
+    )

@@ -1,0 +1,289 @@
+"""Half-Space Trees: the numpy engine and the detector against River itself.
+
+River is the specification: ``river.anomaly.HalfSpaceTrees`` and
+``MinMaxScaler() | HalfSpaceTrees()`` fed one event at a time (``score_one``, then
+``learn_one`` unless the event is masked out) must give the scores our batched code gives, for
+any way of cutting the stream into batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+
+import numpy as np
+import pytest
+from river import anomaly, compose, preprocessing
+
+from stream_detector.detectors.base import Detector
+from stream_detector.detectors.hst import HalfSpaceTreesDetector
+from stream_detector.detectors.hst_engine import HSTEngine
+from stream_detector.detectors.minmax import RunningMinMax
+from stream_detector.errors import StateError
+from stream_detector.features import FeatureBatch
+
+# Deliberately not sorted: River builds its trees over sorted(x), we index columns.
+NAMES = ("zeta", "alpha", "mid", "beta")
+N_EVENTS = 2000
+TOL = 1e-9
+
+# (n_trees, height, window_size, limits): River's defaults, tiny windows (a pivot every few
+# events, or after every learned event), a deeper forest, and explicit limits.
+PARAMS = [
+    (10, 8, 250, None),
+    (5, 4, 3, None),
+    (3, 2, 1, None),
+    (25, 10, 64, None),
+    (7, 6, 40, {"zeta": (-1.0, 3.0), "beta": (0.2, 0.9)}),
+]
+PARAM_IDS = ["defaults", "window3", "window1", "deep", "limits"]
+SEEDS = [0, 7, 42]
+BATCH_SIZES = [1, 7, 100, N_EVENTS]
+MASKS = ["all", "masked"]
+
+
+@functools.lru_cache(maxsize=None)
+def _data(kind: str) -> np.ndarray:
+    """Mostly inliers with a few far-out points; 'raw' is unscaled for the scaler tests."""
+    rng = np.random.default_rng(123)
+    X = rng.beta(2.0, 5.0, size=(N_EVENTS, len(NAMES)))
+    outliers = rng.random(N_EVENTS) < 0.02
+    X[outliers] = rng.uniform(-0.5, 1.5, size=(outliers.sum(), len(NAMES)))
+    if kind == "raw":
+        X = X * np.array([10.0, 0.01, 1000.0, 3.0]) + np.array([5.0, -2.0, 0.0, 100.0])
+    return X
+
+
+@functools.lru_cache(maxsize=None)
+def _learn_mask(kind: str) -> np.ndarray:
+    if kind == "all":
+        return np.ones(N_EVENTS, dtype=bool)
+    return np.random.default_rng(5).random(N_EVENTS) < 0.7
+
+
+def _river_hst(params, seed):
+    n_trees, height, window_size, limits = params
+    return anomaly.HalfSpaceTrees(
+        n_trees=n_trees, height=height, window_size=window_size, limits=limits, seed=seed
+    )
+
+
+def _river_scores(model, X: np.ndarray, learn: np.ndarray) -> np.ndarray:
+    """Feed River one event at a time: score_one, then learn_one where learn is set."""
+    scores = np.empty(len(X))
+    for i, row in enumerate(X):
+        x = dict(zip(NAMES, row.tolist()))
+        scores[i] = model.score_one(x)
+        if learn[i]:
+            model.learn_one(x)
+    return scores
+
+
+@functools.lru_cache(maxsize=None)
+def _river_reference(params_index: int, seed: int, mask: str, pipeline: bool) -> np.ndarray:
+    params = PARAMS[params_index]
+    model = _river_hst(params, seed)
+    if pipeline:
+        model = compose.Pipeline(preprocessing.MinMaxScaler(), model)
+    X = _data("raw" if pipeline else "unit")
+    with np.errstate(all="ignore"):
+        return _river_scores(model, X, _learn_mask(mask))
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _engine(params, seed) -> HSTEngine:
+    n_trees, height, window_size, limits = params
+    return HSTEngine(NAMES, n_trees=n_trees, height=height, window_size=window_size,
+                     limits=limits, seed=seed)
+
+
+def _feature_batch(X: np.ndarray) -> FeatureBatch:
+    n = len(X)
+    return FeatureBatch(
+        event_time=np.arange(n, dtype=np.float64),
+        columns={name: X[:, j].copy() for j, name in enumerate(NAMES)},
+        keys={},
+        event_ids=np.array([f"e{i}" for i in range(n)], dtype=object),
+    )
+
+
+# -- engine vs river.anomaly.HalfSpaceTrees -----------------------------------------------------
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("params_index", range(len(PARAMS)), ids=PARAM_IDS)
+def test_engine_matches_river(params_index, seed, batch_size, mask):
+    expected = _river_reference(params_index, seed, mask, pipeline=False)
+    engine = _engine(PARAMS[params_index], seed)
+    X, learn = _data("unit"), _learn_mask(mask)
+    got = np.empty(N_EVENTS)
+    for s in _batches(N_EVENTS, batch_size):
+        got[s], state = engine.score_and_learn(X[s], learn[s])
+        engine.commit(state)
+    assert np.abs(got - expected).max() <= TOL
+    assert (got > 0).any(), "the reference must leave the first window"
+
+
+# -- scaler + engine vs MinMaxScaler() | HalfSpaceTrees() ----------------------------------------
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("params_index", range(len(PARAMS)), ids=PARAM_IDS)
+def test_scaled_engine_matches_river_pipeline(params_index, seed, batch_size, mask):
+    expected = _river_reference(params_index, seed, mask, pipeline=True)
+    engine = _engine(PARAMS[params_index], seed)
+    scaler = RunningMinMax(len(NAMES))
+    X, learn = _data("raw"), _learn_mask(mask)
+    got = np.empty(N_EVENTS)
+    for s in _batches(N_EVENTS, batch_size):
+        X_score, X_learn, scaler_state = scaler.transform(X[s], learn[s])
+        got[s], state = engine.score_and_learn(X_score, learn[s], X_learn)
+        engine.commit(state)
+        scaler.commit(scaler_state)
+    assert np.abs(got - expected).max() <= TOL
+
+
+def test_minmax_matches_river_scaler():
+    X, learn = _data("raw"), _learn_mask("masked")
+    river_scaler = preprocessing.MinMaxScaler()
+    ours = RunningMinMax(len(NAMES))
+    X_score, X_learn, state = ours.transform(X, learn)
+    for i, row in enumerate(X):
+        x = dict(zip(NAMES, row.tolist()))
+        with np.errstate(all="ignore"):
+            before = river_scaler.transform_one(x)
+        # Before anything was learned River gives NaN, and so do we.
+        np.testing.assert_array_equal(list(before.values()), X_score[i])
+        if learn[i]:
+            river_scaler.learn_one(x)
+            np.testing.assert_array_equal(list(river_scaler.transform_one(x).values()), X_learn[i])
+    assert state.lo.tolist() == [river_scaler.min[k].get() for k in NAMES]
+
+
+# -- the detector ---------------------------------------------------------------------------------
+
+
+def _detector(**kwargs) -> HalfSpaceTreesDetector:
+    defaults = dict(features=NAMES, n_trees=10, height=8, window_size=250, seed=0)
+    defaults.update(kwargs)
+    return HalfSpaceTreesDetector(**defaults)
+
+
+def _run(detector: Detector, batch: FeatureBatch, learn: np.ndarray, batch_size: int) -> np.ndarray:
+    scores = np.empty(batch.n)
+    for s in _batches(batch.n, batch_size):
+        step = detector.score(batch.slice(s.start, s.stop), learn[s])
+        detector.commit(step)
+        scores[s] = step.scores
+    return scores
+
+
+@pytest.mark.parametrize("batch_size", [1, 100, N_EVENTS])
+def test_detector_matches_river_pipeline(batch_size):
+    expected = _river_reference(0, 0, "masked", pipeline=True)
+    got = _run(_detector(), _feature_batch(_data("raw")), _learn_mask("masked"), batch_size)
+    assert np.abs(got - expected).max() <= TOL
+
+
+def _data_with_gaps() -> np.ndarray:
+    X = _data("raw").copy()
+    rng = np.random.default_rng(9)
+    X[rng.random(X.shape) < 0.05] = np.nan
+    X[:3, 1] = np.nan  # missing before anything was learned
+    return X
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_detector_batch_equals_one_by_one(scale):
+    batch, learn = _feature_batch(_data_with_gaps()), _learn_mask("masked")
+    one_by_one = _run(_detector(window_size=37, scale=scale), batch, learn, 1)
+    for size in (13, N_EVENTS):
+        assert np.array_equal(_run(_detector(window_size=37, scale=scale), batch, learn, size), one_by_one)
+    assert np.isfinite(one_by_one).all()
+
+
+def test_score_is_pure():
+    detector = _detector(window_size=20)
+    batch, learn = _feature_batch(_data_with_gaps()), _learn_mask("masked")
+    detector.learn_one_batch(batch.slice(0, 500), learn[:500])
+    rest = batch.slice(500, 900)
+    first = detector.score(rest, learn[500:900])
+    second = detector.score(rest, learn[500:900])
+    assert np.array_equal(first.scores, second.scores)
+    for key in first.details:
+        assert np.array_equal(first.details[key], second.details[key])
+    detector.commit(first)
+    assert not np.array_equal(detector.score(rest, learn[500:900]).scores, first.scores)
+
+
+def test_state_dict_round_trip_without_seed():
+    batch, learn = _feature_batch(_data_with_gaps()), _learn_mask("masked")
+    original = _detector(window_size=50)
+    original.learn_one_batch(batch.slice(0, 1234), learn[:1234])
+    snapshot = pickle.loads(pickle.dumps(original.state_dict()))
+    # A different seed would build different trees: the snapshot must carry them.
+    restored = _detector(window_size=50, seed=999)
+    restored.load_state_dict(snapshot)
+    rest = batch.slice(1234, N_EVENTS)
+    expected = _run(original, rest, learn[1234:], 100)
+    assert np.array_equal(_run(restored, rest, learn[1234:], 7), expected)
+
+
+def test_state_dict_rejects_wrong_version_and_config():
+    detector = _detector()
+    snapshot = detector.state_dict()
+    with pytest.raises(StateError):
+        detector.load_state_dict({**snapshot, "version": 2})
+    with pytest.raises(StateError):
+        _detector(window_size=99).load_state_dict(snapshot)
+    with pytest.raises(StateError):
+        _detector(features=NAMES[:3]).load_state_dict(snapshot)
+    with pytest.raises(StateError):
+        detector.load_state_dict({**snapshot, "engine": {**snapshot["engine"], "version": 0}})
+
+
+def test_first_window_scores_zero_and_is_flagged():
+    detector = _detector(window_size=100)
+    batch = _feature_batch(_data("raw")[:300])
+    learn = np.ones(300, dtype=bool)
+    learn[50:60] = False  # not learned: does not advance the window
+    step = detector.score(batch, learn)
+    warming = step.details["warming_up"]
+    assert warming[:110].all() and not warming[110:].any()
+    assert (step.scores[warming] == 0).all() and (step.scores[~warming] > 0).all()
+
+
+def test_missing_value_is_imputed_at_mid_range():
+    # Without scaling the trees split limits (default (0, 1)): missing == 0.5 exactly.
+    X = _data("unit")[:600].copy()
+    learn = np.ones(600, dtype=bool)
+    with_gap, with_mid = X.copy(), X.copy()
+    with_gap[400:, 2], with_mid[400:, 2] = np.nan, 0.5
+    a = _detector(scale=False, window_size=100).score(_feature_batch(with_gap), learn)
+    b = _detector(scale=False, window_size=100).score(_feature_batch(with_mid), learn)
+    assert np.array_equal(a.scores, b.scores)
+    assert (a.details["n_imputed"][400:] == 1).all()
+
+
+def test_explain_names_the_trees_and_out_of_range_features():
+    detector = _detector(window_size=100)
+    X = _data("raw")[:400].copy()
+    X[-1, 0] = 1e6  # far above anything learned for "zeta"
+    X[-1, 3] = np.nan
+    batch = _feature_batch(X)
+    step = detector.score(batch, np.ones(400, dtype=bool))
+    explanation = detector.explain(batch, step, 399)
+    text = " ".join(explanation.reasons)
+    assert "isolated quickly by the half-space trees (mass score" in text
+    assert "zeta above its learned range" in text
+    assert "missing beta" in text
+    assert explanation.details["hst_score"] == step.scores[399]
+    assert step.scores[399] > np.median(step.scores[100:399])
