@@ -234,7 +234,7 @@ class ScoringConfig(Section):
     calibration_min_events: int = Field(default=2_000, ge=10)
     # The tail above this quantile of the reference is fitted with a generalised Pareto
     # distribution, so probabilities smaller than 1/window stay meaningful.
-    tail_quantile: float = Field(default=0.98, gt=0.5, lt=1)
+    tail_quantile: float = Field(default=0.95, gt=0.5, lt=1)
 
     @model_validator(mode="after")
     def _window_holds_min_events(self) -> ScoringConfig:

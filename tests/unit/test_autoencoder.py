@@ -40,7 +40,7 @@ def make_batch(
         "log_quantity": log_q,
         "log_unit_price": log_p,
         "log_amount": log_q + log_p + rng.normal(0, 0.05, n),
-        "price_ratio": 1.0 + rng.normal(0, 0.01, n),
+        "log_price_ratio": rng.normal(0, 0.01, n),
         "is_refund": (rng.random(n) < 0.03).astype(float),
         "is_zero": np.zeros(n),
         "hour_sin": np.sin(2 * np.pi * hour / 24),
@@ -197,7 +197,7 @@ def test_warmup_scores_zero():
 def test_missing_features_do_not_crash_or_give_nan():
     base = make_batch(800)
     cols = {k: v.copy() for k, v in base.columns.items() if k != "log_quantity"}  # absent
-    cols["price_ratio"][::3] = np.nan
+    cols["log_price_ratio"][::3] = np.nan
     cols["hour_sin"][:] = np.nan  # never observed
     cols["log_amount"][5] = np.inf
     cols["log_unit_price"][7] = -1e300

@@ -1,0 +1,155 @@
+"""The daemon end to end on a real broker: labelled sales in, anomalies and metrics out."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from stream_detector.generator import GeneratorConfig, SalesGenerator
+from tests.daemon_helpers import DaemonProcess, metric, write_config
+from tests.kafka_helpers import produce_all, read_all, unique_name
+
+N_EVENTS = 30_000
+# Calibrators need calibration_min_events scores before anything but exact duplicates can
+# alert; recall is measured on the events after that.
+SETTLED_AFTER = 5_000
+
+
+def _generate(count: int, seed: int) -> tuple[list[dict], dict[str, str], list]:
+    generator = SalesGenerator(GeneratorConfig(seed=seed, anomaly_rate=0.01))
+    events, labels = [], {}
+    for event, label in generator.generate(count):
+        events.append(event)
+        if label is not None and label.event_id:
+            labels[label.event_id] = label.kind
+    return events, labels, generator.window_labels
+
+
+def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        return [tp.offset for tp in consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)]
+    finally:
+        consumer.close()
+
+
+def test_labelled_stream_yields_anomalies_metrics_and_commits(kafka_bootstrap, make_topics, tmp_path):
+    input_topic = make_topics(partitions=3, prefix="sales")[0]
+    output_topic, dlq_topic = make_topics(partitions=1, n=2, prefix="out")
+    group = unique_name("detector")
+    events, labels, _windows = _generate(N_EVENTS, seed=7)
+    produce_all(kafka_bootstrap, input_topic, ((e["store_id"].encode(), orjson.dumps(e)) for e in events))
+
+    config = write_config(tmp_path / "detector.yaml", kafka_bootstrap, input_topic, output_topic, dlq_topic, group)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        final = daemon.wait_for(
+            lambda m: metric(m, 'stream_detector_events_total{outcome="scored"}') >= N_EVENTS,
+            timeout=120,
+            what=f"{N_EVENTS} scored events",
+        )
+    finally:
+        code = daemon.stop(signal.SIGTERM)
+    assert code == 0, daemon.log_tail()
+
+    anomalies = [orjson.loads(m.value()) for m in read_all(kafka_bootstrap, output_topic, idle=3.0)]
+    by_id = {a["event_id"]: a for a in anomalies}
+    # One record per anomaly, nothing duplicated (no restart happened).
+    assert len(by_id) == len(anomalies)
+    # Metrics agree with what was produced and consumed.
+    assert metric(final, 'stream_detector_events_total{outcome="scored"}') == N_EVENTS
+    assert metric(final, 'stream_detector_events_total{outcome="invalid"}') == 0
+    assert metric(final, "stream_detector_anomalies_total") == len(anomalies)
+    assert metric(final, "stream_detector_batch_seconds_count") > 0
+    assert metric(final, "stream_detector_end_to_end_latency_seconds_count") == len(anomalies)
+
+    # Every record is complete and explains itself.
+    for record in anomalies:
+        assert set(record) >= {"event_id", "key", "timestamp", "score", "threshold", "detectors", "reasons", "event", "detected_at"}
+        assert record["score"] > record["threshold"]
+        assert record["reasons"], record
+        assert record["event"]["event_id"] == record["event_id"]
+        assert record["key"] == record["event"]["store_id"]
+
+    order = {e["event_id"]: i for i, e in enumerate(events)}
+    settled = {eid: kind for eid, kind in labels.items() if order[eid] >= SETTLED_AFTER}
+    found = Counter(kind for eid, kind in settled.items() if eid in by_id)
+    total = Counter(settled.values())
+    recall = {kind: found[kind] / total[kind] for kind in total}
+    false_positives = [eid for eid in by_id if eid not in labels and order[eid] >= SETTLED_AFTER]
+    normal_settled = (N_EVENTS - SETTLED_AFTER) - len(settled)
+    fp_rate = len(false_positives) / normal_settled
+    print(f"\nevents in {N_EVENTS}, anomalies out {len(anomalies)}, recall by kind {recall}, "
+          f"false-positive rate {fp_rate:.4%} ({len(false_positives)} of {normal_settled})")
+    # The obvious kinds are found; false alarms stay rare.
+    for kind in ("duplicate", "decimal_error", "refund_burst"):
+        assert recall[kind] >= 0.8, (kind, recall)
+    assert sum(found.values()) / sum(total.values()) >= 0.5, recall
+    assert fp_rate <= 0.005
+
+    # Every input offset was committed at shutdown.
+    committed = _committed(kafka_bootstrap, group, input_topic, 3)
+    assert sum(committed) == N_EVENTS, committed
+
+
+BAD_RECORDS = [
+    (b"{not json", "invalid_json"),
+    (b"\xff\xfe\x00garbage", "not_utf8"),
+    (b"[1, 2, 3]", "not_an_object"),
+    (orjson.dumps({"timestamp": "2026-01-05T10:00:00Z", "amount": 1.0}), "missing_field"),
+    (orjson.dumps({"event_id": "x", "timestamp": "2026-01-05T10:00:00Z", "amount": "12.50"}), "wrong_type"),
+    (orjson.dumps({"event_id": "x", "timestamp": "yesterday", "amount": 1.0}), "invalid_timestamp"),
+    (orjson.dumps({"event_id": "x", "timestamp": "2026-01-05T10:00:00Z", "amount": 1e300}), "out_of_range"),
+    (orjson.dumps({"event_id": "x", "timestamp": "2026-01-05T10:00:00Z", "amount": 1.0, "version": 9}), "unsupported_version"),
+    (b"{\"event_id\": \"x\", \"amount\": NaN}", "invalid_json"),
+    (b"x" * 2_000_000, "oversized"),
+]
+
+
+def test_malformed_records_go_to_the_dead_letter_topic(kafka_bootstrap, make_topics, tmp_path):
+    input_topic = make_topics(partitions=2, prefix="mixed")[0]
+    output_topic, dlq_topic = make_topics(partitions=1, n=2, prefix="out")
+    events, _labels, _ = _generate(3_000, seed=11)
+    records: list[tuple[bytes | None, bytes]] = []
+    expected_reasons: Counter[str] = Counter()
+    for i, event in enumerate(events):
+        records.append((event["store_id"].encode(), orjson.dumps(event)))
+        if i % 10 == 0:  # one bad record after every tenth good one
+            value, reason = BAD_RECORDS[(i // 10) % len(BAD_RECORDS)]
+            records.append((b"bad", value))
+            expected_reasons[reason] += 1
+    n_bad = sum(expected_reasons.values())
+    produce_all(kafka_bootstrap, input_topic, records, config={"message.max.bytes": 4_000_000})
+
+    config = write_config(tmp_path / "detector.yaml", kafka_bootstrap, input_topic, output_topic, dlq_topic, unique_name("g"))
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        final = daemon.wait_for(
+            lambda m: metric(m, 'stream_detector_events_total{outcome="scored"}') + metric(m, 'stream_detector_events_total{outcome="invalid"}') >= len(records),
+            timeout=120,
+            what="every record handled",
+        )
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.log_tail()
+
+    assert metric(final, 'stream_detector_events_total{outcome="scored"}') == len(events)
+    assert metric(final, 'stream_detector_events_total{outcome="invalid"}') == n_bad
+    for reason, count in expected_reasons.items():
+        assert metric(final, f'stream_detector_dlq_total{{reason="{reason}"}}') == count, reason
+
+    dead = read_all(kafka_bootstrap, dlq_topic, expected=n_bad, timeout=30)
+    assert len(dead) == n_bad
+    seen_reasons: Counter[str] = Counter()
+    for message in dead:
+        headers = dict(message.headers())
+        seen_reasons[headers["dlq.reason"].decode()] += 1
+        assert headers["dlq.source.topic"].decode() == input_topic
+        assert int(headers["dlq.source.partition"]) in (0, 1)
+        assert int(headers["dlq.source.offset"]) >= 0
+        assert headers["dlq.detail"]
+    assert seen_reasons == expected_reasons
