@@ -265,6 +265,8 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         case_sensitive=False,
+        # Prefix aliases too: the schema section is aliased (``schema`` shadows a BaseModel name).
+        env_prefix_target="all",
     )
 
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
@@ -343,6 +345,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    bad_keys = [key for key in data if not isinstance(key, str)]
+    if bad_keys:
+        raise ConfigError(f"config file {path}: top-level key {bad_keys[0]!r} is not a section name")
     return data
 
 
@@ -361,7 +366,7 @@ def format_validation_error(exc: ValidationError, path: str | None, environ: dic
     env_names = {name.upper(): name for name in environ}
     lines = [f"invalid configuration{f' in {path}' if path else ''}:"]
     for error in exc.errors():
-        parts = ["schema" if part == "schema_" else str(part) for part in error["loc"]]
+        parts = [str(part) for part in error["loc"]]
         loc = ".".join(parts) or "(top level)"
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
         env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(parts).upper()

@@ -66,7 +66,9 @@ def fast_group_config() -> dict[str, Any]:
     notice a rebalance sooner (second member joining: ~3.5 s instead of ~6 s). librdkafka
     requires max.poll.interval.ms >= session.timeout.ms. metadata refresh settings made no
     difference. A member that dies without leaving holds the group until its session
-    expires (rejoin ~11 s), so close consumers in tests.
+    expires (rejoin ~11 s), so close consumers in tests. Keep the default (eager) assignor:
+    cooperative-sticky rebalances were slower on tansu (~11 s for a second member).
+    Note that a consumer must poll at least every 7 s with these settings.
     """
     return {
         "session.timeout.ms": 6000,
@@ -133,9 +135,10 @@ def read_all(
     """Read ``topic`` from the beginning of every partition, without a consumer group.
 
     assign() instead of subscribe() means no group join (seconds on tansu) and no commits.
-    Stops after ``expected`` records; without ``expected``, once nothing arrived for ``idle``
-    seconds; in any case after ``timeout`` seconds. Returns the records in arrival order
-    (ordered within each partition); the caller asserts on the count.
+    Stops once it has at least ``expected`` records (the last batch may bring extras, which
+    are returned too); without ``expected``, once nothing arrived for ``idle`` seconds; in
+    any case after ``timeout`` seconds. Returns the records in arrival order (ordered within
+    each partition); the caller asserts on the count.
     """
     consumer = Consumer(
         {

@@ -24,7 +24,7 @@ from stream_detector.features import FeatureBatch
 
 # Deliberately not sorted: River builds its trees over sorted(x), we index columns.
 NAMES = ("zeta", "alpha", "mid", "beta")
-N_EVENTS = 2000
+N_EVENTS = 1500
 TOL = 1e-9
 
 # (n_trees, height, window_size, limits): River's defaults, tiny windows (a pivot every few
@@ -38,8 +38,32 @@ PARAMS = [
 ]
 PARAM_IDS = ["defaults", "window3", "window1", "deep", "limits"]
 SEEDS = [0, 7, 42]
-BATCH_SIZES = [1, 7, 100, N_EVENTS]
 MASKS = ["all", "masked"]
+# How the stream is cut into batches. "ones" feeds the first 500 events one at a time (past the
+# first window and several pivots for every parameter set) and the rest in one batch, which
+# keeps the suite fast; "mixed" cycles through uneven sizes.
+SCHEDULES = {
+    "ones": [1] * 500 + [N_EVENTS],
+    "sevens": [7],
+    "hundreds": [100],
+    "all": [N_EVENTS],
+    "mixed": [1, 3, 250, 2, 64, 1, 13, 100, 7],
+}
+
+
+def _river_cases():
+    """Every parameter set x seed x learn mask x schedule, except that the slow "ones"
+    schedule runs for the first seed only."""
+    for p, params_id in enumerate(PARAM_IDS):
+        for seed in SEEDS:
+            for schedule in SCHEDULES:
+                if schedule == "ones" and seed != SEEDS[0]:
+                    continue
+                for mask in MASKS:
+                    yield pytest.param(p, seed, schedule, mask, id=f"{params_id}-{seed}-{schedule}-{mask}")
+
+
+RIVER_CASES = list(_river_cases())
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,9 +114,14 @@ def _river_reference(params_index: int, seed: int, mask: str, pipeline: bool) ->
         return _river_scores(model, X, _learn_mask(mask))
 
 
-def _batches(n: int, size: int):
-    for start in range(0, n, size):
+def _batches(n: int, schedule: int | str):
+    """Consecutive slices covering ``range(n)``: a fixed size, or a SCHEDULES entry (cycled)."""
+    sizes = [schedule] if isinstance(schedule, int) else SCHEDULES[schedule]
+    start, k = 0, 0
+    while start < n:
+        size = sizes[k % len(sizes)]
         yield slice(start, min(start + size, n))
+        start, k = start + size, k + 1
 
 
 def _engine(params, seed) -> HSTEngine:
@@ -114,16 +143,13 @@ def _feature_batch(X: np.ndarray) -> FeatureBatch:
 # -- engine vs river.anomaly.HalfSpaceTrees -----------------------------------------------------
 
 
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("batch_size", BATCH_SIZES)
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("params_index", range(len(PARAMS)), ids=PARAM_IDS)
-def test_engine_matches_river(params_index, seed, batch_size, mask):
+@pytest.mark.parametrize(("params_index", "seed", "schedule", "mask"), RIVER_CASES)
+def test_engine_matches_river(params_index, seed, schedule, mask):
     expected = _river_reference(params_index, seed, mask, pipeline=False)
     engine = _engine(PARAMS[params_index], seed)
     X, learn = _data("unit"), _learn_mask(mask)
     got = np.empty(N_EVENTS)
-    for s in _batches(N_EVENTS, batch_size):
+    for s in _batches(N_EVENTS, schedule):
         got[s], state = engine.score_and_learn(X[s], learn[s])
         engine.commit(state)
     assert np.abs(got - expected).max() <= TOL
@@ -133,17 +159,14 @@ def test_engine_matches_river(params_index, seed, batch_size, mask):
 # -- scaler + engine vs MinMaxScaler() | HalfSpaceTrees() ----------------------------------------
 
 
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("batch_size", BATCH_SIZES)
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("params_index", range(len(PARAMS)), ids=PARAM_IDS)
-def test_scaled_engine_matches_river_pipeline(params_index, seed, batch_size, mask):
+@pytest.mark.parametrize(("params_index", "seed", "schedule", "mask"), RIVER_CASES)
+def test_scaled_engine_matches_river_pipeline(params_index, seed, schedule, mask):
     expected = _river_reference(params_index, seed, mask, pipeline=True)
     engine = _engine(PARAMS[params_index], seed)
     scaler = RunningMinMax(len(NAMES))
     X, learn = _data("raw"), _learn_mask(mask)
     got = np.empty(N_EVENTS)
-    for s in _batches(N_EVENTS, batch_size):
+    for s in _batches(N_EVENTS, schedule):
         X_score, X_learn, scaler_state = scaler.transform(X[s], learn[s])
         got[s], state = engine.score_and_learn(X_score, learn[s], X_learn)
         engine.commit(state)
@@ -177,19 +200,19 @@ def _detector(**kwargs) -> HalfSpaceTreesDetector:
     return HalfSpaceTreesDetector(**defaults)
 
 
-def _run(detector: Detector, batch: FeatureBatch, learn: np.ndarray, batch_size: int) -> np.ndarray:
+def _run(detector: Detector, batch: FeatureBatch, learn: np.ndarray, schedule: int | str) -> np.ndarray:
     scores = np.empty(batch.n)
-    for s in _batches(batch.n, batch_size):
+    for s in _batches(batch.n, schedule):
         step = detector.score(batch.slice(s.start, s.stop), learn[s])
         detector.commit(step)
         scores[s] = step.scores
     return scores
 
 
-@pytest.mark.parametrize("batch_size", [1, 100, N_EVENTS])
-def test_detector_matches_river_pipeline(batch_size):
+@pytest.mark.parametrize("schedule", ["ones", "mixed", "all"])
+def test_detector_matches_river_pipeline(schedule):
     expected = _river_reference(0, 0, "masked", pipeline=True)
-    got = _run(_detector(), _feature_batch(_data("raw")), _learn_mask("masked"), batch_size)
+    got = _run(_detector(), _feature_batch(_data("raw")), _learn_mask("masked"), schedule)
     assert np.abs(got - expected).max() <= TOL
 
 
@@ -205,8 +228,9 @@ def _data_with_gaps() -> np.ndarray:
 def test_detector_batch_equals_one_by_one(scale):
     batch, learn = _feature_batch(_data_with_gaps()), _learn_mask("masked")
     one_by_one = _run(_detector(window_size=37, scale=scale), batch, learn, 1)
-    for size in (13, N_EVENTS):
-        assert np.array_equal(_run(_detector(window_size=37, scale=scale), batch, learn, size), one_by_one)
+    for schedule in (13, "mixed", N_EVENTS):
+        again = _run(_detector(window_size=37, scale=scale), batch, learn, schedule)
+        assert np.array_equal(again, one_by_one)
     assert np.isfinite(one_by_one).all()
 
 
