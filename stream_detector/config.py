@@ -17,28 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from stream_detector.errors import ConfigError
+from stream_detector.features import DERIVED_FEATURES
 
 ENV_PREFIX = "STREAM_DETECTOR_"
 ENV_NESTED_DELIMITER = "__"
 
-# Derived features a detector may use, plus the raw numeric fields of a sale.
-KNOWN_FEATURES = frozenset(
-    {
-        "amount",
-        "quantity",
-        "unit_price",
-        "log_amount",
-        "log_quantity",
-        "log_unit_price",
-        "log_price_ratio",
-        "is_refund",
-        "is_zero",
-        "hour_sin",
-        "hour_cos",
-        "dow_sin",
-        "dow_cos",
-    }
-)
+# Features a detector may use: the raw numeric fields of a sale and the derived ones.
+KNOWN_FEATURES = frozenset({"amount", "quantity", "unit_price", *DERIVED_FEATURES})
 
 
 class Section(BaseModel):
@@ -185,20 +170,8 @@ class RiverConfig(Section):
 
 class AutoencoderConfig(Section):
     enabled: bool = True
-    features: list[str] = Field(
-        default_factory=lambda: [
-            "log_amount",
-            "log_quantity",
-            "log_unit_price",
-            "log_price_ratio",
-            "is_refund",
-            "is_zero",
-            "hour_sin",
-            "hour_cos",
-            "dow_sin",
-            "dow_cos",
-        ]
-    )
+    # Every derived feature (see stream_detector/features.py).
+    features: list[str] = Field(default_factory=lambda: list(DERIVED_FEATURES))
     hidden: list[int] = Field(default_factory=lambda: [16, 4], min_length=1)
     lr: float = Field(default=1e-3, gt=0, le=1)
     train_batch_size: int = Field(default=256, ge=1)
