@@ -59,7 +59,11 @@ def run_river(X: np.ndarray, block: int, n_trees: int, height: int, window_size:
 def run_ours(X: np.ndarray, batch: int, n_trees: int, height: int, window_size: int, seed: int):
     """Scores and the seconds each batch took (score + commit)."""
     detector = HalfSpaceTreesDetector(
-        features=DEFAULT_FEATURES, n_trees=n_trees, height=height, window_size=window_size, seed=seed
+        features=DEFAULT_FEATURES,
+        n_trees=n_trees,
+        height=height,
+        window_size=window_size,
+        seed=seed,
     )
     n = len(X)
     batches = [

@@ -122,6 +122,9 @@ class ZScoreConfig(Section):
     warmup: int = Field(default=30, ge=2)
     # Floor on the standard deviation (features are on a log scale: 0.05 ~ 5 %).
     min_std: float = Field(default=0.05, gt=0)
+    # Per-feature floors that replace min_std: quantities are small integers, so a store
+    # that always sold one item must not call two items a 10-sd event.
+    min_std_by_feature: dict[str, float] = Field(default_factory=lambda: {"log_quantity": 0.3})
     max_keys: int = Field(default=100_000, ge=1)
 
 

@@ -4,14 +4,15 @@ Scores are those of the River pipeline fed one event at a time (``score_one`` th
 the pipeline lets it learn, ``learn_one``), computed for a whole batch by ``HSTEngine`` and
 ``RunningMinMax``. Raw score: River's ``1 - mass / max_mass`` in [0, 1], higher = more
 anomalous, exactly 0 while the first window of ``window_size`` learned events fills up
-(``details["warming_up"]`` marks those events so calibrators can skip them).
+(``details["warming_up"]`` tells those apart from a genuine 0).
 
 Missing values: a feature that is NaN (or infinite) for an event is imputed with the middle of
 the range the trees split: scaled 0.5 with ``scale=True`` (the mid-range of the min/max learned
 so far), the midpoint of ``limits`` otherwise. Missing values never move the learned min/max.
 A feature whose range is still unknown (nothing learned yet) is also placed at 0.5. River
 itself would instead send a missing feature down the heavier child; imputing keeps the engine
-free of mass-dependent branches (and so vectorisable) and is neutral for the score.
+free of mass-dependent branches (and so vectorisable), and a missing value looks typical
+rather than extreme. ``details["n_imputed"]`` counts the imputed features per event.
 
 Scaling follows River's MinMaxScaler, including its quirk that a feature that has been constant
 so far scales to 0.0 whatever its value. Scaled values are not clipped: a value beyond the
@@ -83,7 +84,9 @@ class HalfSpaceTreesDetector(Detector):
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def _inputs(self, X: np.ndarray, learn: np.ndarray) -> tuple[np.ndarray, np.ndarray, MinMaxState | None]:
+    def _inputs(
+        self, X: np.ndarray, learn: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, MinMaxState | None]:
         """Values to score and to learn per event (scaled, imputed), and the next scaler state."""
         missing = ~np.isfinite(X)
         if self._scaler is None:
@@ -122,17 +125,18 @@ class HalfSpaceTreesDetector(Detector):
     def explain(self, batch: FeatureBatch, step: Step, i: int) -> Explanation:
         score = float(step.scores[i])
         warming = bool(step.details["warming_up"][i])
-        raw = batch.matrix(self.features)[i]
-        missing = [f for f, v in zip(self.features, raw) if not np.isfinite(v)]
+        missing = [f for f in self.features if not np.isfinite(batch.column(f)[i])]
         scaled = step.next_state.scaled[i]
         details: dict[str, Any] = {
-            "hst_score": score,
+            "mass_score": score,
             "warming_up": warming,
             "window_size": self.window_size,
             "imputed": missing,
         }
         if warming:
-            reasons = [f"half-space trees still learning their first window of {self.window_size} events"]
+            reasons = [
+                f"half-space trees still learning their first window of {self.window_size} events"
+            ]
         else:
             reasons = [f"isolated quickly by the half-space trees (mass score {score:.2f})"]
         if self.scale:

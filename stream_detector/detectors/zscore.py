@@ -174,6 +174,7 @@ class ZScoreDetector(Detector):
         key_set_features: dict[str, tuple[str, ...]] | None = None,
         reject_z: float = 8.0,
         reject_after: int = 5,
+        min_std_by_feature: dict[str, float] | None = None,
     ) -> None:
         self.features = tuple(features)
         self.key_sets = tuple(key_sets)
@@ -184,6 +185,9 @@ class ZScoreDetector(Detector):
         self.warmup = warmup
         self.min_std = min_std
         self.max_keys = max_keys
+        # A discrete feature (quantity: 1, 2, 3 ...) needs a wider floor than a continuous one.
+        self.min_std_by_feature = dict(min_std_by_feature or {})
+        self._min_std = np.array([self.min_std_by_feature.get(f, min_std) for f in self.features], dtype=np.float64)
         # Learning guard: once a key (or the global statistics) has ``reject_after`` values, a
         # value more than ``reject_z`` sd away is kept out of every model, also during warm-up,
         # so one early outlier cannot inflate a variance for good.
@@ -215,7 +219,7 @@ class ZScoreDetector(Detector):
         warm = np.zeros((n, n_sets), dtype=bool)
         updates: dict[str, _Update] = {}
         for k, ks in enumerate(self.key_sets):
-            slot, new_keys = self._slots(ks, batch.keys.get(ks))
+            slot, new_keys = self._slots(ks, batch.keys.get(ks), n)
             has_key = slot >= 0
             safe_slot = np.where(has_key, slot, 0)
             used = self._use[k]
@@ -258,15 +262,14 @@ class ZScoreDetector(Detector):
     def _std(self, count: np.ndarray, m2: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             var = np.where(count > 1, m2 / np.maximum(count - 1, 1), np.nan)
-        return np.maximum(np.sqrt(var), self.min_std)
+        return np.maximum(np.sqrt(var), self._min_std)
 
     def _z(self, x: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> np.ndarray:
         z = (x - mean) / self._std(count, m2)
         return np.where(count >= self.warmup, z, np.nan)
 
-    def _slots(self, key_set: str, keys: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+    def _slots(self, key_set: str, keys: np.ndarray | None, n: int) -> tuple[np.ndarray, list[str]]:
         """Slot per event (-1 where the event has no key) and the keys seen for the first time."""
-        n = 0 if keys is None else len(keys)
         slot = np.full(n, -1, dtype=np.int64)
         if keys is None or n == 0:
             return slot, []

@@ -35,6 +35,7 @@ def build_detectors(settings: Settings) -> list[Detector]:
                 key_set_features={ks.name: tuple(ks.features) for ks in z.key_sets},
                 warmup=z.warmup,
                 min_std=z.min_std,
+                min_std_by_feature=z.min_std_by_feature,
                 max_keys=z.max_keys,
             )
         )

@@ -60,7 +60,8 @@ def _river_cases():
                 if schedule == "ones" and seed != SEEDS[0]:
                     continue
                 for mask in MASKS:
-                    yield pytest.param(p, seed, schedule, mask, id=f"{params_id}-{seed}-{schedule}-{mask}")
+                    case_id = f"{params_id}-{seed}-{schedule}-{mask}"
+                    yield pytest.param(p, seed, schedule, mask, id=case_id)
 
 
 RIVER_CASES = list(_river_cases())
@@ -156,6 +157,38 @@ def test_engine_matches_river(params_index, seed, schedule, mask):
     assert (got > 0).any(), "the reference must leave the first window"
 
 
+@pytest.mark.parametrize("height", [0, 1, 3])
+def test_engine_matches_river_on_shallow_trees_and_nan(height):
+    """Edge shapes, and NaN values passed straight through: like River with the key present,
+    ``NaN < threshold`` is false, so they go right."""
+    X = _data("unit")[:600].copy()
+    X[np.random.default_rng(3).random(X.shape) < 0.1] = np.nan
+    learn = _learn_mask("masked")[:600]
+    params = (4, height, 20, None)
+    with np.errstate(all="ignore"):
+        expected = _river_scores(_river_hst(params, 11), X, learn)
+    engine = _engine(params, 11)
+    got = np.empty(len(X))
+    for s in _batches(len(X), "mixed"):
+        got[s], state = engine.score_and_learn(X[s], learn[s])
+        engine.commit(state)
+    assert np.abs(got - expected).max() <= TOL
+
+
+def test_engine_rejects_corrupt_masses():
+    engine = _engine(PARAMS[1], 0)
+    engine.commit(engine.score_and_learn(_data("unit")[:100], np.ones(100, dtype=bool))[1])
+    snapshot = engine.state_dict()
+    HSTEngine.from_state_dict(snapshot)  # a genuine snapshot loads
+    broken = {**snapshot, "r_mass": snapshot["r_mass"].copy()}
+    broken["r_mass"][0, -1] += 1  # a leaf no longer sums up to its parent
+    with pytest.raises(StateError):
+        HSTEngine.from_state_dict(broken)
+    other_counter = (snapshot["counter"] + 1) % snapshot["window_size"]
+    with pytest.raises(StateError, match="roots"):  # l_mass roots count the window's events
+        HSTEngine.from_state_dict({**snapshot, "counter": other_counter})
+
+
 # -- scaler + engine vs MinMaxScaler() | HalfSpaceTrees() ----------------------------------------
 
 
@@ -200,7 +233,9 @@ def _detector(**kwargs) -> HalfSpaceTreesDetector:
     return HalfSpaceTreesDetector(**defaults)
 
 
-def _run(detector: Detector, batch: FeatureBatch, learn: np.ndarray, schedule: int | str) -> np.ndarray:
+def _run(
+    detector: Detector, batch: FeatureBatch, learn: np.ndarray, schedule: int | str
+) -> np.ndarray:
     scores = np.empty(batch.n)
     for s in _batches(batch.n, schedule):
         step = detector.score(batch.slice(s.start, s.stop), learn[s])
@@ -309,5 +344,5 @@ def test_explain_names_the_trees_and_out_of_range_features():
     assert "isolated quickly by the half-space trees (mass score" in text
     assert "zeta above its learned range" in text
     assert "missing beta" in text
-    assert explanation.details["hst_score"] == step.scores[399]
+    assert explanation.details["mass_score"] == step.scores[399]
     assert step.scores[399] > np.median(step.scores[100:399])

@@ -1,0 +1,166 @@
+"""Calibrator: raw scores -> tail probabilities, batch-invariant and restorable."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+from stream_detector.scoring.calibration import MIN_PROBABILITY, Calibrator, PassThrough, fit_tail
+
+
+def abs_normal(n: int, seed: int) -> np.ndarray:
+    return np.abs(np.random.default_rng(seed).standard_normal(n))
+
+
+def run_chunks(cal: Calibrator, raw: np.ndarray, learn: np.ndarray | None, sizes: list[int]) -> np.ndarray:
+    out, start, k = [], 0, 0
+    while start < len(raw):
+        stop = min(len(raw), start + sizes[k % len(sizes)])
+        p, state = cal.transform(raw[start:stop], None if learn is None else learn[start:stop])
+        cal.commit(state)
+        out.append(p)
+        start, k = stop, k + 1
+    return np.concatenate(out)
+
+
+def assert_same_state(a: Calibrator, b: Calibrator) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["seen"] == sb["seen"]
+    np.testing.assert_array_equal(sa["buffer"], sb["buffer"])
+    if sa["fit_reference"] is None:
+        assert sb["fit_reference"] is None
+    else:
+        np.testing.assert_array_equal(sa["fit_reference"], sb["fit_reference"])
+    fa, fb = a._state.fit, b._state.fit
+    assert fa.ready == fb.ready
+    np.testing.assert_array_equal(fa.reference, fb.reference)
+    assert (fa.threshold, fa.tail_fraction, fa.shape, fa.scale) == (fb.threshold, fb.tail_fraction, fb.shape, fb.scale)
+
+
+def test_survival_is_monotone_non_increasing():
+    fit = fit_tail(abs_normal(20_000, 0), 0.95)
+    assert fit.ready
+    grid = np.r_[np.linspace(-1, 12, 5001), [1e3, 1e6, np.inf]]
+    p = fit.survival(grid)
+    assert np.all(np.diff(p) <= 0)
+    assert p[0] == 1.0 or p[0] == pytest.approx(1.0, abs=1e-4)
+    assert np.all((p >= MIN_PROBABILITY) & (p <= 1.0))
+    # Heavy- and light-tailed data too.
+    for data in (np.random.default_rng(1).pareto(2.0, 20_000), np.random.default_rng(2).uniform(0, 1, 20_000)):
+        f = fit_tail(data, 0.98)
+        q = f.survival(np.linspace(data.min() - 1, data.max() * 3, 3001))
+        assert np.all(np.diff(q) <= 0)
+
+
+def test_tail_probabilities_on_standard_normal():
+    window = 200_000
+    cal = Calibrator(window=window, refresh=window, min_events=window, tail_quantile=0.98)
+    _, state = cal.transform(abs_normal(window, 3))
+    cal.commit(state)
+    assert cal.ready
+    probe = np.array([1.0, 2.0, 3.0, 4.0, 4.5])
+    p, _ = cal.transform(probe, np.zeros(len(probe), dtype=bool))
+    truth = np.array([math.erfc(z / math.sqrt(2)) for z in probe])
+    ratio = p / truth
+    # Body quantiles: close; far tail (beyond the data mostly): within a factor of ~3.
+    assert ratio[:3] == pytest.approx(np.ones(3), rel=0.1), ratio
+    assert 1 / 3 < ratio[3] < 3, (p[3], truth[3])
+    assert 1 / 5 < ratio[4] < 5, (p[4], truth[4])
+
+
+def test_not_ready_before_min_events():
+    cal = Calibrator(window=1000, refresh=100, min_events=500, tail_quantile=0.95)
+    raw = abs_normal(1000, 4)
+    p, state = cal.transform(raw[:499])
+    np.testing.assert_array_equal(p, np.ones(499))
+    cal.commit(state)
+    assert not cal.ready
+    # The 500th learned event triggers the fit; it applies from the next event on.
+    p, state = cal.transform(np.array([raw[499], 10.0]))
+    assert p[0] == 1.0
+    assert p[1] < 1e-3
+    cal.commit(state)
+    assert cal.ready
+
+
+def test_masked_scores_do_not_count_toward_min_events():
+    cal = Calibrator(window=1000, refresh=100, min_events=500)
+    raw = abs_normal(1000, 5)
+    learn = np.zeros(1000, dtype=bool)
+    learn[:499] = True
+    p, state = cal.transform(raw, learn)
+    np.testing.assert_array_equal(p, np.ones(1000))
+    assert state.seen == 499
+    cal.commit(state)
+    assert not cal.ready
+
+
+SCHEDULES = {
+    "ones": [1],
+    "sevens": [7],
+    "mixed": [1, 99, 100, 3, 250, 1, 1, 64, 1000],
+    "whole": [10_000],
+}
+
+
+@pytest.fixture(scope="module")
+def stream():
+    rng = np.random.default_rng(6)
+    raw = np.abs(rng.standard_normal(3000)) + (rng.random(3000) < 0.01) * 8
+    learn = rng.random(3000) > 0.1
+    return raw, learn
+
+
+def _calibrator() -> Calibrator:
+    return Calibrator(window=700, refresh=50, min_events=230, tail_quantile=0.95)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_batch_invariance(stream, schedule, masked):
+    raw, learn = stream
+    learn = learn if masked else None
+    whole = _calibrator()
+    p_whole = run_chunks(whole, raw, learn, [len(raw)])
+    cal = _calibrator()
+    p = run_chunks(cal, raw, learn, SCHEDULES[schedule])
+    np.testing.assert_array_equal(p, p_whole)
+    assert_same_state(cal, whole)
+    assert (p < 0.01).any() and (p == 1.0).any()
+
+
+def test_state_round_trip(stream):
+    raw, learn = stream
+    a = _calibrator()
+    run_chunks(a, raw[:1234], learn[:1234], [100])
+    assert a.ready
+    b = _calibrator()
+    b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+    assert b.ready
+    pa = run_chunks(a, raw[1234:], learn[1234:], [77])
+    pb = run_chunks(b, raw[1234:], learn[1234:], [77])
+    np.testing.assert_array_equal(pa, pb)
+    assert_same_state(a, b)
+
+
+def test_state_round_trip_mismatched_window_raises():
+    from stream_detector.errors import StateError
+
+    a = _calibrator()
+    b = Calibrator(window=800, refresh=50, min_events=230)
+    with pytest.raises(StateError):
+        b.load_state_dict(a.state_dict())
+
+
+def test_pass_through_maps_one_minus_p_back_to_p():
+    pt = PassThrough()
+    p = np.array([1.0, 0.5, 1e-3, 1e-9, 0.0])
+    got, state = pt.transform(1.0 - p)
+    np.testing.assert_allclose(got[:4], p[:4], rtol=1e-6)
+    assert got[4] == MIN_PROBABILITY
+    assert pt.ready
+    pt.commit(state)
+    pt.load_state_dict(pt.state_dict())

@@ -1,0 +1,380 @@
+"""ZScoreDetector: batched prefix statistics against a naive per-event Welford reference.
+
+The contract (``detectors/base.py``): scoring a batch equals scoring its events one at a time,
+``score`` is pure, ``commit`` adopts the state, and snapshots restore exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+
+import numpy as np
+import pytest
+
+from stream_detector.detectors.zscore import ZScoreDetector
+from stream_detector.features import FeatureBatch
+
+FEATURES = ("a", "b", "c")
+KEY_SETS = ("store", "product", "global")
+KEY_SET_FEATURES = {"store": ("a", "b"), "product": ("b", "c"), "global": ("c",)}
+TOL = 1e-9
+
+
+def make_batch(n: int, seed: int, t0: float = 1_700_000_000.0, nan_rate: float = 0.1, none_rate: float = 0.1) -> FeatureBatch:
+    rng = np.random.default_rng(seed)
+    stores = np.array([f"s{i}" for i in range(4)], dtype=object)
+    products = np.array([f"p{i}" for i in range(12)], dtype=object)
+    s_idx = rng.integers(0, len(stores), n)
+    p_idx = rng.integers(0, len(products), n)
+    cols = {
+        # Key-dependent levels so per-key statistics differ from the global ones.
+        "a": rng.normal(2.0 + 0.5 * s_idx, 0.3 + 0.1 * s_idx),
+        "b": rng.normal(1.0 + 0.2 * p_idx, 0.5),
+        "c": rng.normal(-3.0, 2.0, n),
+    }
+    # Occasional gross outliers (exercise the reject guard).
+    spikes = rng.random(n) < 0.02
+    cols["a"] = np.where(spikes, cols["a"] + 40.0, cols["a"])
+    for name in cols:
+        cols[name] = np.where(rng.random(n) < nan_rate, np.nan, cols[name])
+    store = stores[s_idx].copy()
+    store[rng.random(n) < none_rate] = None
+    product = products[p_idx].copy()
+    product[rng.random(n) < none_rate] = None
+    glob = np.full(n, "*", dtype=object)
+    return FeatureBatch(
+        event_time=t0 + np.arange(n, dtype=np.float64),
+        columns=cols,
+        keys={"store": store, "product": product, "global": glob},
+    )
+
+
+def make_detector(**kw) -> ZScoreDetector:
+    params = dict(
+        features=FEATURES,
+        key_sets=KEY_SETS,
+        key_set_features=KEY_SET_FEATURES,
+        warmup=5,
+        min_std=0.05,
+        reject_z=8.0,
+        reject_after=3,
+    )
+    params.update(kw)
+    return ZScoreDetector(**params)
+
+
+def run_chunks(det: ZScoreDetector, batch: FeatureBatch, learn: np.ndarray, sizes: list[int]):
+    scores, rejects = [], []
+    start, k = 0, 0
+    while start < batch.n:
+        stop = min(batch.n, start + sizes[k % len(sizes)])
+        step = det.score(batch.slice(start, stop), learn[start:stop])
+        det.commit(step)
+        scores.append(step.scores)
+        rejects.append(step.reject)
+        start, k = stop, k + 1
+    return np.concatenate(scores), np.concatenate(rejects)
+
+
+# ---------------------------------------------------------------------------------------------
+# Naive reference: plain dictionaries and per-event Welford updates.
+# ---------------------------------------------------------------------------------------------
+
+
+class NaiveZScore:
+    def __init__(self, features, key_sets, key_set_features, warmup, min_std, reject_z, reject_after):
+        self.features = features
+        self.key_sets = key_sets
+        self.ksf = key_set_features
+        self.warmup = warmup
+        self.min_std = min_std
+        self.reject_z = reject_z
+        self.reject_after = reject_after
+        self.glob = {f: [0, 0.0, 0.0] for f in features}
+        self.keyed = {ks: {} for ks in key_sets}
+
+    def _std(self, st):
+        n, _, m2 = st
+        if n <= 1:
+            return math.nan
+        return max(math.sqrt(max(m2, 0.0) / (n - 1)), self.min_std)
+
+    @staticmethod
+    def _update(st, x):
+        st[0] += 1
+        delta = x - st[1]
+        st[1] += delta / st[0]
+        st[2] += delta * (x - st[1])
+
+    def step(self, row: dict, keys: dict, learn: bool) -> tuple[float, bool]:
+        zs = []
+        reject = False
+        for f in self.features:
+            x = row[f]
+            if math.isnan(x):
+                continue
+            g = self.glob[f]
+            if g[0] >= self.reject_after and abs(x - g[1]) > self.reject_z * self._std(g):
+                reject = True
+        for ks in self.key_sets:
+            key = keys[ks]
+            for f in self.ksf[ks]:
+                x = row[f]
+                if math.isnan(x):
+                    continue
+                g = self.glob[f]
+                k = self.keyed[ks].get(key, {}).get(f, [0, 0.0, 0.0]) if key is not None else None
+                if k is not None and k[0] >= self.reject_after and abs(x - k[1]) > self.reject_z * self._std(k):
+                    reject = True
+                if k is not None and k[0] >= self.warmup:
+                    zs.append(abs((x - k[1]) / self._std(k)))
+                elif g[0] >= self.warmup:
+                    zs.append(abs((x - g[1]) / self._std(g)))
+        if learn:
+            for f in self.features:
+                if not math.isnan(row[f]):
+                    self._update(self.glob[f], row[f])
+            for ks in self.key_sets:
+                key = keys[ks]
+                if key is None:
+                    continue
+                for f in self.ksf[ks]:
+                    if not math.isnan(row[f]):
+                        self._update(self.keyed[ks].setdefault(key, {}).setdefault(f, [0, 0.0, 0.0]), row[f])
+        return (max(zs) if zs else 0.0), reject
+
+
+def naive_scores(batch: FeatureBatch, learn: np.ndarray, **kw):
+    ref = NaiveZScore(FEATURES, KEY_SETS, KEY_SET_FEATURES, **kw)
+    scores, rejects = [], []
+    for i in range(batch.n):
+        row = {f: float(batch.columns[f][i]) for f in FEATURES}
+        keys = {ks: batch.keys[ks][i] for ks in KEY_SETS}
+        s, r = ref.step(row, keys, bool(learn[i]))
+        scores.append(s)
+        rejects.append(r)
+    return np.array(scores), np.array(rejects), ref
+
+
+REF_PARAMS = dict(warmup=5, min_std=0.05, reject_z=8.0, reject_after=3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    batch = make_batch(700, seed=11)
+    learn = np.random.default_rng(5).random(batch.n) > 0.15
+    assert not learn.all() and learn.any()
+    return batch, learn
+
+
+@pytest.fixture(scope="module")
+def one_by_one(data):
+    batch, learn = data
+    return run_chunks(make_detector(), batch, learn, [1])
+
+
+@pytest.fixture(scope="module")
+def naive(data):
+    batch, learn = data
+    return naive_scores(batch, learn, **REF_PARAMS)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [[700], [1], [7], [1, 3, 50, 2, 128, 1, 13]], ids=["whole", "ones", "sevens", "mixed"])
+def test_batch_equals_one_by_one_and_naive(data, one_by_one, naive, sizes):
+    batch, learn = data
+    det = make_detector()
+    scores, rejects = run_chunks(det, batch, learn, sizes)
+    one_scores, one_rejects = one_by_one
+    np.testing.assert_allclose(scores, one_scores, rtol=TOL, atol=TOL)
+    np.testing.assert_array_equal(rejects, one_rejects)
+
+    ref_scores, ref_rejects, ref = naive
+    np.testing.assert_allclose(scores, ref_scores, rtol=TOL, atol=TOL)
+    np.testing.assert_array_equal(rejects, ref_rejects)
+    assert rejects.any(), "the data should contain gross outliers that get rejected"
+    assert (scores > 0).any()
+
+    # Committed statistics match the reference too.
+    state = det.state_dict()
+    g = state["global"]
+    for j, f in enumerate(FEATURES):
+        cnt, mean, m2 = ref.glob[f]
+        assert g["count"][0, j] == cnt
+        assert g["mean"][0, j] == pytest.approx(mean, rel=1e-9, abs=1e-12)
+        assert g["m2"][0, j] == pytest.approx(m2, rel=1e-9, abs=1e-9)
+    for ks in KEY_SETS:
+        data_ks = state["key_sets"][ks]
+        assert set(data_ks["keys"]) == set(ref.keyed[ks])
+        for r, key in enumerate(data_ks["keys"]):
+            for j, f in enumerate(FEATURES):
+                cnt, mean, m2 = ref.keyed[ks][key].get(f, [0, 0.0, 0.0])
+                assert data_ks["count"][r, j] == cnt
+                assert data_ks["mean"][r, j] == pytest.approx(mean, rel=1e-9, abs=1e-12)
+                assert data_ks["m2"][r, j] == pytest.approx(m2, rel=1e-9, abs=1e-9)
+
+
+def test_missing_keys_and_features_only_use_global(data):
+    batch, learn = data
+    # Events with no key for any key set and only NaN features score 0 and change nothing keyed.
+    n = 5
+    empty = FeatureBatch(
+        event_time=np.arange(n, dtype=float),
+        columns={f: np.full(n, np.nan) for f in FEATURES},
+        keys={"store": np.full(n, None, dtype=object), "product": np.full(n, None, dtype=object), "global": np.full(n, None, dtype=object)},
+    )
+    det = make_detector()
+    det.learn_one_batch(batch.slice(0, 300), learn[:300])
+    before = pickle.dumps(det.state_dict())
+    step = det.score(empty, np.ones(n, dtype=bool))
+    np.testing.assert_array_equal(step.scores, np.zeros(n))
+    det.commit(step)
+    after = det.state_dict()
+    assert pickle.dumps(after) == before
+
+
+def test_batch_without_some_columns_is_treated_as_missing(data):
+    """A FeatureBatch lacking a feature column or a key-set column: missing values, no crash."""
+    batch, learn = data
+    det = make_detector()
+    det.learn_one_batch(batch.slice(0, 300), learn[:300])
+    partial = FeatureBatch(event_time=batch.event_time[:10], columns={"a": batch.columns["a"][:10]}, keys={"store": batch.keys["store"][:10]})
+    step = det.score(partial, np.ones(10, dtype=bool))
+    assert np.isfinite(step.scores).all()
+
+
+def test_score_is_pure(data):
+    batch, learn = data
+    det = make_detector()
+    det.learn_one_batch(batch.slice(0, 400), learn[:400])
+    snapshot = pickle.dumps(det.state_dict())
+    rest = batch.slice(400, batch.n)
+    s1 = det.score(rest, learn[400:])
+    s2 = det.score(rest, learn[400:])
+    np.testing.assert_array_equal(s1.scores, s2.scores)
+    np.testing.assert_array_equal(s1.reject, s2.reject)
+    assert pickle.dumps(det.state_dict()) == snapshot
+    # A differently masked score in between changes nothing either.
+    det.score(rest, np.zeros(rest.n, dtype=bool))
+    s3 = det.score(rest, learn[400:])
+    np.testing.assert_array_equal(s1.scores, s3.scores)
+
+
+def test_state_round_trip(data):
+    batch, learn = data
+    det = make_detector()
+    det.learn_one_batch(batch.slice(0, 350), learn[:350])
+    state = pickle.loads(pickle.dumps(det.state_dict()))
+    fresh = make_detector()
+    fresh.load_state_dict(state)
+    rest = batch.slice(350, batch.n)
+    a, ra = run_chunks(det, rest, learn[350:], [37])
+    b, rb = run_chunks(fresh, rest, learn[350:], [37])
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ra, rb)
+    assert det.n_keys() == fresh.n_keys()
+
+
+def test_reject_gross_outlier_after_reject_after_values():
+    det = make_detector(key_sets=("store",), key_set_features={"store": FEATURES}, warmup=30, reject_after=5)
+    rng = np.random.default_rng(0)
+    n_normal = 6
+    normal = rng.normal(10.0, 1.0, n_normal)
+
+    def batch_of(values, t0=0.0):
+        n = len(values)
+        return FeatureBatch(
+            event_time=t0 + np.arange(n, dtype=float),
+            columns={"a": np.asarray(values, dtype=float), "b": np.full(n, np.nan), "c": np.full(n, np.nan)},
+            keys={"store": np.full(n, "s1", dtype=object)},
+        )
+
+    # Before reject_after values nothing can be rejected, however far out.
+    early = make_detector(key_sets=("store",), key_set_features={"store": FEATURES}, warmup=30, reject_after=5)
+    step = early.score(batch_of([10.0, 10.5, 9.5, 1e6]), np.ones(4, dtype=bool))
+    assert not step.reject.any()
+
+    values = np.r_[normal, 1_000.0, normal[:2]]
+    batch = batch_of(values)
+    learn = np.ones(len(values), dtype=bool)
+    step = det.score(batch, learn)
+    assert step.reject.tolist() == [False] * n_normal + [True, False, False]
+    # The pipeline learns with ~reject; the outlier then leaves the statistics untouched.
+    step = det.score(batch, ~step.reject)
+    assert step.reject.tolist() == [False] * n_normal + [True, False, False]
+    det.commit(step)
+
+    ref = make_detector(key_sets=("store",), key_set_features={"store": FEATURES}, warmup=30, reject_after=5)
+    ref.learn_one_batch(batch_of(np.r_[normal, normal[:2]]))
+    got, want = det.state_dict(), ref.state_dict()
+    np.testing.assert_allclose(got["global"]["mean"], want["global"]["mean"], rtol=1e-12)
+    np.testing.assert_allclose(got["global"]["m2"], want["global"]["m2"], rtol=1e-12)
+    np.testing.assert_array_equal(got["key_sets"]["store"]["count"], want["key_sets"]["store"]["count"])
+    np.testing.assert_allclose(got["key_sets"]["store"]["mean"], want["key_sets"]["store"]["mean"], rtol=1e-12)
+    assert got["global"]["count"][0, 0] == len(normal) + 2
+
+
+def test_eviction_keeps_at_most_max_keys_and_evicted_fall_back_to_global():
+    max_keys = 10
+    det = ZScoreDetector(features=("a",), key_sets=("store",), warmup=3, max_keys=max_keys, reject_z=1e9)
+    rng = np.random.default_rng(1)
+    t = 0.0
+    # Key k0 is the least recently seen; each key gets 5 events (warm), level 100 * k.
+    for k in range(max_keys + 5):
+        values = 100.0 * (k + 1) + rng.normal(0, 1, 5)
+        b = FeatureBatch(
+            event_time=t + np.arange(5, dtype=float),
+            columns={"a": values},
+            keys={"store": np.full(5, f"k{k}", dtype=object)},
+        )
+        t += 10
+        det.learn_one_batch(b)
+        assert det.n_keys()["store"] <= max_keys
+    state = det.state_dict()
+    kept = state["key_sets"]["store"]["keys"]
+    assert "k0" not in kept
+    assert f"k{max_keys + 4}" in kept  # the most recent key survives
+
+    probe = FeatureBatch(event_time=np.array([t]), columns={"a": np.array([100.0])}, keys={"store": np.array(["k0"], dtype=object)})
+    step = det.score(probe, np.ones(1, dtype=bool))
+    assert not step.details["warm"][0, 0]
+    g = state["global"]
+    g_std = max(math.sqrt(g["m2"][0, 0] / (g["count"][0, 0] - 1)), det.min_std)
+    expected = abs(100.0 - g["mean"][0, 0]) / g_std
+    assert step.scores[0] == pytest.approx(expected, rel=1e-9)
+    # A warm key that was kept still scores on its own statistics.
+    last = f"k{max_keys + 4}"
+    probe2 = FeatureBatch(event_time=np.array([t]), columns={"a": np.array([100.0 * (max_keys + 5)])}, keys={"store": np.array([last], dtype=object)})
+    assert det.score(probe2, np.ones(1, dtype=bool)).details["warm"][0, 0]
+
+
+def test_explain_in_original_units():
+    det = ZScoreDetector(features=("log_amount",), key_sets=("store_id",), warmup=5)
+    rng = np.random.default_rng(2)
+    n = 60
+    amounts = np.exp(rng.normal(np.log(20.0), 0.2, n))
+    amounts[-1] = 12_345.0
+    cols = {"log_amount": np.sign(amounts) * np.log1p(np.abs(amounts)), "amount": amounts}
+    batch = FeatureBatch(event_time=np.arange(n, dtype=float), columns=cols, keys={"store_id": np.full(n, "s-7", dtype=object)})
+    step = det.score(batch, np.ones(n, dtype=bool))
+    assert step.scores[-1] > 10
+    explanation = det.explain(batch, step, n - 1)
+    assert len(explanation.reasons) == 1
+    reason = explanation.reasons[0]
+    assert "amount" in reason
+    assert "12,345.00" in reason
+    assert "s-7" in reason
+    assert "above" in reason
+    # The typical value is in units too (around 20), not a log.
+    numbers = [float(x.replace(",", "")) for x in re.findall(r"\d[\d,]*\.\d+", reason)]
+    assert any(10 < v < 40 for v in numbers), reason
+    assert explanation.details["feature"] == "log_amount"
+    assert explanation.details["warm"] is True
+    # An event without any z (cold) has no reasons.
+    cold = ZScoreDetector(features=("log_amount",), key_sets=("store_id",), warmup=5)
+    s = cold.score(batch.slice(0, 1), np.ones(1, dtype=bool))
+    assert cold.explain(batch.slice(0, 1), s, 0).reasons == []
