@@ -73,12 +73,14 @@ def add_derived_features(
     unit_price = columns.get("unit_price", np.full_like(amount, np.nan))
     out = dict(columns)
     out["log_amount"] = np.sign(amount) * np.log1p(np.abs(amount))
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         out["log_quantity"] = np.where(quantity > 0, np.log1p(quantity), np.nan) if quantity.size else quantity
         out["log_unit_price"] = np.where(unit_price > 0, np.log1p(unit_price), np.nan) if unit_price.size else unit_price
         expected = np.abs(quantity * unit_price)
         ratio = np.abs(amount) / expected
-        out["log_price_ratio"] = np.where((expected > 0) & (ratio > 0), np.log(ratio), np.nan)
+        # A ratio that overflows (a unit price of 1e-300) is no measurement: treat it as missing.
+        usable = (expected > 0) & (ratio > 0) & np.isfinite(ratio)
+        out["log_price_ratio"] = np.where(usable, np.log(np.where(usable, ratio, 1.0)), np.nan)
     out["is_refund"] = (amount < 0).astype(np.float64)
     out["is_zero"] = (amount == 0).astype(np.float64)
     # Event-time calendar in UTC; seasonality is learned per hour/day, so the zone only

@@ -6,6 +6,11 @@ customer, amount and timestamp. The detector remembers fingerprints of learned e
 
 Its raw score is already ``1 - tail probability``: ``1 - probability`` for a duplicate, 0
 otherwise, so it bypasses calibration (``outputs_probability``).
+
+A remembered fingerprint counts while it is within ``window_seconds`` of both the event being
+scored and the newest learned event time, checked per event, so the answer does not depend on
+batch boundaries even when event time goes backwards. ``max_entries`` is a memory cap applied
+when a batch is committed (oldest first): it is the one part that is batch-granular.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class DuplicateDetector(Detector):
         self.probability = probability
         # fingerprint -> event time of the last learned event with it (insertion-ordered).
         self._seen: OrderedDict[int, float] = OrderedDict()
+        self._newest = -np.inf  # latest learned event time
 
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
         n = batch.n
@@ -41,31 +47,34 @@ class DuplicateDetector(Detector):
         in_batch: dict[int, float] = {}
         is_dup = np.zeros(n, dtype=bool)
         first_time = np.full(n, np.nan)
+        newest = self._newest
+        window = self.window_seconds
         for i, (fp, t) in enumerate(zip(prints, times)):
             if fp is None:
                 continue
             earlier = in_batch.get(fp, seen.get(fp))
-            if earlier is not None and t - earlier <= self.window_seconds:
+            if earlier is not None and t - earlier <= window and earlier >= newest - window:
                 is_dup[i] = True
                 first_time[i] = earlier
             if learn_list[i]:
                 in_batch[fp] = t
+                newest = max(newest, t)
         scores = np.where(is_dup, 1.0 - self.probability, 0.0)
-        return Step(scores=scores, details={"first_seen": first_time}, next_state=in_batch)
+        return Step(scores=scores, details={"first_seen": first_time}, next_state=(in_batch, newest))
 
     def commit(self, step: Step) -> None:
         seen = self._seen
-        for fp, t in step.next_state.items():
+        learned, self._newest = step.next_state
+        for fp, t in learned.items():
             seen.pop(fp, None)
             seen[fp] = t
         self._expire()
 
     def _expire(self) -> None:
+        """Drop the oldest entries past the window or the cap (the presence check is exact anyway)."""
         seen = self._seen
-        if not seen:
-            return
-        newest = next(reversed(seen.values()))
-        while seen and (len(seen) > self.max_entries or next(iter(seen.values())) < newest - self.window_seconds):
+        horizon = self._newest - self.window_seconds
+        while seen and (len(seen) > self.max_entries or next(iter(seen.values())) < horizon):
             seen.popitem(last=False)
 
     def explain(self, batch: FeatureBatch, step: Step, i: int) -> Explanation:
@@ -83,9 +92,11 @@ class DuplicateDetector(Detector):
             "version": self.state_version,
             "fingerprints": np.fromiter(self._seen.keys(), dtype=np.uint64, count=len(self._seen)),
             "times": np.fromiter(self._seen.values(), dtype=np.float64, count=len(self._seen)),
+            "newest": self._newest,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != self.state_version:
             raise StateError(f"duplicates state version {state.get('version')!r}, expected {self.state_version}")
         self._seen = OrderedDict(zip(np.asarray(state["fingerprints"]).tolist(), np.asarray(state["times"]).tolist()))
+        self._newest = float(state["newest"])

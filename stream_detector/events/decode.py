@@ -155,6 +155,9 @@ def _string_column(docs: list[dict[str, Any]], name: str, required: bool, proble
     values = [doc.get(name) for doc in docs]
     column = np.empty(len(values), dtype=object)
     column[:] = values
+    if required:
+        for j in [j for j, v in enumerate(values) if v == ""]:
+            problems.setdefault(j, ("missing_field", f"{name} is empty"))
     # Fast path: all strings. Otherwise find the offenders (rare).
     if not all(type(v) is str for v in values):
         for j, v in enumerate(values):
@@ -166,8 +169,6 @@ def _string_column(docs: list[dict[str, Any]], name: str, required: bool, proble
             elif type(v) is not str:
                 problems.setdefault(j, ("wrong_type", f"{name} must be a string, got {_json_type(v)}"))
                 column[j] = None
-            elif not v and required:
-                problems.setdefault(j, ("missing_field", f"{name} is empty"))
     return column
 
 

@@ -1,0 +1,160 @@
+"""The command line end to end (subprocess): replay, generate, run with a bad config; observe_many."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from stream_detector.metrics import SCORE_BUCKETS, observe_many
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_DETECTOR_")}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "stream_detector", *args], cwd=REPO, env=env, capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("gen")
+    events, labels = d / "events.jsonl", d / "labels.jsonl"
+    proc = cli("generate", "--count", "300", "--seed", "5", "--anomaly-rate", "0.05", "--output", str(events), "--labels", str(labels))
+    assert proc.returncode == 0, proc.stderr.decode()
+    return events, labels
+
+
+def test_replay_one_line_out_per_line_in(generated, tmp_path):
+    events, _ = generated
+    lines = events.read_bytes().splitlines()
+    assert len(lines) == 300
+    malformed = {
+        10: b"{not json",
+        50: b"",  # blank line
+        120: b'{"event_id": "x", "amount": "12"}',
+        200: b"[1, 2, 3]",
+        250: b"\xff\xfe",
+    }
+    for pos in sorted(malformed):
+        lines.insert(pos, malformed[pos])
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    dst = tmp_path / "out" / "scored.jsonl"
+    proc = cli("replay", "--input", str(src), "--output", str(dst))
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = [orjson.loads(line) for line in dst.read_bytes().splitlines()]
+    assert len(out) == len(lines)
+    for number, (raw, line) in enumerate(zip(lines, out), start=1):
+        if number - 1 in malformed:
+            assert set(line) == {"line", "error"}, line
+            assert line["line"] == number
+            assert isinstance(line["error"], str) and line["error"]
+            continue
+        event = orjson.loads(raw)
+        assert set(line) == {"event_id", "key", "score", "is_anomaly", "detectors"}, line
+        assert line["event_id"] == event["event_id"]
+        assert line["key"] == event["store_id"]
+        assert 0.0 <= line["score"] <= 1.0
+        assert isinstance(line["is_anomaly"], bool)
+        assert set(line["detectors"]) == {"zscore", "duplicates", "hst", "autoencoder"}
+        for v in line["detectors"].values():
+            assert 0.0 <= v <= 1.0
+    assert out[50]["error"].startswith("invalid_json")
+    assert out[120]["error"].split(":")[0] in ("wrong_type", "missing_field")
+
+
+def test_replay_stdin_stdout():
+    src = b'{"event_id":"a","timestamp":"2026-01-05T10:00:00.000Z","store_id":"s","amount":3.5}\n\nnope\n'
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_DETECTOR_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "stream_detector", "replay"], cwd=REPO, env=env, input=src, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = [orjson.loads(line) for line in proc.stdout.splitlines()]
+    assert [sorted(o) for o in out] == [
+        ["detectors", "event_id", "is_anomaly", "key", "score"],
+        ["error", "line"],
+        ["error", "line"],
+    ]
+    assert [o.get("line") for o in out] == [None, 2, 3]
+
+
+def test_generate_to_stdout():
+    proc = cli("generate", "--count", "50", "--seed", "1", "--output", "-")
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 50
+    events = [orjson.loads(line) for line in lines]
+    assert all(isinstance(e, dict) and e["event_id"] and "amount" in e and "timestamp" in e for e in events)
+    assert len({e["event_id"] for e in events}) == 50
+    # Deterministic.
+    assert cli("generate", "--count", "50", "--seed", "1", "--output", "-").stdout == proc.stdout
+
+
+def test_generate_writes_labels(generated):
+    events, labels = generated
+    ids = {orjson.loads(line)["event_id"] for line in events.read_bytes().splitlines()}
+    rows = [orjson.loads(line) for line in labels.read_bytes().splitlines()]
+    assert rows, "5 % anomalies over 300 events should give labels"
+    for row in rows:
+        assert "kind" in row
+        if row["kind"] != "store_stopped":
+            assert row["event_id"] in ids
+
+
+def test_run_with_invalid_yaml_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kafka: [unclosed\n  nope: {\n")
+    proc = cli("run", "--config", str(bad), timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr.decode())
+    assert b"YAML" in proc.stderr or b"yaml" in proc.stderr
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("scoring:\n  threshold: 5\n")
+    proc = cli("run", "--config", str(unknown), timeout=60)
+    assert proc.returncode == 2
+    assert b"scoring.threshold" in proc.stderr
+
+
+def _exposition_without_created(registry: CollectorRegistry) -> dict[str, float]:
+    from prometheus_client import generate_latest
+
+    out = {}
+    for line in generate_latest(registry).decode().splitlines():
+        if line.startswith("#") or not line or "_created" in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        out[name] = float(value)
+    return out
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_observe_many_equals_repeated_observe(labelled):
+    rng = np.random.default_rng(0)
+    values = np.r_[rng.random(2000), 1 - 10.0 ** -rng.uniform(1, 7, 500), list(SCORE_BUCKETS), [0.0, 1.0, 2.0, -1.0, np.nan]]
+    regs = [CollectorRegistry(), CollectorRegistry()]
+    hists = []
+    for reg in regs:
+        if labelled:
+            h = Histogram("s", "help", ["detector"], buckets=SCORE_BUCKETS, registry=reg).labels("zscore")
+        else:
+            h = Histogram("s", "help", buckets=SCORE_BUCKETS, registry=reg)
+        hists.append(h)
+    for v in values:
+        if not np.isnan(v):
+            hists[0].observe(float(v))
+    observe_many(hists[1], values)
+    observe_many(hists[1], np.array([]))
+    a, b = (_exposition_without_created(r) for r in regs)
+    assert a.keys() == b.keys()
+    for key in a:
+        if key.startswith("s_sum"):
+            assert b[key] == pytest.approx(a[key], rel=1e-9)
+        else:
+            assert b[key] == a[key], key
