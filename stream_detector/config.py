@@ -64,7 +64,16 @@ class KafkaConfig(Section):
 
 
 class ProcessingConfig(Section):
-    guarantee: Literal["at-least-once"] = "at-least-once"
+    # at-least-once: anomalies are flushed before offsets are committed (a crash can repeat
+    # up to one commit interval). exactly-once: anomalies, dead letters, state snapshots and
+    # offsets are committed in one Kafka transaction.
+    guarantee: Literal["at-least-once", "exactly-once"] = "at-least-once"
+    # How often offsets and state snapshots are committed (a checkpoint). Also the delay
+    # before exactly-once anomalies become visible to read_committed consumers.
+    commit_interval_ms: int = Field(default=2000, ge=10, le=600_000)
+    # Identifies this instance across restarts: the transactional.id is
+    # "<group_id>-<instance_id>". Default: the host name (stable in a StatefulSet).
+    instance_id: str | None = None
     # One micro-batch: up to batch_size records, or what arrived within max_wait_ms.
     # Every detector (the autoencoder included) scores a micro-batch in one pass.
     batch_size: int = Field(default=2000, ge=1, le=100_000)
@@ -126,6 +135,9 @@ class ZScoreConfig(Section):
     # that always sold one item must not call two items a 10-sd event.
     min_std_by_feature: dict[str, float] = Field(default_factory=lambda: {"log_quantity": 0.3})
     max_keys: int = Field(default=100_000, ge=1)
+    # A key not seen for this long (event time) is forgotten and restarts from the global
+    # statistics. Null keeps keys until max_keys pushes them out.
+    key_ttl_seconds: float | None = Field(default=7 * 24 * 3600.0, gt=0)
 
 
 class DuplicateConfig(Section):
@@ -221,6 +233,15 @@ class ScoringConfig(Section):
         return self
 
 
+class StateConfig(Section):
+    # Snapshot detector state per input partition to a compacted changelog topic, restore it on
+    # start and on every partition assignment.
+    enabled: bool = True
+    # Default: "<group_id>-state". Created (compacted, one partition per input partition) if missing.
+    changelog_topic: str | None = None
+    restore_timeout_s: float = Field(default=120.0, gt=0)
+
+
 class MetricsConfig(Section):
     enabled: bool = True
     host: str = "0.0.0.0"
@@ -253,6 +274,7 @@ class Settings(BaseSettings):
     river: RiverConfig = Field(default_factory=RiverConfig)
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
@@ -280,7 +302,7 @@ def _check_features(value: list[str]) -> list[str]:
     return value
 
 
-SECTIONS = ("kafka", "processing", "schema", "zscore", "duplicates", "river", "autoencoder", "scoring", "metrics", "logging")
+SECTIONS = ("kafka", "processing", "schema", "zscore", "duplicates", "river", "autoencoder", "scoring", "state", "metrics", "logging")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Settings:

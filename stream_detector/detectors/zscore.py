@@ -175,6 +175,7 @@ class ZScoreDetector(Detector):
         reject_z: float = 8.0,
         reject_after: int = 5,
         min_std_by_feature: dict[str, float] | None = None,
+        key_ttl_seconds: float | None = None,
     ) -> None:
         self.features = tuple(features)
         self.key_sets = tuple(key_sets)
@@ -185,6 +186,7 @@ class ZScoreDetector(Detector):
         self.warmup = warmup
         self.min_std = min_std
         self.max_keys = max_keys
+        self.key_ttl_seconds = key_ttl_seconds
         # A discrete feature (quantity: 1, 2, 3 ...) needs a wider floor than a continuous one.
         self.min_std_by_feature = dict(min_std_by_feature or {})
         self._min_std = np.array([self.min_std_by_feature.get(f, min_std) for f in self.features], dtype=np.float64)
@@ -294,15 +296,25 @@ class ZScoreDetector(Detector):
         for ks, update in updates.items():
             state = self._state.key_sets[ks]
             update.apply(state)
-            if len(state.slots) > self.max_keys:
-                self._state.key_sets[ks] = self._evict(state)
+            self._state.key_sets[ks] = self._evict(state)
         g_update.apply(_KeySetState({}, self._state.global_stats))
 
     def _evict(self, state: _KeySetState) -> _KeySetState:
-        """Drop the least recently seen keys down to 90 % of max_keys; they restart from global."""
+        """Forget keys idle past ``key_ttl_seconds`` and, over ``max_keys``, the least recently
+        seen down to 90 % of it. Forgotten keys restart from the global statistics.
+
+        Applied when a batch is committed: a memory bound, checked per batch.
+        """
         size = len(state.slots)
-        keep_n = int(self.max_keys * 0.9)
-        order = np.sort(np.argsort(-state.stats.last_seen[:size], kind="stable")[:keep_n])
+        last_seen = state.stats.last_seen[:size]
+        expired = np.zeros(size, dtype=bool)
+        if self.key_ttl_seconds is not None and size:
+            expired = last_seen < last_seen.max() - self.key_ttl_seconds
+        if size <= self.max_keys and not expired.any():
+            return state
+        keep_n = min(int(self.max_keys * 0.9) if size > self.max_keys else size, int((~expired).sum()))
+        ranked = np.argsort(np.where(expired, np.inf, -last_seen), kind="stable")  # newest first, expired last
+        order = np.sort(ranked[:keep_n])
         by_slot = {s: k for k, s in state.slots.items()}
         slots = {by_slot[int(s)]: i for i, s in enumerate(order)}
         st = state.stats

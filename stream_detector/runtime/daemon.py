@@ -11,8 +11,10 @@ threads, so consuming the next batch overlaps with the broker sending it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from stream_detector.events.decode import DecodedBatch, decode_batch
 from stream_detector.metrics import Metrics, MetricsServer, observe_many
 from stream_detector.records import dead_letter_headers, encode_anomalies
 from stream_detector.runtime.topics import ensure_topics
+from stream_detector.state.changelog import COMPACTED, read_latest_snapshot, snapshot_records
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
 
@@ -37,6 +40,8 @@ log = logging.getLogger("stream_detector.daemon")
 # so one huge record cannot make the dead-letter produce fail and stall the partition.
 MAX_DEAD_LETTER_BYTES = 512 * 1024
 FLUSH_LOG_EVERY_S = 10.0
+# Errors after which this producer may not go on: another instance took over.
+_FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 
 
 @dataclass
@@ -82,21 +87,55 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         "message.timeout.ms": 0,
         "compression.type": "lz4",
     }
+    if settings.processing.guarantee == "exactly-once":
+        instance = settings.processing.instance_id or socket.gethostname()
+        conf["transactional.id"] = f"{settings.kafka.group_id}-{instance}"
+        # librdkafka requires message.timeout.ms <= transaction.timeout.ms; an undelivered
+        # record then aborts the transaction and the work is redone from the last checkpoint.
+        conf["transaction.timeout.ms"] = 60000
+        conf["message.timeout.ms"] = 55000
     conf.update(librdkafka_config(settings, "producer"))
     return conf
 
 
+@dataclass
+class PartitionWork:
+    """One input partition owned by this instance: its own pipeline (all per-key and global
+    model state for the events of that partition) and the next offset to process."""
+
+    pipeline: ScoringPipeline
+    position: int | None  # None until the first record (or a restored snapshot) says
+    dirty: bool = False  # processed since the last checkpoint
+
+
 class Daemon:
-    """``stream-detector run``: owns the clients, the pipeline and the metrics server."""
+    """``stream-detector run``: owns the clients, the per-partition pipelines and the metrics server.
+
+    State ownership: every assigned input partition has its own pipeline, restored from the
+    changelog topic on assignment and checkpointed on revocation, so partitions (and their
+    per-key state) move between instances of the group without loss.
+
+    Checkpoint (every ``processing.commit_interval_ms``, on revocation and at shutdown):
+    * at-least-once: flush outputs (raise on any undelivered) -> snapshot the dirty partitions
+      -> flush -> commit their offsets;
+    * exactly-once: snapshots and ``send_offsets_to_transaction`` inside the open transaction
+      -> commit it -> begin the next one.
+    A failure inside a checkpoint interval aborts (exactly-once) and rewinds every partition to
+    its last snapshot and offset, then carries on.
+    """
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, pipeline: ScoringPipeline | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        # A fresh pipeline, copied for every partition that has no snapshot yet.
         self.pipeline = pipeline or build_pipeline(settings)
         self.schema = event_schema(settings)
+        self.exactly_once = settings.processing.guarantee == "exactly-once"
+        self.changelog_topic = settings.state.changelog_topic or f"{settings.kafka.group_id}-state"
+        self._partitions: dict[tuple[str, int], PartitionWork] = {}
         self._stop = threading.Event()
-        self._assigned: set[tuple[str, int]] = set()
         self._last_error_log = 0.0
+        self._last_checkpoint = time.monotonic()
         self._tracker = _DeliveryTracker(self.metrics)
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
@@ -107,7 +146,7 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------------------
 
     def stop(self, *_: object) -> None:
-        """Ask the loop to finish the current batch, flush, commit and exit."""
+        """Ask the loop to finish the current batch, checkpoint and exit."""
         if not self._stop.is_set():
             log.info("stopping: finishing the current batch")
         self._stop.set()
@@ -118,20 +157,25 @@ class Daemon:
 
     def run(self) -> int:
         k = self.settings.kafka
+        admin_config = librdkafka_config(self.settings, "admin")
         if k.create_topics:
             partitions = k.topic_partitions
-            ensure_topics(
-                k.bootstrap_servers,
-                {k.input_topic: partitions, k.output_topic: partitions, k.dlq_topic: partitions},
-                client_config=librdkafka_config(self.settings, "admin"),
-            )
+            ensure_topics(k.bootstrap_servers, {k.input_topic: partitions, k.output_topic: partitions, k.dlq_topic: partitions}, client_config=admin_config)
+        if self.settings.state.enabled:
+            partitions = input_partition_count(k.bootstrap_servers, k.input_topic, admin_config)
+            ensure_topics(k.bootstrap_servers, {self.changelog_topic: partitions}, client_config=admin_config, config=COMPACTED)
         if self.settings.metrics.enabled:
             self._server = MetricsServer(self.metrics, self.settings.metrics.host, self.settings.metrics.port, self.readiness).start()
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics.host, self._server.port)
         self._producer = Producer({**producer_config(self.settings), "error_cb": self._on_kafka_error})
+        if self.exactly_once:
+            self._producer.init_transactions(30)
+            self._producer.begin_transaction()
         self._consumer = Consumer({**consumer_config(self.settings), "error_cb": self._on_kafka_error, "stats_cb": self._on_stats})
-        self._consumer.subscribe([k.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
-        log.info("consuming %s as group %s from %s", k.input_topic, k.group_id, k.bootstrap_servers)
+        self._consumer.subscribe([k.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        log.info(
+            "consuming %s as group %s from %s (%s)", k.input_topic, k.group_id, k.bootstrap_servers, self.settings.processing.guarantee
+        )
         self._running = True
         self.metrics.up.set(1)
         try:
@@ -149,21 +193,36 @@ class Daemon:
     def readiness(self) -> tuple[bool, str]:
         if not self._running:
             return False, "not running"
-        if not self._assigned:
-            return False, "no partitions assigned yet"
-        return True, f"ready: {len(self._assigned)} partition(s) assigned"
+        if not self._partitions:
+            return False, "no partitions assigned (or state not restored) yet"
+        return True, f"ready: {len(self._partitions)} partition(s) assigned, state restored"
 
     def _loop(self) -> None:
         assert self._consumer is not None
         batch_size = self.settings.processing.batch_size
         max_wait_s = self.settings.processing.max_wait_ms / 1000.0
+        interval_s = self.settings.processing.commit_interval_ms / 1000.0
         while not self._stop.is_set():
             messages = self._consumer.consume(batch_size, timeout=max_wait_s)
             if messages:
-                self._process(messages, consumed_at=time.monotonic())
+                self._guarded(self._process, messages, time.monotonic())
+            if time.monotonic() - self._last_checkpoint >= interval_s:
+                self._guarded(self._checkpoint)
+        self._guarded(self._checkpoint)
+
+    def _guarded(self, step: Any, *args: Any) -> None:
+        """Run one step; on a Kafka or delivery failure, abort and rewind to the last checkpoint."""
+        try:
+            step(*args)
+        except (KafkaException, DeliveryError) as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else getattr(exc, "kafka_error", None)
+            if isinstance(error, KafkaError) and (error.fatal() or error.code() in _FENCED):
+                raise
+            log.error("processing failed, rewinding to the last checkpoint: %s", exc)
+            self._recover()
 
     def _close(self) -> None:
-        if self._producer is not None:
+        if self._producer is not None and not self.exactly_once:
             remaining = self._producer.flush(10)
             if remaining:
                 log.warning("%d records still undelivered at shutdown; their offsets were not committed", remaining)
@@ -176,17 +235,22 @@ class Daemon:
     # -- one batch -------------------------------------------------------------------------
 
     def _process(self, messages: list[Message], consumed_at: float) -> None:
-        started = time.perf_counter()
-        records = [m for m in messages if self._is_record(m)]
-        if not records:
-            return
-        decoded = decode_batch([m.value() for m in records], self.schema)
-        result = self.pipeline.process(decoded.features)
-        self._produce_anomalies(records, decoded, result, consumed_at)
-        self._produce_dead_letters(records, decoded, consumed_at)
-        self._flush()
-        self._commit(records)
-        self._observe(decoded, result, len(records), time.perf_counter() - started)
+        by_partition: dict[tuple[str, int], list[Message]] = {}
+        for msg in messages:
+            if self._is_record(msg):
+                by_partition.setdefault((msg.topic(), msg.partition()), []).append(msg)
+        for tp, records in by_partition.items():
+            work = self._partitions.get(tp)
+            if work is None:  # fetched before a revocation; the new owner reads it again
+                continue
+            started = time.perf_counter()
+            decoded = decode_batch([m.value() for m in records], self.schema)
+            result = work.pipeline.process(decoded.features)
+            self._produce_anomalies(work.pipeline, decoded, result, consumed_at)
+            self._produce_dead_letters(records, decoded, consumed_at)
+            work.position = records[-1].offset() + 1
+            work.dirty = True
+            self._observe(work.pipeline, decoded, result, len(records), time.perf_counter() - started)
 
     def _is_record(self, msg: Message) -> bool:
         err = msg.error()
@@ -200,14 +264,13 @@ class Daemon:
         log.warning("consume error: %s", err, extra={"topic": msg.topic(), "partition": msg.partition()})
         return False
 
-    def _produce_anomalies(self, records: list[Message], decoded: DecodedBatch, result: BatchResult, consumed_at: float) -> None:
-        assert self._producer is not None
+    def _produce_anomalies(self, pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, consumed_at: float) -> None:
         topic = self.settings.kafka.output_topic
-        names = self.pipeline.detector_names
-        for i, key, value in encode_anomalies(self.pipeline, decoded, result):
+        names = pipeline.detector_names
+        k = len(names)
+        for i, key, value in encode_anomalies(pipeline, decoded, result):
             self._produce(topic, key, value, None, self._tracker.callback(consumed_at, True))
             self.metrics.anomalies.inc()
-            k = len(names)
             for name in names:
                 if 1.0 - min(1.0, k * result.probability[name][i]) > result.threshold:
                     self.metrics.fired.labels(name).inc()
@@ -229,18 +292,18 @@ class Daemon:
                 extra={"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(), "detail": bad.detail[:200]},
             )
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any, on_delivery: Any) -> None:
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any, on_delivery: Any, partition: int = -1) -> None:
         assert self._producer is not None
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery, partition=partition)
                 return
             except BufferError:
                 # Local queue full: let librdkafka send, then try again.
                 self._producer.poll(0.05)
 
     def _flush(self) -> None:
-        """Wait until every record of the batch is delivered; raise if any failed."""
+        """Wait until every record produced so far is delivered; raise if any failed."""
         assert self._producer is not None
         waited = 0.0
         while self._producer.flush(1.0) > 0:
@@ -251,21 +314,82 @@ class Daemon:
             errors, self._tracker.failures = self._tracker.failures, []
             raise DeliveryError(f"{len(errors)} record(s) not delivered, first: {errors[0]}", errors[0])
 
-    def _commit(self, records: list[Message]) -> None:
-        assert self._consumer is not None
-        next_offsets: dict[tuple[str, int], int] = {}
-        for msg in records:
-            tp = (msg.topic(), msg.partition())
-            next_offsets[tp] = max(next_offsets.get(tp, -1), msg.offset() + 1)
-        offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
-        try:
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        """Commit the work since the last checkpoint: outputs, state snapshots, offsets."""
+        assert self._producer is not None and self._consumer is not None
+        self._last_checkpoint = time.monotonic()
+        dirty = {tp: w for tp, w in self._partitions.items() if w.dirty and w.position is not None}
+        if not dirty and not self.exactly_once:
+            return
+        started = time.perf_counter()
+        offsets = [TopicPartition(t, p, w.position) for (t, p), w in dirty.items()]
+        if self.exactly_once:
+            self._produce_snapshots(dirty)
+            if offsets:
+                self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 30)
+            self._producer.commit_transaction(60)
+            self._producer.begin_transaction()
+        else:
+            self._flush()
+            self._produce_snapshots(dirty)
+            self._flush()
             self._consumer.commit(offsets=offsets, asynchronous=False)
-            self.metrics.commits.labels("ok").inc()
-        except KafkaException as exc:
-            # Typically a rebalance took the partitions away: the new owner re-reads from the
-            # last committed offset (at-least-once), so log and go on.
-            self.metrics.commits.labels("failed").inc()
-            log.warning("offset commit failed: %s", exc.args[0], extra={"offsets": [f"{t}/{p}@{o}" for (t, p), o in next_offsets.items()]})
+        for work in dirty.values():
+            work.dirty = False
+        self.metrics.commits.labels("ok").inc()
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+
+    def _produce_snapshots(self, parts: dict[tuple[str, int], PartitionWork]) -> None:
+        if not self.settings.state.enabled:
+            return
+        for (topic, partition), work in parts.items():
+            assert work.position is not None
+            for key, value in snapshot_records(topic, partition, work.position, work.pipeline.state_dict()):
+                self._produce(self.changelog_topic, key, value, None, self._tracker.callback(0.0, False), partition=partition)
+
+    def _recover(self) -> None:
+        """Abort what is in flight and rewind every owned partition to its last checkpoint."""
+        assert self._producer is not None and self._consumer is not None
+        self.metrics.recoveries.inc()
+        if self.exactly_once:
+            try:
+                self._producer.abort_transaction(60)
+            except KafkaException as exc:
+                log.warning("abort failed: %s", exc)
+        self._tracker.failures.clear()
+        owned = list(self._partitions)
+        for topic, partition in owned:
+            work = self._restore(topic, partition)
+            self._partitions[(topic, partition)] = work
+            position = work.position if work.position is not None else self._committed(topic, partition)
+            if position is not None:
+                self._consumer.seek(TopicPartition(topic, partition, position))
+        if self.exactly_once:
+            self._producer.begin_transaction()
+        self._last_checkpoint = time.monotonic()
+
+    def _committed(self, topic: str, partition: int) -> int | None:
+        assert self._consumer is not None
+        tp = self._consumer.committed([TopicPartition(topic, partition)], timeout=30)[0]
+        return tp.offset if tp.offset >= 0 else None
+
+    def _restore(self, topic: str, partition: int) -> PartitionWork:
+        """The partition's pipeline from its newest snapshot, or a fresh one."""
+        pipeline = copy.deepcopy(self.pipeline)
+        if not self.settings.state.enabled:
+            return PartitionWork(pipeline, None)
+        started = time.perf_counter()
+        restored = read_latest_snapshot(
+            librdkafka_config(self.settings, "consumer"), self.changelog_topic, topic, partition, timeout_s=self.settings.state.restore_timeout_s
+        )
+        self.metrics.restore_seconds.observe(time.perf_counter() - started)
+        if restored is None:
+            log.info("no saved state for %s/%d: starting from fresh models", topic, partition)
+            return PartitionWork(pipeline, None)
+        pipeline.load_state_dict(restored.state)
+        return PartitionWork(pipeline, restored.header.position)
 
     # -- metrics and callbacks ---------------------------------------------------------------
 
@@ -281,7 +405,7 @@ class Daemon:
             if device is not None:
                 m.device.info({"device": str(device)})
 
-    def _observe(self, decoded: DecodedBatch, result: BatchResult, n_records: int, seconds: float) -> None:
+    def _observe(self, pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, n_records: int, seconds: float) -> None:
         m = self.metrics
         m.batch_seconds.observe(seconds)
         m.batch_size.observe(n_records)
@@ -289,34 +413,62 @@ class Daemon:
         m.events.labels("scored").inc(decoded.features.n)
         m.events.labels("invalid").inc(len(decoded.invalid))
         observe_scores(m, result)
-        for detector in self.pipeline.detectors:
-            m.calibrated.labels(detector.name).set(1 if self.pipeline.calibrators[detector.name].ready else 0)
-            if hasattr(detector, "n_keys"):
-                for ks, n in detector.n_keys().items():
-                    m.keys.labels(ks).set(n)
-                for ks, n in detector.learning_keys().items():
-                    m.learning_keys.labels(ks).set(n)
+        keys: dict[str, int] = {}
+        learning: dict[str, int] = {}
+        works = list(self._partitions.values())
+        for name in pipeline.detector_names:
+            ready = all(w.pipeline.calibrators[name].ready for w in works)
+            m.calibrated.labels(name).set(1 if ready else 0)
+        for work in works:
+            for detector in work.pipeline.detectors:
+                if hasattr(detector, "n_keys"):
+                    for ks, n in detector.n_keys().items():
+                        keys[ks] = keys.get(ks, 0) + n
+                    for ks, n in detector.learning_keys().items():
+                        learning[ks] = learning.get(ks, 0) + n
+        for ks, n in keys.items():
+            m.keys.labels(ks).set(n)
+            m.learning_keys.labels(ks).set(learning.get(ks, 0))
+        for detector in pipeline.detectors:
             loss = getattr(detector, "last_train_loss", None)
             if loss is not None:
                 m.train_loss.set(loss)
                 m.train_steps.set(detector.train_steps_total)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._assigned.update((tp.topic, tp.partition) for tp in partitions)
-        self.metrics.assigned.set(len(self._assigned))
-        log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
+        # Restore before the first event of these partitions is scored, then start each one
+        # at the position its state reflects.
+        for tp in partitions:
+            work = self._restore(tp.topic, tp.partition)
+            self._partitions[(tp.topic, tp.partition)] = work
+            if work.position is not None:
+                tp.offset = work.position
+        consumer.assign(partitions)
+        self.metrics.assigned.set(len(self._partitions))
+        log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition}@{tp.offset}" for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Batches are processed synchronously between consume() calls, so nothing is in
-        # flight here: every consumed offset was committed or will be re-read by the next owner.
+        # Nothing is in flight between consume() calls: checkpoint, then let the partitions go.
+        self._guarded(self._checkpoint)
+        self._forget(partitions)
+        log.info("revoked %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Another member owns them now: committing their offsets would be wrong. Drop their
+        # work; under exactly-once the open transaction included them, so rewind the rest.
+        self._forget(partitions)
+        log.warning("lost %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
+        if self.exactly_once:
+            self._recover()
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self._assigned.discard((tp.topic, tp.partition))
+            self._partitions.pop((tp.topic, tp.partition), None)
             try:
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
             except KeyError:
                 pass
-        self.metrics.assigned.set(len(self._assigned))
-        log.info("revoked %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
+        self.metrics.assigned.set(len(self._partitions))
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         self.metrics.kafka_errors.labels(err.name()).inc()
@@ -334,11 +486,23 @@ class Daemon:
         stats = orjson.loads(stats_json)
         for topic, t in stats.get("topics", {}).items():
             for pid, p in t.get("partitions", {}).items():
-                if pid == "-1" or (topic, int(pid)) not in self._assigned:
+                if pid == "-1" or (topic, int(pid)) not in self._partitions:
                     continue
                 lag = p.get("consumer_lag", -1)
                 if lag >= 0:
                     self.metrics.lag.labels(topic, pid).set(lag)
+
+
+def input_partition_count(bootstrap: str, topic: str, client_config: dict[str, Any]) -> int:
+    """Partitions of the input topic (the changelog gets as many); 1 if it does not exist yet."""
+    from confluent_kafka.admin import AdminClient
+
+    metadata = AdminClient({**client_config, "bootstrap.servers": bootstrap}).list_topics(topic, timeout=30)
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        log.warning("input topic %s not found: creating the changelog with 1 partition", topic)
+        return 1
+    return len(found.partitions)
 
 
 def observe_scores(metrics: Metrics, result: BatchResult) -> None:

@@ -37,6 +37,7 @@ def build_detectors(settings: Settings) -> list[Detector]:
                 min_std=z.min_std,
                 min_std_by_feature=z.min_std_by_feature,
                 max_keys=z.max_keys,
+                key_ttl_seconds=z.key_ttl_seconds,
             )
         )
     if settings.duplicates.enabled:

@@ -1,0 +1,1 @@
+"""Detector state snapshots and the changelog topic that stores them."""

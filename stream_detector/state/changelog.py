@@ -1,0 +1,98 @@
+"""The state changelog topic: one snapshot per input partition, stored next to the offsets.
+
+Layout: changelog partition ``p`` holds the snapshots of input partition ``p`` (the topic has
+as many partitions as the input topic). Record key ``<input topic>/<partition>/<chunk>``, so a
+compacted topic keeps only the newest chunks. A snapshot records the input position it
+reflects; restoring reads the partition to its end and keeps the last complete snapshot.
+
+Exactly-once: snapshots are produced inside the transaction that also commits the offsets, and
+the restore reader is ``read_committed``, so the snapshot found is the one that matches the
+committed offsets. At-least-once: the snapshot is flushed before the offsets are committed; a
+restore resumes from the snapshot's own position, which is never behind what was delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from stream_detector.errors import StateError
+from stream_detector.state.snapshot import SnapshotHeader, decode_snapshot, encode_snapshot, split_chunk
+
+log = logging.getLogger("stream_detector.state")
+
+COMPACTED = {"cleanup.policy": "compact"}
+
+
+@dataclass(frozen=True)
+class Restored:
+    header: SnapshotHeader
+    state: dict[str, Any]
+
+
+def snapshot_records(topic: str, partition: int, position: int, state: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """(key, value) records of one snapshot, for changelog partition ``partition``."""
+    chunks = encode_snapshot(state, topic, partition, position)
+    return [(f"{topic}/{partition}/{i}".encode(), chunk) for i, chunk in enumerate(chunks)]
+
+
+def read_latest_snapshot(
+    consumer_config: dict[str, Any], changelog_topic: str, input_topic: str, partition: int, idle_s: float = 0.3, timeout_s: float = 60.0
+) -> Restored | None:
+    """The newest complete snapshot of ``input_topic``/``partition``, or None if there is none."""
+    consumer = Consumer(
+        {
+            **consumer_config,
+            "group.id": f"{changelog_topic}-restore",  # required by the client; never joined
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+        }
+    )
+    started = time.monotonic()
+    try:
+        consumer.assign([TopicPartition(changelog_topic, partition, OFFSET_BEGINNING)])
+        pending: dict[str, list[bytes]] = {}
+        latest: list[bytes] | None = None
+        at_eof = False
+        last_record = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            messages = consumer.consume(1000, timeout=0.1)
+            for msg in messages:
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        at_eof = True
+                        continue
+                    raise StateError(f"reading {changelog_topic}/{partition}: {err}")
+                at_eof = False
+                last_record = time.monotonic()
+                header, _ = split_chunk(msg.value())
+                if header.topic != input_topic or header.partition != partition:
+                    continue
+                chunks = pending.setdefault(header.snapshot_id, [])
+                chunks.append(msg.value())
+                if len(chunks) == header.count:
+                    latest = pending.pop(header.snapshot_id)
+                    pending.clear()  # older incomplete snapshots can never complete
+            # EOF as reported by the broker, plus a short quiet period: some brokers report the
+            # end of a partition before the last batch is readable.
+            if at_eof and time.monotonic() - last_record >= idle_s:
+                break
+        else:
+            raise StateError(f"restoring {input_topic}/{partition} from {changelog_topic} took over {timeout_s:.0f} s")
+    finally:
+        consumer.close()
+    if latest is None:
+        return None
+    header, state = decode_snapshot(latest)
+    log.info(
+        "restored state of %s/%d at offset %d from %s (%d chunk(s), %.2f s)",
+        input_topic, partition, header.position, changelog_topic, header.count, time.monotonic() - started,
+    )
+    return Restored(header, state)
