@@ -49,6 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--metrics-port", type=int, default=None, help="metrics port (default: metrics.port)")
     demo.add_argument("--seed", type=int, default=0)
 
+    evaluate = sub.add_parser("evaluate", help="detection quality on labelled events, or ROC AUC on a public data set")
+    _config_arg(evaluate)
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--events", help="JSON-lines file of sale events (needs --labels)")
+    source.add_argument("--generate", type=_positive_int, metavar="N", help="evaluate on N generated events")
+    source.add_argument("--dataset", choices=("shuttle", "waterflow"), help="a public labelled data set shipped with River")
+    evaluate.add_argument("--labels", help="JSON-lines labels for --events (as written by generate --labels)")
+    evaluate.add_argument("--seed", type=int, default=0, help="generator seed, with --generate (default 0)")
+    evaluate.add_argument("--anomaly-rate", type=_fraction, default=0.01, help="share of injected point anomalies, with --generate (default 0.01)")
+    evaluate.add_argument("--skip-warmup", type=int, default=0, metavar="N", help="score but do not count the first N records (default 0)")
+    evaluate.add_argument("--plot", metavar="FILE.png", help="save a plot of the fused score and recall by kind")
+    evaluate.add_argument("--json", metavar="FILE", help="write the report as JSON")
+
+    backtest = sub.add_parser("backtest", help="score the input topic from an offset or time, producing nothing")
+    _config_arg(backtest)
+    start = backtest.add_mutually_exclusive_group(required=True)
+    start.add_argument("--from-offset", type=int, metavar="N", help="start at offset N in every partition")
+    start.add_argument("--from-timestamp", metavar="ISO", help="start at the first record at or after this time in every partition")
+    backtest.add_argument("--until-offset", type=int, metavar="M", help="stop before offset M in every partition (default: the end)")
+    backtest.add_argument("--limit", type=_positive_int, metavar="K", help="read at most K records in all")
+    backtest.add_argument("--json", metavar="FILE", help="write the summary as JSON")
+
     config = sub.add_parser("config", help="show or validate configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="print the effective configuration (secrets masked)")
@@ -126,6 +148,14 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from stream_detector.runtime.demo import run_demo
 
         return run_demo(settings, rate=args.rate, count=args.count, duration=args.duration, metrics_port=args.metrics_port, seed=args.seed)
+    if args.command == "evaluate":
+        from stream_detector.evaluation import run_evaluate_command
+
+        return run_evaluate_command(settings, args)
+    if args.command == "backtest":
+        from stream_detector.runtime.backtest import run_backtest_command
+
+        return run_backtest_command(settings, args)
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 

@@ -12,14 +12,23 @@ from stream_detector.events.decode import DecodedBatch, InvalidRecord
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
 
 
+# Below librdkafka's default message.max.bytes (1,000,000) with room for headers.
+MAX_ANOMALY_BYTES = 900_000
+
+
 def iso_utc(epoch_seconds: float) -> str:
     return datetime.fromtimestamp(epoch_seconds, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def anomaly_record(pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, i: int) -> dict[str, Any]:
-    """The output-topic record for anomalous event ``i`` of the batch."""
+def anomaly_record(
+    pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, i: int, source: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The output-topic record for anomalous event ``i`` of the batch.
+
+    ``source`` (input topic, partition, offset) lets a reader trace the alert to its record.
+    """
     details, reasons = pipeline.explain(result, i)
-    return {
+    record = {
         "event_id": decoded.features.event_ids[i],
         "key": decoded.keys[i],
         "timestamp": iso_utc(float(decoded.features.event_time[i])),
@@ -30,15 +39,30 @@ def anomaly_record(pipeline: ScoringPipeline, decoded: DecodedBatch, result: Bat
         "event": decoded.events[i],
         "detected_at": iso_utc(time.time()),
     }
+    if source is not None:
+        record["source"] = source
+    return record
 
 
-def encode_anomalies(pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult) -> list[tuple[int, bytes | None, bytes]]:
-    """(index in the valid batch, key, value) for every anomaly, in input order."""
+def encode_anomalies(
+    pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, sources: list[dict[str, Any]] | None = None
+) -> list[tuple[int, bytes | None, bytes]]:
+    """(index in the valid batch, key, value) for every anomaly, in input order.
+
+    ``sources``, if given, holds the input position of every record of the raw batch.
+    """
     out = []
     for i in result.is_anomaly.nonzero()[0].tolist():
-        record = anomaly_record(pipeline, decoded, result, i)
+        source = sources[int(decoded.source_index[i])] if sources is not None else None
+        record = anomaly_record(pipeline, decoded, result, i, source)
         key = decoded.keys[i]
-        out.append((i, key.encode() if key is not None else None, orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)))
+        value = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+        if len(value) > MAX_ANOMALY_BYTES:
+            # A huge pass-through event must not make the alert unproducible (and the batch
+            # retried forever): keep the alert, cut the copy of the event.
+            record["event"] = {"event_id": record["event_id"], "truncated": True, "original_bytes": len(value)}
+            value = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+        out.append((i, key.encode() if key is not None else None, value))
     return out
 
 

@@ -246,7 +246,7 @@ class Daemon:
             started = time.perf_counter()
             decoded = decode_batch([m.value() for m in records], self.schema)
             result = work.pipeline.process(decoded.features)
-            self._produce_anomalies(work.pipeline, decoded, result, consumed_at)
+            self._produce_anomalies(work.pipeline, records, decoded, result, consumed_at)
             self._produce_dead_letters(records, decoded, consumed_at)
             work.position = records[-1].offset() + 1
             work.dirty = True
@@ -264,11 +264,16 @@ class Daemon:
         log.warning("consume error: %s", err, extra={"topic": msg.topic(), "partition": msg.partition()})
         return False
 
-    def _produce_anomalies(self, pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, consumed_at: float) -> None:
+    def _produce_anomalies(
+        self, pipeline: ScoringPipeline, records: list[Message], decoded: DecodedBatch, result: BatchResult, consumed_at: float
+    ) -> None:
         topic = self.settings.kafka.output_topic
         names = pipeline.detector_names
         k = len(names)
-        for i, key, value in encode_anomalies(pipeline, decoded, result):
+        if not result.is_anomaly.any():
+            return
+        sources = [{"topic": m.topic(), "partition": m.partition(), "offset": m.offset()} for m in records]
+        for i, key, value in encode_anomalies(pipeline, decoded, result, sources):
             self._produce(topic, key, value, None, self._tracker.callback(consumed_at, True))
             self.metrics.anomalies.inc()
             for name in names:
