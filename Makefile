@@ -11,6 +11,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned to 2.13.0 in pyproject.toml: the CPU build, no CUDA downloads.
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# Best effort: Debian's prometheus package gives the observability tests promtool and a real
+	# Prometheus server (tests/integration/test_observability.py skips them when it is missing).
+	@if [ "$$(id -u)" = 0 ]; then command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) || echo "prometheus not installed: its tests will skip"; else command -v promtool >/dev/null || echo "prometheus not installed (not root): its tests will skip"; fi
+	# Best effort: socat is the TLS proxy of tests/integration/test_resilience.py (skipped without it).
+	@[ "$$(id -u)" != 0 ] || command -v socat >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat >/dev/null) || echo "socat not installed: the TLS test will skip"
 	touch $(STAMP)
 
 install: $(STAMP)

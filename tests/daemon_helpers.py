@@ -123,3 +123,108 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 def metric(metrics: dict[str, float], name: str) -> float:
     return metrics.get(name, 0.0)
+
+
+# -- helpers for the resilience tests (tests/integration/test_resilience.py) -----------------
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int, client_config: dict[str, Any] | None = None) -> list[int]:
+    """The group's committed offset of each partition of ``topic`` (-1001 where none), without joining."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({**(client_config or {}), "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        return [tp.offset for tp in consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)]
+    finally:
+        consumer.close()
+
+
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    expected: int | None = None,
+    timeout: float = 30.0,
+    idle: float = 2.0,
+    isolation_level: str = "read_uncommitted",
+    client_config: dict[str, Any] | None = None,
+) -> list[Any]:
+    """Every record of ``topic`` from the beginning, without a group (like kafka_helpers.read_all,
+    plus librdkafka settings such as TLS). Stops at ``expected`` records, after ``idle`` seconds
+    without any when ``expected`` is None, or at ``timeout``."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer(
+        {
+            **(client_config or {}),
+            "bootstrap.servers": bootstrap,
+            "group.id": f"read-topic-{os.getpid()}-{time.monotonic_ns()}",  # never joined
+            "enable.auto.commit": False,
+            "isolation.level": isolation_level,
+        }
+    )
+    records: list[Any] = []
+    try:
+        found = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if found is None or found.error is not None:
+            raise AssertionError(f"topic {topic!r} not in metadata: {found}")
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)])
+        deadline = time.monotonic() + timeout
+        last = time.monotonic()
+        while time.monotonic() < deadline and (expected is None or len(records) < expected):
+            if expected is None and time.monotonic() - last >= idle:
+                break
+            batch = consumer.consume(1000, timeout=0.2)
+            for message in batch:
+                error = message.error()
+                if error is None:
+                    records.append(message)
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    raise AssertionError(f"consume error on {message.topic()}: {error}")
+            if batch:
+                last = time.monotonic()
+    finally:
+        consumer.close()
+    return records
+
+
+def by_partition(messages: list[Any]) -> dict[int, list[bytes]]:
+    """Record values per partition, in offset order."""
+    out: dict[int, list[Any]] = {}
+    for message in sorted(messages, key=lambda m: (m.partition(), m.offset())):
+        out.setdefault(message.partition(), []).append(message.value())
+    return out
+
+
+def expected_anomalies(config_path: Path, values_by_partition: dict[int, list[bytes]]) -> dict[str, float]:
+    """What an uninterrupted daemon with this config flags: {event_id: score}.
+
+    The daemon keeps one pipeline per input partition and its results do not depend on batch
+    boundaries, so scoring each partition's records in offset order with a fresh pipeline
+    gives the anomalies an uninterrupted run publishes.
+    """
+    from stream_detector.config import load_settings
+    from stream_detector.events.decode import decode_batch
+    from stream_detector.scoring.factory import build_pipeline, event_schema
+
+    settings = load_settings(config_path, environ={})
+    schema = event_schema(settings)
+    size = settings.processing.batch_size
+    flagged: dict[str, float] = {}
+    for values in values_by_partition.values():
+        pipeline = build_pipeline(settings)
+        for start in range(0, len(values), size):
+            decoded = decode_batch(values[start : start + size], schema)
+            result = pipeline.process(decoded.features)
+            for i in result.is_anomaly.nonzero()[0].tolist():
+                flagged[str(decoded.features.event_ids[i])] = float(result.fused[i])
+    return flagged
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.5) -> None:
+    """Poll ``condition`` until it holds; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

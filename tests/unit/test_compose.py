@@ -1,4 +1,4 @@
-"""docker-compose.yml, Dockerfile and Prometheus config agree with each other and with the code.
+"""docker-compose.yml, Dockerfile, Prometheus and Grafana config agree with each other and with the code.
 
 No Docker engine is needed: the files are parsed and cross-checked against
 config/detector.yaml, the settings loader and the CLI parser. The Dockerfile's HEALTHCHECK
@@ -25,7 +25,7 @@ from stream_detector.config import Settings, load_settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DETECTOR_YAML = REPO_ROOT / "config" / "detector.yaml"
-SERVICES = ("kafka", "kafka-init", "detector", "generator", "prometheus")
+SERVICES = ("kafka", "kafka-init", "detector", "generator", "prometheus", "grafana")
 CONFIG_IN_IMAGE = "/etc/stream-detector/detector.yaml"
 
 
@@ -150,9 +150,11 @@ def test_depends_on_names_real_services_with_sensible_conditions(services: dict[
 
 def test_bind_mounted_host_paths_exist(services: dict[str, dict[str, Any]]) -> None:
     mounts = [(name, source) for name, service in services.items() for source, _ in binds(service)]
-    assert mounts, "expected bind mounts (detector config, prometheus config)"
+    assert mounts, "expected bind mounts (detector config, prometheus config, grafana provisioning)"
     for name, source in mounts:
-        assert (COMPOSE_FILE.parent / source).resolve().is_file(), f"{name}: {source} does not exist"
+        path = (COMPOSE_FILE.parent / source).resolve()
+        # a file, or (Grafana's provisioning and dashboards) a directory with files in it
+        assert path.is_file() or (path.is_dir() and any(p.is_file() for p in path.iterdir())), f"{name}: {source} does not exist"
 
 
 def test_built_services_have_a_dockerfile(services: dict[str, dict[str, Any]]) -> None:
@@ -225,8 +227,7 @@ def test_prometheus_scrapes_the_detector_metrics_port(services: dict[str, dict[s
     prometheus = services["prometheus"]
     assert prometheus["image"].startswith("prom/prometheus:")
     assert (9090, 9090) in published(prometheus)
-    [(source, target)] = binds(prometheus)
-    assert target == "/etc/prometheus/prometheus.yml"
+    source = {target: source for source, target in binds(prometheus)}["/etc/prometheus/prometheus.yml"]
     config = yaml.safe_load((COMPOSE_FILE.parent / source).read_text(encoding="utf-8"))
     assert config["global"]["scrape_interval"] == "5s"
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "stream-detector"]
@@ -234,6 +235,69 @@ def test_prometheus_scrapes_the_detector_metrics_port(services: dict[str, dict[s
     targets = [t for group in job["static_configs"] for t in group["targets"]]
     effective = load_settings(DETECTOR_YAML, environ=environment(services["detector"]))
     assert targets == [f"detector:{effective.metrics.port}"]
+
+
+def test_prometheus_loads_the_mounted_alert_rules(services: dict[str, dict[str, Any]]) -> None:
+    """rule_files (relative to the config file, as Prometheus resolves them) are mounted read-only."""
+    prometheus = services["prometheus"]
+    mounted = {target: source for source, target in binds(prometheus)}
+    config = yaml.safe_load((COMPOSE_FILE.parent / mounted["/etc/prometheus/prometheus.yml"]).read_text(encoding="utf-8"))
+    rule_files = config.get("rule_files") or []
+    assert rule_files, "prometheus.yml loads no rule files"
+    for rule_file in rule_files:
+        target = os.path.normpath(os.path.join("/etc/prometheus", rule_file))
+        assert target in mounted, f"{rule_file} ({target}) is not mounted into the prometheus service"
+        assert (COMPOSE_FILE.parent / mounted[target]).resolve() == (REPO_ROOT / "config" / "prometheus" / "rules.yml").resolve()
+        assert any(v.endswith(":ro") for v in prometheus["volumes"] if isinstance(v, str) and f":{target}" in v)
+        rules = yaml.safe_load((COMPOSE_FILE.parent / mounted[target]).read_text(encoding="utf-8"))
+        assert any("alert" in rule for group in rules["groups"] for rule in group["rules"])
+
+
+def test_grafana_service(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    assert grafana["image"].startswith("grafana/grafana-oss:")
+    assert grafana["image"].split(":", 1)[1] not in ("", "latest")  # a pinned version
+    assert (3000, 3000) in published(grafana)
+    assert "prometheus" in grafana["depends_on"]
+    env = environment(grafana)
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"  # anonymous visitors can look, not edit
+    volumes = [v for v in grafana["volumes"] if isinstance(v, str)]
+    assert volumes and all(v.endswith(":ro") for v in volumes), "grafana's mounts must be read-only"
+    mounted = {target: source for source, target in binds(grafana)}
+    assert set(mounted) >= {"/etc/grafana/provisioning/datasources", "/etc/grafana/provisioning/dashboards"}
+
+
+def test_grafana_provisioning_points_at_the_mounted_files_and_prometheus(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    mounted = {target: (COMPOSE_FILE.parent / source).resolve() for source, target in binds(grafana)}
+
+    def host_path(container_path: str) -> Path:
+        """Where a path inside the grafana container comes from on the host."""
+        for target, source in sorted(mounted.items(), key=lambda item: -len(item[0])):
+            if container_path == target or container_path.startswith(target + "/"):
+                return source / os.path.relpath(container_path, target)
+        raise AssertionError(f"{container_path} is not mounted into grafana")
+
+    [datasource] = yaml.safe_load((mounted["/etc/grafana/provisioning/datasources"] / "prometheus.yml").read_text(encoding="utf-8"))["datasources"]
+    assert datasource["type"] == "prometheus"
+    url = re.fullmatch(r"http://([\w.-]+):(\d+)/?", datasource["url"])
+    assert url, datasource["url"]
+    assert url.group(1) == "prometheus" and url.group(1) in services  # the compose service, by name
+    assert int(url.group(2)) in [container for _, container in published(services["prometheus"])]
+
+    [provider] = yaml.safe_load((mounted["/etc/grafana/provisioning/dashboards"] / "dashboards.yml").read_text(encoding="utf-8"))["providers"]
+    dashboards_dir = host_path(provider["options"]["path"])
+    dashboards = sorted(dashboards_dir.glob("*.json"))
+    assert [p.name for p in dashboards] == ["stream-detector.json"]
+    assert dashboards_dir.resolve() == (REPO_ROOT / "config" / "grafana" / "dashboards").resolve()
+    for path in dashboards:
+        dashboard = json.loads(path.read_text(encoding="utf-8"))
+        assert f'"uid": "{datasource["uid"]}"' in path.read_text(encoding="utf-8"), path.name
+        assert dashboard["uid"]
+    home = environment(grafana).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        assert host_path(home).is_file(), home
 
 
 def test_generator_command_parses_and_targets_the_input_topic(services: dict[str, dict[str, Any]], settings: Settings) -> None:
