@@ -115,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:  # e.g. `stream-detector config show | head`
+        sys.stderr.close()
+        return EXIT_OK
     except StreamDetectorError as exc:
         log.error("%s", exc)
         print(f"stream-detector: {exc}", file=sys.stderr)

@@ -25,7 +25,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from stream_detector.config import Settings, librdkafka_config
-from stream_detector.errors import DeliveryError
+from stream_detector.errors import DeliveryError, StateError
 from stream_detector.events.decode import DecodedBatch, decode_batch
 from stream_detector.metrics import Metrics, MetricsServer, observe_many
 from stream_detector.records import dead_letter_headers, encode_anomalies
@@ -35,6 +35,8 @@ from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
 
 log = logging.getLogger("stream_detector.daemon")
+# librdkafka's own log lines, through Python logging (structured like the rest).
+KAFKA_LOG = logging.getLogger("stream_detector.librdkafka")
 
 # A dead-letter copy larger than this is cut (the headers keep the reason and source offset),
 # so one huge record cannot make the dead-letter produce fail and stall the partition.
@@ -141,6 +143,9 @@ class Daemon:
         self._producer: Producer | None = None
         self._server: MetricsServer | None = None
         self._running = False
+        self._exit_code = 0
+        if any("debug" in conf for conf in (settings.kafka.client_config, settings.kafka.consumer_config, settings.kafka.producer_config)):
+            KAFKA_LOG.setLevel(logging.DEBUG)  # librdkafka's debug contexts were asked for: show them
         self._init_metrics()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -157,21 +162,19 @@ class Daemon:
 
     def run(self) -> int:
         k = self.settings.kafka
-        admin_config = librdkafka_config(self.settings, "admin")
-        if k.create_topics:
-            partitions = k.topic_partitions
-            ensure_topics(k.bootstrap_servers, {k.input_topic: partitions, k.output_topic: partitions, k.dlq_topic: partitions}, client_config=admin_config)
-        if self.settings.state.enabled:
-            partitions = input_partition_count(k.bootstrap_servers, k.input_topic, admin_config)
-            ensure_topics(k.bootstrap_servers, {self.changelog_topic: partitions}, client_config=admin_config, config=COMPACTED)
+        # Health first: /healthz answers while the broker is still out of reach.
         if self.settings.metrics.enabled:
             self._server = MetricsServer(self.metrics, self.settings.metrics.host, self.settings.metrics.port, self.readiness).start()
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics.host, self._server.port)
-        self._producer = Producer({**producer_config(self.settings), "error_cb": self._on_kafka_error})
+        if not self._until_done(self._prepare_topics, "preparing topics"):
+            self._close()
+            return self._exit_code
+        self._producer = self._new_producer()
         if self.exactly_once:
-            self._producer.init_transactions(30)
             self._producer.begin_transaction()
-        self._consumer = Consumer({**consumer_config(self.settings), "error_cb": self._on_kafka_error, "stats_cb": self._on_stats})
+        self._consumer = Consumer(
+            {**consumer_config(self.settings), "error_cb": self._on_kafka_error, "stats_cb": self._on_stats, "logger": KAFKA_LOG}
+        )
         self._consumer.subscribe([k.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info(
             "consuming %s as group %s from %s (%s)", k.input_topic, k.group_id, k.bootstrap_servers, self.settings.processing.guarantee
@@ -184,7 +187,30 @@ class Daemon:
             self._running = False
             self.metrics.up.set(0)
             self._close()
-        return 0
+        return self._exit_code
+
+    def _prepare_topics(self) -> None:
+        k = self.settings.kafka
+        admin_config = librdkafka_config(self.settings, "admin")
+        if k.create_topics:
+            partitions = k.topic_partitions
+            ensure_topics(k.bootstrap_servers, {k.input_topic: partitions, k.output_topic: partitions, k.dlq_topic: partitions}, client_config=admin_config)
+        if self.settings.state.enabled:
+            partitions = input_partition_count(k.bootstrap_servers, k.input_topic, admin_config)
+            ensure_topics(k.bootstrap_servers, {self.changelog_topic: partitions}, client_config=admin_config, config=COMPACTED)
+
+    def _until_done(self, step: Any, what: str) -> bool:
+        """Retry ``step`` with backoff while the broker is unreachable; False if asked to stop."""
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                step()
+                return True
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("%s failed, retrying in %.0f s: %s", what, delay, exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+        return False
 
     @property
     def metrics_port(self) -> int | None:
@@ -218,6 +244,11 @@ class Daemon:
             error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else getattr(exc, "kafka_error", None)
             if isinstance(error, KafkaError) and (error.fatal() or error.code() in _FENCED):
                 raise
+            if self._stop.is_set():
+                # Shutting down: leave the work uncommitted; the next start redoes it.
+                log.error("final checkpoint failed; uncommitted work will be redone on restart: %s", exc)
+                self._exit_code = 1
+                return
             log.error("processing failed, rewinding to the last checkpoint: %s", exc)
             self._recover()
 
@@ -355,17 +386,36 @@ class Daemon:
                 self._produce(self.changelog_topic, key, value, None, self._tracker.callback(0.0, False), partition=partition)
 
     def _recover(self) -> None:
-        """Abort what is in flight and rewind every owned partition to its last checkpoint."""
-        assert self._producer is not None and self._consumer is not None
+        """Abort what is in flight and rewind every owned partition to its last checkpoint.
+
+        Retried with backoff while the broker is unreachable; a stop request ends the retries
+        (the uncommitted work is then redone by the next start).
+        """
         self.metrics.recoveries.inc()
-        if self.exactly_once:
+        delay = 0.5
+        while True:
             try:
-                self._producer.abort_transaction(60)
-            except KafkaException as exc:
-                log.warning("abort failed: %s", exc)
+                self._rewind()
+                return
+            except (KafkaException, DeliveryError, StateError) as exc:
+                if self._stop.is_set():
+                    log.error("recovery abandoned at shutdown: %s", exc)
+                    self._exit_code = 1
+                    return
+                log.warning("recovery failed, retrying in %.1f s: %s", delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _rewind(self) -> None:
+        assert self._producer is not None and self._consumer is not None
+        if self.exactly_once:
+            self._abort_transaction()
+        else:
+            # Records not yet sent would only add duplicates of what is redone.
+            self._producer.purge(in_queue=True, in_flight=False)
+            self._producer.poll(0)
         self._tracker.failures.clear()
-        owned = list(self._partitions)
-        for topic, partition in owned:
+        for topic, partition in list(self._partitions):
             work = self._restore(topic, partition)
             self._partitions[(topic, partition)] = work
             position = work.position if work.position is not None else self._committed(topic, partition)
@@ -374,6 +424,24 @@ class Daemon:
         if self.exactly_once:
             self._producer.begin_transaction()
         self._last_checkpoint = time.monotonic()
+
+    def _abort_transaction(self) -> None:
+        assert self._producer is not None
+        try:
+            self._producer.abort_transaction(30)
+        except KafkaException as exc:
+            # The producer cannot abort (e.g. its transaction timed out during a broker stall):
+            # a new producer with the same transactional.id fences it, and the broker aborts
+            # the old transaction.
+            log.warning("abort failed (%s): replacing the transactional producer", exc)
+            self._producer.purge(in_queue=True, in_flight=True)
+            self._producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        producer = Producer({**producer_config(self.settings), "error_cb": self._on_kafka_error, "logger": KAFKA_LOG})
+        if self.exactly_once:
+            producer.init_transactions(60)
+        return producer
 
     def _committed(self, topic: str, partition: int) -> int | None:
         assert self._consumer is not None
@@ -386,8 +454,18 @@ class Daemon:
         if not self.settings.state.enabled:
             return PartitionWork(pipeline, None)
         started = time.perf_counter()
+        # Exactly-once: the snapshot that belongs to the committed offset (see read_latest_snapshot).
+        committed = self._committed(topic, partition) if self.exactly_once else None
+        if self.exactly_once and committed is None:
+            log.info("no committed offset for %s/%d: starting from fresh models", topic, partition)
+            return PartitionWork(pipeline, None)
         restored = read_latest_snapshot(
-            librdkafka_config(self.settings, "consumer"), self.changelog_topic, topic, partition, timeout_s=self.settings.state.restore_timeout_s
+            librdkafka_config(self.settings, "consumer"),
+            self.changelog_topic,
+            topic,
+            partition,
+            timeout_s=self.settings.state.restore_timeout_s,
+            position=committed,
         )
         self.metrics.restore_seconds.observe(time.perf_counter() - started)
         if restored is None:
@@ -443,11 +521,13 @@ class Daemon:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Restore before the first event of these partitions is scored, then start each one
         # at the position its state reflects.
+        restored = {}
         for tp in partitions:
-            work = self._restore(tp.topic, tp.partition)
-            self._partitions[(tp.topic, tp.partition)] = work
+            work = restored[(tp.topic, tp.partition)] = self._restore(tp.topic, tp.partition)
             if work.position is not None:
                 tp.offset = work.position
+        # Ready (/readyz) only once every partition of the assignment is restored.
+        self._partitions.update(restored)
         consumer.assign(partitions)
         self.metrics.assigned.set(len(self._partitions))
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition}@{tp.offset}" for tp in partitions))

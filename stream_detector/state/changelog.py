@@ -41,9 +41,21 @@ def snapshot_records(topic: str, partition: int, position: int, state: dict[str,
 
 
 def read_latest_snapshot(
-    consumer_config: dict[str, Any], changelog_topic: str, input_topic: str, partition: int, idle_s: float = 0.3, timeout_s: float = 60.0
+    consumer_config: dict[str, Any],
+    changelog_topic: str,
+    input_topic: str,
+    partition: int,
+    idle_s: float = 0.3,
+    timeout_s: float = 60.0,
+    position: int | None = None,
 ) -> Restored | None:
-    """The newest complete snapshot of ``input_topic``/``partition``, or None if there is none."""
+    """The newest complete snapshot of ``input_topic``/``partition``, or None if there is none.
+
+    With ``position``, only a snapshot of exactly that input position qualifies: under
+    exactly-once the committed offset and its snapshot were committed together, so this also
+    skips snapshots of aborted transactions on brokers that show them to read_committed
+    readers (tansu 0.6.0 does).
+    """
     consumer = Consumer(
         {
             **consumer_config,
@@ -74,6 +86,8 @@ def read_latest_snapshot(
                 last_record = time.monotonic()
                 header, _ = split_chunk(msg.value())
                 if header.topic != input_topic or header.partition != partition:
+                    continue
+                if position is not None and header.position != position:
                     continue
                 chunks = pending.setdefault(header.snapshot_id, [])
                 chunks.append(msg.value())
