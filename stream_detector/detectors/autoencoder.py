@@ -321,6 +321,8 @@ class AutoencoderDetector(Detector):
         self._device = _resolve_device(device)
         self.device = str(self._device)
         self._state = self._fresh_state()
+        # (batch, base state, [(learned rows key, state after that training)]) of the last score().
+        self._round_cache: tuple[Any, Any, list] | None = None
 
     def _validate(self) -> None:
         if not self.features:
@@ -440,6 +442,11 @@ class AutoencoderDetector(Detector):
         segments: list[_Segment] = []
         net = None  # our private clone, once the batch trains
         taken = 0  # learned events of this batch already moved into a training buffer
+        # The pipeline scores a batch again with a mask that differs only from some event on:
+        # trainings whose learned rows are unchanged are taken from the previous round.
+        cache = self._round_cache
+        previous = cache[2] if cache is not None and cache[0] is batch and cache[1] is self._state else []
+        trained: list[tuple[bytes, _State]] = []
         for k in range(len(bounds) - 1):
             start, stop = bounds[k], bounds[k + 1]
             if stop > start:
@@ -452,13 +459,20 @@ class AutoencoderDetector(Detector):
                         state, x[start:stop], active[start:stop]
                     )
             if k < points.size:
-                if net is None:
-                    with torch.inference_mode(False):  # a clone that autograd may train
-                        net = state.net.clone()
                 upto = int(points[k]) + 1
-                buffer = np.concatenate([state.buffer, x[learned_idx[taken:upto]]])
+                key = learned_idx[:upto].tobytes()
+                with torch.inference_mode(False):  # clones that autograd may train
+                    if k < len(previous) and previous[k][0] == key:
+                        net = previous[k][1].net.clone()
+                        state = replace(previous[k][1], net=net)
+                    else:
+                        if net is None:
+                            net = state.net.clone()
+                        buffer = np.concatenate([state.buffer, x[learned_idx[taken:upto]]])
+                        state = self._train(state, net, buffer)
+                    trained.append((key, replace(state, net=net.clone())))
                 taken = upto
-                state = self._train(state, net, buffer)
+        self._round_cache = (batch, self._state, trained)
 
         state = replace(
             state,
@@ -473,6 +487,7 @@ class AutoencoderDetector(Detector):
         if not isinstance(pending, _Pending):
             raise TypeError("commit() needs a Step returned by this detector's score()")
         self._state = pending.state
+        self._round_cache = None
 
     # ---- explanations ----------------------------------------------------------------------
 

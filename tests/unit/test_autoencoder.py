@@ -137,6 +137,29 @@ def test_score_is_pure():
     assert det.last_train_loss is not None and np.isfinite(det.last_train_loss)
 
 
+def test_rescoring_with_a_changed_mask_reuses_only_unchanged_trainings():
+    """The pipeline re-scores a batch with flags changed from some event on; trainings before
+    that event are reused from the previous call, later ones redone: same result as fresh."""
+    batch = make_batch(900, seed=4)
+    warm = AutoencoderDetector(**SMALL)
+    run(warm, batch.slice(0, 300), np.ones(300, dtype=bool), 300)
+    rest = batch.slice(300, 900)
+    first_mask = np.ones(600, dtype=bool)
+    second_mask = first_mask.copy()
+    second_mask[[250, 400, 401]] = False  # changes after several training points
+    reused = AutoencoderDetector(**SMALL)
+    reused.load_state_dict(warm.state_dict())
+    reused.score(rest, first_mask)
+    again = reused.score(rest, second_mask)
+    fresh = AutoencoderDetector(**SMALL)
+    fresh.load_state_dict(warm.state_dict())
+    expected = fresh.score(rest, second_mask)
+    np.testing.assert_array_equal(again.scores, expected.scores)
+    reused.commit(again)
+    fresh.commit(expected)
+    assert_same_state(reused, fresh)
+
+
 def test_scoring_under_inference_mode_still_trains():
     batch = make_batch(300)
     learn = np.ones(300, dtype=bool)
