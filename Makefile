@@ -32,9 +32,8 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest -m integration
 
-bench: $(STAMP)  ## benchmarks (not tests): prints tables with ratios against baselines
-	$(BIN)/python bench/bench_hst.py
-	$(BIN)/python bench/bench_autoencoder.py --quick
+bench: $(STAMP)  ## benchmarks (not tests): one table, ratios against baselines measured in the same run
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

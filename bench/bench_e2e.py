@@ -1,0 +1,583 @@
+"""End-to-end throughput and latency of the daemon through a real (embedded) broker.
+
+Used by ``bench/run.py`` (sections ``e2e`` and ``latency``); see ``docs/benchmarks.md``.
+
+* ``e2e``: N events are produced first (keyed by store_id, 3 input partitions). Then the daemon
+  (``python -m stream_detector run --config <tmp yaml>``, a subprocess) is timed from process
+  start until the group's committed offsets cover all N records ("incl. startup"), and from its
+  first partition assignment (the ``stream_detector_assigned_partitions`` gauge) to the same
+  point ("steady state"). A plain confluent-kafka consumer that only counts the same records
+  (assign-based, from the beginning, ``consume(10000)``) is the ceiling; it runs before and
+  after the daemon and the faster of the two is used.
+* ``latency``: the daemon runs on an empty topic while the generator produces at a fixed rate
+  (``produce_to_kafka(rate=...)``). Anomaly latency comes from two places: the daemon's
+  ``stream_detector_end_to_end_latency_seconds`` histogram (consume -> delivery of the anomaly,
+  quantiles interpolated in the buckets like Prometheus' ``histogram_quantile``), and the Kafka
+  timestamps: output record timestamp - input record timestamp of the same event_id (both
+  CreateTime: when the generator, resp. the daemon, called ``produce()``), which includes the
+  time the event waited in the input topic.
+
+tansu's high watermark is unreliable (base offset of the last batch + 1), so completion is
+judged by comparing committed offsets with the number of records produced.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+import yaml
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Fast group settings: tansu's classic group join takes about session.timeout.ms / 2.
+FAST_GROUP = {"session.timeout.ms": 6000, "max.poll.interval.ms": 7000, "heartbeat.interval.ms": 500}
+
+Log = Callable[[str], None]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def child_env() -> dict[str, str]:
+    """Our environment without STREAM_DETECTOR_* overrides, with the repository importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_DETECTOR_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics scraping
+# --------------------------------------------------------------------------------------------
+
+
+def scrape(port: int, timeout: float = 2.0) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """name -> [(labels, value)] of every sample on /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+        text = resp.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    return out
+
+
+def sample(metrics: dict, name: str, **labels: str) -> float:
+    for sample_labels, value in metrics.get(name, []):
+        if all(sample_labels.get(k) == v for k, v in labels.items()):
+            return value
+    return 0.0
+
+
+def histogram_buckets(metrics: dict, name: str) -> list[tuple[float, float]]:
+    """[(upper bound, cumulative count)] sorted by bound, +Inf last."""
+    rows = [(float(lbl["le"]), v) for lbl, v in metrics.get(f"{name}_bucket", [])]
+    return sorted(rows)
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile: linear interpolation inside the bucket."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, cumulative in buckets:
+        if cumulative >= rank:
+            if upper == float("inf"):
+                return lower  # the highest finite bound, as Prometheus does
+            if cumulative == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (cumulative - below)
+        lower, below = upper, cumulative
+    return lower
+
+
+def histogram_max_bound(buckets: list[tuple[float, float]]) -> float | None:
+    """Upper bound of the highest non-empty bucket: the max is at most this."""
+    previous = 0.0
+    bound = None
+    for upper, cumulative in buckets:
+        if cumulative > previous:
+            bound = upper
+        previous = cumulative
+    return bound
+
+
+# --------------------------------------------------------------------------------------------
+# Kafka helpers
+# --------------------------------------------------------------------------------------------
+
+
+def generated_events(count: int, seed: int):
+    from stream_detector.generator import GeneratorConfig, SalesGenerator
+
+    for event, _label in SalesGenerator(GeneratorConfig(seed=seed)).generate(count):
+        yield event
+
+
+def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=5)
+        return sum(max(tp.offset, 0) for tp in tps)
+    finally:
+        consumer.close()
+
+
+class CommittedWatcher:
+    """Polls a group's committed offsets with one long-lived (never subscribed) consumer."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int) -> None:
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+        self.tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+    def total(self) -> int:
+        return sum(max(tp.offset, 0) for tp in self.consumer.committed(self.tps, timeout=5))
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def count_consumer(bootstrap: str, topic: str, expected: int, timeout: float = 120.0) -> dict[str, Any]:
+    """The ceiling: a plain consumer that only counts ``expected`` records of ``topic``."""
+    started = time.perf_counter()
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"bench-ceiling-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
+    )
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        n = 0
+        deadline = time.monotonic() + timeout
+        while n < expected and time.monotonic() < deadline:
+            for msg in consumer.consume(10000, timeout=1.0):
+                if msg.error() is None:
+                    n += 1
+        seconds = time.perf_counter() - started
+    finally:
+        consumer.close()
+    if n < expected:
+        raise RuntimeError(f"ceiling consumer read only {n} of {expected} records in {timeout:.0f}s")
+    return {"records": n, "seconds": seconds, "events_per_s": n / seconds}
+
+
+def read_topic(bootstrap: str, topic: str, expected: int | None, idle_s: float = 3.0, timeout: float = 120.0) -> list:
+    """Every record of ``topic`` (values and timestamps), until ``expected`` or ``idle_s`` of silence."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
+    )
+    out = []
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        deadline = time.monotonic() + timeout
+        last = time.monotonic()
+        while time.monotonic() < deadline:
+            if expected is not None and len(out) >= expected:
+                break
+            msgs = consumer.consume(10000, timeout=0.5)
+            got = [m for m in msgs if m.error() is None]
+            if got:
+                last = time.monotonic()
+                out.extend((m.value(), m.timestamp()) for m in got)
+            elif time.monotonic() - last > idle_s:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The daemon as a subprocess
+# --------------------------------------------------------------------------------------------
+
+
+class DaemonProcess:
+    """``python -m stream_detector run --config <tmp yaml>`` with its own topics and group."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        input_topic: str,
+        output_topic: str,
+        dlq_topic: str,
+        group: str,
+        expected_events: int | None = None,
+        consumer_config: dict[str, Any] | None = None,
+        python_args: list[str] | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.python_args = python_args or []  # e.g. ["-m", "cProfile", "-o", "daemon.prof"]
+        self.expected_events = expected_events
+        self.input_topic = input_topic
+        self.output_topic = output_topic
+        self.group = group
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
+        self.config_path = self.dir / "detector.yaml"
+        self.log_path = self.dir / "daemon.log"
+        config = {
+            "kafka": {
+                "bootstrap_servers": bootstrap,
+                "input_topic": input_topic,
+                "output_topic": output_topic,
+                "dlq_topic": dlq_topic,
+                "group_id": group,
+                "consumer_config": {**FAST_GROUP, **(consumer_config or {})},
+                "create_topics": False,
+            },
+            "metrics": {"host": "127.0.0.1", "port": self.port},
+            "logging": {"level": "INFO", "format": "json"},
+        }
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.proc: subprocess.Popen | None = None
+        self.started_at: float | None = None
+        self.metrics_up_at: float | None = None
+        self.assigned_at: float | None = None
+        self.scored_at: float | None = None  # when events_total reached expected_events
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> DaemonProcess:
+        log = self.log_path.open("wb")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.python_args, "-m", "stream_detector", "run", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env(),
+            cwd=str(ROOT),
+            preexec_fn=_die_with_parent(),
+        )
+        log.close()
+        self._watcher = threading.Thread(target=self._watch_assignment, name="bench-assign-watch", daemon=True)
+        self._watcher.start()
+        return self
+
+    def _watch_assignment(self) -> None:
+        """Scrape /metrics every 20 ms until the first assignment, then (if expected_events is
+        set) every 100 ms until the daemon has counted that many input records."""
+        while not self._watch_stop.is_set() and self.proc is not None and self.proc.poll() is None:
+            try:
+                m = scrape(self.port, timeout=1.0)
+            except OSError:
+                time.sleep(0.02)
+                continue
+            now = time.monotonic()
+            if self.metrics_up_at is None:
+                self.metrics_up_at = now
+            if self.assigned_at is None:
+                if sample(m, "stream_detector_assigned_partitions") > 0:
+                    self.assigned_at = now
+                    if self.expected_events is None:
+                        return
+                time.sleep(0.02)
+                continue
+            seen = sample(m, "stream_detector_events_total", outcome="scored") + sample(
+                m, "stream_detector_events_total", outcome="invalid"
+            )
+            if self.expected_events is not None and seen >= self.expected_events:
+                self.scored_at = now
+                return
+            time.sleep(0.1)
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise RuntimeError(f"daemon exited (code {code}). Log tail:\n{self.log_tail()}")
+
+    def wait_assigned(self, timeout: float = 60.0) -> float:
+        deadline = time.monotonic() + timeout
+        while self.assigned_at is None:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daemon not assigned within {timeout:.0f}s. Log tail:\n{self.log_tail()}")
+            time.sleep(0.02)
+        return self.assigned_at
+
+    def wait_committed(self, expected: int, timeout: float, poll_s: float = 0.1) -> float:
+        """Monotonic time at which the committed offsets first covered ``expected`` records."""
+        watcher = CommittedWatcher(self.bootstrap, self.group, self.input_topic, 3)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                self.check_alive()
+                total = watcher.total()
+                now = time.monotonic()
+                if total >= expected:
+                    return now
+                if now > deadline:
+                    raise RuntimeError(
+                        f"only {total} of {expected} offsets committed after {timeout:.0f}s. Log tail:\n{self.log_tail()}"
+                    )
+                time.sleep(poll_s)
+        finally:
+            watcher.close()
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time the daemon process has used so far (Linux /proc)."""
+        if self.proc is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def scrape(self) -> dict:
+        return scrape(self.port)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (SIGKILL after ``timeout``), then remove the temporary config and log (error
+        messages raised earlier already carry the log tail)."""
+        self._watch_stop.set()
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.proc.returncode
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return text[-chars:]
+
+
+def _die_with_parent():
+    """A pre-exec hook: Linux sends the daemon SIGTERM when the process that started it dies,
+    so a benchmark killed half-way leaves no daemon behind (best effort; None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def hook() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+    return hook
+
+
+def _topics(prefix: str) -> tuple[str, str, str, str]:
+    tag = uuid.uuid4().hex[:8]
+    return f"{prefix}-in-{tag}", f"{prefix}-out-{tag}", f"{prefix}-dlq-{tag}", f"{prefix}-group-{tag}"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def run_e2e(n_events: int, log: Log = _say, python_args: list[str] | None = None) -> dict[str, Any]:
+    from stream_detector.embedded_broker import EmbeddedBroker
+    from stream_detector.generator import produce_to_kafka
+    from stream_detector.runtime.topics import ensure_topics
+
+    from stream_detector.config import load_settings
+
+    # The daemon commits at checkpoints (every commit_interval_ms) in versions that have them.
+    processing = load_settings(environ={}).processing
+    result: dict[str, Any] = {"events": n_events, "commit_interval_ms": getattr(processing, "commit_interval_ms", None)}
+    with EmbeddedBroker() as broker:
+        bs = broker.bootstrap_servers
+        inp, out, dlq, group = _topics("e2e")
+        ensure_topics(bs, {inp: 3, out: 3, dlq: 1})
+        log(f"e2e: producing {n_events} events into {inp} (3 partitions)")
+        t0 = time.perf_counter()
+        produced = produce_to_kafka(generated_events(n_events, seed=1), bs, inp)
+        result["produce_seconds"] = time.perf_counter() - t0
+        result["produce_events_per_s"] = produced / result["produce_seconds"]
+        if produced != n_events:
+            raise RuntimeError(f"produced {produced} of {n_events}")
+
+        log("e2e: ceiling consumer (before)")
+        ceiling = [count_consumer(bs, inp, n_events)]
+
+        log("e2e: daemon")
+        daemon = DaemonProcess(bs, inp, out, dlq, group, expected_events=n_events, python_args=python_args).start()
+        try:
+            assigned_at = daemon.wait_assigned(timeout=120)
+            done_at = daemon.wait_committed(n_events, timeout=600)
+            cpu_s = daemon.cpu_seconds()
+            time.sleep(0.3)  # let the watcher see the final count if it has not yet
+            metrics = daemon.scrape()
+        finally:
+            code = daemon.stop()
+        started = daemon.started_at
+        assert started is not None
+        total_s = done_at - started
+        steady_s = done_at - assigned_at
+        batch_s = sample(metrics, "stream_detector_batch_seconds_sum")
+        scored_at = daemon.scored_at
+        result["daemon"] = {
+            "cpu_seconds_incl_startup": cpu_s,
+            "events_per_cpu_s_incl_startup": n_events / cpu_s if cpu_s else None,
+            "seconds_steady_state_to_all_scored": (scored_at - assigned_at) if scored_at else None,
+            "events_per_s_steady_state_to_all_scored": n_events / (scored_at - assigned_at) if scored_at else None,
+            "checkpoints": sample(metrics, "stream_detector_checkpoint_seconds_count"),
+            "checkpoint_seconds_sum": sample(metrics, "stream_detector_checkpoint_seconds_sum"),
+            "restore_seconds_sum": sample(metrics, "stream_detector_state_restore_seconds_sum"),
+            "mean_batch_records": sample(metrics, "stream_detector_batch_size_events_sum")
+            / max(1.0, sample(metrics, "stream_detector_batch_size_events_count")),
+            "seconds_incl_startup": total_s,
+            "seconds_steady_state": steady_s,
+            "seconds_to_metrics_up": (daemon.metrics_up_at or started) - started,
+            "seconds_to_assignment": assigned_at - started,
+            "events_per_s_incl_startup": n_events / total_s,
+            "events_per_s_steady_state": n_events / steady_s,
+            "batch_seconds_sum": batch_s,
+            "batches": sample(metrics, "stream_detector_batch_seconds_count"),
+            "busy_fraction_steady_state": batch_s / steady_s if steady_s > 0 else None,
+            "scored": sample(metrics, "stream_detector_events_total", outcome="scored"),
+            "anomalies": sample(metrics, "stream_detector_anomalies_total"),
+            "exit_code": code,
+        }
+
+        log("e2e: ceiling consumer (after)")
+        ceiling.append(count_consumer(bs, inp, n_events))
+        result["ceiling_runs"] = ceiling
+        result["ceiling"] = max(ceiling, key=lambda c: c["events_per_s"])
+    return result
+
+
+def run_latency(
+    phases: list[tuple[str, int, dict[str, Any], float | None]], duration_s: float, log: Log = _say
+) -> dict[str, Any]:
+    """``phases``: (label, input events/s, extra consumer_config for the daemon, seconds or None
+    for ``duration_s``); one fresh daemon, group and set of topics per phase, on one broker."""
+    from stream_detector.embedded_broker import EmbeddedBroker
+    from stream_detector.runtime.topics import ensure_topics
+
+    results: dict[str, Any] = {"duration_s": duration_s, "phases": {}}
+    with EmbeddedBroker() as broker:
+        bs = broker.bootstrap_servers
+        for i, (label, rate, consumer_config, seconds) in enumerate(phases):
+            inp, out, dlq, group = _topics(f"lat{rate}")
+            ensure_topics(bs, {inp: 3, out: 3, dlq: 1})
+            seconds = seconds or duration_s
+            count = int(rate * seconds)
+            daemon = DaemonProcess(bs, inp, out, dlq, group, consumer_config=consumer_config).start()
+            try:
+                daemon.wait_assigned(timeout=120)
+                log(f"latency [{label}]: producing {count} events at {rate}/s for {seconds:.0f}s")
+                r = _latency_phase(daemon, bs, inp, out, rate, count, seed=10 + i)
+            finally:
+                daemon.stop()
+            r["consumer_config"] = consumer_config
+            results["phases"][label] = r
+    return results
+
+
+def _latency_phase(daemon: DaemonProcess, bs: str, inp: str, out: str, rate: int, count: int, seed: int) -> dict[str, Any]:
+    from stream_detector.generator import produce_to_kafka
+
+    t0 = time.monotonic()
+    # linger.ms 5 (the daemon's own setting) rather than the generator's 20: the input
+    # timestamp is taken at produce(), so upstream batching would count as our latency.
+    produced = produce_to_kafka(generated_events(count, seed), bs, inp, rate=rate, client_config={"linger.ms": 5})
+    produce_end = time.monotonic()
+    done_at = daemon.wait_committed(produced, timeout=600)
+    metrics = daemon.scrape()
+    buckets = histogram_buckets(metrics, "stream_detector_end_to_end_latency_seconds")
+    anomalies = int(sample(metrics, "stream_detector_anomalies_total"))
+    hist = {
+        "count": int(sample(metrics, "stream_detector_end_to_end_latency_seconds_count")),
+        "p50_ms": _ms(histogram_quantile(0.5, buckets)),
+        "p99_ms": _ms(histogram_quantile(0.99, buckets)),
+        "max_le_ms": _ms(histogram_max_bound(buckets)),
+    }
+    # Kafka timestamps: output record vs the input record of the same event.
+    outputs = read_topic(bs, out, expected=anomalies)
+    out_ts: dict[str, int] = {}
+    for value, (ts_type, ts) in outputs:
+        out_ts.setdefault(orjson.loads(value)["event_id"], ts)
+    inputs = read_topic(bs, inp, expected=produced)
+    in_ts: dict[str, int] = {}
+    in_types = set()
+    for value, (ts_type, ts) in inputs:
+        event_id = orjson.loads(value)["event_id"]
+        if event_id in out_ts:
+            in_ts[event_id] = ts
+            in_types.add(ts_type)
+    lat = sorted(out_ts[e] - in_ts[e] for e in out_ts if e in in_ts)
+    ts_stats = {
+        "count": len(lat),
+        "p50_ms": _pct(lat, 0.5),
+        "p99_ms": _pct(lat, 0.99),
+        "max_ms": float(lat[-1]) if lat else None,
+        "timestamp_types": sorted({t for _, (t, _) in outputs} | in_types),
+    }
+    batches = sample(metrics, "stream_detector_batch_seconds_count")
+    batch_buckets = histogram_buckets(metrics, "stream_detector_batch_seconds")
+    return {
+        "rate": rate,
+        "produced": produced,
+        "batches": batches,
+        "mean_batch_records": sample(metrics, "stream_detector_batch_size_events_sum") / batches if batches else None,
+        "mean_batch_ms": 1000 * sample(metrics, "stream_detector_batch_seconds_sum") / batches if batches else None,
+        "p50_batch_ms": _ms(histogram_quantile(0.5, batch_buckets)),
+        "p99_batch_ms": _ms(histogram_quantile(0.99, batch_buckets)),
+        "checkpoints": sample(metrics, "stream_detector_checkpoint_seconds_count"),
+        "mean_checkpoint_ms": 1000 * sample(metrics, "stream_detector_checkpoint_seconds_sum")
+        / max(1.0, sample(metrics, "stream_detector_checkpoint_seconds_count")),
+        "produce_seconds": produce_end - t0,
+        "achieved_rate": produced / (produce_end - t0),
+        "drain_seconds_after_produce": done_at - produce_end,
+        "daemon_events_per_s": produced / (done_at - t0),
+        "anomalies": anomalies,
+        "histogram": hist,
+        "timestamps": ts_stats,
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+def _pct(sorted_values: list[int], q: float) -> float | None:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return None
+    k = max(0, min(len(sorted_values) - 1, int(-(-q * len(sorted_values) // 1)) - 1))
+    return float(sorted_values[k])
+
+
+if __name__ == "__main__":  # a quick manual check
+    import json
+
+    print(json.dumps(run_e2e(int(sys.argv[1]) if len(sys.argv) > 1 else 20000), indent=2))

@@ -1,0 +1,568 @@
+"""The benchmark suite of the "Speed" issue: one command, one Markdown table, bench/results.json.
+
+    python bench/run.py [--quick] [--only scoring,hst,e2e,latency,memory,gpu] [--json PATH]
+
+Sections (each compares with a baseline measured in the same run; see docs/benchmarks.md):
+
+1. ``scoring``: scoring only, same generated events: the NAIVE per-event pipeline of
+   ``bench/naive.py`` vs ours (decode_batch + ScoringPipeline.process + encode_anomalies in
+   micro-batches of processing.batch_size, default settings).
+2. ``hst``: River's HalfSpaceTrees event by event vs our engine (``bench/bench_hst.py``).
+3. ``e2e``: the daemon through the embedded broker vs a plain counting consumer (the ceiling).
+4. ``latency``: anomaly latency at fixed input rates (daemon histogram and Kafka timestamps).
+5. ``memory``: RSS after scoring 100,000 distinct keys vs after construction.
+6. ``gpu``: the autoencoder benchmark on CUDA vs CPU, when there is a CUDA device.
+
+Every section runs in its own child process (a crash or timeout loses only that section) and
+the table is printed to stdout once all have run; progress goes to stderr. The machine these
+run on is small and shared: read ratios, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for p in (str(ROOT), str(BENCH)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+SECTIONS = ("scoring", "hst", "e2e", "latency", "memory", "gpu")
+TITLES = {
+    "scoring": "1. Scoring only",
+    "hst": "2. HalfSpaceTrees",
+    "e2e": "3. End to end (broker)",
+    "latency": "4. Latency",
+    "memory": "5. Memory",
+    "gpu": "6. GPU",
+}
+# Per-section wall-clock limits (seconds) for the child process.
+TIMEOUTS = {"quick": 420, "full": 720}
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Table rows
+# --------------------------------------------------------------------------------------------
+
+
+def row(measure: str, baseline: str, ours: str, ratio: str, notes: str = "") -> dict[str, str]:
+    return {"measure": measure, "baseline": baseline, "ours": ours, "ratio": ratio, "notes": notes}
+
+
+def rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.0f} ev/s"
+
+
+def num(x: float | None, digits: int = 0) -> str:
+    return "n/a" if x is None else f"{x:,.{digits}f}"
+
+
+def times(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.1f}x" if x >= 1 else f"{x:.3f}x"
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Scoring only
+# --------------------------------------------------------------------------------------------
+
+
+def section_scoring(quick: bool) -> dict[str, Any]:
+    """Naive vs ours, interleaved block by block so both see the same background load.
+
+    For every block of processing.batch_size events: ours scores it as one micro-batch, ours
+    again (a second pipeline) as three smaller batches, and the naive pipeline processes its
+    share of its (shorter) subset. Each side's wall and thread-CPU time is summed separately.
+    """
+    import orjson
+
+    from naive import NaivePipeline
+    from stream_detector.config import load_settings
+    from stream_detector.events.decode import decode_batch
+    from stream_detector.generator import GeneratorConfig, SalesGenerator
+    from stream_detector.records import encode_anomalies
+    from stream_detector.scoring.factory import build_pipeline, event_schema
+
+    n_ours = 20_000 if quick else 100_000
+    n_naive = 3_000 if quick else 10_000
+    values = [orjson.dumps(e) for e, _ in SalesGenerator(GeneratorConfig(seed=1)).generate(n_ours)]
+    settings = load_settings(environ={})
+    batch_size = settings.processing.batch_size
+    small = max(1, batch_size // 3)
+    schema = event_schema(settings)
+
+    class Side:
+        def __init__(self) -> None:
+            self.events = self.anomalies = 0
+            self.wall = self.cpu = 0.0
+            self.subset_wall: float | None = None
+            self.subset_events = 0
+
+        def timed(self, fn, n: int) -> None:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            self.anomalies += fn()
+            self.wall += time.perf_counter() - t0
+            self.cpu += time.thread_time() - c0
+            self.events += n
+            if self.subset_wall is None and self.events >= n_naive:
+                self.subset_wall, self.subset_events = self.wall, self.events
+
+        def summary(self) -> dict[str, Any]:
+            return {
+                "events": self.events, "seconds": self.wall, "cpu_seconds": self.cpu,
+                "events_per_s": self.events / self.wall, "events_per_cpu_s": self.events / self.cpu,
+                "anomalies": self.anomalies,
+                "first_events": self.subset_events,
+                "first_events_per_s": self.subset_events / self.subset_wall if self.subset_wall else None,
+            }
+
+    def scorer(pipeline, chunk_size: int):
+        def run(chunk: list[bytes]) -> int:
+            found = 0
+            for i in range(0, len(chunk), chunk_size):
+                decoded = decode_batch(chunk[i : i + chunk_size], schema)
+                result = pipeline.process(decoded.features)
+                found += len(encode_anomalies(pipeline, decoded, result))
+            return found
+        return run
+
+    ours_full = scorer(build_pipeline(settings), batch_size)
+    ours_small = scorer(build_pipeline(settings), small)
+    naive = NaivePipeline()
+    sides = {"ours": Side(), "ours_small": Side(), "naive": Side()}
+    n_blocks = -(-len(values) // batch_size)
+    say(f"scoring: {n_ours} events in batches of {batch_size} and of {small}, naive on {n_naive}, interleaved")
+    for j in range(n_blocks):
+        block = values[j * batch_size : (j + 1) * batch_size]
+        sides["ours"].timed(lambda: ours_full(block), len(block))
+        sides["ours_small"].timed(lambda: ours_small(block), len(block))
+        lo, hi = j * n_naive // n_blocks, (j + 1) * n_naive // n_blocks
+        if hi > lo:
+            sides["naive"].timed(lambda: naive.process(values[lo:hi]), hi - lo)
+    ours, mini, base = (sides[k].summary() for k in ("ours", "ours_small", "naive"))
+    data = {"batch_size": batch_size, "small_batch_size": small, "naive": base, "ours": ours, "ours_small_batches": mini}
+
+    def pct(side: dict[str, Any]) -> str:
+        return f"{side['anomalies']} ({100 * side['anomalies'] / side['events']:.1f} %)"
+
+    rows = [
+        row(
+            f"events/s, naive on the first {n_naive:,} events, ours on {n_ours:,} in batches of {batch_size}",
+            rate(base["events_per_s"]),
+            rate(ours["events_per_s"]),
+            times(ours["events_per_s"] / base["events_per_s"]),
+            f"per CPU-second: naive {base['events_per_cpu_s']:,.0f}, ours {ours['events_per_cpu_s']:,.0f} "
+            f"({times(ours['events_per_cpu_s'] / base['events_per_cpu_s'])}); "
+            f"anomalies: naive {pct(base)}, ours {pct(ours)}",
+        ),
+        row(
+            f"events/s, ours on its first {ours['first_events']:,} events only",
+            rate(base["events_per_s"]),
+            rate(ours["first_events_per_s"]),
+            times(ours["first_events_per_s"] / base["events_per_s"]),
+            "ours over its first batches (warm-up: calibrators not ready, fewer anomalies to encode)",
+        ),
+        row(
+            f"events/s, ours in batches of {small} ({n_ours:,} events)",
+            rate(base["events_per_s"]),
+            rate(mini["events_per_s"]),
+            times(mini["events_per_s"] / base["events_per_s"]),
+            f"the daemon scores each input partition's share of a consume() on its own: a {batch_size}-record "
+            f"consume spread over 3 partitions gives {small}-event batches; vs ours at {batch_size}: "
+            f"{times(mini['events_per_s'] / ours['events_per_s'])} (per CPU-second {times(mini['events_per_cpu_s'] / ours['events_per_cpu_s'])})",
+        ),
+    ]
+    return {"rows": rows, "data": data}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. HalfSpaceTrees
+# --------------------------------------------------------------------------------------------
+
+
+def section_hst(quick: bool) -> dict[str, Any]:
+    import numpy as np
+
+    from bench_hst import run_ours, run_river, sales_like
+
+    events, block, seed = (5_000 if quick else 10_000), 1000, 42
+    X = sales_like(events)
+    rows, data = [], []
+    for label, n_trees, height, window_size in (("detector defaults", 25, 10, 1000), ("river defaults", 10, 8, 250)):
+        say(f"hst: {label}")
+        params = (n_trees, height, window_size, seed)
+        river_scores, river_s = run_river(X, block, *params)
+        ours_scores, ours_s = run_ours(X, block, *params)
+        river_rate, ours_rate = block / float(np.median(river_s)), block / float(np.median(ours_s))
+        diff = float(np.abs(river_scores - ours_scores).max())
+        data.append({"config": label, "n_trees": n_trees, "height": height, "window_size": window_size,
+                     "events": events, "block": block, "river_events_per_s": river_rate,
+                     "ours_events_per_s": ours_rate, "max_abs_score_diff": diff})
+        rows.append(
+            row(
+                f"events/s, {label} (n_trees={n_trees}, height={height}, window={window_size})",
+                rate(river_rate),
+                rate(ours_rate),
+                times(ours_rate / river_rate),
+                f"max abs score diff {diff:.3g}; {events:,} events, medians over blocks/batches of {block}",
+            )
+        )
+    return {"rows": rows, "data": data}
+
+
+# --------------------------------------------------------------------------------------------
+# 3. End to end and 4. latency
+# --------------------------------------------------------------------------------------------
+
+
+def section_e2e(quick: bool) -> dict[str, Any]:
+    from bench_e2e import run_e2e
+
+    n = 50_000 if quick else 200_000
+    r = run_e2e(n, log=say)
+    d, ceiling = r["daemon"], r["ceiling"]["events_per_s"]
+    rows = [
+        row(
+            f"events/s incl. startup ({n:,} events pre-produced, 3 partitions)",
+            rate(ceiling),
+            rate(d["events_per_s_incl_startup"]),
+            times(d["events_per_s_incl_startup"] / ceiling),
+            f"process start to all offsets committed: {d['seconds_incl_startup']:.1f} s "
+            f"(metrics up {d['seconds_to_metrics_up']:.1f} s, assigned {d['seconds_to_assignment']:.1f} s); "
+            f"the daemon used {num(d['cpu_seconds_incl_startup'], 1)} CPU-s in all, startup included",
+        ),
+        row(
+            "events/s steady state (from first assignment)",
+            rate(ceiling),
+            rate(d["events_per_s_steady_state"]),
+            times(d["events_per_s_steady_state"] / ceiling),
+            f"{d['seconds_steady_state']:.1f} s to the last commit ("
+            + (f"checkpoints every {r['commit_interval_ms']} ms" if r.get("commit_interval_ms") else "per batch")
+            + f"), {num(d['seconds_steady_state_to_all_scored'], 1)} s to the last "
+            f"event scored ({rate(d['events_per_s_steady_state_to_all_scored'])}); {d['batches']:.0f} batches of "
+            f"{d['mean_batch_records']:.0f} records on average, scoring busy {100 * (d['busy_fraction_steady_state'] or 0):.0f} %"
+            f" of the time; {d['checkpoints']:.0f} checkpoints, {d['checkpoint_seconds_sum']:.1f} s in them; "
+            f"{d['anomalies']:.0f} anomalies; "
+            f"baseline = counting consumer (best of 2: "
+            + " / ".join(f"{c['events_per_s']:,.0f}" for c in r["ceiling_runs"]) + ")",
+        ),
+    ]
+    return {"rows": rows, "data": r}
+
+
+# (label, input events/s, extra daemon consumer_config, seconds or None for the section's duration)
+LATENCY_PHASES = [
+    ("5,000 ev/s", 5_000, {}, None),
+    ("20,000 ev/s", 20_000, {}, None),
+    # Diagnostic pair at a rate the daemon handles easily: tansu answers a fetch only when
+    # fetch.wait.max.ms (librdkafka default 500) runs out, even when data is there.
+    ("1,000 ev/s", 1_000, {}, 15.0),
+    ("1,000 ev/s, consumer fetch.wait.max.ms=20", 1_000, {"fetch.wait.max.ms": 20}, 15.0),
+]
+
+
+def section_latency(quick: bool) -> dict[str, Any]:
+    from bench_e2e import run_latency
+
+    duration = 10.0 if quick else 30.0
+    r = run_latency(LATENCY_PHASES, duration, log=say)
+    rows = []
+    for label, p in r["phases"].items():
+        h, t = p["histogram"], p["timestamps"]
+        kept_up = p["drain_seconds_after_produce"] < 2.5  # the last commit can be up to one interval late
+        context = (
+            f"input {p['achieved_rate']:,.0f} ev/s for {p['produce_seconds']:.0f} s; daemon {p['daemon_events_per_s']:,.0f} ev/s, "
+            f"last commit {p['drain_seconds_after_produce']:.1f} s after the producer stopped "
+            f"({'kept up' if kept_up else 'fell behind'}); batches of {num(p['mean_batch_records'])} records, "
+            f"{num(p['mean_batch_ms'])} ms on average (p99 {num(p['p99_batch_ms'])} ms)"
+        )
+        rows.append(
+            row(
+                f"{label}: anomaly latency p50 / p99 / max (ms), Kafka timestamps",
+                "-",
+                f"{num(t['p50_ms'])} / {num(t['p99_ms'])} / {num(t['max_ms'])}",
+                "-",
+                f"output record timestamp minus input record timestamp (both CreateTime), {t['count']} anomalies; {context}",
+            )
+        )
+        rows.append(
+            row(
+                f"{label}: anomaly latency p50 / p99 / max (ms), daemon histogram",
+                "-",
+                f"{num(h['p50_ms'])} / {num(h['p99_ms'])} / <= {num(h['max_le_ms'])}",
+                "-",
+                f"stream_detector_end_to_end_latency_seconds, bucket-interpolated, {h['count']} anomalies: consume to "
+                f"delivery report, and reports are served at checkpoints ({p['checkpoints']:.0f}, "
+                f"{num(p['mean_checkpoint_ms'])} ms on average)",
+            )
+        )
+    return {"rows": rows, "data": r}
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Memory
+# --------------------------------------------------------------------------------------------
+
+
+def section_memory(quick: bool) -> dict[str, Any]:
+    import orjson
+
+    from bench_e2e import child_env
+    from stream_detector.generator import GeneratorConfig, SalesGenerator
+
+    n = 100_000
+    tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    unique, generated = tmp / "unique.jsonl", tmp / "generated.jsonl"
+    with unique.open("wb") as fu, generated.open("wb") as fg:
+        for i, (event, _) in enumerate(SalesGenerator(GeneratorConfig(seed=3)).generate(n)):
+            fg.write(orjson.dumps(event) + b"\n")
+            event["store_id"], event["product_id"] = f"s-u{i:06d}", f"p-u{i:06d}"
+            fu.write(orjson.dumps(event) + b"\n")
+
+    def measure(path: Path) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, str(BENCH / "bench_memory.py"), "--input", str(path)],
+            capture_output=True, text=True, env=child_env(), cwd=str(ROOT), timeout=300,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"bench_memory.py failed ({out.returncode}): {out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    say(f"memory: {n:,} events with unique store_id and product_id")
+    u = measure(unique)
+    say(f"memory: the same {n:,} events with the generator's keys")
+    g = measure(generated)
+    for path in (unique, generated):
+        path.unlink()
+    tmp.rmdir()
+    mib = 1024.0
+    per_key = (u["rss_after_kib"] - g["rss_after_kib"]) * 1024 / max(1, sum(u["keys"].values()) - sum(g["keys"].values()))
+    rows = [
+        row(
+            f"RSS (MiB): after import + construction vs after scoring {n:,} distinct keys",
+            f"{u['rss_constructed_kib'] / mib:,.0f} MiB",
+            f"{u['rss_after_kib'] / mib:,.0f} MiB",
+            f"+{(u['rss_after_kib'] - u['rss_constructed_kib']) / mib:,.0f} MiB",
+            f"peak {u['hwm_kib'] / mib:,.0f} MiB; keys held: "
+            + ", ".join(f"{n:,} {ks}" for ks, n in u["keys"].items())
+            + f"; the same events with the generator's 24 stores / 500 products end at "
+            f"{g['rss_after_kib'] / mib:,.0f} MiB, so ~{per_key:,.0f} B per extra key; one pipeline "
+            f"(the daemon keeps one per assigned input partition)",
+        )
+    ]
+    return {"rows": rows, "data": {"unique_keys": u, "generated_keys": g, "bytes_per_extra_key": per_key}}
+
+
+# --------------------------------------------------------------------------------------------
+# 6. GPU
+# --------------------------------------------------------------------------------------------
+
+
+def section_gpu(quick: bool) -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"rows": [row("autoencoder rows/s, CUDA vs CPU", "-", "-", "-", "no CUDA device on this machine")],
+                "data": {"cuda": False, "torch": torch.__version__}}
+    from bench_autoencoder import BATCH_SIZES, bench_device, make_batch
+
+    name = torch.cuda.get_device_name()
+    torch.set_num_threads(1)  # the daemon's setting (autoencoder.cpu_threads)
+    data = make_batch(max(BATCH_SIZES))
+    min_seconds = 0.1 if quick else 0.5
+    say(f"gpu: cpu and cuda ({name})")
+    cpu = bench_device("cpu", data, min_seconds)
+    cuda = bench_device("cuda", data, min_seconds)
+    rows = []
+    for (size, c_score, c_learn, c_train), (_, g_score, g_learn, g_train) in zip(cpu, cuda):
+        rows.append(
+            row(
+                f"autoencoder score rows/s, batch {size:,}",
+                f"{c_score:,.0f} (cpu)",
+                f"{g_score:,.0f} (cuda)",
+                times(g_score / c_score),
+                f"{name}; learn cpu {c_learn:,.0f} vs cuda {g_learn:,.0f} ({times(g_learn / c_learn)}); "
+                f"train cpu {c_train:,.0f} vs cuda {g_train:,.0f} ({times(g_train / c_train)})",
+            )
+        )
+    return {"rows": rows, "data": {"cuda": True, "device": name, "cpu": cpu, "cuda_rows": cuda}}
+
+
+RUNNERS = {
+    "scoring": section_scoring,
+    "hst": section_hst,
+    "e2e": section_e2e,
+    "latency": section_latency,
+    "memory": section_memory,
+    "gpu": section_gpu,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 1024**2, 1)
+                break
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        info["versions"] = {p: version(p) for p in ("torch", "river", "numpy", "confluent-kafka")}
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return info
+
+
+def run_child(name: str, quick: bool, out_path: str) -> int:
+    """In the child process: run one section and write its result as JSON."""
+    t0 = time.perf_counter()
+    try:
+        result = RUNNERS[name](quick)
+        result.update(ok=True)
+    except BaseException as exc:  # noqa: BLE001 - reported in the table
+        import traceback
+
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000], "rows": []}
+    result["seconds"] = time.perf_counter() - t0
+    Path(out_path).write_text(json.dumps(result, default=str))
+    return 0 if result["ok"] else 1
+
+
+def run_section(name: str, quick: bool) -> dict[str, Any]:
+    """Run one section in a child process; a crash or timeout becomes a failed section."""
+    fd, out_path = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--child-out", out_path]
+    if quick:
+        cmd.append("--quick")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    timeout = TIMEOUTS["quick" if quick else "full"]
+    t0 = time.perf_counter()
+    say(f"== section {name} ==")
+    # Its own process group, so a timeout (or Ctrl-C) also ends what the section started (the
+    # daemon subprocess); stderr (progress, tracebacks) and stdout go to our stderr.
+    proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=sys.stderr, start_new_session=True)
+    try:
+        proc.wait(timeout=timeout)
+        text = Path(out_path).read_text()
+        result = json.loads(text) if text.strip() else {"ok": False, "error": f"child exited {proc.returncode} without a result", "rows": []}
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        result = {"ok": False, "error": f"timed out after {timeout} s", "rows": []}
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        Path(out_path).unlink(missing_ok=True)
+    result.setdefault("seconds", time.perf_counter() - t0)
+    say(f"== section {name}: {'ok' if result.get('ok') else 'FAILED: ' + result.get('error', '')} ({result['seconds']:.0f} s) ==")
+    return result
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the section's process group, then SIGKILL what is left after 10 s."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            time.sleep(0.5)  # give grandchildren in the group a moment too
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers (e.g. a daemon ignoring SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "| section | measure | baseline | ours | ours / baseline | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results["sections"].items():
+        title = TITLES[name]
+        if not r.get("ok"):
+            lines.append(f"| {title} | FAILED | - | - | - | {_cell(r.get('error', 'unknown error'))} |")
+            continue
+        for rw in r["rows"]:
+            lines.append(
+                f"| {title} | {_cell(rw['measure'])} | {_cell(rw['baseline'])} | {_cell(rw['ours'])} | "
+                f"{_cell(rw['ratio'])} | {_cell(rw['notes'])} |"
+            )
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts and shorter runs (~3 min)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {','.join(SECTIONS)}")
+    parser.add_argument("--json", default=str(BENCH / "results.json"), help="where to write the results")
+    parser.add_argument("--child", choices=SECTIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return run_child(args.child, args.quick, args.child_out)
+
+    names = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    started = dt.datetime.now(dt.timezone.utc)
+    results: dict[str, Any] = {
+        "date": started.isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else "full",
+        "machine": machine(),
+        "sections": {},
+    }
+    for name in [s for s in SECTIONS if s in names]:
+        results["sections"][name] = run_section(name, args.quick)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))  # keep what we have
+    m = results["machine"]
+    print(
+        f"stream-detector benchmarks, {results['mode']} run, {results['date']}; "
+        f"{m.get('cpus')} CPUs ({m.get('cpu', 'unknown CPU')}), {m.get('memory_gib', '?')} GiB, Python {m['python']}\n"
+    )
+    print(markdown(results))
+    say(f"results written to {args.json}")
+    return 0 if all(r.get("ok") for r in results["sections"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
