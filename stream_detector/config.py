@@ -117,7 +117,8 @@ class KeySetConfig(Section):
 def _default_key_sets() -> list[KeySetConfig]:
     return [
         KeySetConfig(fields=["store_id"], features=["log_amount", "log_quantity"]),
-        KeySetConfig(fields=["product_id"], features=["log_unit_price", "log_quantity"]),
+        # Per currency: the same product sells at a different number in GBP than in USD.
+        KeySetConfig(fields=["product_id", "currency"], features=["log_unit_price", "log_quantity"]),
         KeySetConfig(fields=[], features=["log_price_ratio"]),
     ]
 
@@ -133,7 +134,9 @@ class ZScoreConfig(Section):
     min_std: float = Field(default=0.05, gt=0)
     # Per-feature floors that replace min_std: quantities are small integers, so a store
     # that always sold one item must not call two items a 10-sd event.
-    min_std_by_feature: dict[str, float] = Field(default_factory=lambda: {"log_quantity": 0.3})
+    # A unit price moves 10-30 % in a promotion: a 0.1 floor keeps that at a few sd while a
+    # 5x price error stays at 16 sd.
+    min_std_by_feature: dict[str, float] = Field(default_factory=lambda: {"log_quantity": 0.3, "log_unit_price": 0.1})
     max_keys: int = Field(default=100_000, ge=1)
     # A key not seen for this long (event time) is forgotten and restarts from the global
     # statistics. Null keeps keys until max_keys pushes them out.
@@ -149,6 +152,22 @@ class DuplicateConfig(Section):
     # Tail probability given to an exact duplicate (how likely a genuine sale repeats every
     # field, timestamp included, to the millisecond).
     probability: float = Field(default=1e-9, gt=0, lt=1)
+
+
+class SilenceConfig(Section):
+    """Collective anomalies: a key that stops sending (a store whose sales stop)."""
+
+    enabled: bool = True
+    # Event fields of the key that is watched (one key set).
+    fields: list[str] = Field(default_factory=lambda: ["store_id"], min_length=1)
+    # Alert once the key's usual rate would have produced this many events since its last one
+    # (the chance of such a silence is exp(-expected_events): 12 -> 6e-6).
+    expected_events: float = Field(default=12.0, gt=0)
+    # Alerts only for keys with this many events, after this many hours of stream.
+    min_events: int = Field(default=100, ge=1)
+    min_hours: float = Field(default=6.0, ge=0)
+    # The timer looks every this many seconds of event time (alerts carry the exact time).
+    check_every_s: float = Field(default=60.0, gt=0)
 
 
 class RiverConfig(Section):
@@ -213,8 +232,8 @@ class AutoencoderConfig(Section):
 class ScoringConfig(Section):
     # An event is an anomaly when its fused score is above this. The fused score is
     # 1 - p, where p is the (Bonferroni-adjusted) smallest tail probability of the detectors:
-    # 0.999 means "fewer than 1 in 1,000 normal events look this extreme to some detector".
-    threshold: float = Field(default=0.9995, gt=0, lt=1)
+    # 0.9999 means "fewer than 1 in 10,000 normal events look this extreme to some detector".
+    threshold: float = Field(default=0.9999, gt=0, lt=1)
     # Calibration: each detector's raw scores over a reference window of recent events.
     calibration_window: int = Field(default=20_000, ge=100)
     calibration_refresh: int = Field(default=1_000, ge=1)
@@ -271,6 +290,7 @@ class Settings(BaseSettings):
     schema_: SchemaConfig = Field(default_factory=SchemaConfig, alias="schema")
     zscore: ZScoreConfig = Field(default_factory=ZScoreConfig)
     duplicates: DuplicateConfig = Field(default_factory=DuplicateConfig)
+    silence: SilenceConfig = Field(default_factory=SilenceConfig)
     river: RiverConfig = Field(default_factory=RiverConfig)
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
@@ -302,7 +322,7 @@ def _check_features(value: list[str]) -> list[str]:
     return value
 
 
-SECTIONS = ("kafka", "processing", "schema", "zscore", "duplicates", "river", "autoencoder", "scoring", "state", "metrics", "logging")
+SECTIONS = ("kafka", "processing", "schema", "zscore", "duplicates", "silence", "river", "autoencoder", "scoring", "state", "metrics", "logging")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Settings:

@@ -404,6 +404,8 @@ def evaluate(
         result = pipeline.process(decoded.features)
         if collective_alerts_fn is not None:
             alerts.extend(_as_alert(a) for a in collective_alerts_fn(decoded, result))
+        else:  # the pipeline's own timers (keys that went silent)
+            alerts.extend(CollectiveAlert(a.key, a.event_time, detector="silence") for a in result.collective)
         invalid_counted += sum(1 for bad in decoded.invalid if records + bad.index >= skip_warmup)
         codes = np.zeros(decoded.features.n, dtype=np.int16)
         for i, event_id in enumerate(decoded.features.event_ids.tolist()):

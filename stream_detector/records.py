@@ -66,6 +66,31 @@ def encode_anomalies(
     return out
 
 
+def silence_record(alert: Any, key_set: str, threshold: float) -> dict[str, Any]:
+    """The output-topic record for a key that went silent (no event to attach it to)."""
+    return {
+        "event_id": None,
+        "kind": "store_stopped" if key_set == "store_id" else "key_stopped",
+        "key": alert.key,
+        "timestamp": iso_utc(alert.event_time),
+        "score": 1.0 - alert.probability,
+        "threshold": threshold,
+        "detectors": {
+            "silence": {
+                "score": 1.0 - alert.probability,
+                "tail_probability": alert.probability,
+                "fired": True,
+                "key_set": key_set,
+                "silent_since": iso_utc(alert.since),
+                "expected_events": alert.expected_events,
+            }
+        },
+        "reasons": [alert.reason(key_set)],
+        "event": None,
+        "detected_at": iso_utc(time.time()),
+    }
+
+
 def replay_lines(decoded: DecodedBatch, result: BatchResult, line_numbers: list[int]) -> list[tuple[int, dict[str, Any]]]:
     """(raw index, replay line) for each event, valid and invalid, of one batch."""
     lines: list[tuple[int, dict[str, Any]]] = []

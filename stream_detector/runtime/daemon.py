@@ -28,7 +28,7 @@ from stream_detector.config import Settings, librdkafka_config
 from stream_detector.errors import DeliveryError, StateError
 from stream_detector.events.decode import DecodedBatch, decode_batch
 from stream_detector.metrics import Metrics, MetricsServer, observe_many
-from stream_detector.records import dead_letter_headers, encode_anomalies
+from stream_detector.records import dead_letter_headers, encode_anomalies, silence_record
 from stream_detector.runtime.topics import ensure_topics
 from stream_detector.state.changelog import COMPACTED, read_latest_snapshot, snapshot_records
 from stream_detector.scoring.factory import build_pipeline, event_schema
@@ -278,6 +278,7 @@ class Daemon:
             decoded = decode_batch([m.value() for m in records], self.schema)
             result = work.pipeline.process(decoded.features)
             self._produce_anomalies(work.pipeline, records, decoded, result, consumed_at)
+            self._produce_silences(work.pipeline, result, consumed_at)
             self._produce_dead_letters(records, decoded, consumed_at)
             work.position = records[-1].offset() + 1
             work.dirty = True
@@ -313,6 +314,15 @@ class Daemon:
             for name in names:
                 if 1.0 - min(1.0, k * result.probability[name][i]) > result.threshold:
                     self.metrics.fired.labels(name).inc()
+
+    def _produce_silences(self, pipeline: ScoringPipeline, result: BatchResult, consumed_at: float) -> None:
+        for timer in pipeline.collective:
+            for alert in result.collective:
+                record = silence_record(alert, timer.key_set, pipeline.threshold)
+                self._produce(self.settings.kafka.output_topic, alert.key.encode(), orjson.dumps(record), None, self._tracker.callback(consumed_at, True))
+                self.metrics.anomalies.inc()
+                self.metrics.fired.labels(timer.name).inc()
+                log.info("%s", record["reasons"][0])
 
     def _produce_dead_letters(self, records: list[Message], decoded: DecodedBatch, consumed_at: float) -> None:
         topic = self.settings.kafka.dlq_topic

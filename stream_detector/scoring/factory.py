@@ -16,8 +16,15 @@ def event_schema(settings: Settings) -> EventSchema:
         max_record_bytes=settings.processing.max_record_bytes,
         max_abs_value=settings.schema.max_abs_amount,
         max_event_version=settings.processing.max_event_version,
-        key_sets=tuple(tuple(ks.fields) for ks in settings.zscore.key_sets) if settings.zscore.enabled else (),
+        key_sets=_key_sets(settings),
     )
+
+
+def _key_sets(settings: Settings) -> tuple[tuple[str, ...], ...]:
+    sets = [tuple(ks.fields) for ks in settings.zscore.key_sets] if settings.zscore.enabled else []
+    if settings.silence.enabled:
+        sets.append(tuple(settings.silence.fields))
+    return tuple(dict.fromkeys(sets))
 
 
 def build_detectors(settings: Settings) -> list[Detector]:
@@ -97,4 +104,18 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
         )
         for d in detectors
     }
-    return ScoringPipeline(detectors, calibrators, threshold=s.threshold)
+    collective = []
+    if settings.silence.enabled:
+        from stream_detector.detectors.silence import SilenceDetector
+
+        q = settings.silence
+        collective.append(
+            SilenceDetector(
+                key_set="+".join(q.fields),
+                expected_events=q.expected_events,
+                min_events=q.min_events,
+                min_hours=q.min_hours,
+                check_every_s=q.check_every_s,
+            )
+        )
+    return ScoringPipeline(detectors, calibrators, threshold=s.threshold, collective=collective)

@@ -44,6 +44,8 @@ class BatchResult:
     threshold: float
     segments: list[Segment] = field(default_factory=list)
     rounds: int = 0
+    # Collective alerts raised while this batch moved the clock (keys that went silent).
+    collective: list[Any] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -63,6 +65,7 @@ class ScoringPipeline:
         calibrators: dict[str, Calibrator],
         threshold: float,
         max_rounds: int = 8,
+        collective: list[Any] | None = None,
     ) -> None:
         if not detectors:
             raise ValueError("at least one detector must be enabled")
@@ -70,6 +73,9 @@ class ScoringPipeline:
         self.calibrators = calibrators
         self.threshold = threshold
         self.max_rounds = max_rounds
+        # Timers over per-key rates (detectors/silence.py): they learn every event and raise
+        # alerts about keys, not events.
+        self.collective = list(collective or [])
 
     @property
     def detector_names(self) -> list[str]:
@@ -85,7 +91,10 @@ class ScoringPipeline:
             start += part.n
             if batch.n == 0:
                 break
-        return _concat(parts, self.threshold)
+        result = _concat(parts, self.threshold)
+        for timer in self.collective:
+            result.collective.extend(timer.process(batch))
+        return result
 
     def _process_settled_prefix(self, batch: FeatureBatch, offset: int) -> BatchResult:
         # learn: what the detectors learn (not flagged, not rejected as a gross outlier);
@@ -172,6 +181,7 @@ class ScoringPipeline:
             "version": 1,
             "detectors": {d.name: d.state_dict() for d in self.detectors},
             "calibrators": {name: c.state_dict() for name, c in self.calibrators.items()},
+            "collective": {t.name: t.state_dict() for t in self.collective},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -181,6 +191,9 @@ class ScoringPipeline:
         for name, calibrator in self.calibrators.items():
             if name in state["calibrators"]:
                 calibrator.load_state_dict(state["calibrators"][name])
+        for timer in self.collective:
+            if timer.name in state.get("collective", {}):
+                timer.load_state_dict(state["collective"][timer.name])
 
 
 def _rejected(steps: dict[str, Step], n: int) -> np.ndarray:

@@ -33,6 +33,8 @@ from typing import Any
 
 import orjson
 import pytest
+
+from stream_detector.config import Settings
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -372,7 +374,8 @@ def test_real_prometheus_scrapes_the_daemon_and_evaluates_rules_and_dashboard(li
         fused_p50 = _values(server.query(substitute_variables(
             'histogram_quantile(0.5, sum by (le) (rate(stream_detector_score_bucket{detector="fused"}[$__rate_interval])))')))
         assert fused_p50 and 0.0 <= fused_p50[0] <= 1.0, fused_p50
-        assert _values(server.query("stream_detector_threshold")) == [pytest.approx(0.9995)]
+        default_threshold = Settings().scoring.threshold
+        assert _values(server.query("stream_detector_threshold")) == [pytest.approx(default_threshold)]
         lag = server.query("stream_detector_consumer_lag")
         assert {s["metric"]["partition"] for s in lag} == {str(p) for p in range(PARTITIONS)}, lag
         print(f"\nprometheus {binary}: {len(dashboard_expressions())} dashboard queries and {len(rules)} rules evaluated; "
