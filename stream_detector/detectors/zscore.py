@@ -345,7 +345,12 @@ class ZScoreDetector(Detector):
         std = float(step.details["std"][i, k, f])
         zf = float(z[k, f])
         value = float(batch.column(feature)[i])
-        scope = f"{key_set} {key}" if warm else f"all keys ({key_set} {key} still learning)"
+        if key_set == "global":
+            scope = "all events"
+        elif warm:
+            scope = f"{key_set} {key}"
+        else:
+            scope = f"all keys ({key_set} {key} still learning)"
         field, shown, typical = _in_original_units(feature, value, mean)
         direction = "above" if zf > 0 else "below"
         reason = f"{field} {shown} is {abs(zf):.1f} sd {direction} {scope}'s mean {typical}"
@@ -408,6 +413,8 @@ class ZScoreDetector(Detector):
 
 def _in_original_units(feature: str, value: float, mean: float) -> tuple[str, str, str]:
     """(field name, value, typical value) as a person reads them: log features back in units."""
+    if feature == "log_price_ratio":  # log(|amount| / (quantity * unit_price))
+        return "amount / (quantity x unit_price)", f"{np.exp(value):,.4g}", f"{np.exp(mean):,.4g}"
     if feature.startswith("log_"):
         field = feature[4:]
         typical = float(np.sign(mean) * np.expm1(abs(mean)))
