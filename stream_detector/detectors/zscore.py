@@ -351,9 +351,10 @@ class ZScoreDetector(Detector):
             scope = f"{key_set} {key}"
         else:
             scope = f"all keys ({key_set} {key} still learning)"
+        scope = f"the mean of {scope}"
         field, shown, typical = _in_original_units(feature, value, mean)
         direction = "above" if zf > 0 else "below"
-        reason = f"{field} {shown} is {abs(zf):.1f} sd {direction} {scope}'s mean {typical}"
+        reason = f"{field} {shown} is {abs(zf):.1f} sd {direction} {scope}, {typical}"
         if feature.startswith("log_"):
             reason += " (log scale)"
         details = {

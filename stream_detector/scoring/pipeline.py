@@ -83,14 +83,16 @@ class ScoringPipeline:
 
     def process(self, batch: FeatureBatch) -> BatchResult:
         """Score, decide and learn one batch (see the module docstring)."""
+        if batch.n == 0:  # e.g. every record of a consumed batch was dead-lettered
+            empty = np.zeros(0)
+            names = self.detector_names
+            return BatchResult(empty, np.zeros(0, dtype=bool), dict.fromkeys(names, empty), dict.fromkeys(names, empty), self.threshold)
         parts: list[BatchResult] = []
         start = 0
-        while start < batch.n or (batch.n == 0 and not parts):
+        while start < batch.n:
             part = self._process_settled_prefix(batch.slice(start, batch.n), start)
             parts.append(part)
             start += part.n
-            if batch.n == 0:
-                break
         result = _concat(parts, self.threshold)
         for timer in self.collective:
             result.collective.extend(timer.process(batch))

@@ -196,3 +196,17 @@ def test_explain_gives_reasons_for_every_flagged_event(run_2000):
     normal = int(np.flatnonzero(~result.is_anomaly)[0])
     details, reasons = run_2000.pipeline.explain(result, normal)
     assert reasons == [] and not any(d["fired"] for d in details.values())
+
+
+def test_an_empty_batch_changes_nothing_and_scores_nothing():
+    """A consumed batch whose records were all dead-lettered reaches the pipeline empty."""
+    from stream_detector.config import load_settings
+    from stream_detector.events.decode import decode_batch
+    from stream_detector.scoring.factory import build_pipeline, event_schema
+
+    settings = load_settings(None, environ={})
+    pipeline = build_pipeline(settings)
+    decoded = decode_batch([b"{not json", b"[]"], event_schema(settings))
+    assert decoded.features.n == 0
+    result = pipeline.process(decoded.features)
+    assert result.n == 0 and not result.is_anomaly.any() and result.collective == []
