@@ -894,24 +894,9 @@ def dataset_pipeline(settings: Any, features: tuple[str, ...]) -> ScoringPipelin
             )
         )
     if settings.autoencoder.enabled:
-        import torch
+        from stream_detector.scoring.factory import build_autoencoder
 
-        from stream_detector.detectors.autoencoder import AutoencoderDetector
-
-        a = settings.autoencoder
-        torch.set_num_threads(a.cpu_threads)
-        detectors.append(
-            AutoencoderDetector(
-                features=features,
-                hidden=tuple(a.hidden),
-                lr=a.lr,
-                train_batch_size=a.train_batch_size,
-                train_steps=a.train_steps,
-                warmup_events=a.warmup_events,
-                device=a.device,
-                seed=a.seed,
-            )
-        )
+        detectors.append(build_autoencoder(settings, features))
     s = settings.scoring
     calibrators = {
         d.name: Calibrator(window=s.calibration_window, refresh=s.calibration_refresh, min_events=s.calibration_min_events, tail_quantile=s.tail_quantile)

@@ -228,3 +228,16 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: f
             return
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def generate_labelled(count: int, seed: int, anomaly_rate: float = 0.01) -> tuple[list[dict], dict[str, str], list]:
+    """Generated sale events, their point labels (event_id -> kind) and the window labels."""
+    from stream_detector.generator import GeneratorConfig, SalesGenerator
+
+    generator = SalesGenerator(GeneratorConfig(seed=seed, anomaly_rate=anomaly_rate))
+    events, labels = [], {}
+    for event, label in generator.generate(count):
+        events.append(event)
+        if label is not None and label.event_id:
+            labels[label.event_id] = label.kind
+    return events, labels, generator.window_labels

@@ -8,7 +8,6 @@ bounded ``reason`` (it becomes a metric label and a dead-letter header) and a de
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence

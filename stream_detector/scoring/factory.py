@@ -67,27 +67,30 @@ def build_detectors(settings: Settings) -> list[Detector]:
                 RiverModelDetector(model=r.model, params=r.params, features=tuple(r.features), scale=r.scale, seed=r.seed)
             )
     if settings.autoencoder.enabled:
-        import torch
-
-        from stream_detector.detectors.autoencoder import AutoencoderDetector
-
-        a = settings.autoencoder
-        # The network is tiny: intra-op threads only add synchronisation (8x slower measured
-        # on 2 cores for a 2000-row forward pass), and the other core serves librdkafka.
-        torch.set_num_threads(a.cpu_threads)
-        detectors.append(
-            AutoencoderDetector(
-                features=tuple(a.features),
-                hidden=tuple(a.hidden),
-                lr=a.lr,
-                train_batch_size=a.train_batch_size,
-                train_steps=a.train_steps,
-                warmup_events=a.warmup_events,
-                device=a.device,
-                seed=a.seed,
-            )
-        )
+        detectors.append(build_autoencoder(settings))
     return detectors
+
+
+def build_autoencoder(settings: Settings, features: tuple[str, ...] | None = None) -> Detector:
+    """The autoencoder detector from ``settings.autoencoder`` (``features`` overrides its list)."""
+    import torch
+
+    from stream_detector.detectors.autoencoder import AutoencoderDetector
+
+    a = settings.autoencoder
+    # The network is tiny: intra-op threads only add synchronisation (8x slower measured
+    # on 2 cores for a 2000-row forward pass), and the other core serves librdkafka.
+    torch.set_num_threads(a.cpu_threads)
+    return AutoencoderDetector(
+        features=tuple(features or a.features),
+        hidden=tuple(a.hidden),
+        lr=a.lr,
+        train_batch_size=a.train_batch_size,
+        train_steps=a.train_steps,
+        warmup_events=a.warmup_events,
+        device=a.device,
+        seed=a.seed,
+    )
 
 
 def build_pipeline(settings: Settings) -> ScoringPipeline:

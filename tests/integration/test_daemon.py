@@ -6,11 +6,9 @@ import signal
 from collections import Counter
 
 import orjson
-import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from stream_detector.generator import GeneratorConfig, SalesGenerator
-from tests.daemon_helpers import DaemonProcess, metric, write_config
+from tests.daemon_helpers import DaemonProcess, generate_labelled, metric, write_config
 from tests.kafka_helpers import produce_all, read_all, unique_name
 
 N_EVENTS = 45_000
@@ -21,13 +19,7 @@ SETTLED_AFTER = 15_000
 
 
 def _generate(count: int, seed: int) -> tuple[list[dict], dict[str, str], list]:
-    generator = SalesGenerator(GeneratorConfig(seed=seed, anomaly_rate=0.01))
-    events, labels = [], {}
-    for event, label in generator.generate(count):
-        events.append(event)
-        if label is not None and label.event_id:
-            labels[label.event_id] = label.kind
-    return events, labels, generator.window_labels
+    return generate_labelled(count, seed)
 
 
 def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int]:

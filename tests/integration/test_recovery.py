@@ -23,8 +23,7 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from stream_detector.generator import GeneratorConfig, SalesGenerator
-from tests.daemon_helpers import DaemonProcess, metric, write_config
+from tests.daemon_helpers import DaemonProcess, generate_labelled, metric, write_config
 from tests.kafka_helpers import produce_all, read_all, unique_name
 
 N_EVENTS = 40_000
@@ -34,12 +33,7 @@ ASSIGNED = "stream_detector_assigned_partitions"
 
 
 def _events(count: int, seed: int) -> tuple[list[dict], dict[str, str]]:
-    generator = SalesGenerator(GeneratorConfig(seed=seed, anomaly_rate=0.01))
-    events, labels = [], {}
-    for event, label in generator.generate(count):
-        events.append(event)
-        if label is not None and label.event_id:
-            labels[label.event_id] = label.kind
+    events, labels, _windows = generate_labelled(count, seed)
     return events, labels
 
 

@@ -31,7 +31,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from stream_detector.embedded_broker import EmbeddedBroker
-from stream_detector.generator import GeneratorConfig, SalesGenerator, produce_to_kafka
+from stream_detector.generator import produce_to_kafka
 from stream_detector.runtime.topics import ensure_topics
 from tests.daemon_helpers import (
     REPO_ROOT,
@@ -40,6 +40,7 @@ from tests.daemon_helpers import (
     committed_offsets,
     expected_anomalies,
     free_port,
+    generate_labelled,
     metric,
     read_topic,
     wait_until,
@@ -56,12 +57,7 @@ SETTLED_AFTER = 5_000
 
 
 def _generate(count: int, seed: int) -> tuple[list[dict], dict[str, str]]:
-    generator = SalesGenerator(GeneratorConfig(seed=seed, anomaly_rate=0.01))
-    events, labels = [], {}
-    for event, label in generator.generate(count):
-        events.append(event)
-        if label is not None and label.event_id:
-            labels[label.event_id] = label.kind
+    events, labels, _windows = generate_labelled(count, seed)
     return events, labels
 
 

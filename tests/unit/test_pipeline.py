@@ -188,7 +188,7 @@ def test_explain_gives_reasons_for_every_flagged_event(run_2000):
         assert reasons, f"event {i} flagged without a reason"
         assert all(isinstance(r, str) and r for r in reasons)
     # Details cover every detector, for a flagged and an unflagged event.
-    result, start = run_2000.results[-1], run_2000.starts[-1]
+    result = run_2000.results[-1]
     i = int(np.flatnonzero(result.is_anomaly)[0])
     details, reasons = run_2000.pipeline.explain(result, i)
     assert set(details) == set(run_2000.pipeline.detector_names)
