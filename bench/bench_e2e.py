@@ -41,6 +41,8 @@ import orjson
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from stream_detector.embedded_broker import die_with_parent_hook
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Fast group settings: tansu's classic group join takes about session.timeout.ms / 2.
@@ -271,7 +273,7 @@ class DaemonProcess:
             stdin=subprocess.DEVNULL,
             env=child_env(),
             cwd=str(ROOT),
-            preexec_fn=_die_with_parent(),
+            preexec_fn=die_with_parent_hook(),
         )
         log.close()
         self._watcher = threading.Thread(target=self._watch_assignment, name="bench-assign-watch", daemon=True)
@@ -375,22 +377,6 @@ class DaemonProcess:
         return text[-chars:]
 
 
-def _die_with_parent():
-    """A pre-exec hook: Linux sends the daemon SIGTERM when the process that started it dies,
-    so a benchmark killed half-way leaves no daemon behind (best effort; None elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def hook() -> None:
-        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-    return hook
 
 
 def _topics(prefix: str) -> tuple[str, str, str, str]:

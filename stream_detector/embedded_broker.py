@@ -94,7 +94,7 @@ def _accepts_connections(host: str, port: int) -> bool:
         return False
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
+def die_with_parent_hook() -> Callable[[], None] | None:
     """A pre-exec hook asking Linux to SIGTERM the child when the parent dies.
 
     Without it a test run killed with SIGKILL would leave orphaned brokers behind. libc is
@@ -338,7 +338,7 @@ class EmbeddedBroker:
                 stdout=self._log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent_hook() if self.die_with_parent else None,
+                preexec_fn=die_with_parent_hook() if self.die_with_parent else None,
             )
         except OSError as exc:
             self._close_log(delete=self._owns_log)

@@ -148,43 +148,10 @@ def read_topic(
     isolation_level: str = "read_uncommitted",
     client_config: dict[str, Any] | None = None,
 ) -> list[Any]:
-    """Every record of ``topic`` from the beginning, without a group (like kafka_helpers.read_all,
-    plus librdkafka settings such as TLS). Stops at ``expected`` records, after ``idle`` seconds
-    without any when ``expected`` is None, or at ``timeout``."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+    """Every record of ``topic`` from the beginning, without a group (kafka_helpers.read_all)."""
+    from tests.kafka_helpers import read_all
 
-    consumer = Consumer(
-        {
-            **(client_config or {}),
-            "bootstrap.servers": bootstrap,
-            "group.id": f"read-topic-{os.getpid()}-{time.monotonic_ns()}",  # never joined
-            "enable.auto.commit": False,
-            "isolation.level": isolation_level,
-        }
-    )
-    records: list[Any] = []
-    try:
-        found = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
-        if found is None or found.error is not None:
-            raise AssertionError(f"topic {topic!r} not in metadata: {found}")
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)])
-        deadline = time.monotonic() + timeout
-        last = time.monotonic()
-        while time.monotonic() < deadline and (expected is None or len(records) < expected):
-            if expected is None and time.monotonic() - last >= idle:
-                break
-            batch = consumer.consume(1000, timeout=0.2)
-            for message in batch:
-                error = message.error()
-                if error is None:
-                    records.append(message)
-                elif error.code() != KafkaError._PARTITION_EOF:
-                    raise AssertionError(f"consume error on {message.topic()}: {error}")
-            if batch:
-                last = time.monotonic()
-    finally:
-        consumer.close()
-    return records
+    return read_all(bootstrap, topic, expected=expected, timeout=timeout, idle=idle, isolation_level=isolation_level, client_config=client_config)
 
 
 def by_partition(messages: list[Any]) -> dict[int, list[bytes]]:

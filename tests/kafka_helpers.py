@@ -131,8 +131,11 @@ def read_all(
     timeout: float = 30.0,
     idle: float = 2.0,
     isolation_level: str = "read_uncommitted",
+    client_config: Mapping[str, Any] | None = None,
 ) -> list[Message]:
     """Read ``topic`` from the beginning of every partition, without a consumer group.
+
+    ``client_config`` adds librdkafka settings (TLS, for example).
 
     assign() instead of subscribe() means no group join (seconds on tansu) and no commits.
     Stops once it has at least ``expected`` records (the last batch may bring extras, which
@@ -142,6 +145,7 @@ def read_all(
     """
     consumer = Consumer(
         {
+            **(client_config or {}),
             "bootstrap.servers": bootstrap_servers,
             "group.id": unique_name("read-all"),  # required by the client; never joined
             "enable.auto.commit": False,
