@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from stream_detector.alerting.windows import AlertWindow
 from stream_detector.errors import ConfigError
 from stream_detector.features import DERIVED_FEATURES
 
@@ -103,11 +104,21 @@ class KeySetConfig(Section):
     fields: list[str]
     # Features scored per key of this set.
     features: list[str] = Field(min_length=1)
+    # Seasonal baselines, coarse to fine: each event is scored against the finest one that is
+    # warm for its key (hour_of_week, else hour_of_day, else the key, else global). UTC.
+    seasonality: list[Literal["hour_of_day", "day_of_week", "hour_of_week"]] = Field(default_factory=list)
 
     @field_validator("features")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
         return _check_features(value)
+
+    @field_validator("seasonality")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a period twice: {value}")
+        return value
 
     @property
     def name(self) -> str:
@@ -116,9 +127,12 @@ class KeySetConfig(Section):
 
 def _default_key_sets() -> list[KeySetConfig]:
     return [
-        KeySetConfig(fields=["store_id"], features=["log_amount", "log_quantity"]),
+        # A store's baskets, by hour of day and then by hour of week once those are learned.
+        KeySetConfig(fields=["store_id"], features=["log_amount", "log_quantity"], seasonality=["hour_of_day", "hour_of_week"]),
         # Per currency: the same product sells at a different number in GBP than in USD.
         KeySetConfig(fields=["product_id", "currency"], features=["log_unit_price", "log_quantity"]),
+        # A customer's spending, where the event names one (loyalty card, login).
+        KeySetConfig(fields=["customer_id"], features=["log_amount"]),
         KeySetConfig(fields=[], features=["log_price_ratio"]),
     ]
 
@@ -130,6 +144,9 @@ class ZScoreConfig(Section):
     # A key alerts from its own statistics once it has seen this many events; before that
     # the global statistics score it.
     warmup: int = Field(default=30, ge=2)
+    # Events a seasonal bucket (key x hour, ...) must have seen before it replaces the key's
+    # own baseline: a bucket's estimate from few events would make normal events look extreme.
+    seasonal_warmup: int = Field(default=100, ge=2)
     # Floor on the standard deviation (features are on a log scale: 0.05 ~ 5 %).
     min_std: float = Field(default=0.05, gt=0)
     # Per-feature floors that replace min_std: quantities are small integers, so a store
@@ -252,6 +269,35 @@ class ScoringConfig(Section):
         return self
 
 
+class AlertsConfig(Section):
+    # Calendar and promotion windows (event time): alerts inside are suppressed or annotated,
+    # for every key or only those named in scope; the models keep learning throughout.
+    windows: list[AlertWindow] = Field(default_factory=list)
+    # Topic of window records added at run time (same fields as a window, or
+    # {"action": "cancel", "name": ...}). null: windows come from this file only.
+    control_topic: str | None = None
+    # Topic where analysts mark anomalies: {"event_id": ..., "label": "false_positive"}.
+    # null: no feedback.
+    feedback_topic: str | None = None
+    # A false positive silences the same pattern for the same key for this long (event time).
+    feedback_ttl_seconds: float = Field(default=30 * 86400.0, gt=0)
+    # ... unless a detector's tail probability is this many times smaller than it was in the
+    # marked anomaly (something much more extreme than what the analyst saw).
+    feedback_margin: float = Field(default=10.0, ge=1)
+    # Per input partition: recent anomalies remembered for feedback, and rules kept.
+    feedback_max_recent: int = Field(default=50_000, ge=1)
+    feedback_max_rules: int = Field(default=10_000, ge=1)
+
+    @field_validator("windows")
+    @classmethod
+    def _unique_names(cls, value: list[AlertWindow]) -> list[AlertWindow]:
+        names = [w.name for w in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"window names must be unique; repeated: {twice}")
+        return value
+
+
 class StateConfig(Section):
     # Snapshot detector state per input partition to a compacted changelog topic, restore it on
     # start and on every partition assignment.
@@ -294,6 +340,7 @@ class Settings(BaseSettings):
     river: RiverConfig = Field(default_factory=RiverConfig)
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -322,7 +369,7 @@ def _check_features(value: list[str]) -> list[str]:
     return value
 
 
-SECTIONS = ("kafka", "processing", "schema", "zscore", "duplicates", "silence", "river", "autoencoder", "scoring", "state", "metrics", "logging")
+SECTIONS = ("kafka", "processing", "schema", "zscore", "duplicates", "silence", "river", "autoencoder", "scoring", "alerts", "state", "metrics", "logging")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Settings:

@@ -55,6 +55,14 @@ class Metrics:
         self.up = Gauge(f"{ns}_up", "1 while the consume loop runs.", registry=r)
         self.detector_enabled = Gauge(f"{ns}_detector_enabled", "1 for each enabled detector.", ["detector"], registry=r)
         self.calibrated = Gauge(f"{ns}_detector_calibrated", "1 once a detector's calibrator has enough scores to alert.", ["detector"], registry=r)
+        self.suppressed = Counter(f"{ns}_alerts_suppressed", "Anomalies not published, by what suppressed them: a window or analysts' feedback.", ["reason"], registry=r)
+        self.annotated = Counter(f"{ns}_alerts_annotated", "Anomalies published with a window annotation.", registry=r)
+        self.feedback = Counter(f"{ns}_feedback", "Feedback records read, by label and outcome (applied, recorded, duplicate, pending, invalid, expired).", ["label", "outcome"], registry=r)
+        self.feedback_rules = Gauge(f"{ns}_feedback_rules", "False-positive rules in force on this instance's partitions.", registry=r)
+        self.control = Counter(f"{ns}_control_records", "Control-topic records read, by outcome (added, replaced, cancelled, unknown_window, invalid_window, not_json).", ["outcome"], registry=r)
+        self.windows = Gauge(f"{ns}_alert_windows", "Alert windows known (config and control topic), and those containing the latest event time.", ["state"], registry=r)
+        for reason in ("window", "feedback"):
+            self.suppressed.labels(reason)
         for outcome in ("scored", "invalid"):
             self.events.labels(outcome)
 

@@ -31,6 +31,8 @@ def anomaly_record(
     record = {
         "event_id": decoded.features.event_ids[i],
         "key": decoded.keys[i],
+        # False while the event's key is still learning (scored by the global statistics).
+        "warm": bool(details.get("zscore", {}).get("warm", True)),
         "timestamp": iso_utc(float(decoded.features.event_time[i])),
         "score": float(result.fused[i]),
         "threshold": result.threshold,
@@ -44,26 +46,36 @@ def anomaly_record(
     return record
 
 
-def encode_anomalies(
+def anomaly_records(
     pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, sources: list[dict[str, Any]] | None = None
-) -> list[tuple[int, bytes | None, bytes]]:
-    """(index in the valid batch, key, value) for every anomaly, in input order.
+) -> list[tuple[int, dict[str, Any]]]:
+    """(index in the valid batch, record) for every anomaly, in input order.
 
     ``sources``, if given, holds the input position of every record of the raw batch.
     """
-    out = []
-    for i in result.is_anomaly.nonzero()[0].tolist():
-        source = sources[int(decoded.source_index[i])] if sources is not None else None
-        record = anomaly_record(pipeline, decoded, result, i, source)
-        key = decoded.keys[i]
+    return [
+        (i, anomaly_record(pipeline, decoded, result, i, sources[int(decoded.source_index[i])] if sources is not None else None))
+        for i in result.is_anomaly.nonzero()[0].tolist()
+    ]
+
+
+def encode_record(record: dict[str, Any]) -> tuple[bytes | None, bytes]:
+    """(key, value) of an output record."""
+    key = record.get("key")
+    value = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+    if len(value) > MAX_ANOMALY_BYTES:
+        # A huge pass-through event must not make the alert unproducible (and the batch
+        # retried forever): keep the alert, cut the copy of the event.
+        record = {**record, "event": {"event_id": record["event_id"], "truncated": True, "original_bytes": len(value)}}
         value = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
-        if len(value) > MAX_ANOMALY_BYTES:
-            # A huge pass-through event must not make the alert unproducible (and the batch
-            # retried forever): keep the alert, cut the copy of the event.
-            record["event"] = {"event_id": record["event_id"], "truncated": True, "original_bytes": len(value)}
-            value = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
-        out.append((i, key.encode() if key is not None else None, value))
-    return out
+    return (key.encode() if key is not None else None), value
+
+
+def encode_anomalies(
+    pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, sources: list[dict[str, Any]] | None = None
+) -> list[tuple[int, bytes | None, bytes]]:
+    """(index in the valid batch, key, value) for every anomaly, in input order."""
+    return [(i, *encode_record(record)) for i, record in anomaly_records(pipeline, decoded, result, sources)]
 
 
 def silence_record(alert: Any, key_set: str, threshold: float) -> dict[str, Any]:
@@ -72,6 +84,7 @@ def silence_record(alert: Any, key_set: str, threshold: float) -> dict[str, Any]
         "event_id": None,
         "kind": "store_stopped" if key_set == "store_id" else "key_stopped",
         "key": alert.key,
+        "key_set": key_set,
         "timestamp": iso_utc(alert.event_time),
         "score": 1.0 - alert.probability,
         "threshold": threshold,

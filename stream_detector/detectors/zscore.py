@@ -7,6 +7,12 @@ exclusive prefix sums give each event the statistics of its predecessors, merged
 committed state by Chan's parallel formula. A key that has seen fewer than ``warmup`` events
 is scored against the global statistics instead and reported as not warm.
 
+Seasonality: a key set may also keep statistics per key and seasonal bucket (hour of day, day
+of week, hour of week; see ``seasons``). Each event is scored against the most specific
+baseline that is warm: key and hour of week, else key and hour of day, ..., else the key, else
+the global statistics. A busy Saturday afternoon is then compared with earlier Saturday
+afternoons, and a basket that is normal at noon can still be unusual at 3 a.m.
+
 Raw score: the largest |z| over key sets and features (higher = more anomalous).
 """
 
@@ -16,11 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stream_detector.detectors import seasons
 from stream_detector.detectors.base import Detector, Explanation, Step
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
 
 GLOBAL = "global"
+# Explanations give the expected range as the baseline's mean +- this many sd.
+EXPECTED_SD = 3.0
 
 
 @dataclass
@@ -176,14 +185,25 @@ class ZScoreDetector(Detector):
         reject_after: int = 5,
         min_std_by_feature: dict[str, float] | None = None,
         key_ttl_seconds: float | None = None,
+        key_set_seasonality: dict[str, tuple[str, ...]] | None = None,
+        seasonal_warmup: int | None = None,
     ) -> None:
         self.features = tuple(features)
         self.key_sets = tuple(key_sets)
+        # Seasonal baselines per key set, coarse to fine (e.g. hour_of_day, hour_of_week).
+        self.key_set_seasonality = {ks: tuple((key_set_seasonality or {}).get(ks, ())) for ks in self.key_sets}
+        for periods in self.key_set_seasonality.values():
+            for period in periods:
+                if period not in seasons.PERIODS:
+                    raise ValueError(f"unknown seasonal period {period!r}; known: {sorted(seasons.PERIODS)}")
         # Which features each key set scores (default: all): a product's unit price is
         # meaningful, a store's unit price (mixing cheap and dear products) is not.
         self.key_set_features = {ks: tuple((key_set_features or {}).get(ks, self.features)) for ks in self.key_sets}
         self._use = np.array([[f in self.key_set_features[ks] for f in self.features] for ks in self.key_sets], dtype=bool).reshape(len(self.key_sets), len(self.features))
         self.warmup = warmup
+        # A seasonal bucket sees a fraction of its key's events: it takes over only once its
+        # own estimate is as steady as a key's (None: the same warm-up as a key).
+        self.seasonal_warmup = warmup if seasonal_warmup is None else seasonal_warmup
         self.min_std = min_std
         self.max_keys = max_keys
         self.key_ttl_seconds = key_ttl_seconds
@@ -197,9 +217,13 @@ class ZScoreDetector(Detector):
         self.reject_after = reject_after
         n_features = len(self.features)
         self._state = _State(
-            key_sets={ks: _KeySetState({}, _Stats.empty(n_features)) for ks in self.key_sets},
+            key_sets={name: _KeySetState({}, _Stats.empty(n_features)) for name in self._state_names()},
             global_stats=_Stats.empty(n_features, capacity=1),
         )
+
+    def _state_names(self) -> list[str]:
+        """Every table of per-key statistics: each key set, then its seasonal levels."""
+        return [name for ks in self.key_sets for name in (ks, *(_level(ks, p) for p in self.key_set_seasonality[ks]))]
 
     # -- scoring ---------------------------------------------------------------------------
 
@@ -219,6 +243,8 @@ class ZScoreDetector(Detector):
         mean = np.full((n, n_sets, n_features), np.nan)
         std = np.full((n, n_sets, n_features), np.nan)
         warm = np.zeros((n, n_sets), dtype=bool)
+        # Baseline used per event and key set: 0 global, 1 the key, 2.. its seasonal levels.
+        level = np.zeros((n, n_sets), dtype=np.int8)
         updates: dict[str, _Update] = {}
         for k, ks in enumerate(self.key_sets):
             slot, new_keys = self._slots(ks, batch.keys.get(ks), n)
@@ -238,27 +264,31 @@ class ZScoreDetector(Detector):
             mean[:, k] = np.where(use_key, k_mean, g_mean)
             std[:, k] = np.where(use_key, self._std(k_count, k_m2), g_std)
             warm[:, k] = use_key.any(axis=1)
-            touched_rows = np.isin(tot[0], np.unique(slot[has_key])) if n else np.zeros(0, dtype=bool)
-            last_seen = np.full(len(tot[0]), -np.inf)
-            if has_key.any():
-                per_slot = np.full(int(slot.max()) + 1, -np.inf)
-                np.maximum.at(per_slot, slot[has_key], batch.event_time[has_key])
-                last_seen = per_slot[tot[0]]
-            updates[ks] = _Update(
-                new_keys,
-                tot[0][touched_rows],
-                tot[1][touched_rows],
-                tot[2][touched_rows],
-                tot[3][touched_rows],
-                last_seen[touched_rows],
-            )
+            level[:, k] = np.where(warm[:, k], 1, 0)
+            updates[ks] = _update(new_keys, slot, has_key, tot, batch.event_time)
+            keys = batch.keys.get(ks)
+            for depth, period in enumerate(self.key_set_seasonality[ks], start=2):
+                name = _level(ks, period)
+                s_keys = seasons.seasonal_keys(keys, period, batch.event_time) if keys is not None else None
+                s_slot, s_new = self._slots(name, s_keys, n)
+                s_has = s_slot >= 0
+                s_count, s_mean, s_m2, s_tot = _prefix_stats(
+                    x, contrib & s_has[:, None] & used[None, :], np.where(s_has, s_slot, 0), self._state.key_sets[name].stats
+                )
+                # The finer baseline takes over feature by feature once it is warm itself.
+                use_season = s_has[:, None] & (s_count >= self.seasonal_warmup) & used[None, :]
+                z[:, k] = np.where(use_season, self._z(x, s_count, s_mean, s_m2), z[:, k])
+                mean[:, k] = np.where(use_season, s_mean, mean[:, k])
+                std[:, k] = np.where(use_season, self._std(s_count, s_m2), std[:, k])
+                level[:, k] = np.where(use_season.any(axis=1), depth, level[:, k])
+                updates[name] = _update(s_new, s_slot, s_has, s_tot, batch.event_time)
 
         g_update = _Update([], g_tot[0], g_tot[1], g_tot[2], g_tot[3], np.full(len(g_tot[0]), -np.inf))
         abs_z = np.abs(z).reshape(n, -1)
         any_z = ~np.all(np.isnan(abs_z), axis=1) if n else np.zeros(0, dtype=bool)
         scores = np.zeros(n)
         scores[any_z] = np.nanmax(abs_z[any_z], axis=1)
-        details = {"z": z, "mean": mean, "std": std, "warm": warm}
+        details = {"z": z, "mean": mean, "std": std, "warm": warm, "level": level}
         return Step(scores=scores, details=details, next_state=(updates, g_update), reject=reject)
 
     def _std(self, count: np.ndarray, m2: np.ndarray) -> np.ndarray:
@@ -328,7 +358,8 @@ class ZScoreDetector(Detector):
     def learning_keys(self) -> dict[str, int]:
         """Keys per key set that have not yet seen ``warmup`` events."""
         out = {}
-        for ks, state in self._state.key_sets.items():
+        for ks in self.key_sets:
+            state = self._state.key_sets[ks]
             counts = state.stats.count[: len(state.slots)]
             out[ks] = int(np.sum(counts.max(axis=1, initial=0) < self.warmup)) if counts.size else 0
         return out
@@ -345,16 +376,19 @@ class ZScoreDetector(Detector):
         std = float(step.details["std"][i, k, f])
         zf = float(z[k, f])
         value = float(batch.column(feature)[i])
+        depth = int(step.details["level"][i, k])
+        baseline = self._baseline(key_set, key, depth, float(batch.event_time[i]))
         if key_set == "global":
             scope = "all events"
         elif warm:
-            scope = f"{key_set} {key}"
+            scope = baseline
         else:
             scope = f"all keys ({key_set} {key} still learning)"
         scope = f"the mean of {scope}"
         field, shown, typical = _in_original_units(feature, value, mean)
         direction = "above" if zf > 0 else "below"
-        reason = f"{field} {shown} is {abs(zf):.1f} sd {direction} {scope}, {typical}"
+        low, high = (_original_value(feature, mean + sign * EXPECTED_SD * std) for sign in (-1, 1))
+        reason = f"{field} {shown} is {abs(zf):.1f} sd {direction} {scope}, {typical}; expected {low:,.4g} to {high:,.4g}"
         if feature.startswith("log_"):
             reason += " (log scale)"
         details = {
@@ -366,8 +400,22 @@ class ZScoreDetector(Detector):
             "std": std,
             "z": zf,
             "warm": warm,
+            "baseline": baseline if warm else "global",
+            # mean +- EXPECTED_SD sd of the baseline, in the event's own units
+            "expected_range": [low, high],
         }
         return Explanation(details=details, reasons=[reason])
+
+    def _baseline(self, key_set: str, key: str | None, depth: int, event_time: float) -> str:
+        """The statistics an event was scored against, as a person reads them."""
+        if depth <= 0 or key_set == "global":
+            return "all events"
+        if depth == 1:
+            return f"{key_set} {key}"
+        period = self.key_set_seasonality[key_set][depth - 2]
+        b = int(seasons.bucket(period, np.array([event_time]))[0])
+        preposition = "at" if period == "hour_of_day" else "on"
+        return f"{key_set} {key} {preposition} {seasons.describe(period, b)}"
 
     # -- state -----------------------------------------------------------------------------
 
@@ -398,9 +446,9 @@ class ZScoreDetector(Detector):
         if list(state["features"]) != list(self.features):
             raise StateError(f"zscore state has features {state['features']}, configured {list(self.features)}")
         sets = {}
-        for ks in self.key_sets:
+        for ks in self._state_names():
             data = state["key_sets"].get(ks)
-            if data is None:
+            if data is None:  # e.g. a seasonal level added since the snapshot: starts empty
                 sets[ks] = _KeySetState({}, _Stats.empty(len(self.features)))
                 continue
             slots = {key: i for i, key in enumerate(data["keys"])}
@@ -410,6 +458,31 @@ class ZScoreDetector(Detector):
             )
         g = state["global"]
         self._state = _State(sets, _Stats(np.array(g["count"]), np.array(g["mean"]), np.array(g["m2"]), np.full(1, -np.inf)))
+
+
+def _level(key_set: str, period: str) -> str:
+    return f"{key_set}@{period}"
+
+
+def _update(new_keys: list[str], slot: np.ndarray, has_key: np.ndarray, tot: tuple, event_time: np.ndarray) -> _Update:
+    """What committing the batch changes in one table: the touched slots' new totals."""
+    n = len(slot)
+    touched_rows = np.isin(tot[0], np.unique(slot[has_key])) if n else np.zeros(0, dtype=bool)
+    last_seen = np.full(len(tot[0]), -np.inf)
+    if has_key.any():
+        per_slot = np.full(int(slot.max()) + 1, -np.inf)
+        np.maximum.at(per_slot, slot[has_key], event_time[has_key])
+        last_seen = per_slot[tot[0]]
+    return _Update(new_keys, tot[0][touched_rows], tot[1][touched_rows], tot[2][touched_rows], tot[3][touched_rows], last_seen[touched_rows])
+
+
+def _original_value(feature: str, value: float) -> float:
+    """A feature value back in the event's units (log features are sign * log1p(|x|))."""
+    if feature == "log_price_ratio":
+        return float(np.exp(value))
+    if feature.startswith("log_"):
+        return float(np.sign(value) * np.expm1(abs(value)))
+    return float(value)
 
 
 def _in_original_units(feature: str, value: float, mean: float) -> tuple[str, str, str]:

@@ -24,11 +24,15 @@ import numpy as np
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from stream_detector.alerting.feedback import parse_feedback
+from stream_detector.alerting.policy import AlertPolicy
+from stream_detector.alerting.windows import ControlError, WindowBook
 from stream_detector.config import Settings, librdkafka_config
 from stream_detector.errors import DeliveryError, StateError
 from stream_detector.events.decode import DecodedBatch, decode_batch
 from stream_detector.metrics import Metrics, MetricsServer, observe_many
-from stream_detector.records import dead_letter_headers, encode_anomalies, silence_record
+from stream_detector.records import anomaly_records, dead_letter_headers, encode_record, silence_record
+from stream_detector.runtime.control import ControlReader
 from stream_detector.runtime.topics import ensure_topics
 from stream_detector.state.changelog import COMPACTED, read_latest_snapshot, snapshot_records
 from stream_detector.scoring.factory import build_pipeline, event_schema
@@ -42,6 +46,9 @@ KAFKA_LOG = logging.getLogger("stream_detector.librdkafka")
 # so one huge record cannot make the dead-letter produce fail and stall the partition.
 MAX_DEAD_LETTER_BYTES = 512 * 1024
 FLUSH_LOG_EVERY_S = 10.0
+# Feedback naming an event no owned partition remembers waits here (another instance may own
+# it, or its partition is being restored); oldest dropped first.
+MAX_PENDING_FEEDBACK = 10_000
 # Errors after which this producer may not go on: another instance took over.
 _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 
@@ -108,6 +115,7 @@ class PartitionWork:
     pipeline: ScoringPipeline
     position: int | None  # None until the first record (or a restored snapshot) says
     dirty: bool = False  # processed since the last checkpoint
+    last_event_time: float | None = None  # of the latest scored event (active windows gauge)
 
 
 class Daemon:
@@ -139,6 +147,9 @@ class Daemon:
         self._last_error_log = 0.0
         self._last_checkpoint = time.monotonic()
         self._tracker = _DeliveryTracker(self.metrics)
+        self.policy = AlertPolicy(WindowBook(settings.alerts.windows))
+        self._control: ControlReader | None = None
+        self._pending_feedback: dict[str, tuple[str, str]] = {}  # event_id -> (label, note)
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._server: MetricsServer | None = None
@@ -172,6 +183,9 @@ class Daemon:
         self._producer = self._new_producer()
         if self.exactly_once:
             self._producer.begin_transaction()
+        control_topics = [t for t in (self.settings.alerts.control_topic, self.settings.alerts.feedback_topic) if t]
+        if control_topics:
+            self._control = ControlReader(k.bootstrap_servers, control_topics, librdkafka_config(self.settings, "consumer"), f"{k.group_id}-control")
         self._consumer = Consumer(
             {**consumer_config(self.settings), "error_cb": self._on_kafka_error, "stats_cb": self._on_stats, "logger": KAFKA_LOG}
         )
@@ -198,6 +212,9 @@ class Daemon:
         if self.settings.state.enabled:
             partitions = input_partition_count(k.bootstrap_servers, k.input_topic, admin_config)
             ensure_topics(k.bootstrap_servers, {self.changelog_topic: partitions}, client_config=admin_config, config=COMPACTED)
+        control_topics = [t for t in (self.settings.alerts.control_topic, self.settings.alerts.feedback_topic) if t]
+        if control_topics:  # small topics every instance reads whole: one partition each
+            ensure_topics(k.bootstrap_servers, dict.fromkeys(control_topics, 1), client_config=admin_config)
 
     def _until_done(self, step: Any, what: str) -> bool:
         """Retry ``step`` with backoff while the broker is unreachable; False if asked to stop."""
@@ -229,6 +246,8 @@ class Daemon:
         max_wait_s = self.settings.processing.max_wait_ms / 1000.0
         interval_s = self.settings.processing.commit_interval_ms / 1000.0
         while not self._stop.is_set():
+            if self._control is not None:
+                self._read_control()
             messages = self._consumer.consume(batch_size, timeout=max_wait_s)
             if messages:
                 self._guarded(self._process, messages, time.monotonic())
@@ -259,6 +278,8 @@ class Daemon:
                 log.warning("%d records still undelivered at shutdown; their offsets were not committed", remaining)
         if self._consumer is not None:
             self._consumer.close()
+        if self._control is not None:
+            self._control.close()
         if self._server is not None:
             self._server.stop()
         log.info("stopped")
@@ -282,6 +303,8 @@ class Daemon:
             self._produce_dead_letters(records, decoded, consumed_at)
             work.position = records[-1].offset() + 1
             work.dirty = True
+            if decoded.features.n:
+                work.last_event_time = float(decoded.features.event_time[-1])
             self._observe(work.pipeline, decoded, result, len(records), time.perf_counter() - started)
         # Serve delivery reports now (end-to-end latency is observed there), not at the checkpoint.
         if self._producer is not None:
@@ -308,7 +331,11 @@ class Daemon:
         if not result.is_anomaly.any():
             return
         sources = [{"topic": m.topic(), "partition": m.partition(), "offset": m.offset()} for m in records]
-        for i, key, value in encode_anomalies(pipeline, decoded, result, sources):
+        event_time = decoded.features.event_time
+        for i, record in anomaly_records(pipeline, decoded, result, sources):
+            if not self._publishable(record, float(event_time[i]), pipeline):
+                continue
+            key, value = encode_record(record)
             self._produce(topic, key, value, None, self._tracker.callback(consumed_at, True))
             self.metrics.anomalies.inc()
             for name in names:
@@ -319,10 +346,79 @@ class Daemon:
         for timer in pipeline.collective:
             for alert in result.collective:
                 record = silence_record(alert, timer.key_set, pipeline.threshold)
-                self._produce(self.settings.kafka.output_topic, alert.key.encode(), orjson.dumps(record), None, self._tracker.callback(consumed_at, True))
+                if not self._publishable(record, alert.event_time, pipeline):
+                    continue
+                key, value = encode_record(record)
+                self._produce(self.settings.kafka.output_topic, key, value, None, self._tracker.callback(consumed_at, True))
                 self.metrics.anomalies.inc()
                 self.metrics.fired.labels(timer.name).inc()
                 log.info("%s", record["reasons"][0])
+
+    def _publishable(self, record: dict[str, Any], event_time: float, pipeline: ScoringPipeline) -> bool:
+        """Windows and feedback decide whether an anomaly is published (and annotate it)."""
+        verdict = self.policy.review(record, event_time, pipeline.feedback)
+        if verdict.publish:
+            if verdict.annotations:
+                self.metrics.annotated.inc()
+            return True
+        self.metrics.suppressed.labels(verdict.suppressed_by).inc()
+        log.debug("suppressed anomaly %s (%s)", record.get("event_id") or record.get("key"), verdict.suppressed_by, extra={"annotations": verdict.annotations})
+        return False
+
+    # -- control and feedback topics -------------------------------------------------------
+
+    def _read_control(self) -> None:
+        assert self._control is not None
+        feedback_topic = self.settings.alerts.feedback_topic
+        for rec in self._control.poll():
+            try:
+                if rec.error is not None:
+                    raise ControlError("not_json", rec.error)
+                if rec.topic == feedback_topic:
+                    self._take_feedback(*parse_feedback(rec.value))
+                else:
+                    outcome = self.policy.windows.apply_control(rec.value)
+                    self.metrics.control.labels(outcome).inc()
+                    log.info("alert window %s: %s", rec.value.get("name"), outcome)
+            except ControlError as exc:
+                if rec.topic == feedback_topic:
+                    self.metrics.feedback.labels("unknown", "invalid").inc()
+                else:
+                    self.metrics.control.labels(exc.reason).inc()
+                log.warning("ignored %s record at offset %d: %s", rec.topic, rec.offset, exc)
+        self._observe_alerting()
+
+    def _take_feedback(self, event_id: str, label: str, note: str) -> None:
+        """Apply feedback in the partition that remembers the event, or keep it pending."""
+        for work in self._partitions.values():
+            memory = work.pipeline.feedback
+            if memory is not None and memory.knows(event_id):
+                outcome = memory.apply(event_id, label, note)
+                self.metrics.feedback.labels(label, outcome).inc()
+                work.dirty = True  # the new rule goes into the next snapshot
+                self._pending_feedback.pop(event_id, None)
+                log.info("feedback %s on %s: %s", label, event_id, outcome)
+                return
+        if event_id not in self._pending_feedback:
+            self.metrics.feedback.labels(label, "pending").inc()
+        self._pending_feedback[event_id] = (label, note)
+        while len(self._pending_feedback) > MAX_PENDING_FEEDBACK:
+            old_id, (old_label, _) = next(iter(self._pending_feedback.items()))
+            del self._pending_feedback[old_id]
+            self.metrics.feedback.labels(old_label, "expired").inc()
+
+    def _retry_pending_feedback(self) -> None:
+        for event_id, (label, note) in list(self._pending_feedback.items()):
+            if any(w.pipeline.feedback is not None and w.pipeline.feedback.knows(event_id) for w in self._partitions.values()):
+                self._take_feedback(event_id, label, note)
+
+    def _observe_alerting(self) -> None:
+        m = self.metrics
+        windows = self.policy.windows
+        m.windows.labels("known").set(len(windows))
+        latest = max((w.last_event_time for w in self._partitions.values()), default=None)
+        m.windows.labels("active").set(windows.active(latest) if latest is not None else 0)
+        m.feedback_rules.set(sum(len(w.pipeline.feedback) for w in self._partitions.values() if w.pipeline.feedback is not None))
 
     def _produce_dead_letters(self, records: list[Message], decoded: DecodedBatch, consumed_at: float) -> None:
         topic = self.settings.kafka.dlq_topic
@@ -543,6 +639,7 @@ class Daemon:
         self._partitions.update(restored)
         consumer.assign(partitions)
         self.metrics.assigned.set(len(self._partitions))
+        self._retry_pending_feedback()
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition}@{tp.offset}" for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

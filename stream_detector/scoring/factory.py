@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from stream_detector.alerting.feedback import FeedbackMemory
 from stream_detector.config import Settings
 from stream_detector.detectors.base import Detector
 from stream_detector.events.decode import EventSchema
@@ -40,6 +41,8 @@ def build_detectors(settings: Settings) -> list[Detector]:
                 features=features,
                 key_sets=tuple(ks.name for ks in z.key_sets),
                 key_set_features={ks.name: tuple(ks.features) for ks in z.key_sets},
+                key_set_seasonality={ks.name: tuple(ks.seasonality) for ks in z.key_sets},
+                seasonal_warmup=z.seasonal_warmup,
                 warmup=z.warmup,
                 min_std=z.min_std,
                 min_std_by_feature=z.min_std_by_feature,
@@ -121,4 +124,12 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
                 check_every_s=q.check_every_s,
             )
         )
-    return ScoringPipeline(detectors, calibrators, threshold=s.threshold, collective=collective)
+    return ScoringPipeline(detectors, calibrators, threshold=s.threshold, collective=collective, feedback=build_feedback(settings))
+
+
+def build_feedback(settings: Settings) -> FeedbackMemory | None:
+    """A partition's feedback memory, when a feedback topic is configured."""
+    a = settings.alerts
+    if a.feedback_topic is None:
+        return None
+    return FeedbackMemory(ttl_seconds=a.feedback_ttl_seconds, margin=a.feedback_margin, max_recent=a.feedback_max_recent, max_rules=a.feedback_max_rules)

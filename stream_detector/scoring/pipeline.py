@@ -66,6 +66,7 @@ class ScoringPipeline:
         threshold: float,
         max_rounds: int = 8,
         collective: list[Any] | None = None,
+        feedback: Any = None,
     ) -> None:
         if not detectors:
             raise ValueError("at least one detector must be enabled")
@@ -76,6 +77,9 @@ class ScoringPipeline:
         # Timers over per-key rates (detectors/silence.py): they learn every event and raise
         # alerts about keys, not events.
         self.collective = list(collective or [])
+        # Analysts' false-positive rules for this pipeline's keys (alerting/feedback.py): not
+        # used for scoring, only kept here so they travel in the same state snapshot.
+        self.feedback = feedback
 
     @property
     def detector_names(self) -> list[str]:
@@ -184,6 +188,7 @@ class ScoringPipeline:
             "detectors": {d.name: d.state_dict() for d in self.detectors},
             "calibrators": {name: c.state_dict() for name, c in self.calibrators.items()},
             "collective": {t.name: t.state_dict() for t in self.collective},
+            "feedback": self.feedback.state_dict() if self.feedback is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -196,6 +201,8 @@ class ScoringPipeline:
         for timer in self.collective:
             if timer.name in state.get("collective", {}):
                 timer.load_state_dict(state["collective"][timer.name])
+        if self.feedback is not None and state.get("feedback"):
+            self.feedback.load_state_dict(state["feedback"])
 
 
 def _rejected(steps: dict[str, Step], n: int) -> np.ndarray:
