@@ -263,6 +263,14 @@ def exported_samples() -> dict[str, set[tuple[tuple[str, str], ...]]]:
     m.assigned.set(1)
     m.up.set(1)
     m.latency.observe(0.01)
+    # the alerting side (windows, feedback)
+    m.suppressed.labels("window").inc()
+    m.annotated.inc()
+    m.feedback.labels("false_positive", "applied").inc()
+    m.feedback_rules.set(1)
+    m.control.labels("added").inc()
+    m.windows.labels("known").set(1)
+    m.windows.labels("active").set(0)
 
     samples: dict[str, set[tuple[tuple[str, str], ...]]] = {}
     for family in text_string_to_metric_families(m.exposition().decode()):
