@@ -36,6 +36,36 @@ def hour_bucket(t: float) -> int:
     return int((t % 86400.0) // HOUR) + (24 if weekend else 0)
 
 
+def hour_buckets(t: np.ndarray) -> np.ndarray:
+    """``hour_bucket`` of every time in ``t``."""
+    day = np.floor(t / 86400.0)
+    weekend = (day + 3) % 7 >= 5
+    return ((t % 86400.0) // HOUR).astype(np.int64) + np.where(weekend, 24, 0)
+
+
+class _KeyView:
+    """Plain-list copies of the per-key arrays for the keys of one batch (fast item access in
+    the sequential walk), written back before anything reads the arrays themselves."""
+
+    def __init__(self, detector: SilenceDetector, slots: np.ndarray) -> None:
+        self.detector, self.slots = detector, slots
+        self.last: list[float] = []
+        self.alerted: list[bool] = []
+        self.peak: list[float] = []  # events per hour
+        self.load()
+
+    def load(self) -> None:
+        # In place: the walk holds references to these lists.
+        d = self.detector
+        self.last[:] = d._last[self.slots].tolist()
+        self.alerted[:] = d._alerted[self.slots].tolist()
+        self.peak[:] = d._peak[self.slots].tolist()
+
+    def store(self) -> None:
+        self.detector._last[self.slots] = self.last
+        self.detector._alerted[self.slots] = self.alerted
+
+
 @dataclass(frozen=True)
 class SilenceAlert:
     key: str
@@ -85,27 +115,55 @@ class SilenceDetector:
     # -- learning and checking ---------------------------------------------------------------
 
     def process(self, batch: FeatureBatch) -> list[SilenceAlert]:
-        """Learn the batch's events (in order) and return the silences that became unlikely."""
+        """Learn the batch's events (in order) and return the silences that became unlikely.
+
+        The walk over events is sequential (an alert depends on the clock and the key's last
+        event at that moment), but it touches only plain Python lists of the keys in this
+        batch; bucket counts are added in bulk, and brought up to date before any check reads
+        them.
+        """
         keys = batch.keys.get(self.key_set)
         if keys is None or batch.n == 0:
             return []
+        present = np.flatnonzero(np.fromiter((k is not None for k in keys), dtype=bool, count=batch.n))
+        if not len(present):
+            return []
+        uniq, local = np.unique(keys[present].astype(str), return_inverse=True)
+        slots = np.array([self._slot(key) for key in uniq.tolist()], dtype=np.int64)
+        times = batch.event_time[present]
+        buckets = hour_buckets(times)
+        view = _KeyView(self, slots)
         alerts: list[SilenceAlert] = []
-        for key, t in zip(keys.tolist(), batch.event_time.tolist()):
-            if key is None:
-                continue
+        counted = 0  # events [0, counted) are in self._counts
+
+        def count_until(j: int) -> None:
+            nonlocal counted
+            if j > counted:
+                np.add.at(self._counts, (slots[local[counted:j]], buckets[counted:j]), 1)
+                counted = j
+
+        limit = self.expected_events * HOUR
+        last, alerted = view.last, view.alerted
+        for j, (t, k) in enumerate(zip(times.tolist(), local.tolist())):
             if t >= self._next_check:
+                count_until(j)
+                view.store()
                 alerts.extend(self._advance(t))
-            slot = self._slot(key)
-            last = self._last[slot]
+                view.load()
+            prev = last[k]
             # A silence that ended before the timer looked at it is still reported.
-            if last > -math.inf and not self._alerted[slot] and (t - last) * self._peak[slot] / HOUR >= self.expected_events:
-                alert = self._check(slot, t)
+            if prev > -math.inf and not alerted[k] and (t - prev) * view.peak[k] >= limit:
+                count_until(j)
+                view.store()
+                alert = self._check(int(slots[k]), t, self._all_rates()[slots[k]])
+                view.load()
                 if alert is not None:
                     alerts.append(alert)
-            if t >= last:
-                self._last[slot] = t
-                self._alerted[slot] = False
-            self._counts[slot, hour_bucket(t)] += 1
+            if t >= prev:
+                last[k] = t
+                alerted[k] = False
+        count_until(len(times))
+        view.store()
         return alerts
 
     def _advance(self, now: float) -> list[SilenceAlert]:
@@ -114,18 +172,28 @@ class SilenceDetector:
             self._cover(self._clock, now)
         self._clock = now
         self._next_check = (math.floor(now / self.check_every_s) + 1) * self.check_every_s
-        self._peak = np.array([self._rates(slot).max() for slot in range(len(self._keys))]) if len(self._keys) else self._peak
+        if not len(self._keys):
+            return []
+        rates = self._all_rates()
+        self._peak = rates.max(axis=1)
+        if self._hours.sum() < self.min_hours:
+            return []
+        # Only a key whose peak rate could have produced the limit since its last event can
+        # have crossed it: the exact integral is computed for those alone.
+        with np.errstate(invalid="ignore"):
+            # (a key first seen in the batch being walked has no last event yet: -inf)
+            maybe = (~self._alerted & (self._last < now) & (self._last > -math.inf) & (self._counts.sum(axis=1) >= self.min_events)
+                     & ((now - self._last) * self._peak >= self.expected_events * HOUR))
         alerts = []
-        for slot in np.flatnonzero(~self._alerted & (self._last < now)).tolist():
-            alert = self._check(slot, now)
+        for slot in np.flatnonzero(maybe).tolist():
+            alert = self._check(slot, now, rates[slot])
             if alert is not None:
                 alerts.append(alert)
         return alerts
 
-    def _check(self, slot: int, now: float) -> SilenceAlert | None:
+    def _check(self, slot: int, now: float, rate: np.ndarray) -> SilenceAlert | None:
         if self._hours.sum() < self.min_hours or self._counts[slot].sum() < self.min_events:
             return None
-        rate = self._rates(slot)
         crossing = self._crossing(rate, float(self._last[slot]), now)
         if crossing is None:
             return None
@@ -133,12 +201,12 @@ class SilenceDetector:
         names = list(self._keys)
         return SilenceAlert(names[slot], crossing, float(self._last[slot]), self.expected_events, math.exp(-self.expected_events))
 
-    def _rates(self, slot: int) -> np.ndarray:
-        """Events per hour in each bucket. A bucket the stream has not covered for an hour yet
-        (the first weekend) borrows the same hour of the other day type."""
+    def _all_rates(self) -> np.ndarray:
+        """Events per hour for every key and bucket, (keys, 48). A bucket the stream has not
+        covered for an hour yet (the first weekend) borrows the same hour of the other day type."""
         covered = self._hours >= 1.0
-        rate = np.where(covered, self._counts[slot] / np.maximum(self._hours, 1.0), 0.0)
-        other = np.roll(rate, 24)  # weekday <-> weekend, same hour
+        rate = np.where(covered, self._counts / np.maximum(self._hours, 1.0), 0.0)
+        other = np.roll(rate, 24, axis=1)  # weekday <-> weekend, same hour
         other_covered = np.roll(covered, 24)
         return np.where(covered, rate, np.where(other_covered, other, 0.0))
 
