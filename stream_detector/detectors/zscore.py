@@ -19,6 +19,7 @@ Raw score: the largest |z| over key sets and features (higher = more anomalous).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -124,21 +125,43 @@ def _grouped_exclusive_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndar
     return exclusive - exclusive[np.flatnonzero(starts)][group_of_row]
 
 
+@dataclass(frozen=True)
+class _Grouping:
+    """A batch's events grouped by slot, with the prior statistics of each event's slot: all
+    that ``_prefix_stats`` needs besides the values and the learn mask, so the fixed-point
+    rounds of one batch (same keys, same committed state) compute it once."""
+
+    order: np.ndarray
+    s_sorted: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    inverse: np.ndarray
+    prior: tuple[np.ndarray, np.ndarray, np.ndarray]  # (n0, mean0, m20) per sorted row
+
+    @classmethod
+    def of(cls, slot: np.ndarray, prior: _Stats) -> _Grouping:
+        order = np.argsort(slot, kind="stable")
+        s_sorted = slot[order]
+        starts = np.empty(len(order), dtype=bool)
+        if len(order):
+            starts[0] = True
+            starts[1:] = s_sorted[1:] != s_sorted[:-1]
+        ends = np.r_[np.flatnonzero(starts)[1:] - 1, len(order) - 1] if len(order) else np.empty(0, dtype=np.int64)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return cls(order, s_sorted, starts, ends, inverse, prior.gather(s_sorted))
+
+
 def _prefix_stats(
-    x: np.ndarray, contrib: np.ndarray, slot: np.ndarray, prior: _Stats
+    x: np.ndarray, contrib: np.ndarray, grouping: _Grouping
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Statistics each event sees (prior state + earlier contributing events of its slot).
 
     Returns (count, mean, m2) per event and feature, and the per-slot totals after the batch
     as (slots, count, mean, m2) for the slots the batch touched.
     """
-    order = np.argsort(slot, kind="stable")
-    s_sorted = slot[order]
-    starts = np.empty(len(order), dtype=bool)
-    if len(order):
-        starts[0] = True
-        starts[1:] = s_sorted[1:] != s_sorted[:-1]
-    n0, mean0, m20 = prior.gather(s_sorted)
+    order, s_sorted, starts, ends, inverse = grouping.order, grouping.s_sorted, grouping.starts, grouping.ends, grouping.inverse
+    n0, mean0, m20 = grouping.prior
     w = contrib[order].astype(np.float64)
     # Shift by the prior mean so the sums of squares stay small (no cancellation).
     dev = np.where(w > 0, x[order] - mean0, 0.0)
@@ -148,10 +171,7 @@ def _prefix_stats(
     count, mean, m2 = _merge(n0, mean0, m20, nb, sb, ssb)
 
     # Totals per touched slot: the exclusive prefix at the last row plus that row itself.
-    ends = np.r_[np.flatnonzero(starts)[1:] - 1, len(order) - 1] if len(order) else np.empty(0, dtype=np.int64)
     tot = _merge(n0[ends], mean0[ends], m20[ends], nb[ends] + w[ends], sb[ends] + dev[ends], ssb[ends] + dev[ends] ** 2)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
     return count[inverse], mean[inverse], m2[inverse], (s_sorted[ends], *tot)
 
 
@@ -220,6 +240,9 @@ class ZScoreDetector(Detector):
             key_sets={name: _KeySetState({}, _Stats.empty(n_features)) for name in self._state_names()},
             global_stats=_Stats.empty(n_features, capacity=1),
         )
+        # Per-batch work shared by the rounds of one batch; invalid once the state changes.
+        self._round_cache: dict[str, tuple[tuple, int, Any]] = {}
+        self._generation = 0
 
     def _state_names(self) -> list[str]:
         """Every table of per-key statistics: each key set, then its seasonal levels."""
@@ -232,7 +255,8 @@ class ZScoreDetector(Detector):
         x = batch.matrix(self.features)
         contrib = ~np.isnan(x) & np.asarray(learn, dtype=bool)[:, None]
 
-        g_count, g_mean, g_m2, g_tot = _prefix_stats(x, contrib, np.zeros(n, dtype=np.int64), self._state.global_stats)
+        g_grouping = self._cached(GLOBAL, (batch.event_time,), lambda: _Grouping.of(np.zeros(n, dtype=np.int64), self._state.global_stats))
+        g_count, g_mean, g_m2, g_tot = _prefix_stats(x, contrib, g_grouping)
         g_z = self._z(x, g_count, g_mean, g_m2)
         g_std = self._std(g_count, g_m2)
         with np.errstate(invalid="ignore"):
@@ -247,13 +271,10 @@ class ZScoreDetector(Detector):
         level = np.zeros((n, n_sets), dtype=np.int8)
         updates: dict[str, _Update] = {}
         for k, ks in enumerate(self.key_sets):
-            slot, new_keys = self._slots(ks, batch.keys.get(ks), n)
+            slot, new_keys, grouping = self._grouped(ks, batch.keys.get(ks), (batch.keys.get(ks), batch.event_time), n)
             has_key = slot >= 0
-            safe_slot = np.where(has_key, slot, 0)
             used = self._use[k]
-            k_count, k_mean, k_m2, tot = _prefix_stats(
-                x, contrib & has_key[:, None] & used[None, :], safe_slot, self._state.key_sets[ks].stats
-            )
+            k_count, k_mean, k_m2, tot = _prefix_stats(x, contrib & has_key[:, None] & used[None, :], grouping)
             # Per feature: a key scores on its own statistics once it has `warmup` values of
             # that feature, on the global statistics before that.
             use_key = has_key[:, None] & (k_count >= self.warmup) & used[None, :]
@@ -269,12 +290,11 @@ class ZScoreDetector(Detector):
             keys = batch.keys.get(ks)
             for depth, period in enumerate(self.key_set_seasonality[ks], start=2):
                 name = _level(ks, period)
-                s_keys = seasons.seasonal_keys(keys, period, batch.event_time) if keys is not None else None
-                s_slot, s_new = self._slots(name, s_keys, n)
+                source = (keys, batch.event_time)
+                s_keys = self._cached(f"{name}:keys", source, lambda: seasons.seasonal_keys(keys, period, batch.event_time) if keys is not None else None)
+                s_slot, s_new, s_grouping = self._grouped(name, s_keys, source, n)
                 s_has = s_slot >= 0
-                s_count, s_mean, s_m2, s_tot = _prefix_stats(
-                    x, contrib & s_has[:, None] & used[None, :], np.where(s_has, s_slot, 0), self._state.key_sets[name].stats
-                )
+                s_count, s_mean, s_m2, s_tot = _prefix_stats(x, contrib & s_has[:, None] & used[None, :], s_grouping)
                 # The finer baseline takes over feature by feature once it is warm itself.
                 use_season = s_has[:, None] & (s_count >= self.seasonal_warmup) & used[None, :]
                 z[:, k] = np.where(use_season, self._z(x, s_count, s_mean, s_m2), z[:, k])
@@ -300,6 +320,25 @@ class ZScoreDetector(Detector):
         z = (x - mean) / self._std(count, m2)
         return np.where(count >= self.warmup, z, np.nan)
 
+    def _cached(self, name: str, source: tuple, compute: Any) -> Any:
+        """``compute()``, reused while the batch arrays in ``source`` and the committed state
+        are the same objects: the fixed-point rounds re-score one batch with other masks."""
+        hit = self._round_cache.get(name)
+        if hit is not None and hit[1] == self._generation and len(hit[0]) == len(source) and all(a is b for a, b in zip(hit[0], source)):
+            return hit[2]
+        value = compute()
+        self._round_cache[name] = (source, self._generation, value)
+        return value
+
+    def _grouped(self, name: str, keys: np.ndarray | None, source: tuple, n: int) -> tuple[np.ndarray, list[str], _Grouping]:
+        """Slots, new keys and grouping of one table for a batch (see ``_cached``)."""
+
+        def compute() -> tuple[np.ndarray, list[str], _Grouping]:
+            slot, new_keys = self._slots(name, keys, n)
+            return slot, new_keys, _Grouping.of(np.where(slot >= 0, slot, 0), self._state.key_sets[name].stats)
+
+        return self._cached(name, source, compute)
+
     def _slots(self, key_set: str, keys: np.ndarray | None, n: int) -> tuple[np.ndarray, list[str]]:
         """Slot per event (-1 where the event has no key) and the keys seen for the first time."""
         slot = np.full(n, -1, dtype=np.int64)
@@ -322,6 +361,8 @@ class ZScoreDetector(Detector):
         return slot, new_keys
 
     def commit(self, step: Step) -> None:
+        self._generation += 1
+        self._round_cache.clear()
         updates, g_update = step.next_state
         for ks, update in updates.items():
             state = self._state.key_sets[ks]
@@ -457,6 +498,8 @@ class ZScoreDetector(Detector):
                 _Stats(np.array(data["count"]), np.array(data["mean"]), np.array(data["m2"]), np.array(data["last_seen"])),
             )
         g = state["global"]
+        self._generation += 1
+        self._round_cache.clear()
         self._state = _State(sets, _Stats(np.array(g["count"]), np.array(g["mean"]), np.array(g["m2"]), np.full(1, -np.inf)))
 
 
