@@ -147,6 +147,9 @@ class ZScoreConfig(Section):
     # Events a seasonal bucket (key x hour, ...) must have seen before it replaces the key's
     # own baseline: a bucket's estimate from few events would make normal events look extreme.
     seasonal_warmup: int = Field(default=100, ge=2)
+    # While a key learns, the global statistics count as this many events merged with the
+    # key's own values so far (0: the global statistics alone).
+    learning_prior: float = Field(default=30.0, ge=0)
     # Floor on the standard deviation (features are on a log scale: 0.05 ~ 5 %).
     min_std: float = Field(default=0.05, gt=0)
     # Per-feature floors that replace min_std: quantities are small integers, so a store

@@ -55,7 +55,7 @@ WINDOW_KINDS: tuple[str, ...] = ("store_stopped",)
 DEFAULT_WINDOW_GRACE_S = 15 * 60.0
 PROGRESS_INTERVAL_S = 2.0
 NO_COLLECTIVE_NOTE = (
-    "no collective alerts were produced (the pipeline has no store-stopped detector yet), "
+    "no collective alerts were produced (is silence.enabled false?), "
     "so {kind} recall is 0"
 )
 
@@ -546,7 +546,7 @@ def _window_stats(kind: str, matches: list[WindowMatch], any_alerts: bool) -> Wi
     note = None
     if not any_alerts:
         note = NO_COLLECTIVE_NOTE.format(kind=kind) if matches else (
-            f"no collective alerts were produced (the pipeline has no store-stopped detector yet), "
+            f"no collective alerts were produced (is silence.enabled false?), "
             f"and the labels have no {kind} windows"
         )
     return WindowStats(

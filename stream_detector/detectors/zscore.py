@@ -207,6 +207,7 @@ class ZScoreDetector(Detector):
         key_ttl_seconds: float | None = None,
         key_set_seasonality: dict[str, tuple[str, ...]] | None = None,
         seasonal_warmup: int | None = None,
+        learning_prior: float = 0.0,
     ) -> None:
         self.features = tuple(features)
         self.key_sets = tuple(key_sets)
@@ -224,6 +225,9 @@ class ZScoreDetector(Detector):
         # A seasonal bucket sees a fraction of its key's events: it takes over only once its
         # own estimate is as steady as a key's (None: the same warm-up as a key).
         self.seasonal_warmup = warmup if seasonal_warmup is None else seasonal_warmup
+        # Weight, in events, of the global statistics in a learning key's baseline (0: the
+        # global statistics alone).
+        self.learning_prior = learning_prior
         self.min_std = min_std
         self.max_keys = max_keys
         self.key_ttl_seconds = key_ttl_seconds
@@ -276,14 +280,16 @@ class ZScoreDetector(Detector):
             used = self._use[k]
             k_count, k_mean, k_m2, tot = _prefix_stats(x, contrib & has_key[:, None] & used[None, :], grouping)
             # Per feature: a key scores on its own statistics once it has `warmup` values of
-            # that feature, on the global statistics before that.
+            # that feature; before that on the global statistics, blended with its own first
+            # values (see ``_learning_baseline``).
             use_key = has_key[:, None] & (k_count >= self.warmup) & used[None, :]
             guard = has_key[:, None] & (k_count >= self.reject_after) & used[None, :]
             with np.errstate(invalid="ignore"):
                 reject |= np.any(guard & (np.abs(x - k_mean) > self.reject_z * self._std(k_count, k_m2)), axis=1)
-            z[:, k] = np.where(use_key, self._z(x, k_count, k_mean, k_m2), np.where(used[None, :], g_z, np.nan))
-            mean[:, k] = np.where(use_key, k_mean, g_mean)
-            std[:, k] = np.where(use_key, self._std(k_count, k_m2), g_std)
+            f_z, f_mean, f_std = self._learning_baseline(x, has_key, k_count, k_mean, k_m2, g_count, g_mean, g_m2, g_z, g_std)
+            z[:, k] = np.where(use_key, self._z(x, k_count, k_mean, k_m2), np.where(used[None, :], f_z, np.nan))
+            mean[:, k] = np.where(use_key, k_mean, f_mean)
+            std[:, k] = np.where(use_key, self._std(k_count, k_m2), f_std)
             warm[:, k] = use_key.any(axis=1)
             level[:, k] = np.where(warm[:, k], 1, 0)
             updates[ks] = _update(new_keys, slot, has_key, tot, batch.event_time)
@@ -310,6 +316,27 @@ class ZScoreDetector(Detector):
         scores[any_z] = np.nanmax(abs_z[any_z], axis=1)
         details = {"z": z, "mean": mean, "std": std, "warm": warm, "level": level}
         return Step(scores=scores, details=details, next_state=(updates, g_update), reject=reject)
+
+    def _learning_baseline(self, x, has_key, k_count, k_mean, k_m2, g_count, g_mean, g_m2, g_z, g_std):
+        """(z, mean, std) for events whose key is still learning.
+
+        The global statistics count as ``learning_prior`` events, merged with the key's own
+        values so far: a new product that sells at $1,585 is compared with everyone's prices
+        at its first sale, and with its own at its fifth, instead of being an outlier of the
+        whole store until its 30th. 0 keeps the plain global statistics.
+        """
+        w = float(self.learning_prior)
+        if w <= 0:
+            return g_z, g_mean, g_std
+        n_k = np.where(has_key[:, None], k_count, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var_g = np.where(g_count > 1, g_m2 / np.maximum(g_count - 1, 1), np.nan)
+            n = n_k + w
+            mean = np.where(n_k > 0, (n_k * k_mean + w * g_mean) / n, g_mean)
+            m2 = np.where(n_k > 0, k_m2, 0.0) + var_g * (w - 1) + np.where(n_k > 0, n_k * w / n * (k_mean - g_mean) ** 2, 0.0)
+            std = np.maximum(np.sqrt(m2 / np.maximum(n - 1, 1)), self._min_std)
+            z = np.where(g_count >= self.warmup, (x - mean) / std, np.nan)
+        return z, mean, std
 
     def _std(self, count: np.ndarray, m2: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -423,6 +450,8 @@ class ZScoreDetector(Detector):
             scope = "all events"
         elif warm:
             scope = baseline
+        elif self.learning_prior > 0:
+            scope = f"all keys and {key_set} {key}'s first events (still learning)"
         else:
             scope = f"all keys ({key_set} {key} still learning)"
         scope = f"the mean of {scope}"

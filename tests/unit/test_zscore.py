@@ -378,3 +378,33 @@ def test_explain_in_original_units():
     cold = ZScoreDetector(features=("log_amount",), key_sets=("store_id",), warmup=5)
     s = cold.score(batch.slice(0, 1), np.ones(1, dtype=bool))
     assert cold.explain(batch.slice(0, 1), s, 0).reasons == []
+
+
+def test_learning_key_blends_global_statistics_with_its_own_first_values():
+    """A new expensive product is an outlier of everyone's prices at its first sale, much less
+    so at its sixth (its own first values count), and the blend keeps batch == one-by-one."""
+    rng = np.random.default_rng(5)
+    n = 400
+    cheap = rng.normal(2.0, 0.8, n)  # many products, log prices around 2
+    keys = np.array([f"p{i % 40}" for i in range(n)], dtype=object)
+    history = FeatureBatch(event_time=np.arange(n, dtype=np.float64), columns={"a": cheap}, keys={"product": keys})
+    dear = FeatureBatch(
+        event_time=n + np.arange(6, dtype=np.float64),
+        columns={"a": np.full(6, 7.37) + rng.normal(0, 0.05, 6)},
+        keys={"product": np.full(6, "new", dtype=object)},
+    )
+    scores = {}
+    for prior in (0.0, 30.0):
+        det = ZScoreDetector(features=("a",), key_sets=("product",), warmup=30, learning_prior=prior, reject_z=1e9)
+        det.commit(det.score(history, np.ones(n, dtype=bool)))
+        whole = det.score(dear, np.ones(6, dtype=bool))
+        one = ZScoreDetector(features=("a",), key_sets=("product",), warmup=30, learning_prior=prior, reject_z=1e9)
+        one.commit(one.score(history, np.ones(n, dtype=bool)))
+        singles = run_chunks(one, dear, np.ones(6, dtype=bool), [1])[0]
+        np.testing.assert_allclose(whole.scores, singles, rtol=TOL, atol=TOL)
+        assert not whole.details["warm"].any()
+        scores[prior] = whole.scores
+    assert scores[0.0][0] == pytest.approx(scores[30.0][0])  # first sale: the global statistics alone
+    assert scores[0.0][5] > 5.0  # without the blend every early sale stays an outlier
+    assert scores[30.0][5] < 0.5 * scores[0.0][5]
+    assert np.all(np.diff(scores[30.0]) < 0)  # each own sale makes the next one less surprising
