@@ -11,6 +11,7 @@ import pytest
 from stream_detector.detectors import seasons
 from stream_detector.detectors.zscore import ZScoreDetector
 from stream_detector.features import FeatureBatch
+from tests.unit.test_zscore import run_chunks
 
 MONDAY = 1_767_571_200.0  # 2026-01-05 00:00 UTC, a Monday
 HOUR = 3600.0
@@ -106,14 +107,8 @@ def test_seasonal_batches_equal_one_by_one(sizes):
     step = whole.score(batch, learn)
     whole.commit(step)
     chunked = detector(("hour_of_day", "day_of_week"))
-    scores, start, k = [], 0, 0
-    while start < batch.n:
-        stop = min(batch.n, start + sizes[k % len(sizes)])
-        part = chunked.score(batch.slice(start, stop), learn[start:stop])
-        chunked.commit(part)
-        scores.append(part.scores)
-        start, k = stop, k + 1
-    np.testing.assert_allclose(np.concatenate(scores), step.scores, rtol=1e-9, atol=1e-9)
+    scores, _rejects = run_chunks(chunked, batch, learn, sizes)
+    np.testing.assert_allclose(scores, step.scores, rtol=1e-9, atol=1e-9)
     w, c = (s["key_sets"]["store_id@day_of_week"] for s in (whole.state_dict(), chunked.state_dict()))
     w_by_key = {key: (w["count"][r, 0], w["mean"][r, 0]) for r, key in enumerate(w["keys"])}
     c_by_key = {key: (c["count"][r, 0], c["mean"][r, 0]) for r, key in enumerate(c["keys"])}
