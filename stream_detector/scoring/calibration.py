@@ -21,6 +21,8 @@ from stream_detector.errors import StateError
 # Floor for probabilities: a score beyond a bounded tail is "extremely unlikely", not impossible.
 MIN_PROBABILITY = 1e-12
 MIN_EXCEEDANCES = 10
+# Relative difference below which two raw scores are the same score.
+TIE_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,11 @@ class TailFit:
             return np.ones(len(scores))
         ref = self.reference
         m = len(ref)
-        body = (m - np.searchsorted(ref, scores, side="left") + 1.0) / (m + 1.0)
+        # Scores equal up to float rounding count as ties: the same event scored in batches of
+        # other sizes can differ in the last bits (prefix sums), and must not move past a tie.
+        with np.errstate(invalid="ignore"):  # inf stays inf
+            tolerant = np.where(np.isfinite(scores), scores - TIE_TOLERANCE * np.maximum(np.abs(scores), 1.0), scores)
+        body = (m - np.searchsorted(ref, tolerant, side="left") + 1.0) / (m + 1.0)
         excess = np.maximum(scores - self.threshold, 0.0)
         if abs(self.shape) < 1e-9:
             tail = np.exp(-excess / self.scale)
