@@ -184,6 +184,9 @@ class HSTEngine:
         internal = self._levels[:-1]
         self._level_feature = [self.trees.feature[:, level].ravel() for level in internal]
         self._level_threshold = [self.trees.threshold[:, level].ravel() for level in internal]
+        # (X, leaves) of the last score_and_learn: the pipeline's fixed-point rounds score the
+        # same batch again with another learn mask, and the scaled rows rarely change.
+        self._leaf_cache: tuple[np.ndarray, np.ndarray] | None = None
 
     def initial_state(self) -> HSTState:
         zeros = np.zeros((self.n_trees, self.n_nodes), dtype=np.int64)
@@ -204,6 +207,24 @@ class HSTEngine:
             position <<= 1
             position += go_right
         return position
+
+    def _cached_leaves(self, X: np.ndarray) -> np.ndarray:
+        """``leaves(X)``, descending only for rows that differ from the last call's ``X``.
+
+        Exact: a row's leaves are a function of the row and the (fixed) trees alone.
+        """
+        cache = self._leaf_cache
+        if cache is not None and cache[0].shape == X.shape:
+            changed = np.flatnonzero((X != cache[0]).any(axis=1))
+            if changed.size < X.shape[0]:
+                leaves = cache[1].copy()
+                if changed.size:
+                    leaves[changed] = self.leaves(X[changed])
+                self._leaf_cache = (X.copy(), leaves)
+                return leaves
+        leaves = self.leaves(X)
+        self._leaf_cache = (X.copy(), leaves)
+        return leaves
 
     def _leaf_scores(self, r_mass: np.ndarray) -> np.ndarray:
         """Per leaf, River's ``_walk_score`` of a walk heading for it, for stacked masses.
@@ -288,14 +309,15 @@ class HSTEngine:
         rows_per_chunk = windows_per_chunk * self.window_size
         state = self.state
         scores = np.zeros(n)
+        leaves = self._cached_leaves(X)
         for start in range(0, n, rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             chunk_learn = None if X_learn is None else X_learn[rows]
-            scores[rows], state = self._score_chunk(X[rows], chunk_learn, learn[rows], state)
+            scores[rows], state = self._score_chunk(X[rows], chunk_learn, learn[rows], state, leaves[rows])
         return scores, state
 
     def _score_chunk(
-        self, X: np.ndarray, X_learn: np.ndarray | None, learn: np.ndarray, state: HSTState
+        self, X: np.ndarray, X_learn: np.ndarray | None, learn: np.ndarray, state: HSTState, leaves: np.ndarray
     ) -> tuple[np.ndarray, HSTState]:
         """``score_and_learn`` for rows spanning at most ``windows_per_chunk + 1`` windows.
 
@@ -307,7 +329,6 @@ class HSTEngine:
         learned_rows = np.flatnonzero(learn)
         n_learned = learned_rows.size
         n_windows = (state.counter + n_learned) // W + 1
-        leaves = self.leaves(X)
         learned_leaves = self._learned_leaves(X, X_learn, leaves, learned_rows)
 
         learned_mass = self._window_masses(

@@ -346,3 +346,26 @@ def test_explain_names_the_trees_and_out_of_range_features():
     assert "missing beta" in text
     assert explanation.details["mass_score"] == step.scores[399]
     assert step.scores[399] > np.median(step.scores[100:399])
+
+
+def test_rescoring_with_other_masks_and_rows_equals_a_fresh_detector():
+    """The engine reuses the leaves of rows unchanged since the last call (the pipeline's
+    rounds): scores must equal those of a detector that never saw the earlier calls."""
+    batch, learn = _feature_batch(_data_with_gaps()), _learn_mask("masked")
+    detector = _detector(window_size=37)
+    detector.learn_one_batch(batch.slice(0, 500), learn[:500])
+    snapshot = pickle.dumps(detector.state_dict())
+    rest = batch.slice(500, 900)
+    X = _data_with_gaps()[500:900].copy()
+    X[200:210] *= 3.0  # some rows change between calls (new extremes move the scaler)
+    changed = _feature_batch(X)
+    masks = [np.ones(400, dtype=bool), learn[500:900], ~learn[500:900], learn[500:900]]
+    for b in (rest, changed, rest):
+        for m in masks:
+            got = detector.score(b, m)
+            fresh = _detector(window_size=37)
+            fresh.load_state_dict(pickle.loads(snapshot))
+            expected = fresh.score(b, m)
+            assert np.array_equal(got.scores, expected.scores)
+            assert np.array_equal(got.next_state.engine.l_mass, expected.next_state.engine.l_mass)
+            assert np.array_equal(got.next_state.engine.r_mass, expected.next_state.engine.r_mass)
