@@ -20,9 +20,10 @@ Why a batch can be vectorised although the model learns as it goes:
   all windows a batch spans are stacked, one table per window is built, and every row reads
   the table of its window.
 
-Trees are built by River's own ``make_padded_tree`` with the same arguments, random generator
-and call order as ``HalfSpaceTrees.learn_one``, so the same seed gives the same trees. They are
-then flattened into heap layout: node ``k`` has children ``2k + 1`` (``value < threshold``) and
+Trees are built as River's ``make_padded_tree`` builds them, with the same arguments, random
+generator and call order as ``HalfSpaceTrees.learn_one``, so the same seed gives the same trees
+(the tests compare with River). They are written straight into heap layout (importing
+``river.tree`` would pull in scipy, over a second of startup): node ``k`` has children ``2k + 1`` (``value < threshold``) and
 ``2k + 2``; the nodes of depth ``d`` are ``2**d - 1 .. 2**(d + 1) - 2``, the leaves come last.
 During the descent an event's position at depth ``d`` is ``tree * 2**d + j`` (``j``: rank of
 the node within its level), whose children are ``2 * position`` and ``2 * position + 1``.
@@ -43,7 +44,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from river.tree.padded import PaddedBranch, make_padded_tree
 
 from stream_detector.errors import StateError
 
@@ -87,15 +87,8 @@ def _build_trees(
     feature = np.zeros((n_trees, n_nodes), dtype=np.intp)
     threshold = np.full((n_trees, n_nodes), np.nan)
     for t in range(n_trees):
-        root = make_padded_tree(
-            limits={name: all_limits[name] for name in sorted(feature_names)},
-            height=height,
-            padding=PADDING,
-            rng=rng,
-            r_mass=0,
-            l_mass=0,
-        )
-        _flatten(root, 0, column, feature[t], threshold[t])
+        limits_t = {name: all_limits[name] for name in sorted(feature_names)}
+        _grow(limits_t, height, PADDING, rng, 0, column, feature[t], threshold[t])
     return Trees(feature=feature, threshold=threshold)
 
 
@@ -122,16 +115,33 @@ def _check_masses(
                 raise StateError(f"HST engine {name}: a parent is not the sum of its children")
 
 
-def _flatten(
-    node: Any, k: int, column: dict[str, int], feature: np.ndarray, threshold: np.ndarray
+def _grow(
+    limits: dict[str, tuple[float, float]],
+    height: int,
+    padding: float,
+    rng: random.Random,
+    k: int,
+    column: dict[str, int],
+    feature: np.ndarray,
+    threshold: np.ndarray,
 ) -> None:
-    """Write River's linked tree into heap-layout arrays (recursion depth = height)."""
-    if not isinstance(node, PaddedBranch):
+    """River's ``make_padded_tree`` (river/tree/padded.py), writing node ``k`` and its subtree
+    into heap-layout arrays: the same ``rng`` calls in the same order (recursion depth = height)."""
+    if height == 0:
         return
-    feature[k] = column[node.feature]
-    threshold[k] = node.threshold
-    _flatten(node.children[0], 2 * k + 1, column, feature, threshold)
-    _flatten(node.children[1], 2 * k + 2, column, feature, threshold)
+    # A feature, weighted by the width of its limits, then a padded split point.
+    on = rng.choices(population=list(limits.keys()), weights=[limits[i][1] - limits[i][0] for i in limits])[0]
+    a, b = limits[on]
+    at = rng.uniform(a + padding * (b - a), b - padding * (b - a))
+    feature[k] = column[on]
+    threshold[k] = at
+    tmp = limits[on]
+    limits[on] = (tmp[0], at)
+    _grow(limits, height - 1, padding, rng, 2 * k + 1, column, feature, threshold)
+    limits[on] = tmp
+    limits[on] = (at, tmp[1])
+    _grow(limits, height - 1, padding, rng, 2 * k + 2, column, feature, threshold)
+    limits[on] = tmp
 
 
 class HSTEngine:

@@ -369,3 +369,29 @@ def test_rescoring_with_other_masks_and_rows_equals_a_fresh_detector():
             assert np.array_equal(got.scores, expected.scores)
             assert np.array_equal(got.next_state.engine.l_mass, expected.next_state.engine.l_mass)
             assert np.array_equal(got.next_state.engine.r_mass, expected.next_state.engine.r_mass)
+
+
+@pytest.mark.parametrize("n_trees, height, seed", [(3, 1, 0), (10, 8, 42), (25, 10, 7)])
+def test_trees_are_rivers_padded_trees(n_trees, height, seed):
+    """The engine grows its trees without importing river.tree; they must be River's."""
+    import collections
+    import random
+
+    from river.tree.padded import PaddedBranch, make_padded_tree
+
+    features = ("b", "a", "c")
+    limits = {"a": (0.0, 2.0), "b": (-1.0, 1.0)}
+    engine = HSTEngine(features, n_trees=n_trees, height=height, limits=limits, seed=seed)
+    rng = random.Random(seed)
+    all_limits = collections.defaultdict(lambda: (0.0, 1.0), limits)
+    for t in range(n_trees):
+        root = make_padded_tree({f: all_limits[f] for f in sorted(features)}, height, 0.15, rng, r_mass=0, l_mass=0)
+        stack = [(root, 0)]
+        while stack:
+            node, k = stack.pop()
+            if isinstance(node, PaddedBranch):
+                assert features[engine.trees.feature[t, k]] == node.feature
+                assert engine.trees.threshold[t, k] == node.threshold
+                stack += [(node.children[0], 2 * k + 1), (node.children[1], 2 * k + 2)]
+            else:
+                assert np.isnan(engine.trees.threshold[t, k])
