@@ -253,3 +253,16 @@ def test_array_scoring_equals_the_event_by_event_definition(seed):
     np.testing.assert_array_equal(np.concatenate(got_first), first)
     assert list(det._seen.items()) == entries
     assert 0 < (scores > 0).sum() < n
+
+
+def test_batch_without_fingerprints_scores_zero_and_learns_nothing():
+    det = DuplicateDetector()
+    det.learn_one_batch(manual_batch([1, 2], [10.0, 20.0]))
+    bare = FeatureBatch(event_time=np.array([30.0, 40.0]), columns={}, keys={})
+    assert det.learn_one_batch(bare).tolist() == [0.0, 0.0]
+    assert det.state_dict()["fingerprints"].tolist() == [1, 2] and det.state_dict()["newest"] == 20.0
+    # A restore between rounds must not reuse lookups made against the old memory.
+    batch = manual_batch([1, 3], [50.0, 60.0])
+    assert det.score(batch, np.ones(2, dtype=bool)).scores[0] > 0
+    det.load_state_dict(DuplicateDetector().state_dict())
+    assert det.score(batch, np.ones(2, dtype=bool)).scores.tolist() == [0.0, 0.0]
