@@ -423,6 +423,19 @@ class AutoencoderDetector(Detector):
             last_train_loss=float(loss),
         )
 
+    def guess(self, batch: FeatureBatch, learn: np.ndarray) -> np.ndarray:
+        """Approximate scores: every event against the committed network, no training.
+
+        The pipeline uses them only to propose its first round's masks (``score`` confirms),
+        which saves training clones on a mask that would be thrown away.
+        """
+        learn = np.asarray(learn, dtype=bool)
+        state = self._state
+        if state.trainings == 0:
+            return np.zeros(batch.n)
+        warm = state.n_learned + np.cumsum(learn) - learn >= self.warmup_events
+        return self._segment_scores(state, batch.matrix(self.features), warm)
+
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
         """Score ``batch`` in order, training at each point the buffer fills (on a copy)."""
         learn = np.asarray(learn, dtype=bool)

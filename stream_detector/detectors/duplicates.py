@@ -37,44 +37,94 @@ class DuplicateDetector(Detector):
         # fingerprint -> event time of the last learned event with it (insertion-ordered).
         self._seen: OrderedDict[int, float] = OrderedDict()
         self._newest = -np.inf  # latest learned event time
+        # What score() derives from the fingerprints alone (grouping, remembered times), for the
+        # pipeline's rounds on the same batch; dropped at commit.
+        self._grouping: tuple[np.ndarray, tuple[np.ndarray, ...]] | None = None
 
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
+        """Event by event in meaning, on arrays: each event is compared with the time of the
+        last learned event with its fingerprint before it in the batch, else the remembered one,
+        and with the newest learned event time before it."""
         n = batch.n
-        prints = batch.fingerprints.tolist() if len(batch.fingerprints) == n else [None] * n
-        times = batch.event_time.tolist()
-        learn_list = np.asarray(learn, dtype=bool).tolist()
-        seen = self._seen
-        in_batch: dict[int, float] = {}
-        is_dup = np.zeros(n, dtype=bool)
         first_time = np.full(n, np.nan)
-        newest = self._newest
+        if len(batch.fingerprints) != n or n == 0:  # no fingerprints: nothing to compare or learn
+            nothing = (np.zeros(0, dtype=np.uint64), np.zeros(0), np.zeros(0, dtype=np.int64))
+            return Step(scores=np.zeros(n), details={"first_seen": first_time}, next_state=(nothing, self._newest))
+        prints = batch.fingerprints
+        times = batch.event_time
+        learn = np.asarray(learn, dtype=bool)
         window = self.window_seconds
-        for i, (fp, t) in enumerate(zip(prints, times)):
-            if fp is None:
-                continue
-            earlier = in_batch.get(fp, seen.get(fp))
-            if earlier is not None and t - earlier <= window and earlier >= newest - window:
-                is_dup[i] = True
-                first_time[i] = earlier
-            if learn_list[i]:
-                in_batch[fp] = t
-                newest = max(newest, t)
+
+        # Newest learned time before each event.
+        learned_times = np.where(learn, times, -np.inf)
+        newest_before = np.empty(n)
+        newest_before[0] = self._newest
+        np.maximum(np.maximum.accumulate(learned_times[:-1]), self._newest, out=newest_before[1:])
+
+        order, first_of_group, group, known, values = self._group(prints)
+        # Last learned event of the same fingerprint before each event (in batch order).
+        last_learned = np.maximum.accumulate(np.where(learn[order], np.arange(n), -1))
+        before = np.r_[-1, last_learned[:-1]]
+        in_batch = before >= first_of_group
+        earlier_sorted = np.where(in_batch, times[order][np.maximum(before, 0)], np.nan)
+        # Otherwise the remembered time.
+        earlier = np.empty(n)
+        has_earlier = np.empty(n, dtype=bool)
+        earlier[order] = np.where(in_batch, earlier_sorted, values[group])
+        has_earlier[order] = in_batch | known[group]
+
+        with np.errstate(invalid="ignore"):
+            is_dup = has_earlier & (times - earlier <= window) & (earlier >= newest_before - window)
+        first_time[is_dup] = earlier[is_dup]
         scores = np.where(is_dup, 1.0 - self.probability, 0.0)
-        return Step(scores=scores, details={"first_seen": first_time}, next_state=(in_batch, newest))
+        learned_rows = np.flatnonzero(learn)
+        newest = max(self._newest, float(times[learned_rows].max())) if learned_rows.size else self._newest
+        return Step(scores=scores, details={"first_seen": first_time}, next_state=((prints, times, learned_rows), newest))
+
+    def _group(self, prints: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Sort order, group start per sorted row, group per sorted row, and per distinct
+        fingerprint whether and when it is remembered (one dict lookup each)."""
+        cached = self._grouping
+        if cached is not None and cached[0] is prints:
+            return cached[1]
+        n = len(prints)
+        order = np.argsort(prints, kind="stable")
+        sorted_prints = prints[order]
+        group_start = np.ones(n, dtype=bool)
+        group_start[1:] = sorted_prints[1:] != sorted_prints[:-1]
+        first_of_group = np.maximum.accumulate(np.where(group_start, np.arange(n), 0))
+        remembered = [self._seen.get(fp) for fp in sorted_prints[group_start].tolist()]
+        known = np.fromiter((t is not None for t in remembered), dtype=bool, count=len(remembered))
+        values = np.fromiter((0.0 if t is None else t for t in remembered), dtype=np.float64, count=len(remembered))
+        grouping = (order, first_of_group, np.cumsum(group_start) - 1, known, values)
+        self._grouping = (prints, grouping)
+        return grouping
 
     def commit(self, step: Step) -> None:
         seen = self._seen
-        learned, self._newest = step.next_state
-        for fp, t in learned.items():
-            seen.pop(fp, None)
-            seen[fp] = t
+        (prints, times, rows), self._newest = step.next_state
+        self._grouping = None
+        # Learned fingerprints in order of first appearance, each with its last learned time
+        # (what inserting them one by one into a dict gives).
+        learned = dict(zip(prints[rows].tolist(), times[rows].tolist()))
+        # Re-learned fingerprints move to the back (the newest end) of the insertion order.
+        for fp in seen.keys() & learned.keys():
+            del seen[fp]
+        seen.update(learned)
         self._expire()
 
     def _expire(self) -> None:
         """Drop the oldest entries past the window or the cap (the presence check is exact anyway)."""
         seen = self._seen
         horizon = self._newest - self.window_seconds
-        while seen and (len(seen) > self.max_entries or next(iter(seen.values())) < horizon):
+        excess = len(seen) - self.max_entries
+        drop = 0
+        for t in seen.values():
+            if drop < excess or t < horizon:
+                drop += 1
+            else:
+                break
+        for _ in range(drop):
             seen.popitem(last=False)
 
     def explain(self, batch: FeatureBatch, step: Step, i: int) -> Explanation:
@@ -100,3 +150,4 @@ class DuplicateDetector(Detector):
             raise StateError(f"duplicates state version {state.get('version')!r}, expected {self.state_version}")
         self._seen = OrderedDict(zip(np.asarray(state["fingerprints"]).tolist(), np.asarray(state["times"]).tolist()))
         self._newest = float(state["newest"])
+        self._grouping = None

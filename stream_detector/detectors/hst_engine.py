@@ -20,9 +20,10 @@ Why a batch can be vectorised although the model learns as it goes:
   all windows a batch spans are stacked, one table per window is built, and every row reads
   the table of its window.
 
-Trees are built by River's own ``make_padded_tree`` with the same arguments, random generator
-and call order as ``HalfSpaceTrees.learn_one``, so the same seed gives the same trees. They are
-then flattened into heap layout: node ``k`` has children ``2k + 1`` (``value < threshold``) and
+Trees are built as River's ``make_padded_tree`` builds them, with the same arguments, random
+generator and call order as ``HalfSpaceTrees.learn_one``, so the same seed gives the same trees
+(the tests compare with River). They are written straight into heap layout (importing
+``river.tree`` would pull in scipy, over a second of startup): node ``k`` has children ``2k + 1`` (``value < threshold``) and
 ``2k + 2``; the nodes of depth ``d`` are ``2**d - 1 .. 2**(d + 1) - 2``, the leaves come last.
 During the descent an event's position at depth ``d`` is ``tree * 2**d + j`` (``j``: rank of
 the node within its level), whose children are ``2 * position`` and ``2 * position + 1``.
@@ -43,7 +44,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from river.tree.padded import PaddedBranch, make_padded_tree
 
 from stream_detector.errors import StateError
 
@@ -87,15 +87,8 @@ def _build_trees(
     feature = np.zeros((n_trees, n_nodes), dtype=np.intp)
     threshold = np.full((n_trees, n_nodes), np.nan)
     for t in range(n_trees):
-        root = make_padded_tree(
-            limits={name: all_limits[name] for name in sorted(feature_names)},
-            height=height,
-            padding=PADDING,
-            rng=rng,
-            r_mass=0,
-            l_mass=0,
-        )
-        _flatten(root, 0, column, feature[t], threshold[t])
+        limits_t = {name: all_limits[name] for name in sorted(feature_names)}
+        _grow(limits_t, height, PADDING, rng, 0, column, feature[t], threshold[t])
     return Trees(feature=feature, threshold=threshold)
 
 
@@ -122,16 +115,33 @@ def _check_masses(
                 raise StateError(f"HST engine {name}: a parent is not the sum of its children")
 
 
-def _flatten(
-    node: Any, k: int, column: dict[str, int], feature: np.ndarray, threshold: np.ndarray
+def _grow(
+    limits: dict[str, tuple[float, float]],
+    height: int,
+    padding: float,
+    rng: random.Random,
+    k: int,
+    column: dict[str, int],
+    feature: np.ndarray,
+    threshold: np.ndarray,
 ) -> None:
-    """Write River's linked tree into heap-layout arrays (recursion depth = height)."""
-    if not isinstance(node, PaddedBranch):
+    """River's ``make_padded_tree`` (river/tree/padded.py), writing node ``k`` and its subtree
+    into heap-layout arrays: the same ``rng`` calls in the same order (recursion depth = height)."""
+    if height == 0:
         return
-    feature[k] = column[node.feature]
-    threshold[k] = node.threshold
-    _flatten(node.children[0], 2 * k + 1, column, feature, threshold)
-    _flatten(node.children[1], 2 * k + 2, column, feature, threshold)
+    # A feature, weighted by the width of its limits, then a padded split point.
+    on = rng.choices(population=list(limits.keys()), weights=[limits[i][1] - limits[i][0] for i in limits])[0]
+    a, b = limits[on]
+    at = rng.uniform(a + padding * (b - a), b - padding * (b - a))
+    feature[k] = column[on]
+    threshold[k] = at
+    tmp = limits[on]
+    limits[on] = (tmp[0], at)
+    _grow(limits, height - 1, padding, rng, 2 * k + 1, column, feature, threshold)
+    limits[on] = tmp
+    limits[on] = (at, tmp[1])
+    _grow(limits, height - 1, padding, rng, 2 * k + 2, column, feature, threshold)
+    limits[on] = tmp
 
 
 class HSTEngine:
@@ -184,6 +194,9 @@ class HSTEngine:
         internal = self._levels[:-1]
         self._level_feature = [self.trees.feature[:, level].ravel() for level in internal]
         self._level_threshold = [self.trees.threshold[:, level].ravel() for level in internal]
+        # (X, leaves) of the last score_and_learn: the pipeline's fixed-point rounds score the
+        # same batch again with another learn mask, and the scaled rows rarely change.
+        self._leaf_cache: tuple[np.ndarray, np.ndarray] | None = None
 
     def initial_state(self) -> HSTState:
         zeros = np.zeros((self.n_trees, self.n_nodes), dtype=np.int64)
@@ -204,6 +217,24 @@ class HSTEngine:
             position <<= 1
             position += go_right
         return position
+
+    def _cached_leaves(self, X: np.ndarray) -> np.ndarray:
+        """``leaves(X)``, descending only for rows that differ from the last call's ``X``.
+
+        Exact: a row's leaves are a function of the row and the (fixed) trees alone.
+        """
+        cache = self._leaf_cache
+        if cache is not None and cache[0].shape == X.shape:
+            changed = np.flatnonzero((X != cache[0]).any(axis=1))
+            if changed.size < X.shape[0]:
+                leaves = cache[1].copy()
+                if changed.size:
+                    leaves[changed] = self.leaves(X[changed])
+                self._leaf_cache = (X.copy(), leaves)
+                return leaves
+        leaves = self.leaves(X)
+        self._leaf_cache = (X.copy(), leaves)
+        return leaves
 
     def _leaf_scores(self, r_mass: np.ndarray) -> np.ndarray:
         """Per leaf, River's ``_walk_score`` of a walk heading for it, for stacked masses.
@@ -288,14 +319,15 @@ class HSTEngine:
         rows_per_chunk = windows_per_chunk * self.window_size
         state = self.state
         scores = np.zeros(n)
+        leaves = self._cached_leaves(X)
         for start in range(0, n, rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             chunk_learn = None if X_learn is None else X_learn[rows]
-            scores[rows], state = self._score_chunk(X[rows], chunk_learn, learn[rows], state)
+            scores[rows], state = self._score_chunk(X[rows], chunk_learn, learn[rows], state, leaves[rows])
         return scores, state
 
     def _score_chunk(
-        self, X: np.ndarray, X_learn: np.ndarray | None, learn: np.ndarray, state: HSTState
+        self, X: np.ndarray, X_learn: np.ndarray | None, learn: np.ndarray, state: HSTState, leaves: np.ndarray
     ) -> tuple[np.ndarray, HSTState]:
         """``score_and_learn`` for rows spanning at most ``windows_per_chunk + 1`` windows.
 
@@ -307,7 +339,6 @@ class HSTEngine:
         learned_rows = np.flatnonzero(learn)
         n_learned = learned_rows.size
         n_windows = (state.counter + n_learned) // W + 1
-        leaves = self.leaves(X)
         learned_leaves = self._learned_leaves(X, X_learn, leaves, learned_rows)
 
         learned_mass = self._window_masses(

@@ -118,6 +118,18 @@ class PartitionWork:
     last_event_time: float | None = None  # of the latest scored event (active windows gauge)
 
 
+class _Sources:
+    """Input position of record ``j`` of a batch, built only for the records that are asked for
+    (the anomalies), not for every record."""
+
+    def __init__(self, records: list[Message]) -> None:
+        self._records = records
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        m = self._records[j]
+        return {"topic": m.topic(), "partition": m.partition(), "offset": m.offset()}
+
+
 class Daemon:
     """``stream-detector run``: owns the clients, the per-partition pipelines and the metrics server.
 
@@ -248,7 +260,11 @@ class Daemon:
         while not self._stop.is_set():
             if self._control is not None:
                 self._read_control()
-            messages = self._consumer.consume(batch_size, timeout=max_wait_s)
+            # Every assigned partition has its own pipeline: ask for batch_size records per
+            # partition, so each pipeline scores batches of up to batch_size (fewer, bigger
+            # batches), not batch_size / partitions.
+            wanted = batch_size * max(1, len(self._partitions))
+            messages = self._consumer.consume(wanted, timeout=max_wait_s)
             if messages:
                 self._guarded(self._process, messages, time.monotonic())
             if time.monotonic() - self._last_checkpoint >= interval_s:
@@ -289,23 +305,28 @@ class Daemon:
     def _process(self, messages: list[Message], consumed_at: float) -> None:
         by_partition: dict[tuple[str, int], list[Message]] = {}
         for msg in messages:
-            if self._is_record(msg):
+            if msg.error() is None or self._is_record(msg):
                 by_partition.setdefault((msg.topic(), msg.partition()), []).append(msg)
-        for tp, records in by_partition.items():
+        batch_size = self.settings.processing.batch_size
+        for tp, all_records in by_partition.items():
             work = self._partitions.get(tp)
             if work is None:  # fetched before a revocation; the new owner reads it again
                 continue
-            started = time.perf_counter()
-            decoded = decode_batch([m.value() for m in records], self.schema)
-            result = work.pipeline.process(decoded.features)
-            self._produce_anomalies(work.pipeline, records, decoded, result, consumed_at)
-            self._produce_silences(work.pipeline, result, consumed_at)
-            self._produce_dead_letters(records, decoded, consumed_at)
-            work.position = records[-1].offset() + 1
-            work.dirty = True
-            if decoded.features.n:
-                work.last_event_time = float(decoded.features.event_time[-1])
-            self._observe(work.pipeline, decoded, result, len(records), time.perf_counter() - started)
+            for start in range(0, len(all_records), batch_size):
+                records = all_records[start : start + batch_size]
+                started = time.perf_counter()
+                decoded = decode_batch([m.value() for m in records], self.schema)
+                result = work.pipeline.process(decoded.features)
+                self._produce_anomalies(work.pipeline, records, decoded, result, consumed_at)
+                self._produce_silences(work.pipeline, result, consumed_at)
+                self._produce_dead_letters(records, decoded, consumed_at)
+                work.position = records[-1].offset() + 1
+                work.dirty = True
+                if decoded.features.n:
+                    work.last_event_time = float(decoded.features.event_time[-1])
+                self._observe(work.pipeline, decoded, result, len(records), time.perf_counter() - started)
+        if by_partition:
+            self._observe_state()
         # Serve delivery reports now (end-to-end latency is observed there), not at the checkpoint.
         if self._producer is not None:
             self._producer.poll(0)
@@ -330,9 +351,8 @@ class Daemon:
         k = len(names)
         if not result.is_anomaly.any():
             return
-        sources = [{"topic": m.topic(), "partition": m.partition(), "offset": m.offset()} for m in records]
         event_time = decoded.features.event_time
-        for i, record in anomaly_records(pipeline, decoded, result, sources):
+        for i, record in anomaly_records(pipeline, decoded, result, _Sources(records)):
             if not self._publishable(record, float(event_time[i]), pipeline):
                 continue
             key, value = encode_record(record)
@@ -605,10 +625,20 @@ class Daemon:
         m.events.labels("scored").inc(decoded.features.n)
         m.events.labels("invalid").inc(len(decoded.invalid))
         observe_scores(m, result)
+        for detector in pipeline.detectors:
+            loss = getattr(detector, "last_train_loss", None)
+            if loss is not None:
+                m.train_loss.set(loss)
+                m.train_steps.set(detector.train_steps_total)
+
+    def _observe_state(self) -> None:
+        """Gauges over every partition's pipeline (calibrated, keys): once per consume, not per
+        batch, since they walk every key of every pipeline."""
+        m = self.metrics
         keys: dict[str, int] = {}
         learning: dict[str, int] = {}
         works = list(self._partitions.values())
-        for name in pipeline.detector_names:
+        for name in self.pipeline.detector_names:
             ready = all(w.pipeline.calibrators[name].ready for w in works)
             m.calibrated.labels(name).set(1 if ready else 0)
         for work in works:
@@ -621,11 +651,6 @@ class Daemon:
         for ks, n in keys.items():
             m.keys.labels(ks).set(n)
             m.learning_keys.labels(ks).set(learning.get(ks, 0))
-        for detector in pipeline.detectors:
-            loss = getattr(detector, "last_train_loss", None)
-            if loss is not None:
-                m.train_loss.set(loss)
-                m.train_steps.set(detector.train_steps_total)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Restore before the first event of these partitions is scored, then start each one

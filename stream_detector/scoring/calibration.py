@@ -100,6 +100,10 @@ class Calibrator:
         self.min_events = min_events
         self.tail_quantile = tail_quantile
         self._state = _CalibratorState(np.zeros(window), 0, TailFit(False, np.zeros(0)))
+        # (state, [(seen, learned raw scores of the batch up to the refresh, fit)]) of the last
+        # transform: the pipeline's rounds transform the same batch again, and a refit whose
+        # window is unchanged (same state, same scores before it) gives the same fit.
+        self._fit_cache: tuple[_CalibratorState, list[tuple[int, np.ndarray, TailFit]]] | None = None
 
     @property
     def ready(self) -> bool:
@@ -120,6 +124,9 @@ class Calibrator:
         # Learned events counted from the batch start: refresh points fall on multiples of
         # ``refresh`` learned events, wherever the batch boundaries are.
         learned_before = np.cumsum(learn) - learn
+        cache = self._fit_cache
+        previous = cache[1] if cache is not None and cache[0] is state else []
+        fits: list[tuple[int, np.ndarray, TailFit]] = []
         start = 0
         while start < n:
             to_refresh = self.refresh - (seen % self.refresh)
@@ -131,12 +138,20 @@ class Calibrator:
             _ring_write(buffer, seen, taken)
             seen += len(taken)
             if len(taken) and seen % self.refresh == 0 and seen >= self.min_events:
-                fit = fit_tail(buffer[: min(seen, self.window)], self.tail_quantile)
+                so_far = raw[:stop][learn[:stop]]
+                k = len(fits)
+                if k < len(previous) and previous[k][0] == seen and np.array_equal(previous[k][1], so_far):
+                    fit = previous[k][2]
+                else:
+                    fit = fit_tail(buffer[: min(seen, self.window)], self.tail_quantile)
+                fits.append((seen, so_far, fit))
             start = stop
+        self._fit_cache = (state, fits)
         return out, _CalibratorState(buffer, seen, fit)
 
     def commit(self, state: _CalibratorState) -> None:
         self._state = state
+        self._fit_cache = None
 
     def state_dict(self) -> dict:
         s = self._state

@@ -10,6 +10,12 @@ Besides flagged events, a detector may reject gross outliers from learning (``St
 e.g. a 10-sigma value while a key is still warming up) by the same rule: the decision for event
 ``i`` depends only on the events before it. Almost every batch settles in two rounds; if one does not within ``max_rounds``, the settled
 prefix is committed and the rest is processed as a batch of its own.
+
+Cost: every round scores the whole batch, so the pipeline keeps rounds cheap. A detector may
+offer a cheap ``guess(batch, learn)`` for the first round (the autoencoder scores with its committed network
+instead of training clones); guesses only propose the masks, and a batch settles only on a
+round where every score is exact. A detector whose learn mask did not change between rounds
+is not scored again.
 """
 
 from __future__ import annotations
@@ -107,32 +113,64 @@ class ScoringPipeline:
         # calibrate: what enters the calibrators' reference windows (not flagged).
         learn = np.ones(batch.n, dtype=bool)
         calibrate = np.ones(batch.n, dtype=bool)
+        # Exact steps by detector, with the learn mask they were scored with: a round whose mask
+        # a detector already scored (only the calibrate mask changed, or a guess is confirmed)
+        # reuses the step instead of scoring the batch again.
+        exact: dict[str, tuple[np.ndarray, Step]] = {}
+        # Round 1 may use a detector's cheap guess (Detector.guess); a guess only proposes the
+        # masks, it is never committed: a batch settles only on a round where every score is exact.
+        guessing = self.max_rounds >= 2
+        changed = 0
         for rounds in range(1, self.max_rounds + 1):
-            steps, probs, cal_states = self._score(batch, learn, calibrate)
+            steps, probs, cal_states, all_exact = self._score(batch, learn, calibrate, exact, guessing)
+            guessing = False
             fused, flagged = self._decide(probs)
             new_learn = ~flagged & ~_rejected(steps, batch.n)
             if np.array_equal(new_learn, learn) and np.array_equal(~flagged, calibrate):
-                return self._commit(batch, offset, steps, probs, cal_states, fused, flagged, rounds)
-            changed = int(np.flatnonzero((new_learn != learn) | (~flagged != calibrate))[0])
+                if all_exact:
+                    return self._commit(batch, offset, steps, probs, cal_states, fused, flagged, rounds)
+                continue  # confirm the guessed detectors with exact scores for the same masks
+            if all_exact:
+                changed = int(np.flatnonzero((new_learn != learn) | (~flagged != calibrate))[0])
             learn, calibrate = new_learn, ~flagged
-        # Not settled: events before the first change are final. Redo them alone and commit.
+        # Not settled: events before the first change of the last (exact) round are final.
+        # Redo them alone and commit.
         prefix = max(changed, 1)
         sub = batch.slice(0, prefix)
-        steps, probs, cal_states = self._score(sub, learn[:prefix], calibrate[:prefix])
+        steps, probs, cal_states, _ = self._score(sub, learn[:prefix], calibrate[:prefix], {}, False)
         fused, flagged = self._decide(probs)
         return self._commit(sub, offset, steps, probs, cal_states, fused, flagged, self.max_rounds + 1)
 
     def _score(
-        self, batch: FeatureBatch, learn: np.ndarray, calibrate: np.ndarray
-    ) -> tuple[dict[str, Step], dict[str, np.ndarray], dict[str, Any]]:
+        self,
+        batch: FeatureBatch,
+        learn: np.ndarray,
+        calibrate: np.ndarray,
+        exact: dict[str, tuple[np.ndarray, Step]],
+        guessing: bool,
+    ) -> tuple[dict[str, Step], dict[str, np.ndarray], dict[str, Any], bool]:
         steps: dict[str, Step] = {}
         probs: dict[str, np.ndarray] = {}
         cal_states: dict[str, Any] = {}
+        all_exact = True
         for detector in self.detectors:
-            step = detector.score(batch, learn)
-            steps[detector.name] = step
-            probs[detector.name], cal_states[detector.name] = self.calibrators[detector.name].transform(step.scores, calibrate)
-        return steps, probs, cal_states
+            name = detector.name
+            known = exact.get(name)
+            # Optional ``guess(batch, learn) -> scores | None``: cheap approximate scores, used
+            # only to propose the first round's masks.
+            guesser = getattr(detector, "guess", None) if guessing and known is None else None
+            guess = guesser(batch, learn) if guesser is not None else None
+            if guess is not None:
+                step = Step(scores=guess)
+                all_exact = False
+            elif known is not None and np.array_equal(known[0], learn):
+                step = known[1]
+            else:
+                step = detector.score(batch, learn)
+                exact[name] = (learn, step)
+            steps[name] = step
+            probs[name], cal_states[name] = self.calibrators[name].transform(step.scores, calibrate)
+        return steps, probs, cal_states, all_exact
 
     def _decide(self, probs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Fused score = 1 - min(1, k * min_d p_d) (Bonferroni over k detectors)."""

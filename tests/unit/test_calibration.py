@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 
@@ -164,3 +165,32 @@ def test_pass_through_maps_one_minus_p_back_to_p():
     assert pt.ready
     pt.commit(state)
     pt.load_state_dict(pt.state_dict())
+
+
+def test_transforming_again_with_another_mask_equals_a_fresh_calibrator(stream):
+    """The pipeline transforms a batch once per round: refits cached from an earlier round are
+    reused only where the window is unchanged."""
+    raw, learn = stream
+    cal = _calibrator()
+    run_chunks(cal, raw[:1000], learn[:1000], [1000])
+    before = copy.deepcopy(cal)
+    batch, mask = raw[1000:], learn[1000:]
+    flipped_early = mask.copy()
+    flipped_early[300] = not flipped_early[300]
+    flipped_late = np.r_[mask[:1900], ~mask[1900:]]
+    changed_scores = batch.copy()
+    changed_scores[1500] += 5.0
+    results = []
+    for scores, m in [(batch, np.ones(len(batch), dtype=bool)), (batch, mask), (batch, flipped_early),
+                      (batch, flipped_late), (changed_scores, flipped_late), (batch, mask)]:
+        p, state = cal.transform(scores, m)
+        p_ref, state_ref = copy.deepcopy(before).transform(scores, m)
+        np.testing.assert_array_equal(p, p_ref)
+        assert state.seen == state_ref.seen
+        np.testing.assert_array_equal(state.buffer, state_ref.buffer)
+        np.testing.assert_array_equal(state.fit.reference, state_ref.fit.reference)
+        assert (state.fit.threshold, state.fit.shape, state.fit.scale) == (state_ref.fit.threshold, state_ref.fit.shape, state_ref.fit.scale)
+        results.append(p)
+    # The masks and scores matter (the comparison above is not vacuous).
+    assert not np.array_equal(results[0], results[1]) and not np.array_equal(results[1], results[2])
+    assert not np.array_equal(results[3], results[4])

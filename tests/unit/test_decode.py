@@ -303,3 +303,32 @@ def test_derived_features_of_valid_events_are_finite_or_missing(unit_price, quan
         return  # rejecting such a record is fine too
     for name, col in decoded.features.columns.items():
         assert not np.isinf(col).any(), f"{name} = {col}"
+
+
+def test_fingerprints_keep_their_definition():
+    """Duplicate-detector snapshots hold fingerprints: the values must not change with the code.
+    blake2b-64 (little endian) of the key-sorted JSON of every field but event_id."""
+    import hashlib
+
+    event = sale(promo={"code": "X", "pct": 10}, note=None)
+    body = {k: v for k, v in event.items() if k != "event_id"}
+    expected = int.from_bytes(hashlib.blake2b(orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=8).digest(), "little")
+    decoded = decode_batch([dumps(event), dumps(dict(event, event_id="other"))], SCHEMA)
+    assert decoded.features.fingerprints.tolist() == [expected, expected]
+
+
+def test_one_bad_record_does_not_change_how_the_others_decode():
+    """A clean batch takes a fast path (parsed and checked all at once); with one bad record
+    the others must decode to the same columns, keys and fingerprints."""
+    schema = EventSchema(key_sets=(("store_id",), ("product_id", "currency"), ()))
+    good = [dumps(sale(event_id=f"e-{i}", amount=float(i) + 0.5, store_id=f"s-{i % 3}", currency="EUR")) for i in range(20)]
+    clean = decode_batch(good, schema)
+    mixed = decode_batch([*good[:7], b'{"event_id": "x"', *good[7:], dumps(sale(version=True))], schema)
+    assert [r.reason for r in mixed.invalid] == ["invalid_json", "wrong_type"]
+    assert not clean.invalid
+    for name, col in clean.features.columns.items():
+        np.testing.assert_array_equal(mixed.features.columns[name], col)
+    for name, col in clean.features.keys.items():
+        assert mixed.features.keys[name].tolist() == col.tolist()
+    assert mixed.features.fingerprints.tolist() == clean.features.fingerprints.tolist()
+    assert clean.features.keys["product_id+currency"].tolist()[0] == "p-1|EUR"

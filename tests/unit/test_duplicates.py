@@ -196,3 +196,73 @@ def test_fingerprints_ignore_event_id_and_include_every_other_field():
     # Key order in the JSON does not matter.
     reordered = dict(reversed(list(base.items())))
     assert decode([reordered]).fingerprints[0] == fp[0]
+
+
+def _reference_run(window: float, max_entries: int, prints: list[int], times: list[float], learn: list[bool], sizes: list[int]):
+    """The detector's definition, one event at a time with plain dicts (what score/commit must
+    compute on arrays): scores, first-seen times and the remembered entries in order."""
+    from collections import OrderedDict
+
+    seen: OrderedDict[int, float] = OrderedDict()
+    newest = -np.inf
+    scores, first = [], []
+    start, k = 0, 0
+    while start < len(prints):
+        stop = min(len(prints), start + sizes[k % len(sizes)])
+        in_batch: dict[int, float] = {}  # learned in this batch: first-learned order, last time
+        for fp, t, ok in zip(prints[start:stop], times[start:stop], learn[start:stop]):
+            earlier = in_batch.get(fp, seen.get(fp))
+            dup = earlier is not None and t - earlier <= window and earlier >= newest - window
+            scores.append(1.0 - PROB if dup else 0.0)
+            first.append(earlier if dup else np.nan)
+            if ok:
+                in_batch[fp] = t
+                newest = max(newest, t)
+        for fp, t in in_batch.items():  # commit: re-learned fingerprints move to the back
+            seen.pop(fp, None)
+            seen[fp] = t
+        horizon = newest - window  # expiry and the cap apply per committed batch
+        while seen and (len(seen) > max_entries or next(iter(seen.values())) < horizon):
+            seen.popitem(last=False)
+        start, k = stop, k + 1
+    return np.array(scores), np.array(first), list(seen.items())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_array_scoring_equals_the_event_by_event_definition(seed):
+    rng = np.random.default_rng(seed)
+    n = 3000
+    prints = rng.integers(0, 300, n).tolist()  # many repeats
+    times = (np.cumsum(rng.exponential(5.0, n)) - (rng.random(n) < 0.1) * rng.exponential(400.0, n)).tolist()
+    learn = (rng.random(n) > 0.2).tolist()
+    window = float(rng.choice([50.0, 600.0, 3600.0]))
+    max_entries = int(rng.choice([20, 150, 10_000]))
+    sizes = [int(s) for s in rng.choice([1, 2, 17, 500, 3000], size=3)]
+    scores, first, entries = _reference_run(window, max_entries, prints, times, learn, sizes)
+    det = DuplicateDetector(window_seconds=window, max_entries=max_entries, probability=PROB)
+    batch = manual_batch(prints, times)
+    got, got_first, start, k = [], [], 0, 0
+    while start < n:
+        stop = min(n, start + sizes[k % len(sizes)])
+        step = det.score(batch.slice(start, stop), np.asarray(learn[start:stop]))
+        det.commit(step)
+        got.append(step.scores)
+        got_first.append(step.details["first_seen"])
+        start, k = stop, k + 1
+    np.testing.assert_array_equal(np.concatenate(got), scores)
+    np.testing.assert_array_equal(np.concatenate(got_first), first)
+    assert list(det._seen.items()) == entries
+    assert 0 < (scores > 0).sum() < n
+
+
+def test_batch_without_fingerprints_scores_zero_and_learns_nothing():
+    det = DuplicateDetector()
+    det.learn_one_batch(manual_batch([1, 2], [10.0, 20.0]))
+    bare = FeatureBatch(event_time=np.array([30.0, 40.0]), columns={}, keys={})
+    assert det.learn_one_batch(bare).tolist() == [0.0, 0.0]
+    assert det.state_dict()["fingerprints"].tolist() == [1, 2] and det.state_dict()["newest"] == 20.0
+    # A restore between rounds must not reuse lookups made against the old memory.
+    batch = manual_batch([1, 3], [50.0, 60.0])
+    assert det.score(batch, np.ones(2, dtype=bool)).scores[0] > 0
+    det.load_state_dict(DuplicateDetector().state_dict())
+    assert det.score(batch, np.ones(2, dtype=bool)).scores.tolist() == [0.0, 0.0]

@@ -346,3 +346,52 @@ def test_explain_names_the_trees_and_out_of_range_features():
     assert "missing beta" in text
     assert explanation.details["mass_score"] == step.scores[399]
     assert step.scores[399] > np.median(step.scores[100:399])
+
+
+def test_rescoring_with_other_masks_and_rows_equals_a_fresh_detector():
+    """The engine reuses the leaves of rows unchanged since the last call (the pipeline's
+    rounds): scores must equal those of a detector that never saw the earlier calls."""
+    batch, learn = _feature_batch(_data_with_gaps()), _learn_mask("masked")
+    detector = _detector(window_size=37)
+    detector.learn_one_batch(batch.slice(0, 500), learn[:500])
+    snapshot = pickle.dumps(detector.state_dict())
+    rest = batch.slice(500, 900)
+    X = _data_with_gaps()[500:900].copy()
+    X[200:210] *= 3.0  # some rows change between calls (new extremes move the scaler)
+    changed = _feature_batch(X)
+    masks = [np.ones(400, dtype=bool), learn[500:900], ~learn[500:900], learn[500:900]]
+    for b in (rest, changed, rest):
+        for m in masks:
+            got = detector.score(b, m)
+            fresh = _detector(window_size=37)
+            fresh.load_state_dict(pickle.loads(snapshot))
+            expected = fresh.score(b, m)
+            assert np.array_equal(got.scores, expected.scores)
+            assert np.array_equal(got.next_state.engine.l_mass, expected.next_state.engine.l_mass)
+            assert np.array_equal(got.next_state.engine.r_mass, expected.next_state.engine.r_mass)
+
+
+@pytest.mark.parametrize("n_trees, height, seed", [(3, 1, 0), (10, 8, 42), (25, 10, 7)])
+def test_trees_are_rivers_padded_trees(n_trees, height, seed):
+    """The engine grows its trees without importing river.tree; they must be River's."""
+    import collections
+    import random
+
+    from river.tree.padded import PaddedBranch, make_padded_tree
+
+    features = ("b", "a", "c")
+    limits = {"a": (0.0, 2.0), "b": (-1.0, 1.0)}
+    engine = HSTEngine(features, n_trees=n_trees, height=height, limits=limits, seed=seed)
+    rng = random.Random(seed)
+    all_limits = collections.defaultdict(lambda: (0.0, 1.0), limits)
+    for t in range(n_trees):
+        root = make_padded_tree({f: all_limits[f] for f in sorted(features)}, height, 0.15, rng, r_mass=0, l_mass=0)
+        stack = [(root, 0)]
+        while stack:
+            node, k = stack.pop()
+            if isinstance(node, PaddedBranch):
+                assert features[engine.trees.feature[t, k]] == node.feature
+                assert engine.trees.threshold[t, k] == node.threshold
+                stack += [(node.children[0], 2 * k + 1), (node.children[1], 2 * k + 2)]
+            else:
+                assert np.isnan(engine.trees.threshold[t, k])

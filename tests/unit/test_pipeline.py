@@ -210,3 +210,63 @@ def test_an_empty_batch_changes_nothing_and_scores_nothing():
     assert decoded.features.n == 0
     result = pipeline.process(decoded.features)
     assert result.n == 0 and not result.is_anomaly.any() and result.collective == []
+
+
+@pytest.mark.parametrize("max_rounds", [2, 8])
+def test_a_misleading_guess_and_few_rounds_change_nothing(settings, stream, run_2000, max_rounds):
+    """The autoencoder's first-round guess only proposes masks: a guess that flags the wrong
+    events costs rounds (and, with max_rounds=2, prefix splits) but never changes the answer."""
+    pipeline = build_pipeline(settings)
+    pipeline.max_rounds = max_rounds
+    autoencoder = pipeline.detectors[pipeline.detector_names.index("autoencoder")]
+    rng = np.random.default_rng(7)
+    calls = []
+
+    def misleading(batch, learn):
+        calls.append(batch.n)
+        return np.where(rng.random(batch.n) < 0.05, 1e6, 0.0)
+
+    autoencoder.guess = misleading
+    run = process(settings, stream, 2000, N_EVENTS, pipeline=pipeline)
+    assert calls, "the guess was never asked for"
+    if max_rounds == 2:
+        assert any(len(r.segments) > 1 for r in run.results), "expected unsettled batches split into prefixes"
+    np.testing.assert_array_equal(run.is_anomaly, run_2000.is_anomaly)
+    np.testing.assert_allclose(run.fused, run_2000.fused, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(run.learned, run_2000.learned)
+
+
+def test_rounds_reuse_exact_steps_and_guess_only_once(settings, stream):
+    """A detector whose learn mask did not change between rounds is not scored again, and the
+    guess is asked for in the first round only."""
+    pipeline = build_pipeline(settings)
+    counts: dict[str, int] = {}
+    for detector in pipeline.detectors:
+        score = detector.score
+
+        def counted(batch, learn, _score=score, _name=detector.name):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _score(batch, learn)
+
+        detector.score = counted
+    guesses = []
+    autoencoder = pipeline.detectors[pipeline.detector_names.index("autoencoder")]
+    guess = autoencoder.guess
+    autoencoder.guess = lambda batch, learn: guesses.append(batch.n) or guess(batch, learn)
+
+    # Calibrators not ready yet: nothing is flagged, so round 2 only confirms the guessed
+    # detector with the same (all-learn) mask and every other detector's step is reused.
+    first = pipeline.process(stream.slice(0, 100))
+    assert not first.is_anomaly.any() and first.rounds == 2 and len(guesses) == 1
+    assert counts == dict.fromkeys(pipeline.detector_names, 1)
+
+    # Later batches flag events: one guess per batch, and the autoencoder is scored in
+    # fewer rounds than the detectors that cannot guess.
+    counts.clear()
+    n_batches = 0
+    for a in range(100, N_EVENTS, 2000):
+        result = pipeline.process(stream.slice(a, a + 2000))
+        assert len(result.segments) == 1
+        n_batches += 1
+    assert len(guesses) == 1 + n_batches
+    assert counts["autoencoder"] < counts["zscore"]
