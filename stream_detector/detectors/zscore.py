@@ -191,7 +191,8 @@ class ZScoreDetector(Detector):
     """Streaming z-score per key set, key and feature (see module docstring)."""
 
     name = "zscore"
-    state_version = 1
+    # 2: a key set's tables hold only its own features (1: every feature; still read).
+    state_version = 2
 
     def __init__(
         self,
@@ -220,7 +221,8 @@ class ZScoreDetector(Detector):
         # Which features each key set scores (default: all): a product's unit price is
         # meaningful, a store's unit price (mixing cheap and dear products) is not.
         self.key_set_features = {ks: tuple((key_set_features or {}).get(ks, self.features)) for ks in self.key_sets}
-        self._use = np.array([[f in self.key_set_features[ks] for f in self.features] for ks in self.key_sets], dtype=bool).reshape(len(self.key_sets), len(self.features))
+        # Each key set's tables hold only its own features (columns of ``features``).
+        self._fidx = {ks: np.array([j for j, f in enumerate(self.features) if f in self.key_set_features[ks]], dtype=np.int64) for ks in self.key_sets}
         self.warmup = warmup
         # A seasonal bucket sees a fraction of its key's events: it takes over only once its
         # own estimate is as steady as a key's (None: the same warm-up as a key).
@@ -239,18 +241,18 @@ class ZScoreDetector(Detector):
         # so one early outlier cannot inflate a variance for good.
         self.reject_z = reject_z
         self.reject_after = reject_after
-        n_features = len(self.features)
         self._state = _State(
-            key_sets={name: _KeySetState({}, _Stats.empty(n_features)) for name in self._state_names()},
-            global_stats=_Stats.empty(n_features, capacity=1),
+            key_sets={name: _KeySetState({}, _Stats.empty(len(self._fidx[ks]))) for ks, name in self._state_tables()},
+            global_stats=_Stats.empty(len(self.features), capacity=1),
         )
         # Per-batch work shared by the rounds of one batch; invalid once the state changes.
         self._round_cache: dict[str, tuple[tuple, int, Any]] = {}
         self._generation = 0
 
-    def _state_names(self) -> list[str]:
-        """Every table of per-key statistics: each key set, then its seasonal levels."""
-        return [name for ks in self.key_sets for name in (ks, *(_level(ks, p) for p in self.key_set_seasonality[ks]))]
+    def _state_tables(self) -> list[tuple[str, str]]:
+        """(key set, table) for every table of per-key statistics: each key set, then its
+        seasonal levels."""
+        return [(ks, name) for ks in self.key_sets for name in (ks, *(_level(ks, p) for p in self.key_set_seasonality[ks]))]
 
     # -- scoring ---------------------------------------------------------------------------
 
@@ -275,21 +277,23 @@ class ZScoreDetector(Detector):
         level = np.zeros((n, n_sets), dtype=np.int8)
         updates: dict[str, _Update] = {}
         for k, ks in enumerate(self.key_sets):
+            fi = self._fidx[ks]
+            xk, ck, floor = x[:, fi], contrib[:, fi], self._min_std[fi]
+            gk = (g_count[:, fi], g_mean[:, fi], g_m2[:, fi], g_z[:, fi], g_std[:, fi])
             slot, new_keys, grouping = self._grouped(ks, batch.keys.get(ks), (batch.keys.get(ks), batch.event_time), n)
             has_key = slot >= 0
-            used = self._use[k]
-            k_count, k_mean, k_m2, tot = _prefix_stats(x, contrib & has_key[:, None] & used[None, :], grouping)
+            k_count, k_mean, k_m2, tot = _prefix_stats(xk, ck & has_key[:, None], grouping)
             # Per feature: a key scores on its own statistics once it has `warmup` values of
             # that feature; before that on the global statistics, blended with its own first
             # values (see ``_learning_baseline``).
-            use_key = has_key[:, None] & (k_count >= self.warmup) & used[None, :]
-            guard = has_key[:, None] & (k_count >= self.reject_after) & used[None, :]
+            use_key = has_key[:, None] & (k_count >= self.warmup)
+            guard = has_key[:, None] & (k_count >= self.reject_after)
             with np.errstate(invalid="ignore"):
-                reject |= np.any(guard & (np.abs(x - k_mean) > self.reject_z * self._std(k_count, k_m2)), axis=1)
-            f_z, f_mean, f_std = self._learning_baseline(x, has_key, k_count, k_mean, k_m2, g_count, g_mean, g_m2, g_z, g_std)
-            z[:, k] = np.where(use_key, self._z(x, k_count, k_mean, k_m2), np.where(used[None, :], f_z, np.nan))
-            mean[:, k] = np.where(use_key, k_mean, f_mean)
-            std[:, k] = np.where(use_key, self._std(k_count, k_m2), f_std)
+                reject |= np.any(guard & (np.abs(xk - k_mean) > self.reject_z * self._std(k_count, k_m2, floor)), axis=1)
+            f_z, f_mean, f_std = self._learning_baseline(xk, has_key, k_count, k_mean, k_m2, *gk, floor)
+            zk = np.where(use_key, self._z(xk, k_count, k_mean, k_m2, floor), f_z)
+            mk = np.where(use_key, k_mean, f_mean)
+            sk = np.where(use_key, self._std(k_count, k_m2, floor), f_std)
             warm[:, k] = use_key.any(axis=1)
             level[:, k] = np.where(warm[:, k], 1, 0)
             updates[ks] = _update(new_keys, slot, has_key, tot, batch.event_time)
@@ -300,14 +304,15 @@ class ZScoreDetector(Detector):
                 s_keys = self._cached(f"{name}:keys", source, lambda: seasons.seasonal_keys(keys, period, batch.event_time) if keys is not None else None)
                 s_slot, s_new, s_grouping = self._grouped(name, s_keys, source, n)
                 s_has = s_slot >= 0
-                s_count, s_mean, s_m2, s_tot = _prefix_stats(x, contrib & s_has[:, None] & used[None, :], s_grouping)
+                s_count, s_mean, s_m2, s_tot = _prefix_stats(xk, ck & s_has[:, None], s_grouping)
                 # The finer baseline takes over feature by feature once it is warm itself.
-                use_season = s_has[:, None] & (s_count >= self.seasonal_warmup) & used[None, :]
-                z[:, k] = np.where(use_season, self._z(x, s_count, s_mean, s_m2), z[:, k])
-                mean[:, k] = np.where(use_season, s_mean, mean[:, k])
-                std[:, k] = np.where(use_season, self._std(s_count, s_m2), std[:, k])
+                use_season = s_has[:, None] & (s_count >= self.seasonal_warmup)
+                zk = np.where(use_season, self._z(xk, s_count, s_mean, s_m2, floor), zk)
+                mk = np.where(use_season, s_mean, mk)
+                sk = np.where(use_season, self._std(s_count, s_m2, floor), sk)
                 level[:, k] = np.where(use_season.any(axis=1), depth, level[:, k])
                 updates[name] = _update(s_new, s_slot, s_has, s_tot, batch.event_time)
+            z[:, k, fi], mean[:, k, fi], std[:, k, fi] = zk, mk, sk
 
         g_update = _Update([], g_tot[0], g_tot[1], g_tot[2], g_tot[3], np.full(len(g_tot[0]), -np.inf))
         abs_z = np.abs(z).reshape(n, -1)
@@ -317,7 +322,7 @@ class ZScoreDetector(Detector):
         details = {"z": z, "mean": mean, "std": std, "warm": warm, "level": level}
         return Step(scores=scores, details=details, next_state=(updates, g_update), reject=reject)
 
-    def _learning_baseline(self, x, has_key, k_count, k_mean, k_m2, g_count, g_mean, g_m2, g_z, g_std):
+    def _learning_baseline(self, x, has_key, k_count, k_mean, k_m2, g_count, g_mean, g_m2, g_z, g_std, floor):
         """(z, mean, std) for events whose key is still learning.
 
         The global statistics count as ``learning_prior`` events, merged with the key's own
@@ -334,17 +339,17 @@ class ZScoreDetector(Detector):
             n = n_k + w
             mean = np.where(n_k > 0, (n_k * k_mean + w * g_mean) / n, g_mean)
             m2 = np.where(n_k > 0, k_m2, 0.0) + var_g * (w - 1) + np.where(n_k > 0, n_k * w / n * (k_mean - g_mean) ** 2, 0.0)
-            std = np.maximum(np.sqrt(m2 / np.maximum(n - 1, 1)), self._min_std)
+            std = np.maximum(np.sqrt(m2 / np.maximum(n - 1, 1)), floor)
             z = np.where(g_count >= self.warmup, (x - mean) / std, np.nan)
         return z, mean, std
 
-    def _std(self, count: np.ndarray, m2: np.ndarray) -> np.ndarray:
+    def _std(self, count: np.ndarray, m2: np.ndarray, floor: np.ndarray | None = None) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             var = np.where(count > 1, m2 / np.maximum(count - 1, 1), np.nan)
-        return np.maximum(np.sqrt(var), self._min_std)
+        return np.maximum(np.sqrt(var), self._min_std if floor is None else floor)
 
-    def _z(self, x: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> np.ndarray:
-        z = (x - mean) / self._std(count, m2)
+    def _z(self, x: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray, floor: np.ndarray | None = None) -> np.ndarray:
+        z = (x - mean) / self._std(count, m2, floor)
         return np.where(count >= self.warmup, z, np.nan)
 
     def _cached(self, name: str, source: tuple, compute: Any) -> Any:
@@ -491,12 +496,14 @@ class ZScoreDetector(Detector):
 
     def state_dict(self) -> dict:
         sets = {}
-        for ks, state in self._state.key_sets.items():
+        for ks, name in self._state_tables():
+            state = self._state.key_sets[name]
             size = len(state.slots)
             keys = sorted(state.slots, key=state.slots.__getitem__)
             st = state.stats
-            sets[ks] = {
+            sets[name] = {
                 "keys": keys,
+                "features": [self.features[j] for j in self._fidx[ks]],
                 "count": st.count[:size].copy(),
                 "mean": st.mean[:size].copy(),
                 "m2": st.m2[:size].copy(),
@@ -511,20 +518,29 @@ class ZScoreDetector(Detector):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != self.state_version:
-            raise StateError(f"zscore state version {state.get('version')!r}, expected {self.state_version}")
+        version = state.get("version")
+        if version not in (1, self.state_version):
+            raise StateError(f"zscore state version {version!r}, expected {self.state_version}")
         if list(state["features"]) != list(self.features):
             raise StateError(f"zscore state has features {state['features']}, configured {list(self.features)}")
         sets = {}
-        for ks in self._state_names():
-            data = state["key_sets"].get(ks)
+        for ks, name in self._state_tables():
+            fi = self._fidx[ks]
+            data = state["key_sets"].get(name)
             if data is None:  # e.g. a seasonal level added since the snapshot: starts empty
-                sets[ks] = _KeySetState({}, _Stats.empty(len(self.features)))
+                sets[name] = _KeySetState({}, _Stats.empty(len(fi)))
                 continue
+            if version == 1:  # every feature per table: keep the key set's own columns
+                cols = fi
+            else:
+                stored = list(data["features"])
+                if stored != [self.features[j] for j in fi]:
+                    raise StateError(f"zscore state of {name} has features {stored}, configured {[self.features[j] for j in fi]}")
+                cols = slice(None)
             slots = {key: i for i, key in enumerate(data["keys"])}
-            sets[ks] = _KeySetState(
+            sets[name] = _KeySetState(
                 slots,
-                _Stats(np.array(data["count"]), np.array(data["mean"]), np.array(data["m2"]), np.array(data["last_seen"])),
+                _Stats(np.array(data["count"])[:, cols], np.array(data["mean"])[:, cols], np.array(data["m2"])[:, cols], np.array(data["last_seen"])),
             )
         g = state["global"]
         self._generation += 1

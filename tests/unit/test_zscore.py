@@ -210,8 +210,11 @@ def test_batch_equals_one_by_one_and_naive(data, one_by_one, naive, sizes):
     for ks in KEY_SETS:
         data_ks = state["key_sets"][ks]
         assert set(data_ks["keys"]) == set(ref.keyed[ks])
+        # A key set's tables hold only its own features; the reference learns no others.
+        assert data_ks["features"] == list(KEY_SET_FEATURES[ks])
         for r, key in enumerate(data_ks["keys"]):
-            for j, f in enumerate(FEATURES):
+            assert all(ref.keyed[ks][key].get(f, [0])[0] == 0 for f in FEATURES if f not in data_ks["features"])
+            for j, f in enumerate(data_ks["features"]):
                 cnt, mean, m2 = ref.keyed[ks][key].get(f, [0, 0.0, 0.0])
                 assert data_ks["count"][r, j] == cnt
                 assert data_ks["mean"][r, j] == pytest.approx(mean, rel=1e-9, abs=1e-12)
@@ -408,3 +411,24 @@ def test_learning_key_blends_global_statistics_with_its_own_first_values():
     assert scores[0.0][5] > 5.0  # without the blend every early sale stays an outlier
     assert scores[30.0][5] < 0.5 * scores[0.0][5]
     assert np.all(np.diff(scores[30.0]) < 0)  # each own sale makes the next one less surprising
+
+
+def test_version_1_snapshots_with_every_feature_per_table_still_load(data):
+    """Snapshots from before tables held only their key set's features restore exactly."""
+    batch, learn = data
+    det = make_detector()
+    run_chunks(det, batch.slice(0, 400), learn[:400], [100])
+    v2 = det.state_dict()
+    v1 = {**v2, "version": 1, "key_sets": {}}
+    for name, table in v2["key_sets"].items():
+        wide = {}
+        for field in ("count", "mean", "m2"):
+            full = np.zeros((len(table["keys"]), len(FEATURES)))
+            for j, f in enumerate(table["features"]):
+                full[:, FEATURES.index(f)] = table[field][:, j]
+            wide[field] = full
+        v1["key_sets"][name] = {"keys": table["keys"], "last_seen": table["last_seen"], **wide}
+    restored = make_detector()
+    restored.load_state_dict(v1)
+    rest = batch.slice(400, batch.n)
+    np.testing.assert_array_equal(restored.score(rest, learn[400:]).scores, det.score(rest, learn[400:]).scores)
