@@ -200,9 +200,8 @@ class Daemon:
         self._producer = self._new_producer()
         if self.exactly_once:
             self._producer.begin_transaction()
-        control_topics = [t for t in (self.settings.alerts.control_topic, self.settings.alerts.feedback_topic) if t]
-        if control_topics:
-            self._control = ControlReader(k.bootstrap_servers, control_topics, librdkafka_config(self.settings, "consumer"), f"{k.group_id}-control")
+        if self._control_topics:
+            self._control = ControlReader(k.bootstrap_servers, self._control_topics, librdkafka_config(self.settings, "consumer"), f"{k.group_id}-control")
         self._consumer = Consumer(
             {**consumer_config(self.settings), "error_cb": self._on_kafka_error, "stats_cb": self._on_stats, "logger": KAFKA_LOG}
         )
@@ -229,9 +228,13 @@ class Daemon:
         if self.settings.state.enabled:
             partitions = input_partition_count(k.bootstrap_servers, k.input_topic, admin_config)
             ensure_topics(k.bootstrap_servers, {self.changelog_topic: partitions}, client_config=admin_config, config=COMPACTED)
-        control_topics = [t for t in (self.settings.alerts.control_topic, self.settings.alerts.feedback_topic) if t]
-        if control_topics:  # small topics every instance reads whole: one partition each
-            ensure_topics(k.bootstrap_servers, dict.fromkeys(control_topics, 1), client_config=admin_config)
+        if self._control_topics:  # small topics every instance reads whole: one partition each
+            ensure_topics(k.bootstrap_servers, dict.fromkeys(self._control_topics, 1), client_config=admin_config)
+
+    @property
+    def _control_topics(self) -> list[str]:
+        a = self.settings.alerts
+        return [t for t in (a.control_topic, a.feedback_topic) if t]
 
     def _until_done(self, step: Any, what: str) -> bool:
         """Retry ``step`` with backoff while the broker is unreachable; False if asked to stop."""
