@@ -63,6 +63,11 @@ class Metrics:
         self.windows = Gauge(f"{ns}_alert_windows", "Alert windows known (config and control topic), and those containing the latest event time.", ["state"], registry=r)
         for reason in ("window", "feedback"):
             self.suppressed.labels(reason)
+        # Known label values start at 0, so dashboards and rate() see the series from the start.
+        for label, outcome in (("false_positive", "applied"), ("false_positive", "pending"), ("true_positive", "recorded"), ("unknown", "invalid")):
+            self.feedback.labels(label, outcome)
+        for state in ("known", "active"):
+            self.windows.labels(state).set(0)
         for outcome in ("scored", "invalid"):
             self.events.labels(outcome)
 

@@ -80,11 +80,6 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "statistics.interval.ms": 5000,
         # Fetch in big chunks: the loop consumes thousands of records per call.
         "fetch.min.bytes": 1,
-        # Latency: a broker that holds a fetch until this runs out (tansu does, whatever data
-        # is waiting) adds up to this much to every alert; librdkafka's 500 ms default made
-        # tansu's p50 at 1,000 events/s 172 ms instead of 78 ms. Kafka answers as soon as
-        # fetch.min.bytes is there, so this only bounds idle long-polls (40 requests/s at most).
-        "fetch.wait.max.ms": 25,
         "queued.max.messages.kbytes": 65536,
     }
     conf.update(librdkafka_config(settings, "consumer"))

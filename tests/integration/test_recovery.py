@@ -122,8 +122,14 @@ def _interrupt(run: Run, sig: int, times: int, rng: random.Random) -> list[dict[
     checkpoints = []
     for _ in range(times):
         daemon = run.daemon()
-        daemon.wait_for(lambda m: metric(m, ASSIGNED) > 0 and metric(m, 'stream_detector_events_total{outcome="scored"}') > 0, 90, "first events")
-        time.sleep(rng.uniform(0.2, 1.5))
+        # Stop after a random amount of work, not a random time: a fast daemon could otherwise
+        # finish the whole input before the last interruption, leaving nothing to recover.
+        target = rng.randint(N_EVENTS // 20, N_EVENTS // 5)
+        daemon.wait_for(
+            lambda m: metric(m, ASSIGNED) > 0 and metric(m, 'stream_detector_events_total{outcome="scored"}') >= target,
+            90,
+            f"{target} events scored",
+        )
         checkpoints.append(_committed_offsets(run.bootstrap, run.group, run.input_topic))
         code = daemon.stop(sig)
         assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), daemon.log_tail()
