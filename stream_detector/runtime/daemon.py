@@ -441,7 +441,14 @@ class Daemon:
         m.windows.labels("known").set(len(windows))
         latest = max((w.last_event_time for w in self._partitions.values()), default=None)
         m.windows.labels("active").set(windows.active(latest) if latest is not None else 0)
-        m.feedback_rules.set(sum(len(w.pipeline.feedback) for w in self._partitions.values() if w.pipeline.feedback is not None))
+        rules = 0
+        for work in self._partitions.values():
+            memory = work.pipeline.feedback
+            if memory is not None:
+                if work.last_event_time is not None:
+                    memory.expire(work.last_event_time)  # "in force": drop rules past their TTL
+                rules += len(memory)
+        m.feedback_rules.set(rules)
 
     def _produce_dead_letters(self, records: list[Message], decoded: DecodedBatch, consumed_at: float) -> None:
         topic = self.settings.kafka.dlq_topic

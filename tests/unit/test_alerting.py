@@ -137,3 +137,13 @@ def test_windows_suppress_or_annotate_and_scope_collective_alerts():
     # A store that went silent while closed for the day: the key fields stand in for the event.
     silence = {"event_id": None, "key": "s-001", "key_set": "store_id", "detectors": {"silence": {"fired": True, "tail_probability": 1e-6}}, "event": None}
     assert policy.review(silence, T0 + 60, None).suppressed_by == "window"
+
+
+def test_expired_rules_are_dropped():
+    memory = FeedbackMemory(ttl_seconds=DAY)
+    memory.remember("e-1", Pattern.of(record("e-1", "s-001"), T0))
+    assert memory.apply("e-1", "false_positive") == "applied"
+    memory.expire(T0 + DAY / 2)
+    assert len(memory) == 1
+    memory.expire(T0 + DAY)
+    assert len(memory) == 0 and memory.matching_rule(Pattern.of(record("e-2", "s-001"), T0 + 1)) is None
