@@ -53,11 +53,13 @@ def describe(period: str, b: int) -> str:
     return f"{day[d]} {h:02d}:00-{(h + 1) % 24:02d}:00 UTC"
 
 
-def seasonal_keys(keys: np.ndarray, period: str, event_time: np.ndarray) -> np.ndarray:
-    """Object array of ``key@bucket`` strings (None where the key is None)."""
-    out = np.full(len(keys), None, dtype=object)
-    present = np.fromiter((k is not None for k in keys), dtype=bool, count=len(keys))
-    if present.any():
-        suffix = labels(period)[bucket(period, event_time[present])]
-        out[present] = np.char.add(keys[present].astype(str), suffix).astype(object)
-    return out
+def seasonal_keys(codes: np.ndarray, keys: list, period: str, event_time: np.ndarray) -> tuple[np.ndarray, list]:
+    """The ``key@bucket`` keys of events, factorized: each event's code and the distinct keys
+    (None where the key is None), from the events' key codes into ``keys``. The strings are
+    built once per distinct pair, not once per event."""
+    size = PERIODS[period]
+    pairs, inverse = np.unique(codes * size + bucket(period, event_time), return_inverse=True)
+    names = labels(period).tolist()
+    key_codes, buckets = divmod(pairs, size)
+    distinct = [None if keys[c] is None else keys[c] + names[b] for c, b in zip(key_codes.tolist(), buckets.tolist())]
+    return inverse.astype(np.int64, copy=False), distinct

@@ -1,10 +1,10 @@
 """Online z-score per key and feature, computed on whole batches with sequential semantics.
 
 For every key set (e.g. ``store_id``) the detector keeps a streaming count, mean and sum of
-squared deviations per key and feature (Welford/Chan). An event is scored against the
-statistics of the events *before* it, also inside a batch: the batch is grouped by key and
-exclusive prefix sums give each event the statistics of its predecessors, merged with the
-committed state by Chan's parallel formula. A key that has seen fewer than ``warmup`` events
+squared deviations per key and feature (Welford). An event is scored against the statistics
+of the events *before* it, also inside a batch: a compiled walk over the batch in order
+(``zscore_kernel``) starts each key from its committed statistics and hands every event what
+its key had seen just before it. A key that has seen fewer than ``warmup`` events
 is scored against the global statistics instead and reported as not warm.
 
 Seasonality: a key set may also keep statistics per key and seasonal bucket (hour of day, day
@@ -25,6 +25,8 @@ import numpy as np
 
 from stream_detector.detectors import seasons
 from stream_detector.detectors.base import Detector, Explanation, Step
+from stream_detector.detectors import zscore_kernel
+from stream_detector.detectors.zscore_kernel import factorize, sequential_stats
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
 
@@ -117,39 +119,20 @@ class _State:
     global_stats: _Stats
 
 
-def _grouped_exclusive_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Exclusive cumulative sums that restart where ``starts`` is True (rows already grouped)."""
-    inclusive = np.cumsum(values, axis=0)
-    exclusive = inclusive - values
-    group_of_row = np.cumsum(starts) - 1
-    return exclusive - exclusive[np.flatnonzero(starts)][group_of_row]
-
-
 @dataclass(frozen=True)
 class _Grouping:
-    """A batch's events grouped by slot, with the prior statistics of each event's slot: all
-    that ``_prefix_stats`` needs besides the values and the learn mask, so the fixed-point
-    rounds of one batch (same keys, same committed state) compute it once."""
+    """A batch's events by table row, with the prior statistics of each row: all that
+    ``_prefix_stats`` needs besides the values and the learn mask, so the fixed-point rounds
+    of one batch (same keys, same committed state) compute it once."""
 
-    order: np.ndarray
-    s_sorted: np.ndarray
-    starts: np.ndarray
-    ends: np.ndarray
-    inverse: np.ndarray
-    prior: tuple[np.ndarray, np.ndarray, np.ndarray]  # (n0, mean0, m20) per sorted row
+    group: np.ndarray  # (n,) each event's row
+    slots: np.ndarray  # (G,) each row's slot in the table
+    prior: tuple[np.ndarray, np.ndarray, np.ndarray]  # (count, mean, m2) per row, (G, F)
 
     @classmethod
     def of(cls, slot: np.ndarray, prior: _Stats) -> _Grouping:
-        order = np.argsort(slot, kind="stable")
-        s_sorted = slot[order]
-        starts = np.empty(len(order), dtype=bool)
-        if len(order):
-            starts[0] = True
-            starts[1:] = s_sorted[1:] != s_sorted[:-1]
-        ends = np.r_[np.flatnonzero(starts)[1:] - 1, len(order) - 1] if len(order) else np.empty(0, dtype=np.int64)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return cls(order, s_sorted, starts, ends, inverse, prior.gather(s_sorted))
+        slots, group = np.unique(slot, return_inverse=True)
+        return cls(group.astype(np.int64, copy=False), slots, prior.gather(slots))
 
 
 def _prefix_stats(
@@ -160,31 +143,10 @@ def _prefix_stats(
     Returns (count, mean, m2) per event and feature, and the per-slot totals after the batch
     as (slots, count, mean, m2) for the slots the batch touched.
     """
-    order, s_sorted, starts, ends, inverse = grouping.order, grouping.s_sorted, grouping.starts, grouping.ends, grouping.inverse
-    n0, mean0, m20 = grouping.prior
-    w = contrib[order].astype(np.float64)
-    # Shift by the prior mean so the sums of squares stay small (no cancellation).
-    dev = np.where(w > 0, x[order] - mean0, 0.0)
-    nb = _grouped_exclusive_cumsum(w, starts)
-    sb = _grouped_exclusive_cumsum(dev, starts)
-    ssb = _grouped_exclusive_cumsum(dev * dev, starts)
-    count, mean, m2 = _merge(n0, mean0, m20, nb, sb, ssb)
-
-    # Totals per touched slot: the exclusive prefix at the last row plus that row itself.
-    tot = _merge(n0[ends], mean0[ends], m20[ends], nb[ends] + w[ends], sb[ends] + dev[ends], ssb[ends] + dev[ends] ** 2)
-    return count[inverse], mean[inverse], m2[inverse], (s_sorted[ends], *tot)
-
-
-def _merge(n0, mean0, m20, nb, sb, ssb):
-    """Chan's parallel merge of (n0, mean0, m20) with nb values whose deviations from mean0
-    sum to sb and whose squared deviations sum to ssb."""
-    n = n0 + nb
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shift = np.where(nb > 0, sb / nb, 0.0)
-        m2b = np.where(nb > 0, ssb - sb * shift, 0.0)
-        mean = mean0 + np.where(n > 0, shift * nb / n, 0.0)
-        m2 = m20 + m2b + np.where(n > 0, shift * shift * n0 * nb / n, 0.0)
-    return n, mean, np.maximum(m2, 0.0)
+    count, mean, m2, t_count, t_mean, t_m2 = sequential_stats(
+        grouping.group, np.ascontiguousarray(x, dtype=np.float64), np.ascontiguousarray(contrib), *grouping.prior
+    )
+    return count, mean, m2, (grouping.slots, t_count, t_mean, t_m2)
 
 
 class ZScoreDetector(Detector):
@@ -248,6 +210,7 @@ class ZScoreDetector(Detector):
         # Per-batch work shared by the rounds of one batch; invalid once the state changes.
         self._round_cache: dict[str, tuple[tuple, int, Any]] = {}
         self._generation = 0
+        zscore_kernel.warm_up()
 
     def _state_tables(self) -> list[tuple[str, str]]:
         """(key set, table) for every table of per-key statistics: each key set, then its
@@ -280,7 +243,7 @@ class ZScoreDetector(Detector):
             fi = self._fidx[ks]
             xk, ck, floor = x[:, fi], contrib[:, fi], self._min_std[fi]
             gk = (g_count[:, fi], g_mean[:, fi], g_m2[:, fi], g_z[:, fi], g_std[:, fi])
-            slot, new_keys, grouping = self._grouped(ks, batch.keys.get(ks), (batch.keys.get(ks), batch.event_time), n)
+            slot, new_keys, grouping = self._grouped(ks, (batch.keys.get(ks), batch.event_time), n, ks)
             has_key = slot >= 0
             k_count, k_mean, k_m2, tot = _prefix_stats(xk, ck & has_key[:, None], grouping)
             # Per feature: a key scores on its own statistics once it has `warmup` values of
@@ -300,9 +263,7 @@ class ZScoreDetector(Detector):
             keys = batch.keys.get(ks)
             for depth, period in enumerate(self.key_set_seasonality[ks], start=2):
                 name = _level(ks, period)
-                source = (keys, batch.event_time)
-                s_keys = self._cached(f"{name}:keys", source, lambda: seasons.seasonal_keys(keys, period, batch.event_time) if keys is not None else None)
-                s_slot, s_new, s_grouping = self._grouped(name, s_keys, source, n)
+                s_slot, s_new, s_grouping = self._grouped(name, (keys, batch.event_time), n, ks, period)
                 s_has = s_slot >= 0
                 s_count, s_mean, s_m2, s_tot = _prefix_stats(xk, ck & s_has[:, None], s_grouping)
                 # The finer baseline takes over feature by feature once it is warm itself.
@@ -362,35 +323,41 @@ class ZScoreDetector(Detector):
         self._round_cache[name] = (source, self._generation, value)
         return value
 
-    def _grouped(self, name: str, keys: np.ndarray | None, source: tuple, n: int) -> tuple[np.ndarray, list[str], _Grouping]:
-        """Slots, new keys and grouping of one table for a batch (see ``_cached``)."""
+    def _grouped(
+        self, name: str, source: tuple, n: int, key_set: str, period: str | None = None
+    ) -> tuple[np.ndarray, list[str], _Grouping]:
+        """Slots, new keys and grouping of one table for a batch (see ``_cached``). ``source``
+        is (the key set's key column, event times); ``period`` names a seasonal level."""
+        keys, event_time = source
 
         def compute() -> tuple[np.ndarray, list[str], _Grouping]:
-            slot, new_keys = self._slots(name, keys, n)
+            if keys is None or n == 0:
+                slot, new_keys = np.full(n, -1, dtype=np.int64), []
+            else:
+                codes, uniques = self._cached(f"{key_set}:codes", (keys,), lambda: factorize(keys.tolist()))
+                if period is not None:
+                    codes, uniques = seasons.seasonal_keys(codes, uniques, period, event_time)
+                slot, new_keys = self._slots(name, codes, uniques)
             return slot, new_keys, _Grouping.of(np.where(slot >= 0, slot, 0), self._state.key_sets[name].stats)
 
         return self._cached(name, source, compute)
 
-    def _slots(self, key_set: str, keys: np.ndarray | None, n: int) -> tuple[np.ndarray, list[str]]:
-        """Slot per event (-1 where the event has no key) and the keys seen for the first time."""
-        slot = np.full(n, -1, dtype=np.int64)
-        if keys is None or n == 0:
-            return slot, []
-        present = np.fromiter((k is not None for k in keys), dtype=bool, count=n)
-        if not present.any():
-            return slot, []
-        known = self._state.key_sets[key_set].slots
-        uniq, inverse = np.unique(keys[present].astype(str), return_inverse=True)
+    def _slots(self, table: str, codes: np.ndarray, uniques: list) -> tuple[np.ndarray, list[str]]:
+        """Slot per event (-1 where the event has no key) and the keys seen for the first time,
+        from the batch's key codes and distinct keys (``factorize``)."""
+        known = self._state.key_sets[table].slots
         new_keys: list[str] = []
-        uniq_slots = np.empty(len(uniq), dtype=np.int64)
-        for u, key in enumerate(uniq.tolist()):
+        unique_slots = np.empty(len(uniques), dtype=np.int64)
+        for u, key in enumerate(uniques):
+            if key is None:
+                unique_slots[u] = -1
+                continue
             s = known.get(key)
             if s is None:
                 s = len(known) + len(new_keys)
                 new_keys.append(key)
-            uniq_slots[u] = s
-        slot[present] = uniq_slots[inverse]
-        return slot, new_keys
+            unique_slots[u] = s
+        return unique_slots[codes], new_keys
 
     def commit(self, step: Step) -> None:
         self._generation += 1

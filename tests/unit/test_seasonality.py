@@ -10,6 +10,7 @@ import pytest
 
 from stream_detector.detectors import seasons
 from stream_detector.detectors.zscore import ZScoreDetector
+from stream_detector.detectors.zscore_kernel import factorize
 from stream_detector.features import FeatureBatch
 from tests.unit.test_zscore import run_chunks
 
@@ -23,8 +24,9 @@ def test_buckets_follow_the_calendar():
     assert seasons.bucket("day_of_week", t).tolist() == [0, 5, 6]
     assert seasons.bucket("hour_of_week", t).tolist() == [0, 5 * 24 + 14, 6 * 24 + 23]
     assert seasons.describe("hour_of_week", 5 * 24 + 14) == "Saturdays 14:00-15:00 UTC"
-    keys = np.array(["s1", None, "s2"], dtype=object)
-    assert seasons.seasonal_keys(keys, "day_of_week", t).tolist() == ["s1@Mon", None, "s2@Sun"]
+    codes, distinct = factorize(["s1", None, "s2", "s1"])
+    s_codes, s_distinct = seasons.seasonal_keys(codes, distinct, "day_of_week", np.r_[t, MONDAY + 3600])
+    assert [s_distinct[c] for c in s_codes] == ["s1@Mon", None, "s2@Sun", "s1@Mon"]
 
 
 def seasonal_stream(weeks: int, seed: int = 0) -> FeatureBatch:
