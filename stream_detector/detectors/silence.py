@@ -13,6 +13,9 @@ is a timer over per-key rates in event time:
 
 A quiet night is not an alert (the expected count stays small); a busy store going quiet is
 found after about ``expected_events`` of its usual inter-arrival times.
+
+The walk over a batch's events is compiled (``silence_kernel``); this class owns the state and
+the key names.
 """
 
 from __future__ import annotations
@@ -23,49 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from stream_detector.detectors.silence_kernel import BUCKETS, peak_rates, walk
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
-
-HOUR = 3600.0
-BUCKETS = 48  # hour of day x (weekday, weekend)
-
-
-def hour_bucket(t: float) -> int:
-    day = math.floor(t / 86400.0)
-    weekend = (day + 3) % 7 >= 5  # 1970-01-01 was a Thursday: Monday = 0
-    return int((t % 86400.0) // HOUR) + (24 if weekend else 0)
-
-
-def hour_buckets(t: np.ndarray) -> np.ndarray:
-    """``hour_bucket`` of every time in ``t``."""
-    day = np.floor(t / 86400.0)
-    weekend = (day + 3) % 7 >= 5
-    return ((t % 86400.0) // HOUR).astype(np.int64) + np.where(weekend, 24, 0)
-
-
-class _KeyView:
-    """Plain-list copies of the per-key arrays for the keys of one batch (fast item access in
-    the sequential walk), written back before anything reads the arrays themselves. ``peak``
-    bounds each key's rates over the whole batch (its counts plus all its events in it)."""
-
-    def __init__(self, detector: SilenceDetector, slots: np.ndarray, in_batch: np.ndarray) -> None:
-        self.detector, self.slots, self.in_batch = detector, slots, in_batch
-        self.last: list[float] = []
-        self.alerted: list[bool] = []
-        self.peak: list[float] = []  # events per hour
-        self.load()
-
-    def load(self) -> None:
-        # In place: the walk holds references to these lists. Counted events are in both
-        # counts and in_batch: the bound only gets looser, never too low.
-        d = self.detector
-        self.last[:] = d._last[self.slots].tolist()
-        self.alerted[:] = d._alerted[self.slots].tolist()
-        self.peak[:] = d._rates(self.slots, self.in_batch).max(axis=1).tolist()
-
-    def store(self) -> None:
-        self.detector._last[self.slots] = self.last
-        self.detector._alerted[self.slots] = self.alerted
 
 
 @dataclass(frozen=True)
@@ -111,9 +74,8 @@ class SilenceDetector:
         self._counts = np.zeros((0, BUCKETS))  # events per key and bucket
         self._last = np.zeros(0)  # last event time per key
         self._alerted = np.zeros(0, dtype=bool)  # in an alerted silence episode
-        # An upper bound of each key's hourly rates: exact when its counts last changed. Rates
-        # only fall as the stream's hours grow, except when a bucket becomes covered, which
-        # recomputes every bound. It only decides which keys get the exact check.
+        # An upper bound of each key's hourly rates (kept by the walk, see silence_kernel.walk).
+        # It only decides which keys get the exact check.
         self._peak = np.zeros(0)
         self._hours = np.zeros(BUCKETS)  # stream hours covered per bucket
         self._clock = -math.inf  # newest event time at the last check
@@ -128,137 +90,40 @@ class SilenceDetector:
     def process(self, batch: FeatureBatch) -> list[SilenceAlert]:
         """Learn the batch's events (in order) and return the silences that became unlikely.
 
-        The walk over events is sequential (an alert depends on the clock and the key's last
-        event at that moment), but it touches only plain Python lists of the keys in this
-        batch; bucket counts are added in bulk, and brought up to date before any check reads
-        them. Which keys are checked exactly is decided by an upper bound of their rates, so
-        the alerts are those of checking every key at every step.
+        The walk is sequential (an alert depends on the clock and the key's last event at that
+        moment) and compiled; the alerts are those of checking every key exactly at every step.
         """
         keys = batch.keys.get(self.key_set)
         if keys is None or batch.n == 0:
             return []
-        present = np.flatnonzero(np.fromiter((k is not None for k in keys), dtype=bool, count=batch.n))
-        if not len(present):
+        present, slots = self._event_slots(keys)
+        if not len(slots):
             return []
+        times = np.ascontiguousarray(batch.event_time if present is None else batch.event_time[present], dtype=np.float64)
+        if not np.isfinite(times).all():  # the walk indexes arrays by bucket unchecked
+            raise ValueError("silence: event times must be finite")
+        slot, when, since, check, self._clock, self._next_check = walk(
+            times, slots, self._counts, self._last, self._alerted, self._peak, self._hours,
+            float(self._clock), float(self._next_check), self.n_keys,
+            float(self.expected_events), float(self.min_events), float(self.min_hours), float(self.check_every_s),
+        )
+        names = [self._names[s] for s in slot.tolist()]
+        # The alerts of one clock step in the order the silences became unlikely (slot order is
+        # an accident of arrival); steps and per-event alerts in the order raised.
+        raised = sorted(zip(check.tolist(), when.tolist(), names, since.tolist()))
+        probability = math.exp(-self.expected_events)
+        return [SilenceAlert(name, t, s, self.expected_events, probability) for _, t, name, s in raised]
+
+    def _event_slots(self, keys: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(positions of the events that have a key, or None for all; their slots)."""
+        try:  # C-level: the usual batch has only known keys
+            return None, np.fromiter(map(self._keys.__getitem__, keys), dtype=np.int64, count=len(keys))
+        except (KeyError, TypeError):  # a new key, or none
+            pass
+        present = np.flatnonzero(np.fromiter((k is not None for k in keys), dtype=bool, count=len(keys)))
+        # New keys get slots in sorted order (state snapshots list keys by slot).
         uniq, local = np.unique(keys[present].astype(str), return_inverse=True)
-        slots = self._slots(uniq.tolist())
-        times = batch.event_time[present]
-        buckets = hour_buckets(times)
-        # This batch's events per key and bucket: counts + these bound every rate the batch
-        # can reach, whatever has been counted so far.
-        in_batch = np.zeros((len(slots), BUCKETS))
-        np.add.at(in_batch, (local, buckets), 1)
-        view = _KeyView(self, slots, in_batch)
-        alerts: list[SilenceAlert] = []
-        counted = 0  # events [0, counted) are in self._counts
-
-        def count_until(j: int) -> None:
-            nonlocal counted
-            if j > counted:
-                touched = np.unique(slots[local[counted:j]])
-                np.add.at(self._counts, (slots[local[counted:j]], buckets[counted:j]), 1)
-                self._peak[touched] = self._rates(touched).max(axis=1)
-                counted = j
-
-        limit = self.expected_events * HOUR
-        last, alerted, peak = view.last, view.alerted, view.peak
-        for j, (t, k) in enumerate(zip(times.tolist(), local.tolist())):
-            if t >= self._next_check:
-                count_until(j)
-                view.store()
-                alerts.extend(self._advance(t))
-                view.load()
-            prev = last[k]
-            # A silence that ended before the timer looked at it is still reported.
-            if prev > -math.inf and not alerted[k] and (t - prev) * peak[k] >= limit:
-                count_until(j)
-                view.store()
-                slot = int(slots[k])
-                alert = self._check(slot, t, self._rates(np.array([slot]))[0])
-                view.load()
-                if alert is not None:
-                    alerts.append(alert)
-            if t >= prev:
-                last[k] = t
-                alerted[k] = False
-        count_until(len(times))
-        view.store()
-        return alerts
-
-    def _advance(self, now: float) -> list[SilenceAlert]:
-        """Move the clock to ``now`` (checked once per ``check_every_s`` of event time)."""
-        covered_before = self._hours >= 1.0
-        if self._clock > -math.inf:
-            self._cover(self._clock, now)
-        self._clock = now
-        self._next_check = (math.floor(now / self.check_every_s) + 1) * self.check_every_s
-        n = self.n_keys
-        if not n:
-            return []
-        if not np.array_equal(covered_before, self._hours >= 1.0):  # a bucket stops borrowing
-            self._peak[:n] = self._rates(np.arange(n)).max(axis=1)
-        if self._hours.sum() < self.min_hours:
-            return []
-        # Only a key whose rate bound could have produced the limit since its last event can
-        # have crossed it: the exact integral is computed for those alone.
-        last = self._last[:n]
-        with np.errstate(invalid="ignore"):
-            maybe = (
-                ~self._alerted[:n]
-                & (last < now)
-                & (last > -math.inf)  # a key first seen in the batch being walked has no event yet
-                & ((now - last) * self._peak[:n] >= self.expected_events * HOUR)
-                & (self._counts[:n].sum(axis=1) >= self.min_events)
-            )
-        candidates = np.flatnonzero(maybe)
-        alerts = []
-        for slot, rate in zip(candidates.tolist(), self._rates(candidates)):
-            alert = self._check(slot, now, rate)
-            if alert is not None:
-                alerts.append(alert)
-        # In the order the silences became unlikely (slot order is an accident of arrival).
-        return sorted(alerts, key=lambda a: (a.event_time, a.key))
-
-    def _check(self, slot: int, now: float, rate: np.ndarray) -> SilenceAlert | None:
-        if self._hours.sum() < self.min_hours or self._counts[slot].sum() < self.min_events:
-            return None
-        crossing = self._crossing(rate, float(self._last[slot]), now)
-        if crossing is None:
-            return None
-        self._alerted[slot] = True
-        return SilenceAlert(self._names[slot], crossing, float(self._last[slot]), self.expected_events, math.exp(-self.expected_events))
-
-    def _rates(self, slots: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
-        """Events per hour for the keys ``slots`` and every bucket, (len(slots), 48), with
-        ``extra`` events added to their counts. A bucket the stream has not covered for an
-        hour yet (the first weekend) borrows the same hour of the other day type."""
-        counts = self._counts[slots] if extra is None else self._counts[slots] + extra
-        covered = self._hours >= 1.0
-        rate = np.where(covered, counts / np.maximum(self._hours, 1.0), 0.0)
-        other = np.roll(rate, 24, axis=1)  # weekday <-> weekend, same hour
-        other_covered = np.roll(covered, 24)
-        return np.where(covered, rate, np.where(other_covered, other, 0.0))
-
-    def _crossing(self, rate: np.ndarray, since: float, now: float) -> float | None:
-        """The time in (since, now] at which the expected count since ``since`` reaches the limit."""
-        expected = 0.0
-        t = since
-        while t < now:
-            edge = min((math.floor(t / HOUR) + 1) * HOUR, now)
-            step = rate[hour_bucket(t)] * (edge - t) / HOUR
-            if expected + step >= self.expected_events:
-                per_second = rate[hour_bucket(t)] / HOUR
-                return t + (self.expected_events - expected) / per_second
-            expected += step
-            t = edge
-        return None
-
-    def _cover(self, start: float, end: float) -> None:
-        t = start
-        while t < end:
-            edge = min((math.floor(t / HOUR) + 1) * HOUR, end)
-            self._hours[hour_bucket(t)] += (edge - t) / HOUR
-            t = edge
+        return present, self._slots(uniq.tolist())[local.reshape(-1)]
 
     def _slots(self, keys: list[str]) -> np.ndarray:
         """Slots of ``keys``, adding the new ones (arrays grow by doubling)."""
@@ -305,5 +170,5 @@ class SilenceDetector:
         self._clock = float(state["clock"])
         self._next_check = float(state["next_check"])
         # Recomputed, not trusted: it must bound the current rates (see __init__).
-        n = len(self._names)
-        self._peak = self._rates(np.arange(n)).max(axis=1) if n else np.zeros(0)
+        self._peak = np.zeros(len(self._names))
+        peak_rates(self._counts, self._hours, len(self._names), self._peak)
