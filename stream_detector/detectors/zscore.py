@@ -26,7 +26,7 @@ import numpy as np
 from stream_detector.detectors import seasons
 from stream_detector.detectors.base import Detector, Explanation, Step
 from stream_detector.detectors import zscore_kernel
-from stream_detector.detectors.zscore_kernel import factorize, sequential_stats
+from stream_detector.detectors.zscore_kernel import factorize, key_set_scores, sequential_stats
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
 
@@ -241,38 +241,22 @@ class ZScoreDetector(Detector):
         updates: dict[str, _Update] = {}
         for k, ks in enumerate(self.key_sets):
             fi = self._fidx[ks]
-            xk, ck, floor = x[:, fi], contrib[:, fi], self._min_std[fi]
-            gk = (g_count[:, fi], g_mean[:, fi], g_m2[:, fi], g_z[:, fi], g_std[:, fi])
-            slot, new_keys, grouping = self._grouped(ks, (batch.keys.get(ks), batch.event_time), n, ks)
-            has_key = slot >= 0
-            k_count, k_mean, k_m2, tot = _prefix_stats(xk, ck & has_key[:, None], grouping)
-            # Per feature: a key scores on its own statistics once it has `warmup` values of
-            # that feature; before that on the global statistics, blended with its own first
-            # values (see ``_learning_baseline``).
-            use_key = has_key[:, None] & (k_count >= self.warmup)
-            guard = has_key[:, None] & (k_count >= self.reject_after)
-            with np.errstate(invalid="ignore"):
-                reject |= np.any(guard & (np.abs(xk - k_mean) > self.reject_z * self._std(k_count, k_m2, floor)), axis=1)
-            f_z, f_mean, f_std = self._learning_baseline(xk, has_key, k_count, k_mean, k_m2, *gk, floor)
-            zk = np.where(use_key, self._z(xk, k_count, k_mean, k_m2, floor), f_z)
-            mk = np.where(use_key, k_mean, f_mean)
-            sk = np.where(use_key, self._std(k_count, k_m2, floor), f_std)
-            warm[:, k] = use_key.any(axis=1)
-            level[:, k] = np.where(warm[:, k], 1, 0)
-            updates[ks] = _update(new_keys, slot, has_key, tot, batch.event_time)
             keys = batch.keys.get(ks)
-            for depth, period in enumerate(self.key_set_seasonality[ks], start=2):
-                name = _level(ks, period)
-                s_slot, s_new, s_grouping = self._grouped(name, (keys, batch.event_time), n, ks, period)
-                s_has = s_slot >= 0
-                s_count, s_mean, s_m2, s_tot = _prefix_stats(xk, ck & s_has[:, None], s_grouping)
-                # The finer baseline takes over feature by feature once it is warm itself.
-                use_season = s_has[:, None] & (s_count >= self.seasonal_warmup)
-                zk = np.where(use_season, self._z(xk, s_count, s_mean, s_m2, floor), zk)
-                mk = np.where(use_season, s_mean, mk)
-                sk = np.where(use_season, self._std(s_count, s_m2, floor), sk)
-                level[:, k] = np.where(use_season.any(axis=1), depth, level[:, k])
-                updates[name] = _update(s_new, s_slot, s_has, s_tot, batch.event_time)
+            tables = [ks, *(_level(ks, p) for p in self.key_set_seasonality[ks])]
+            grouped = [self._grouped(ks, (keys, batch.event_time), n, ks)]
+            grouped += [self._grouped(name, (keys, batch.event_time), n, ks, p) for name, p in zip(tables[1:], self.key_set_seasonality[ks])]
+            groups, prior, offsets = self._cached(f"{ks}:stack", (keys, batch.event_time), lambda: _stack([g for _, _, g in grouped]))
+            has_key = grouped[0][0] >= 0
+            zk, mk, sk, warm[:, k], level[:, k], rejected, t_count, t_mean, t_m2, touched, last = key_set_scores(
+                np.ascontiguousarray(x[:, fi]), np.ascontiguousarray(contrib[:, fi]), has_key, batch.event_time, groups, *prior,
+                *(np.ascontiguousarray(a[:, fi]) for a in (g_count, g_mean, g_m2, g_z, g_std)), self._min_std[fi],
+                float(self.warmup), float(self.seasonal_warmup), float(self.reject_after), float(self.reject_z), float(self.learning_prior),
+            )
+            reject |= rejected
+            for (_, new_keys, grouping), name, start, stop in zip(grouped, tables, offsets[:-1], offsets[1:]):
+                rows = slice(start, stop)
+                hit = touched[rows]
+                updates[name] = _Update(new_keys, grouping.slots[hit], t_count[rows][hit], t_mean[rows][hit], t_m2[rows][hit], last[rows][hit])
             z[:, k, fi], mean[:, k, fi], std[:, k, fi] = zk, mk, sk
 
         g_update = _Update([], g_tot[0], g_tot[1], g_tot[2], g_tot[3], np.full(len(g_tot[0]), -np.inf))
@@ -282,27 +266,6 @@ class ZScoreDetector(Detector):
         scores[any_z] = np.nanmax(abs_z[any_z], axis=1)
         details = {"z": z, "mean": mean, "std": std, "warm": warm, "level": level}
         return Step(scores=scores, details=details, next_state=(updates, g_update), reject=reject)
-
-    def _learning_baseline(self, x, has_key, k_count, k_mean, k_m2, g_count, g_mean, g_m2, g_z, g_std, floor):
-        """(z, mean, std) for events whose key is still learning.
-
-        The global statistics count as ``learning_prior`` events, merged with the key's own
-        values so far: a new product that sells at $1,585 is compared with everyone's prices
-        at its first sale, and with its own at its fifth, instead of being an outlier of the
-        whole store until its 30th. 0 keeps the plain global statistics.
-        """
-        w = float(self.learning_prior)
-        if w <= 0:
-            return g_z, g_mean, g_std
-        n_k = np.where(has_key[:, None], k_count, 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            var_g = np.where(g_count > 1, g_m2 / np.maximum(g_count - 1, 1), np.nan)
-            n = n_k + w
-            mean = np.where(n_k > 0, (n_k * k_mean + w * g_mean) / n, g_mean)
-            m2 = np.where(n_k > 0, k_m2, 0.0) + var_g * (w - 1) + np.where(n_k > 0, n_k * w / n * (k_mean - g_mean) ** 2, 0.0)
-            std = np.maximum(np.sqrt(m2 / np.maximum(n - 1, 1)), floor)
-            z = np.where(g_count >= self.warmup, (x - mean) / std, np.nan)
-        return z, mean, std
 
     def _std(self, count: np.ndarray, m2: np.ndarray, floor: np.ndarray | None = None) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -519,17 +482,16 @@ def _level(key_set: str, period: str) -> str:
     return f"{key_set}@{period}"
 
 
-def _update(new_keys: list[str], slot: np.ndarray, has_key: np.ndarray, tot: tuple, event_time: np.ndarray) -> _Update:
-    """What committing the batch changes in one table: the touched slots' new totals."""
-    n = len(slot)
-    touched_rows = np.isin(tot[0], np.unique(slot[has_key])) if n else np.zeros(0, dtype=bool)
-    last_seen = np.full(len(tot[0]), -np.inf)
-    if has_key.any():
-        per_slot = np.full(int(slot.max()) + 1, -np.inf)
-        np.maximum.at(per_slot, slot[has_key], event_time[has_key])
-        last_seen = per_slot[tot[0]]
-    return _Update(new_keys, tot[0][touched_rows], tot[1][touched_rows], tot[2][touched_rows], tot[3][touched_rows], last_seen[touched_rows])
 
+def _stack(groupings: list[_Grouping]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray], list[int]]:
+    """A key set's levels as one table for ``key_set_scores``: each event's row per level (L, n),
+    the prior statistics of all levels' rows stacked (R, F) x 3, and each level's first row."""
+    offsets = [0]
+    for g in groupings:
+        offsets.append(offsets[-1] + len(g.slots))
+    groups = np.stack([g.group + start for g, start in zip(groupings, offsets)]) if groupings[0].group.size else np.zeros((len(groupings), 0), dtype=np.int64)
+    prior = tuple(np.ascontiguousarray(np.concatenate([g.prior[j] for g in groupings])) for j in range(3))
+    return groups, prior, offsets
 
 def _original_value(feature: str, value: float) -> float:
     """A feature value back in the event's units (log features are sign * log1p(|x|))."""
