@@ -1,24 +1,15 @@
-"""Half-Space Trees in numpy, score for score identical to ``river.anomaly.HalfSpaceTrees``.
+"""Half-Space Trees, score for score identical to ``river.anomaly.HalfSpaceTrees``.
 
 River walks every tree in Python for every event (``score_one`` then ``learn_one``), which costs
 around 100-300 microseconds per event with 10-25 trees. This engine computes the same numbers for
-a whole batch with numpy (``bench/bench_hst.py`` measures both).
-
-Why a batch can be vectorised although the model learns as it goes:
+a whole batch (``bench/bench_hst.py`` measures both):
 
 * A tree's shape (split feature and threshold per node) never changes after construction, so
   the leaf an event reaches does not depend on the learned state. Leaves are found for the
   whole batch in one descent, one numpy step per tree level.
-* The walk of a tree always follows the path to that leaf, so its score (``r_mass * 2**depth``
-  summed down to the first node whose ``r_mass < size_limit``) is a function of the leaf
-  alone: a per-leaf table built from ``r_mass`` in one top-down pass over the nodes. Scoring
-  is then one gather per event and tree.
-* Learning adds 1 to every node of the path, i.e. a node gains the number of learned events
-  whose leaf lies below it: a ``bincount`` over leaves, then sums of sibling pairs upwards.
-* ``r_mass`` only changes when a window pivots (every ``window_size`` learned events). Each
-  row's window follows from a cumulative count of the learned rows before it; the masses of
-  all windows a batch spans are stacked, one table per window is built, and every row reads
-  the table of its window.
+* The walk of a tree always follows the path to that leaf, and learning adds 1 along the same
+  path, so scoring and learning need only the leaves: a compiled loop (``hst_kernel``) then
+  goes through the events in order, exactly as River does, window pivots included.
 
 Trees are built as River's ``make_padded_tree`` builds them, with the same arguments, random
 generator and call order as ``HalfSpaceTrees.learn_one``, so the same seed gives the same trees
@@ -45,12 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from stream_detector.detectors import hst_kernel
 from stream_detector.errors import StateError
 
 STATE_VERSION = 1
 PADDING = 0.15  # what river.anomaly.HalfSpaceTrees passes to make_padded_tree
-# Cap on window-stacked mass arrays (elements) in one chunk of score_and_learn: ~8 MB each.
-_STACK_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -145,7 +135,7 @@ def _grow(
 
 
 class HSTEngine:
-    """Vectorised Half-Space Trees; see the module docstring.
+    """Batched Half-Space Trees; see the module docstring.
 
     ``score_and_learn`` is pure and returns the state to ``commit``; scores are River's
     ``1 - mass / max_mass`` (higher = more anomalous, 0 during the first window).
@@ -177,6 +167,7 @@ class HSTEngine:
         self.trees = _build_trees(self.feature_names, self.n_trees, self.height, self.limits, seed)
         self._set_derived()
         self.state = self.initial_state()
+        hst_kernel.warm_up()
 
     # -- derived constants -------------------------------------------------------------------
 
@@ -186,17 +177,6 @@ class HSTEngine:
         self.size_limit = 0.1 * self.window_size
         self.max_score = self.n_trees * self.window_size * (2 ** (self.height + 1) - 1)
         self.n_leaves = 2**self.height
-        # Depth of every non-root node (heap layout), for _leaf_scores.
-        depths = np.arange(1, self.height + 1)
-        self._depth = np.repeat(depths, 2**depths).astype(np.int64)
-        self._levels = [_level(d) for d in range(self.height + 1)]
-        # Per depth, the split feature and threshold of its nodes, flat as tree * 2**d + j.
-        internal = self._levels[:-1]
-        self._level_feature = [self.trees.feature[:, level].ravel() for level in internal]
-        self._level_threshold = [self.trees.threshold[:, level].ravel() for level in internal]
-        # (X, leaves) of the last score_and_learn: the pipeline's fixed-point rounds score the
-        # same batch again with another learn mask, and the scaled rows rarely change.
-        self._leaf_cache: tuple[np.ndarray, np.ndarray] | None = None
 
     def initial_state(self) -> HSTState:
         zeros = np.zeros((self.n_trees, self.n_nodes), dtype=np.int64)
@@ -205,88 +185,8 @@ class HSTEngine:
     # -- hot path ----------------------------------------------------------------------------
 
     def leaves(self, X: np.ndarray) -> np.ndarray:
-        """Leaf each row of ``X`` reaches per tree, ``tree * 2**height + j``: intp (n, n_trees)."""
-        n, d = X.shape
-        values = np.ascontiguousarray(X).ravel()
-        row_start = (np.arange(n, dtype=np.intp) * d)[:, None]
-        position = np.tile(np.arange(self.n_trees, dtype=np.intp), (n, 1))
-        for feature, threshold in zip(self._level_feature, self._level_threshold):
-            value = values.take(row_start + feature.take(position))
-            go_right = value < threshold.take(position)  # River: left iff value < threshold
-            np.logical_not(go_right, out=go_right)
-            position <<= 1
-            position += go_right
-        return position
-
-    def _cached_leaves(self, X: np.ndarray) -> np.ndarray:
-        """``leaves(X)``, descending only for rows that differ from the last call's ``X``.
-
-        Exact: a row's leaves are a function of the row and the (fixed) trees alone.
-        """
-        cache = self._leaf_cache
-        if cache is not None and cache[0].shape == X.shape:
-            changed = np.flatnonzero((X != cache[0]).any(axis=1))
-            if changed.size < X.shape[0]:
-                leaves = cache[1].copy()
-                if changed.size:
-                    leaves[changed] = self.leaves(X[changed])
-                self._leaf_cache = (X.copy(), leaves)
-                return leaves
-        leaves = self.leaves(X)
-        self._leaf_cache = (X.copy(), leaves)
-        return leaves
-
-    def _leaf_scores(self, r_mass: np.ndarray) -> np.ndarray:
-        """Per leaf, River's ``_walk_score`` of a walk heading for it, for stacked masses.
-
-        ``r_mass`` is (k, n_trees, n_nodes); returns int64 (k, n_trees * 2**height). A walk adds
-        ``r_mass * 2**depth`` at each node it reaches and stops after the first node with
-        ``r_mass < size_limit``. Masses never grow down a path (a parent's mass is the sum of its
-        children's, checked on restore), so a node is reached exactly when its parent has
-        ``r_mass >= size_limit``; a leaf's score is the prefix sum of these gains down the heap.
-        """
-        # Children of node p are 2p + 1 and 2p + 2, so repeating the internal nodes' test twice
-        # lines it up with nodes 1, 2, ...: "my parent let the walk through".
-        parent_passes = r_mass[..., : self.n_nodes - self.n_leaves] >= self.size_limit
-        gain = np.where(np.repeat(parent_passes, 2, axis=-1), r_mass[..., 1:] << self._depth, 0)
-        score = r_mass[..., :1]
-        for level in self._levels[1:]:
-            # Both children get their parent's score plus their own gain (gain omits the root).
-            score = np.repeat(score, 2, axis=-1) + gain[..., level.start - 1 : level.stop - 1]
-        return score.reshape(r_mass.shape[0], -1)
-
-    def _window_masses(self, leaves: np.ndarray, window: np.ndarray, n_windows: int) -> np.ndarray:
-        """Mass (n_windows, n_trees, n_nodes) each window gains from the events it learns.
-
-        Learning adds 1 to every node on the path, so a node gains the number of events whose
-        leaf lies below it: count (window, leaf) pairs, then sum sibling pairs level by level.
-        """
-        per_window = self.n_trees * self.n_leaves
-        counts = np.bincount(
-            (window[:, None] * per_window + leaves).ravel(), minlength=n_windows * per_window
-        )
-        mass = np.empty((n_windows, self.n_trees, self.n_nodes), dtype=np.int64)
-        mass[..., self._levels[-1]] = counts.reshape(n_windows, self.n_trees, self.n_leaves)
-        for parents, children in zip(self._levels[-2::-1], self._levels[:0:-1]):
-            below = mass[..., children]
-            np.add(below[..., 0::2], below[..., 1::2], out=mass[..., parents])
-        return mass
-
-    def _learned_leaves(
-        self,
-        X: np.ndarray,
-        X_learn: np.ndarray | None,
-        leaves: np.ndarray,
-        learned_rows: np.ndarray,
-    ) -> np.ndarray:
-        """Leaves of the learned rows; descends again only for rows whose learned values differ
-        from the scored ones (with a running scaler: only rows that moved a min/max)."""
-        learned = leaves.take(learned_rows, axis=0)
-        if X_learn is not None:
-            changed = np.flatnonzero((X_learn[learned_rows] != X[learned_rows]).any(axis=1))
-            if changed.size:
-                learned[changed] = self.leaves(X_learn[learned_rows[changed]])
-        return learned
+        """Leaf rank (0 .. 2**height - 1) each row of ``X`` reaches per tree: intp (n, n_trees)."""
+        return hst_kernel.descend(np.ascontiguousarray(X, dtype=np.float64), self.trees.feature, self.trees.threshold, self.height)
 
     def score_and_learn(
         self,
@@ -314,74 +214,20 @@ class HSTEngine:
             X_learn = np.asarray(X_learn, dtype=np.float64)
             if X_learn.shape != X.shape:
                 raise ValueError(f"X_learn must have X's shape {X.shape}, got {X_learn.shape}")
-        # Chunks span a bounded number of windows, which bounds the stacked mass arrays.
-        windows_per_chunk = max(1, _STACK_ELEMENTS // (self.n_trees * self.n_nodes))
-        rows_per_chunk = windows_per_chunk * self.window_size
+        leaves = self.leaves(X)
+        learn_leaves = leaves
+        if X_learn is not None:
+            # Descend again only for learned rows whose learned values differ from the scored ones.
+            changed = np.flatnonzero(learn & (X_learn != X).any(axis=1))
+            if changed.size:
+                learn_leaves = leaves.copy()
+                learn_leaves[changed] = self.leaves(X_learn[changed])
         state = self.state
-        scores = np.zeros(n)
-        leaves = self._cached_leaves(X)
-        for start in range(0, n, rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            chunk_learn = None if X_learn is None else X_learn[rows]
-            scores[rows], state = self._score_chunk(X[rows], chunk_learn, learn[rows], state, leaves[rows])
-        return scores, state
-
-    def _score_chunk(
-        self, X: np.ndarray, X_learn: np.ndarray | None, learn: np.ndarray, state: HSTState, leaves: np.ndarray
-    ) -> tuple[np.ndarray, HSTState]:
-        """``score_and_learn`` for rows spanning at most ``windows_per_chunk + 1`` windows.
-
-        Window ``w`` (counted from the current one) holds learned events ``w * W - counter ..``;
-        row ``i`` is scored in the window its learned predecessors put it in, against the
-        ``r_mass`` of the window before it: the committed one for ``w = 0``.
-        """
-        W = self.window_size
-        learned_rows = np.flatnonzero(learn)
-        n_learned = learned_rows.size
-        n_windows = (state.counter + n_learned) // W + 1
-        learned_leaves = self._learned_leaves(X, X_learn, leaves, learned_rows)
-
-        learned_mass = self._window_masses(
-            learned_leaves, (state.counter + np.arange(n_learned)) // W, n_windows
+        scores, l_mass, r_mass, counter, first_window = hst_kernel.walk(
+            leaves, learn_leaves, learn, state.l_mass, state.r_mass, state.counter, state.first_window,
+            self.window_size, self.size_limit, self.height, self.max_score,
         )
-        learned_mass[0] += state.l_mass  # the current window started before this chunk
-
-        window_of_row = (state.counter + np.cumsum(learn) - learn) // W
-        # Windows rows are scored in: from `first` (River scores 0 until a window completed)
-        # to the last row's; a window ending the chunk often has no row after it.
-        first = 1 if state.first_window else 0
-        last = int(window_of_row[-1])
-        scores = np.zeros(X.shape[0])
-        if last >= first:
-            table = self._scoring_table(state.r_mass, learned_mass, first, last)
-            rows = slice(int(np.searchsorted(window_of_row, first)), None)  # windows are sorted
-            table_start = (window_of_row[rows] - first) * (self.n_trees * self.n_leaves)
-            index = leaves[rows] + table_start[:, None]
-            scores[rows] = 1.0 - table.take(index).sum(axis=1) / self.max_score
-
-        l_mass = learned_mass[-1]
-        r_mass = learned_mass[-2] if n_windows > 1 else state.r_mass
-        if n_windows > 2:  # don't let views keep the whole stack alive
-            l_mass, r_mass = l_mass.copy(), r_mass.copy()
-        next_state = HSTState(
-            l_mass=l_mass,
-            r_mass=r_mass,
-            counter=int((state.counter + n_learned) % W),
-            first_window=state.first_window and n_windows == 1,
-        )
-        return scores, next_state
-
-    def _scoring_table(
-        self, r_mass: np.ndarray, learned_mass: np.ndarray, first: int, last: int
-    ) -> np.ndarray:
-        """Flat leaf-score tables of windows ``first..last``: window 0 is scored against the
-        committed ``r_mass``, window ``w >= 1`` against the mass learned in window ``w - 1``."""
-        parts = []
-        if first == 0:
-            parts.append(self._leaf_scores(r_mass[None]))
-        if last >= 1:
-            parts.append(self._leaf_scores(learned_mass[max(first, 1) - 1 : last]))
-        return np.concatenate(parts).ravel() if len(parts) > 1 else parts[0].ravel()
+        return scores, HSTState(l_mass=l_mass, r_mass=r_mass, counter=int(counter), first_window=bool(first_window))
 
     def in_first_window(self, learn: np.ndarray) -> np.ndarray:
         """Rows ``score_and_learn(X, learn)`` scores 0 because no window has completed yet."""
