@@ -47,7 +47,7 @@ class Metrics:
         self.device = Info(f"{ns}_autoencoder", "Where the autoencoder runs.", registry=r)
         self.rounds = Histogram(f"{ns}_scoring_rounds", "Fixed-point rounds a batch needed to settle its learn mask.", buckets=(1, 2, 3, 4, 6, 8, 9), registry=r)
         self.commits = Counter(f"{ns}_commits", "Checkpoints (outputs, state snapshots and offsets committed), by result.", ["result"], registry=r)
-        self.checkpoint_seconds = Histogram(f"{ns}_checkpoint_seconds", "Time to commit one checkpoint.", buckets=LATENCY_BUCKETS, registry=r)
+        self.checkpoint_seconds = Histogram(f"{ns}_checkpoint_seconds", "Time from capturing a checkpoint to committing its offsets (the loop goes on scoring meanwhile, except on revocation and shutdown).", buckets=LATENCY_BUCKETS, registry=r)
         self.recoveries = Counter(f"{ns}_recoveries", "Rewinds to the last checkpoint after a failure.", registry=r)
         self.restore_seconds = Histogram(f"{ns}_state_restore_seconds", "Time to restore one partition's state from the changelog.", buckets=LATENCY_BUCKETS, registry=r)
         self.kafka_errors = Counter(f"{ns}_kafka_errors", "Errors reported by librdkafka, by code.", ["code"], registry=r)

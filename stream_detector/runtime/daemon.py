@@ -1,16 +1,20 @@
 """The Kafka loop: consume a micro-batch, score it, publish anomalies and dead letters, commit.
 
-At-least-once, in this order for every batch (nothing is committed after a failure):
-produce anomalies and dead letters -> flush, raising on any undelivered record -> commit the
-batch's offsets synchronously. A crash between flush and commit replays the batch: its
-anomalies may be published twice, never lost.
+At-least-once, in this order for every checkpoint (nothing is committed after a failure):
+every output produced before it is delivered -> the partitions' state snapshots are delivered
+-> their offsets are committed. A crash before the commit replays the work since the previous
+checkpoint: its anomalies may be published twice, never lost. The loop does not wait for those
+deliveries: it captures the state (a few ms), keeps consuming and scoring, and takes each next
+step once the delivery reports it depends on are in (``_PendingCheckpoint``).
 
-The loop is single-threaded: librdkafka does the network I/O and buffering in its own
-threads, so consuming the next batch overlaps with the broker sending it.
+The loop is single-threaded: librdkafka does the network I/O, buffering and compression in its
+own threads, so consuming the next batch overlaps with the broker sending it, and delivery
+reports are served on the loop's thread by ``poll``.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import signal
@@ -55,19 +59,57 @@ _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PR
 
 @dataclass
 class _DeliveryTracker:
-    """Latches delivery failures; records consume-to-delivery latency of anomalies."""
+    """Latches delivery failures; records consume-to-delivery latency of anomalies; counts the
+    records of each epoch still waiting for their delivery report (a checkpoint closes an
+    epoch and waits for it, without flushing the producer)."""
 
     metrics: Metrics
     failures: list[KafkaError] = field(default_factory=list)
+    epoch: int = 0
+    outstanding: collections.Counter = field(default_factory=collections.Counter)
 
     def callback(self, consumed_at: float, is_anomaly: bool):
+        epoch = self.epoch
+        self.outstanding[epoch] += 1
+
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            self.outstanding[epoch] -= 1
+            if not self.outstanding[epoch]:
+                del self.outstanding[epoch]
             if err is not None:
                 self.failures.append(err)
             elif is_anomaly:
                 self.metrics.latency.observe(time.monotonic() - consumed_at)
 
         return on_delivery
+
+    def close_epoch(self) -> int:
+        """End the current epoch (records produced from now on belong to the next); its number."""
+        self.epoch += 1
+        return self.epoch - 1
+
+    def delivered_through(self, epoch: int) -> bool:
+        """Every record of ``epoch`` and earlier has its delivery report."""
+        return all(e > epoch for e in self.outstanding)
+
+    def raise_failures(self) -> None:
+        if self.failures:
+            errors, self.failures = self.failures, []
+            raise DeliveryError(f"{len(errors)} record(s) not delivered, first: {errors[0]}", errors[0])
+
+
+@dataclass
+class _PendingCheckpoint:
+    """An at-least-once checkpoint on its way: the state captured at one moment, then each step
+    taken once the deliveries it depends on are reported (see the module docstring)."""
+
+    started: float
+    works: dict[tuple[str, int], PartitionWork]  # the partitions captured (still ours at commit?)
+    offsets: list[TopicPartition]
+    snapshots: list[tuple[int, bytes, bytes]]  # (changelog partition, key, value), encoded at capture
+    outputs_epoch: int  # outputs produced before the capture
+    snapshots_epoch: int | None = None  # set once the snapshots are produced
+    last_log: float = 0.0
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
@@ -138,8 +180,10 @@ class Daemon:
     per-key state) move between instances of the group without loss.
 
     Checkpoint (every ``processing.commit_interval_ms``, on revocation and at shutdown):
-    * at-least-once: flush outputs (raise on any undelivered) -> snapshot the dirty partitions
-      -> flush -> commit their offsets;
+    * at-least-once: capture the dirty partitions' snapshots and positions -> once every
+      output produced before the capture is delivered, produce the snapshots -> once they are
+      delivered, commit the offsets. The loop goes on scoring meanwhile; on revocation and at
+      shutdown the same steps run to the end before returning (outputs flushed first);
     * exactly-once: snapshots and ``send_offsets_to_transaction`` inside the open transaction
       -> commit it -> begin the next one.
     A failure inside a checkpoint interval aborts (exactly-once) and rewinds every partition to
@@ -159,6 +203,7 @@ class Daemon:
         self._last_error_log = 0.0
         self._last_checkpoint = time.monotonic()
         self._tracker = _DeliveryTracker(self.metrics)
+        self._pending: _PendingCheckpoint | None = None
         self.policy = AlertPolicy(WindowBook(settings.alerts.windows))
         self._control: ControlReader | None = None
         self._pending_feedback: dict[str, tuple[str, str]] = {}  # event_id -> (label, note)
@@ -270,9 +315,11 @@ class Daemon:
             messages = self._consumer.consume(wanted, timeout=max_wait_s)
             if messages:
                 self._guarded(self._process, messages, time.monotonic())
+            if self._pending is not None:
+                self._guarded(self._advance_checkpoint)
             if time.monotonic() - self._last_checkpoint >= interval_s:
                 self._guarded(self._checkpoint)
-        self._guarded(self._checkpoint)
+        self._guarded(self._checkpoint_now)
 
     def _guarded(self, step: Any, *args: Any) -> None:
         """Run one step; on a Kafka or delivery failure, abort and rewind to the last checkpoint."""
@@ -485,17 +532,81 @@ class Daemon:
             waited += 1.0
             if waited % FLUSH_LOG_EVERY_S == 0:
                 log.warning("waiting for the broker to acknowledge %d record(s) (%.0f s)", len(self._producer), waited)
-        if self._tracker.failures:
-            errors, self._tracker.failures = self._tracker.failures, []
-            raise DeliveryError(f"{len(errors)} record(s) not delivered, first: {errors[0]}", errors[0])
+        self._tracker.raise_failures()
 
     # -- checkpoints -------------------------------------------------------------------------
 
     def _checkpoint(self) -> None:
-        """Commit the work since the last checkpoint: outputs, state snapshots, offsets."""
+        """Start a checkpoint of the work since the last one (periodic). At-least-once: capture
+        and move on (``_advance_checkpoint`` finishes it); exactly-once: commit the transaction."""
+        self._last_checkpoint = time.monotonic()
+        if self.exactly_once:
+            self._checkpoint_now()
+            return
+        if self._pending is not None:  # one at a time; it still waits for deliveries
+            return
+        dirty = self._dirty()
+        if not dirty:
+            return
+        snapshots = []
+        if self.settings.state.enabled:
+            for (topic, partition), work in dirty.items():
+                assert work.position is not None
+                # Encoded now: the models keep learning while the records wait their turn.
+                records = snapshot_records(topic, partition, work.position, work.pipeline.state_dict())
+                snapshots.extend((partition, key, value) for key, value in records)
+        offsets = [TopicPartition(t, p, w.position) for (t, p), w in dirty.items()]
+        for work in dirty.values():
+            work.dirty = False
+        self._pending = _PendingCheckpoint(time.monotonic(), dirty, offsets, snapshots, self._tracker.close_epoch())
+        self._advance_checkpoint()
+
+    def _advance_checkpoint(self) -> None:
+        """Take the pending checkpoint's next step if the deliveries it waits for are in:
+        outputs delivered -> produce the snapshots; snapshots delivered -> commit the offsets."""
+        assert self._producer is not None and self._consumer is not None
+        pending = self._pending
+        if pending is None:
+            return
+        self._producer.poll(0)
+        self._tracker.raise_failures()
+        if pending.snapshots_epoch is None:
+            if not self._waited_for(pending, pending.outputs_epoch):
+                return
+            for partition, key, value in pending.snapshots:
+                self._produce(self.changelog_topic, key, value, None, self._tracker.callback(0.0, False), partition=partition)
+            pending.snapshots_epoch = self._tracker.close_epoch()
+            self._producer.poll(0)
+        if not self._waited_for(pending, pending.snapshots_epoch):
+            return
+        # Only partitions still owned by the same work: a lost partition has another owner now.
+        offsets = [tp for tp in pending.offsets if self._partitions.get((tp.topic, tp.partition)) is pending.works[(tp.topic, tp.partition)]]
+        if offsets:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        self._pending = None
+        self.metrics.commits.labels("ok").inc()
+        self.metrics.checkpoint_seconds.observe(time.monotonic() - pending.started)
+
+    def _waited_for(self, pending: _PendingCheckpoint, epoch: int) -> bool:
+        if self._tracker.delivered_through(epoch):
+            return True
+        now = time.monotonic()
+        if now - pending.started >= FLUSH_LOG_EVERY_S and now - pending.last_log >= FLUSH_LOG_EVERY_S:
+            pending.last_log = now
+            log.warning("checkpoint waiting for the broker to acknowledge %d record(s) (%.0f s)", len(self._producer), now - pending.started)
+        return False
+
+    def _checkpoint_now(self) -> None:
+        """Commit the work so far before returning (revocation, shutdown, exactly-once):
+        outputs, state snapshots, offsets. A pending checkpoint is folded into this one."""
         assert self._producer is not None and self._consumer is not None
         self._last_checkpoint = time.monotonic()
-        dirty = {tp: w for tp, w in self._partitions.items() if w.dirty and w.position is not None}
+        if self._pending is not None:
+            for tp, work in self._pending.works.items():
+                if self._partitions.get(tp) is work:
+                    work.dirty = True
+            self._pending = None
+        dirty = self._dirty()
         if not dirty and not self.exactly_once:
             return
         started = time.perf_counter()
@@ -515,6 +626,9 @@ class Daemon:
             work.dirty = False
         self.metrics.commits.labels("ok").inc()
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+
+    def _dirty(self) -> dict[tuple[str, int], PartitionWork]:
+        return {tp: w for tp, w in self._partitions.items() if w.dirty and w.position is not None}
 
     def _produce_snapshots(self, parts: dict[tuple[str, int], PartitionWork]) -> None:
         if not self.settings.state.enabled:
@@ -554,6 +668,7 @@ class Daemon:
             self._producer.purge(in_queue=True, in_flight=False)
             self._producer.poll(0)
         self._tracker.failures.clear()
+        self._pending = None  # its snapshots may be half sent; the state is read back below
         for topic, partition in list(self._partitions):
             work = self._restore(topic, partition)
             self._partitions[(topic, partition)] = work
@@ -679,7 +794,7 @@ class Daemon:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Nothing is in flight between consume() calls: checkpoint, then let the partitions go.
-        self._guarded(self._checkpoint)
+        self._guarded(self._checkpoint_now)
         self._forget(partitions)
         log.info("revoked %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
 
