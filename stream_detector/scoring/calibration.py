@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stream_detector.errors import StateError
+from stream_detector.scoring import calibration_kernel
 
 # Floor for probabilities: a score beyond a bounded tail is "extremely unlikely", not impossible.
 MIN_PROBABILITY = 1e-12
@@ -40,23 +41,13 @@ class TailFit:
         """P(normal raw score >= s) for each s."""
         if not self.ready:
             return np.ones(len(scores))
-        ref = self.reference
-        m = len(ref)
-        # Scores equal up to float rounding count as ties: the same event scored in batches of
-        # other sizes can differ in the last bits (prefix sums), and must not move past a tie.
-        with np.errstate(invalid="ignore"):  # inf stays inf
-            tolerant = np.where(np.isfinite(scores), scores - TIE_TOLERANCE * np.maximum(np.abs(scores), 1.0), scores)
-        body = (m - np.searchsorted(ref, tolerant, side="left") + 1.0) / (m + 1.0)
-        excess = np.maximum(scores - self.threshold, 0.0)
-        if abs(self.shape) < 1e-9:
-            tail = np.exp(-excess / self.scale)
-        else:
-            base = np.maximum(1.0 + self.shape * excess / self.scale, 0.0)
-            with np.errstate(divide="ignore"):
-                tail = np.power(base, -1.0 / self.shape)
-        tail_p = self.tail_fraction * tail
-        p = np.where(scores > self.threshold, np.minimum(tail_p, body), body)
-        return np.clip(np.nan_to_num(p, nan=1.0), MIN_PROBABILITY, 1.0)
+        # Scores equal up to float rounding count as ties (TIE_TOLERANCE): the same event
+        # scored in batches of other sizes can differ in the last bits, and must not move past
+        # a tie.
+        return calibration_kernel.survival(
+            np.ascontiguousarray(scores, dtype=np.float64), self.reference, self.threshold, self.tail_fraction,
+            self.shape, self.scale, TIE_TOLERANCE, MIN_PROBABILITY,
+        )
 
 
 def fit_tail(window: np.ndarray, tail_quantile: float) -> TailFit:
@@ -104,6 +95,7 @@ class Calibrator:
         # transform: the pipeline's rounds transform the same batch again, and a refit whose
         # window is unchanged (same state, same scores before it) gives the same fit.
         self._fit_cache: tuple[_CalibratorState, list[tuple[int, np.ndarray, TailFit]]] | None = None
+        calibration_kernel.warm_up()
 
     @property
     def ready(self) -> bool:
