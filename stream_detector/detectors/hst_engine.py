@@ -177,6 +177,9 @@ class HSTEngine:
         self.size_limit = 0.1 * self.window_size
         self.max_score = self.n_trees * self.window_size * (2 ** (self.height + 1) - 1)
         self.n_leaves = 2**self.height
+        # (X, leaves) of the last score_and_learn: a row's leaves depend on the row and the
+        # (fixed) trees alone.
+        self._leaf_cache: tuple[np.ndarray, np.ndarray] | None = None
 
     def initial_state(self) -> HSTState:
         zeros = np.zeros((self.n_trees, self.n_nodes), dtype=np.int64)
@@ -214,7 +217,13 @@ class HSTEngine:
             X_learn = np.asarray(X_learn, dtype=np.float64)
             if X_learn.shape != X.shape:
                 raise ValueError(f"X_learn must have X's shape {X.shape}, got {X_learn.shape}")
-        leaves = self.leaves(X)
+        # The pipeline's fixed-point rounds score the same rows again with another mask.
+        cached = self._leaf_cache
+        if cached is not None and np.array_equal(cached[0], X):
+            leaves = cached[1]
+        else:
+            leaves = self.leaves(X)
+            self._leaf_cache = (X.copy(), leaves)
         learn_leaves = leaves
         if X_learn is not None:
             # Descend again only for learned rows whose learned values differ from the scored ones.

@@ -26,7 +26,7 @@ def walk(leaves, learn_leaves, learn, l_mass0, r_mass0, counter, first_window, w
     """
     n, n_trees = leaves.shape
     l_mass = l_mass0.copy()
-    r_mass = r_mass0.copy()
+    r_mass = r_mass0  # read only; a pivot replaces it
     scores = np.zeros(n)
     for i in range(n):
         if not first_window:
@@ -47,8 +47,8 @@ def walk(leaves, learn_leaves, learn, l_mass0, r_mass0, counter, first_window, w
                     l_mass[t, (1 << depth) - 1 + (leaf >> (height - depth))] += 1
             counter += 1
             if counter == window_size:
-                r_mass[:, :] = l_mass
-                l_mass[:, :] = 0
+                r_mass = l_mass
+                l_mass = np.zeros_like(l_mass)
                 counter = 0
                 first_window = False
     return scores, l_mass, r_mass, counter, first_window
@@ -62,13 +62,16 @@ def descend(X, feature, threshold, height):  # pragma: no cover - compiled
     n = X.shape[0]
     n_trees = feature.shape[0]
     first_leaf = (1 << height) - 1
-    out = np.empty((n, n_trees), dtype=np.intp)
-    for i in range(n):
-        for t in range(n_trees):
-            node = 0
-            for _ in range(height):
-                node = 2 * node + 1 if X[i, feature[t, node]] < threshold[t, node] else 2 * node + 2
-            out[i, t] = node - first_leaf
+    out = np.zeros((n, n_trees), dtype=np.intp)
+    # Level by level over all rows: the rows' steps are independent, so the CPU overlaps their
+    # loads (one row's descent is a chain of dependent loads).
+    for t in range(n_trees):
+        for _ in range(height):
+            for i in range(n):
+                node = out[i, t]
+                out[i, t] = 2 * node + 1 if X[i, feature[t, node]] < threshold[t, node] else 2 * node + 2
+        for i in range(n):
+            out[i, t] -= first_leaf
     return out
 
 
