@@ -6,6 +6,8 @@ is compared with earlier Saturday afternoons, not with a Tuesday night.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 _DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -29,8 +31,9 @@ def bucket(period: str, event_time: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown seasonal period {period!r}; known: {sorted(PERIODS)}")
 
 
-def labels(period: str) -> np.ndarray:
-    """Suffix appended to a key for each bucket (a unicode array indexed by bucket)."""
+@functools.cache
+def labels(period: str) -> tuple[str, ...]:
+    """Suffix appended to a key for each bucket, indexed by bucket."""
     if period == "hour_of_day":
         names = [f"@{h:02d}h" for h in range(24)]
     elif period == "day_of_week":
@@ -39,7 +42,7 @@ def labels(period: str) -> np.ndarray:
         names = [f"@{d}{h:02d}h" for d in _DAY_NAMES for h in range(24)]
     else:
         raise ValueError(f"unknown seasonal period {period!r}; known: {sorted(PERIODS)}")
-    return np.array(names)
+    return tuple(names)
 
 
 def describe(period: str, b: int) -> str:
@@ -59,7 +62,7 @@ def seasonal_keys(codes: np.ndarray, keys: list, period: str, event_time: np.nda
     built once per distinct pair, not once per event."""
     size = PERIODS[period]
     pairs, inverse = np.unique(codes * size + bucket(period, event_time), return_inverse=True)
-    names = labels(period).tolist()
+    names = labels(period)
     key_codes, buckets = divmod(pairs, size)
     distinct = [None if keys[c] is None else keys[c] + names[b] for c, b in zip(key_codes.tolist(), buckets.tolist())]
     return inverse.astype(np.int64, copy=False), distinct

@@ -295,19 +295,23 @@ class ZScoreDetector(Detector):
 
         def compute() -> tuple[np.ndarray, list[str], _Grouping]:
             if keys is None or n == 0:
-                slot, new_keys = np.full(n, -1, dtype=np.int64), []
+                codes, uniques = np.zeros(n, dtype=np.int64), [None]
             else:
                 codes, uniques = self._cached(f"{key_set}:codes", (keys,), lambda: factorize(keys.tolist()))
                 if period is not None:
                     codes, uniques = seasons.seasonal_keys(codes, uniques, period, event_time)
-                slot, new_keys = self._slots(name, codes, uniques)
-            return slot, new_keys, _Grouping.of(np.where(slot >= 0, slot, 0), self._state.key_sets[name].stats)
+            # One row per distinct key of the batch; the row of events without a key (slot -1)
+            # is never learned or read.
+            unique_slots, new_keys = self._slots(name, uniques)
+            safe = np.where(unique_slots >= 0, unique_slots, 0)
+            grouping = _Grouping(codes, safe, self._state.key_sets[name].stats.gather(safe))
+            return unique_slots[codes], new_keys, grouping
 
         return self._cached(name, source, compute)
 
-    def _slots(self, table: str, codes: np.ndarray, uniques: list) -> tuple[np.ndarray, list[str]]:
-        """Slot per event (-1 where the event has no key) and the keys seen for the first time,
-        from the batch's key codes and distinct keys (``factorize``)."""
+    def _slots(self, table: str, uniques: list) -> tuple[np.ndarray, list[str]]:
+        """Slot of each of the batch's distinct keys (-1 for None) and the keys seen for the
+        first time."""
         known = self._state.key_sets[table].slots
         new_keys: list[str] = []
         unique_slots = np.empty(len(uniques), dtype=np.int64)
@@ -320,7 +324,7 @@ class ZScoreDetector(Detector):
                 s = len(known) + len(new_keys)
                 new_keys.append(key)
             unique_slots[u] = s
-        return unique_slots[codes], new_keys
+        return unique_slots, new_keys
 
     def commit(self, step: Step) -> None:
         self._generation += 1
