@@ -423,14 +423,19 @@ class AutoencoderDetector(Detector):
             last_train_loss=float(loss),
         )
 
-    def guess(self, batch: FeatureBatch, learn: np.ndarray) -> np.ndarray:
-        """Approximate scores: every event against the committed network, no training.
+    def guess(self, batch: FeatureBatch, learn: np.ndarray) -> np.ndarray | None:
+        """Approximate scores: every event against the committed network, no training; None
+        when the batch has no training point (then ``score`` is as cheap).
 
         The pipeline uses them only to propose its first round's masks (``score`` confirms),
         which saves training clones on a mask that would be thrown away.
         """
         learn = np.asarray(learn, dtype=bool)
         state = self._state
+        if not self._training_points(state.buffer.shape[0], int(learn.sum())).size:
+            # No training inside this batch: the exact scores cost the same, and a batch with
+            # nothing to flag then settles in one round.
+            return None
         if state.trainings == 0:
             return np.zeros(batch.n)
         warm = state.n_learned + np.cumsum(learn) - learn >= self.warmup_events

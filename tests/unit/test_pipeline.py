@@ -270,3 +270,12 @@ def test_rounds_reuse_exact_steps_and_guess_only_once(settings, stream):
         n_batches += 1
     assert len(guesses) == 1 + n_batches
     assert counts["autoencoder"] < counts["zscore"]
+
+
+def test_a_batch_without_training_point_or_flag_settles_in_one_round(settings, stream):
+    """The autoencoder guesses only when the batch trains it (otherwise exact scores cost the
+    same): a small batch with nothing to flag is then final after its first round."""
+    pipeline = build_pipeline(settings)
+    assert pipeline.process(stream.slice(0, 100)).rounds == 2  # trains at its 64th event: guessed
+    small = pipeline.process(stream.slice(100, 110))  # 36 buffered + 10 < 64: no training
+    assert not small.is_anomaly.any() and small.rounds == 1
