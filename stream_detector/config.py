@@ -75,7 +75,8 @@ class ProcessingConfig(Section):
     # Identifies this instance across restarts: the transactional.id is
     # "<group_id>-<instance_id>". Default: the host name (stable in a StatefulSet).
     instance_id: str | None = None
-    # One micro-batch: up to batch_size records, or what arrived within max_wait_ms.
+    # One micro-batch: what has arrived, up to batch_size records per partition; when nothing
+    # has, the loop waits up to max_wait_ms for a first record before its periodic work.
     # Every detector (the autoencoder included) scores a micro-batch in one pass.
     batch_size: int = Field(default=2000, ge=1, le=100_000)
     max_wait_ms: int = Field(default=50, ge=1, le=60_000)

@@ -50,6 +50,8 @@ KAFKA_LOG = logging.getLogger("stream_detector.librdkafka")
 # so one huge record cannot make the dead-letter produce fail and stall the partition.
 MAX_DEAD_LETTER_BYTES = 512 * 1024
 FLUSH_LOG_EVERY_S = 10.0
+# While waiting for input, delivery reports are served at least this often.
+REPORT_EVERY_S = 0.005
 # Feedback naming an event no owned partition remembers waits here (another instance may own
 # it, or its partition is being restored); oldest dropped first.
 MAX_PENDING_FEEDBACK = 10_000
@@ -312,7 +314,7 @@ class Daemon:
             # partition, so each pipeline scores batches of up to batch_size (fewer, bigger
             # batches), not batch_size / partitions.
             wanted = batch_size * max(1, len(self._partitions))
-            messages = self._consumer.consume(wanted, timeout=max_wait_s)
+            messages = self._arrived(wanted, max_wait_s)
             if messages:
                 self._guarded(self._process, messages, time.monotonic())
             if self._pending is not None:
@@ -320,6 +322,26 @@ class Daemon:
             if time.monotonic() - self._last_checkpoint >= interval_s:
                 self._guarded(self._checkpoint)
         self._guarded(self._checkpoint_now)
+
+    def _arrived(self, wanted: int, max_wait_s: float) -> list[Message]:
+        """Up to ``wanted`` records of what has arrived, without waiting for more; when nothing
+        has, up to ``max_wait_s`` for the first one. Batches never wait to fill: at low rates
+        events are scored as they come, and when the loop falls behind the fetched backlog
+        fills them (bigger batches, cheaper per event), so the batch size follows the load.
+        """
+        assert self._consumer is not None and self._producer is not None
+        messages = self._consumer.consume(wanted, timeout=0)
+        if messages:
+            return messages
+        deadline = time.monotonic() + max_wait_s
+        while True:
+            # In slices: delivery reports (latency, the pending checkpoint) are served between.
+            first = self._consumer.poll(min(REPORT_EVERY_S, max(0.0, deadline - time.monotonic())))
+            self._producer.poll(0)
+            if first is not None:
+                return [first, *self._consumer.consume(wanted - 1, timeout=0)] if wanted > 1 else [first]
+            if time.monotonic() >= deadline:
+                return []
 
     def _guarded(self, step: Any, *args: Any) -> None:
         """Run one step; on a Kafka or delivery failure, abort and rewind to the last checkpoint."""
