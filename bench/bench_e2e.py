@@ -492,27 +492,41 @@ def run_latency(
 def _latency_phase(daemon: DaemonProcess, bs: str, inp: str, out: str, rate: int, count: int, seed: int) -> dict[str, Any]:
     from stream_detector.generator import produce_to_kafka
 
-    t0 = time.monotonic()
     # linger.ms 5 (the daemon's own setting) rather than the generator's 20: the input
     # timestamp is taken at produce(), so upstream batching would count as our latency.
-    produced = produce_to_kafka(generated_events(count, seed), bs, inp, rate=rate, client_config={"linger.ms": 5})
+    producer_config = {"linger.ms": 5}
+    # Warm-up (not measured): one second of input at the same rate, until committed. The first
+    # records of a fresh producer and consumer wait about a second for connections and
+    # metadata, which is start-up, not the latency of a running daemon.
+    warm_up = list(generated_events(min(count, rate), seed + 1000))
+    warmed = produce_to_kafka(warm_up, bs, inp, rate=rate, client_config=producer_config)
+    daemon.wait_committed(warmed, timeout=120)
+    before = daemon.scrape()
+    # Generated before the clock starts: the generator's own CPU would compete with the daemon.
+    events = list(generated_events(count, seed))
+    measured_ids = {e["event_id"] for e in events}
+    t0 = time.monotonic()
+    produced = produce_to_kafka(events, bs, inp, rate=rate, client_config=producer_config)
     produce_end = time.monotonic()
-    done_at = daemon.wait_committed(produced, timeout=600)
+    done_at = daemon.wait_committed(warmed + produced, timeout=600)
     metrics = daemon.scrape()
-    buckets = histogram_buckets(metrics, "stream_detector_end_to_end_latency_seconds")
+    latency = "stream_detector_end_to_end_latency_seconds"
+    buckets = _minus(histogram_buckets(metrics, latency), histogram_buckets(before, latency))
     anomalies = int(sample(metrics, "stream_detector_anomalies_total"))
     hist = {
-        "count": int(sample(metrics, "stream_detector_end_to_end_latency_seconds_count")),
+        "count": int(sample(metrics, f"{latency}_count") - sample(before, f"{latency}_count")),
         "p50_ms": _ms(histogram_quantile(0.5, buckets)),
         "p99_ms": _ms(histogram_quantile(0.99, buckets)),
         "max_le_ms": _ms(histogram_max_bound(buckets)),
     }
-    # Kafka timestamps: output record vs the input record of the same event.
+    # Kafka timestamps: output record vs the input record of the same event (measured events only).
     outputs = read_topic(bs, out, expected=anomalies)
     out_ts: dict[str, int] = {}
     for value, (ts_type, ts) in outputs:
-        out_ts.setdefault(orjson.loads(value)["event_id"], ts)
-    inputs = read_topic(bs, inp, expected=produced)
+        event_id = orjson.loads(value).get("event_id")
+        if event_id in measured_ids:
+            out_ts.setdefault(event_id, ts)
+    inputs = read_topic(bs, inp, expected=warmed + produced)
     in_ts: dict[str, int] = {}
     in_types = set()
     for value, (ts_type, ts) in inputs:
@@ -528,19 +542,23 @@ def _latency_phase(daemon: DaemonProcess, bs: str, inp: str, out: str, rate: int
         "max_ms": float(lat[-1]) if lat else None,
         "timestamp_types": sorted({t for _, (t, _) in outputs} | in_types),
     }
-    batches = sample(metrics, "stream_detector_batch_seconds_count")
-    batch_buckets = histogram_buckets(metrics, "stream_detector_batch_seconds")
+    def delta(name: str) -> float:
+        return sample(metrics, name) - sample(before, name)
+
+    batches = delta("stream_detector_batch_seconds_count")
+    batch_buckets = _minus(histogram_buckets(metrics, "stream_detector_batch_seconds"), histogram_buckets(before, "stream_detector_batch_seconds"))
+    checkpoints = delta("stream_detector_checkpoint_seconds_count")
     return {
         "rate": rate,
         "produced": produced,
+        "warm_up_events": warmed,
         "batches": batches,
-        "mean_batch_records": sample(metrics, "stream_detector_batch_size_events_sum") / batches if batches else None,
-        "mean_batch_ms": 1000 * sample(metrics, "stream_detector_batch_seconds_sum") / batches if batches else None,
+        "mean_batch_records": delta("stream_detector_batch_size_events_sum") / batches if batches else None,
+        "mean_batch_ms": 1000 * delta("stream_detector_batch_seconds_sum") / batches if batches else None,
         "p50_batch_ms": _ms(histogram_quantile(0.5, batch_buckets)),
         "p99_batch_ms": _ms(histogram_quantile(0.99, batch_buckets)),
-        "checkpoints": sample(metrics, "stream_detector_checkpoint_seconds_count"),
-        "mean_checkpoint_ms": 1000 * sample(metrics, "stream_detector_checkpoint_seconds_sum")
-        / max(1.0, sample(metrics, "stream_detector_checkpoint_seconds_count")),
+        "checkpoints": checkpoints,
+        "mean_checkpoint_ms": 1000 * delta("stream_detector_checkpoint_seconds_sum") / max(1.0, checkpoints),
         "produce_seconds": produce_end - t0,
         "achieved_rate": produced / (produce_end - t0),
         "drain_seconds_after_produce": done_at - produce_end,
@@ -549,6 +567,12 @@ def _latency_phase(daemon: DaemonProcess, bs: str, inp: str, out: str, rate: int
         "histogram": hist,
         "timestamps": ts_stats,
     }
+
+
+def _minus(after: list[tuple[float, float]], before: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Cumulative histogram buckets of what was observed between two scrapes."""
+    earlier = dict(before)
+    return [(bound, count - earlier.get(bound, 0.0)) for bound, count in after]
 
 
 def _ms(seconds: float | None) -> float | None:
