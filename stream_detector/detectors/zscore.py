@@ -26,11 +26,10 @@ import numpy as np
 from stream_detector.detectors import seasons
 from stream_detector.detectors.base import Detector, Explanation, Step
 from stream_detector.detectors import zscore_kernel
-from stream_detector.detectors.zscore_kernel import factorize, key_set_scores, sequential_stats
+from stream_detector.detectors.zscore_kernel import factorize, global_scores, key_set_scores, max_abs
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
 
-GLOBAL = "global"
 # Explanations give the expected range as the baseline's mean +- this many sd.
 EXPECTED_SD = 3.0
 
@@ -122,31 +121,12 @@ class _State:
 @dataclass(frozen=True)
 class _Grouping:
     """A batch's events by table row, with the prior statistics of each row: all that
-    ``_prefix_stats`` needs besides the values and the learn mask, so the fixed-point rounds
-    of one batch (same keys, same committed state) compute it once."""
+    ``key_set_scores`` needs of a table besides the values and the learn mask, so the
+    fixed-point rounds of one batch (same keys, same committed state) compute it once."""
 
     group: np.ndarray  # (n,) each event's row
     slots: np.ndarray  # (G,) each row's slot in the table
     prior: tuple[np.ndarray, np.ndarray, np.ndarray]  # (count, mean, m2) per row, (G, F)
-
-    @classmethod
-    def of(cls, slot: np.ndarray, prior: _Stats) -> _Grouping:
-        slots, group = np.unique(slot, return_inverse=True)
-        return cls(group.astype(np.int64, copy=False), slots, prior.gather(slots))
-
-
-def _prefix_stats(
-    x: np.ndarray, contrib: np.ndarray, grouping: _Grouping
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Statistics each event sees (prior state + earlier contributing events of its slot).
-
-    Returns (count, mean, m2) per event and feature, and the per-slot totals after the batch
-    as (slots, count, mean, m2) for the slots the batch touched.
-    """
-    count, mean, m2, t_count, t_mean, t_m2 = sequential_stats(
-        grouping.group, np.ascontiguousarray(x, dtype=np.float64), np.ascontiguousarray(contrib), *grouping.prior
-    )
-    return count, mean, m2, (grouping.slots, t_count, t_mean, t_m2)
 
 
 class ZScoreDetector(Detector):
@@ -221,15 +201,12 @@ class ZScoreDetector(Detector):
 
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
         n, n_features = batch.n, len(self.features)
-        x = batch.matrix(self.features)
+        x = np.ascontiguousarray(batch.matrix(self.features), dtype=np.float64)
         contrib = ~np.isnan(x) & np.asarray(learn, dtype=bool)[:, None]
-
-        g_grouping = self._cached(GLOBAL, (batch.event_time,), lambda: _Grouping.of(np.zeros(n, dtype=np.int64), self._state.global_stats))
-        g_count, g_mean, g_m2, g_tot = _prefix_stats(x, contrib, g_grouping)
-        g_z = self._z(x, g_count, g_mean, g_m2)
-        g_std = self._std(g_count, g_m2)
-        with np.errstate(invalid="ignore"):
-            reject = np.any((g_count >= self.reject_after) & (np.abs(x - g_mean) > self.reject_z * g_std), axis=1)
+        g = self._state.global_stats
+        g_count, g_mean, g_m2, g_z, g_std, reject, *g_tot = global_scores(
+            x, contrib, g.count[0], g.mean[0], g.m2[0], self._min_std, float(self.warmup), float(self.reject_after), float(self.reject_z)
+        )
 
         n_sets = len(self.key_sets)
         z = np.full((n, n_sets, n_features), np.nan)
@@ -238,34 +215,31 @@ class ZScoreDetector(Detector):
         warm = np.zeros((n, n_sets), dtype=bool)
         # Baseline used per event and key set: 0 global, 1 the key, 2.. its seasonal levels.
         level = np.zeros((n, n_sets), dtype=np.int8)
-        updates: dict[str, _Update] = {}
+        pending = []
         for k, ks in enumerate(self.key_sets):
-            fi = self._fidx[ks]
             keys = batch.keys.get(ks)
-            tables = [ks, *(_level(ks, p) for p in self.key_set_seasonality[ks])]
-            grouped = [self._grouped(ks, (keys, batch.event_time), n, ks)]
-            grouped += [self._grouped(name, (keys, batch.event_time), n, ks, p) for name, p in zip(tables[1:], self.key_set_seasonality[ks])]
-            groups, prior, offsets = self._cached(f"{ks}:stack", (keys, batch.event_time), lambda: _stack([g for _, _, g in grouped]))
-            has_key = grouped[0][0] >= 0
-            zk, mk, sk, warm[:, k], level[:, k], rejected, t_count, t_mean, t_m2, touched, last = key_set_scores(
-                np.ascontiguousarray(x[:, fi]), np.ascontiguousarray(contrib[:, fi]), has_key, batch.event_time, groups, *prior,
-                *(np.ascontiguousarray(a[:, fi]) for a in (g_count, g_mean, g_m2, g_z, g_std)), self._min_std[fi],
+            grouped, groups, prior, offsets = self._key_set_tables(ks, keys, batch.event_time, n)
+            totals = key_set_scores(
+                x, contrib, self._fidx[ks], grouped[0][0] >= 0, batch.event_time, groups, *prior,
+                g_count, g_mean, g_m2, g_z, g_std, self._min_std,
                 float(self.warmup), float(self.seasonal_warmup), float(self.reject_after), float(self.reject_z), float(self.learning_prior),
+                k, z, mean, std, warm, level, reject,
             )
-            reject |= rejected
-            for (_, new_keys, grouping), name, start, stop in zip(grouped, tables, offsets[:-1], offsets[1:]):
-                rows = slice(start, stop)
-                hit = touched[rows]
-                updates[name] = _Update(new_keys, grouping.slots[hit], t_count[rows][hit], t_mean[rows][hit], t_m2[rows][hit], last[rows][hit])
-            z[:, k, fi], mean[:, k, fi], std[:, k, fi] = zk, mk, sk
-
-        g_update = _Update([], g_tot[0], g_tot[1], g_tot[2], g_tot[3], np.full(len(g_tot[0]), -np.inf))
-        abs_z = np.abs(z).reshape(n, -1)
-        any_z = ~np.all(np.isnan(abs_z), axis=1) if n else np.zeros(0, dtype=bool)
-        scores = np.zeros(n)
-        scores[any_z] = np.nanmax(abs_z[any_z], axis=1)
+            pending.append((ks, grouped, offsets, totals))
         details = {"z": z, "mean": mean, "std": std, "warm": warm, "level": level}
-        return Step(scores=scores, details=details, next_state=(updates, g_update), reject=reject)
+        return Step(scores=max_abs(z), details=details, next_state=(pending, g_tot), reject=reject)
+
+    def _key_set_tables(self, ks: str, keys: np.ndarray | None, event_time: np.ndarray, n: int) -> tuple[list, np.ndarray, tuple, list[int]]:
+        """A key set's tables for a batch (the key, then its seasonal levels), stacked for
+        ``key_set_scores``; computed once per batch (see ``_cached``)."""
+
+        def compute() -> tuple[list, np.ndarray, tuple, list[int]]:
+            periods = self.key_set_seasonality[ks]
+            grouped = [self._grouped(ks, (keys, event_time), n, ks)]
+            grouped += [self._grouped(_level(ks, p), (keys, event_time), n, ks, p) for p in periods]
+            return (grouped, *_stack([grouping for _, _, grouping in grouped]))
+
+        return self._cached(f"{ks}:stack", (keys, event_time), compute)
 
     def _std(self, count: np.ndarray, m2: np.ndarray, floor: np.ndarray | None = None) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -329,12 +303,17 @@ class ZScoreDetector(Detector):
     def commit(self, step: Step) -> None:
         self._generation += 1
         self._round_cache.clear()
-        updates, g_update = step.next_state
-        for ks, update in updates.items():
-            state = self._state.key_sets[ks]
-            update.apply(state)
-            self._state.key_sets[ks] = self._evict(state)
-        g_update.apply(_KeySetState({}, self._state.global_stats))
+        pending, (g_count, g_mean, g_m2) = step.next_state
+        for ks, grouped, offsets, (t_count, t_mean, t_m2, touched, last) in pending:
+            names = [ks, *(_level(ks, p) for p in self.key_set_seasonality[ks])]
+            for name, (_, new_keys, grouping), start, stop in zip(names, grouped, offsets[:-1], offsets[1:]):
+                rows = slice(start, stop)
+                hit = touched[rows]
+                state = self._state.key_sets[name]
+                _Update(new_keys, grouping.slots[hit], t_count[rows][hit], t_mean[rows][hit], t_m2[rows][hit], last[rows][hit]).apply(state)
+                self._state.key_sets[name] = self._evict(state)
+        g = self._state.global_stats
+        g.count[0], g.mean[0], g.m2[0] = g_count, g_mean, g_m2
 
     def _evict(self, state: _KeySetState) -> _KeySetState:
         """Forget keys idle past ``key_ttl_seconds`` and, over ``max_keys``, the least recently

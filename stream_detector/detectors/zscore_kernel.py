@@ -16,29 +16,68 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def sequential_stats(group, x, contrib, count0, mean0, m20):  # pragma: no cover - compiled
-    """Statistics each event sees, and each group's totals after the batch.
+def global_scores(x, contrib, count0, mean0, m20, floor, warmup, reject_after, reject_z):  # pragma: no cover - compiled
+    """The global statistics each event sees, its z-score against them, and gross outliers.
 
-    ``group`` (n,) is each event's row in the prior statistics ``count0/mean0/m20`` (G, F);
-    ``contrib`` (n, F) says which values are learned. Returns ``(seen_count, seen_mean,
-    seen_m2)`` per event and feature (before the event itself), then the totals (G, F).
+    ``count0/mean0/m20`` (F,) are the committed statistics, ``contrib`` (n, F) says which
+    values are learned. Returns ``(count, mean, m2, z, sd)`` per event and feature (before the
+    event itself), ``reject`` (n,) (beyond ``reject_z`` sd once ``reject_after`` values are in)
+    and the totals after the batch, (F,) x 3.
     """
     n, n_features = x.shape
     count, mean, m2 = count0.copy(), mean0.copy(), m20.copy()
     seen_count = np.empty((n, n_features))
     seen_mean = np.empty((n, n_features))
     seen_m2 = np.empty((n, n_features))
+    z = np.empty((n, n_features))
+    sd = np.empty((n, n_features))
+    reject = np.zeros(n, dtype=np.bool_)
     for i in range(n):
-        g = group[i]
         for f in range(n_features):
-            c, mu, q = count[g, f], mean[g, f], m2[g, f]
-            seen_count[i, f], seen_mean[i, f], seen_m2[i, f] = c, mu, q
+            c, mu, q = count[f], mean[f], m2[f]
+            s = _std(c, q, floor[f])
+            seen_count[i, f], seen_mean[i, f], seen_m2[i, f], sd[i, f] = c, mu, q, s
+            z[i, f] = (x[i, f] - mu) / s if c >= warmup else np.nan
+            if c >= reject_after and abs(x[i, f] - mu) > reject_z * s:
+                reject[i] = True
             if contrib[i, f]:
                 c += 1.0
                 delta = x[i, f] - mu
                 mu += delta / c
-                count[g, f], mean[g, f], m2[g, f] = c, mu, q + delta * (x[i, f] - mu)
-    return seen_count, seen_mean, seen_m2, count, mean, m2
+                count[f], mean[f], m2[f] = c, mu, q + delta * (x[i, f] - mu)
+    return seen_count, seen_mean, seen_m2, z, sd, reject, count, mean, m2
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def max_abs(z):  # pragma: no cover - compiled
+    """Per event, the largest |z| over key sets and features; 0 where every z is NaN."""
+    n = z.shape[0]
+    out = np.zeros(n)
+    flat = z.reshape(n, -1)
+    for i in range(n):
+        for j in range(flat.shape[1]):
+            v = abs(flat[i, j])
+            if v > out[i]:  # NaN compares false
+                out[i] = v
+    return out
+
+
+@functools.cache
+def warm_up() -> None:
+    """Load (or compile) the kernels now, at construction, not inside the first batch: loading
+    numba's compiled cache costs about half a second once per process, which would otherwise
+    land on the latency of the first events."""
+    one = np.zeros((1, 1))
+    yes = np.ones((1, 1), dtype=np.bool_)
+    row = np.zeros(1)
+    g = global_scores(one, yes, row, row, row, row, 1.0, 1.0, 1.0)
+    cube = np.zeros((1, 1, 1))
+    key_set_scores(
+        one, yes, np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.bool_), row, np.zeros((1, 1), dtype=np.int64), one, one, one,
+        *g[:5], row, 1.0, 1.0, 1.0, 1.0, 1.0, 0, cube, cube.copy(), cube.copy(),
+        np.zeros((1, 1), dtype=np.bool_), np.zeros((1, 1), dtype=np.int8), np.zeros(1, dtype=np.bool_),
+    )
+    max_abs(cube)
 
 
 def factorize(keys: list) -> tuple[np.ndarray, list]:
@@ -52,15 +91,6 @@ def factorize(keys: list) -> tuple[np.ndarray, list]:
     return np.fromiter(map(index.__getitem__, keys), dtype=np.int64, count=len(keys)), distinct
 
 
-@functools.cache
-def warm_up() -> None:
-    """Load (or compile) the kernel now, at construction, not inside the first batch: loading
-    numba's compiled cache costs about half a second once per process, which would otherwise
-    land on the latency of the first events."""
-    one = np.zeros((1, 1))
-    sequential_stats(np.zeros(1, dtype=np.int64), one, np.ones((1, 1), dtype=bool), one, one, one)
-
-
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _std(count, m2, floor):  # pragma: no cover - compiled
     """Sample sd with a floor; NaN below two values (as ``ZScoreDetector._std``)."""
@@ -71,78 +101,81 @@ def _std(count, m2, floor):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def key_set_scores(
-    x, contrib, has_key, event_time, groups, count0, mean0, m20,
+    x, contrib, features, has_key, event_time, groups, count0, mean0, m20,
     g_count, g_mean, g_m2, g_z, g_std, floor,
     warmup, seasonal_warmup, reject_after, reject_z, learning_prior,
+    k, z, base_mean, base_std, warm, level, reject,
 ):  # pragma: no cover - compiled
-    """One key set's z-scores, with its seasonal levels, in one walk over the batch.
+    """Key set ``k``'s z-scores, with its seasonal levels, in one walk over the batch.
 
-    ``groups`` (L, n): each event's row, per level (0: the key, 1..: seasonal levels coarse to
-    fine), in the stacked prior statistics ``count0/mean0/m20`` (R, F). ``g_*`` (n, F) are the
-    global statistics each event sees. Per event and feature the baseline is the finest warm
-    level, else the key (once warm), else the learning baseline (global statistics counted as
-    ``learning_prior`` events, merged with the key's own first values).
+    ``features`` are the columns of ``x`` (n, F) the key set scores; its tables hold those
+    alone, in that order. ``groups`` (L, n): each event's row, per level (0: the key, 1..:
+    seasonal levels coarse to fine), in the stacked prior statistics ``count0/mean0/m20``
+    (R, len(features)). ``g_*`` (n, F) are the global statistics each event sees. Per event and
+    feature the baseline is the finest warm level, else the key (once warm), else the learning
+    baseline (``_learning``).
 
-    Returns z, mean, sd (n, F); warm (n,); level (n,) (0 global/learning, 1 key, 2.. seasonal);
-    reject (n,) (gross outliers of the key's own statistics); the totals after the batch
-    (R, F) x 3; touched (R,) (rows with an event of this key set) and their latest event time.
+    Writes ``z, base_mean, base_std`` (n, K, F) at ``[:, k, features]``, ``warm`` and
+    ``level`` (n, K) at ``[:, k]`` (level 0 global/learning, 1 key, 2.. seasonal) and sets
+    ``reject`` (n,) for gross outliers of the key's own statistics. Returns the totals after
+    the batch (R, len(features)) x 3, ``touched`` (R,) (rows with an event of this key set)
+    and their latest event time.
     """
-    n, n_features = x.shape
+    n = x.shape[0]
     n_levels = groups.shape[0]
     count, mean, m2 = count0.copy(), mean0.copy(), m20.copy()
     touched = np.zeros(count0.shape[0], dtype=np.bool_)
     last = np.full(count0.shape[0], -np.inf)
-    z = np.full((n, n_features), np.nan)
-    base_mean = np.full((n, n_features), np.nan)
-    base_std = np.full((n, n_features), np.nan)
-    warm = np.zeros(n, dtype=np.bool_)
-    level = np.zeros(n, dtype=np.int8)
-    reject = np.zeros(n, dtype=np.bool_)
     w = learning_prior
     for i in range(n):
         if not has_key[i]:
             # No key: the learning baseline with no values of its own.
-            for f in range(n_features):
+            for j in range(features.shape[0]):
+                f = features[j]
                 zf, mf, sf = _learning(x[i, f], 0.0, 0.0, 0.0, g_count[i, f], g_mean[i, f], g_m2[i, f], g_z[i, f], g_std[i, f], floor[f], warmup, w)
-                z[i, f], base_mean[i, f], base_std[i, f] = zf, mf, sf
+                z[i, k, f], base_mean[i, k, f], base_std[i, k, f] = zf, mf, sf
             continue
         use_level = 0
-        for f in range(n_features):
+        key_warm = False
+        for j in range(features.shape[0]):
+            f = features[j]
             xf = x[i, f]
             g = groups[0, i]
-            c, mu, q = count[g, f], mean[g, f], m2[g, f]
+            c, mu, q = count[g, j], mean[g, j], m2[g, j]
             sd = _std(c, q, floor[f])
             if c >= reject_after and abs(xf - mu) > reject_z * sd:
                 reject[i] = True
             if c >= warmup:
                 zf, mf, sf = (xf - mu) / sd, mu, sd
-                warm[i] = True
+                key_warm = True
                 use_level = max(use_level, 1)
             else:
                 zf, mf, sf = _learning(xf, c, mu, q, g_count[i, f], g_mean[i, f], g_m2[i, f], g_z[i, f], g_std[i, f], floor[f], warmup, w)
             for lv in range(1, n_levels):
                 gs = groups[lv, i]
-                cs = count[gs, f]
+                cs = count[gs, j]
                 if cs >= seasonal_warmup:
-                    ss = _std(cs, m2[gs, f], floor[f])
-                    zf = (xf - mean[gs, f]) / ss if cs >= warmup else np.nan
-                    mf, sf = mean[gs, f], ss
+                    ss = _std(cs, m2[gs, j], floor[f])
+                    zf = (xf - mean[gs, j]) / ss if cs >= warmup else np.nan
+                    mf, sf = mean[gs, j], ss
                     use_level = max(use_level, lv + 1)
-            z[i, f], base_mean[i, f], base_std[i, f] = zf, mf, sf
-        level[i] = use_level
+            z[i, k, f], base_mean[i, k, f], base_std[i, k, f] = zf, mf, sf
+        warm[i, k] = key_warm  # warm: the key's own statistics (a seasonal level implies them)
+        level[i, k] = use_level
         # Learn after scoring: the event sees only its predecessors.
         for lv in range(n_levels):
             g = groups[lv, i]
             touched[g] = True
             last[g] = max(last[g], event_time[i])
-            for f in range(n_features):
+            for j in range(features.shape[0]):
+                f = features[j]
                 if contrib[i, f]:
-                    c = count[g, f] + 1.0
-                    delta = x[i, f] - mean[g, f]
-                    mu = mean[g, f] + delta / c
-                    m2[g, f] += delta * (x[i, f] - mu)
-                    count[g, f], mean[g, f] = c, mu
-    return z, base_mean, base_std, warm, level, reject, count, mean, m2, touched, last
+                    c = count[g, j] + 1.0
+                    delta = x[i, f] - mean[g, j]
+                    mu = mean[g, j] + delta / c
+                    m2[g, j] += delta * (x[i, f] - mu)
+                    count[g, j], mean[g, j] = c, mu
+    return count, mean, m2, touched, last
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
