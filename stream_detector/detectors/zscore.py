@@ -18,7 +18,7 @@ Raw score: the largest |z| over key sets and features (higher = more anomalous).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -86,15 +86,59 @@ class _Stats:
 
 @dataclass
 class _KeySetState:
+    """One table: key -> slot, the statistics by slot, and the slots eviction freed.
+
+    Evicting touches only the evicted keys (a table of 100,000 keys loses a few to the TTL in
+    almost every batch); freed slots have empty rows and are reused before the table grows.
+    """
+
     slots: dict[str, int]
     stats: _Stats
+    keys: list[str | None] = field(default_factory=list)  # by slot; None: free
+    free: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, keys: list[str], stats: _Stats) -> _KeySetState:
+        return cls({key: i for i, key in enumerate(keys)}, stats, list(keys))
+
+    @property
+    def allocated(self) -> int:
+        return len(self.keys)
+
+    def new_slots(self, n: int) -> list[int]:
+        """The slots the next ``n`` new keys get (``add`` gives them in this order)."""
+        reused = self.free[::-1][:n]
+        return reused + list(range(self.allocated, self.allocated + n - len(reused)))
+
+    def add(self, new_keys: list[str]) -> None:
+        for key in new_keys:
+            if self.free:
+                slot = self.free.pop()
+                self.keys[slot] = key
+            else:
+                slot = len(self.keys)
+                self.keys.append(key)
+            self.slots[key] = slot
+        self.stats.ensure_capacity(self.allocated)
+
+    def drop(self, slots: np.ndarray) -> None:
+        for slot in slots.tolist():
+            del self.slots[self.keys[slot]]
+            self.keys[slot] = None
+            self.free.append(slot)
+        st = self.stats
+        st.count[slots], st.mean[slots], st.m2[slots], st.last_seen[slots] = 0.0, 0.0, 0.0, -np.inf
+
+    def in_use(self) -> np.ndarray:
+        """Slots (ascending) that hold a key."""
+        return np.flatnonzero(np.fromiter((k is not None for k in self.keys), dtype=bool, count=self.allocated))
 
 
 @dataclass
 class _Update:
     """What learning one batch changes for one key set (or the global statistics)."""
 
-    new_keys: list[str]  # appended to the slot table in this order
+    new_keys: list[str]  # added to the slot table in this order (``_KeySetState.new_slots``)
     touched: np.ndarray  # slots whose statistics change
     count: np.ndarray
     mean: np.ndarray
@@ -102,10 +146,8 @@ class _Update:
     last_seen: np.ndarray  # per touched slot: the latest event time of the batch
 
     def apply(self, state: _KeySetState) -> None:
-        for key in self.new_keys:
-            state.slots[key] = len(state.slots)
+        state.add(self.new_keys)
         st = state.stats
-        st.ensure_capacity(len(state.slots))
         st.count[self.touched] = self.count
         st.mean[self.touched] = self.mean
         st.m2[self.touched] = self.m2
@@ -184,7 +226,7 @@ class ZScoreDetector(Detector):
         self.reject_z = reject_z
         self.reject_after = reject_after
         self._state = _State(
-            key_sets={name: _KeySetState({}, _Stats.empty(len(self._fidx[ks]))) for ks, name in self._state_tables()},
+            key_sets={name: _KeySetState.of([], _Stats.empty(len(self._fidx[ks]))) for ks, name in self._state_tables()},
             global_stats=_Stats.empty(len(self.features), capacity=1),
         )
         # Per-batch work shared by the rounds of one batch; invalid once the state changes.
@@ -286,8 +328,10 @@ class ZScoreDetector(Detector):
     def _slots(self, table: str, uniques: list) -> tuple[np.ndarray, list[str]]:
         """Slot of each of the batch's distinct keys (-1 for None) and the keys seen for the
         first time."""
-        known = self._state.key_sets[table].slots
+        state = self._state.key_sets[table]
+        known = state.slots
         new_keys: list[str] = []
+        new_at: list[int] = []
         unique_slots = np.empty(len(uniques), dtype=np.int64)
         for u, key in enumerate(uniques):
             if key is None:
@@ -295,9 +339,12 @@ class ZScoreDetector(Detector):
                 continue
             s = known.get(key)
             if s is None:
-                s = len(known) + len(new_keys)
                 new_keys.append(key)
+                new_at.append(u)
+                continue
             unique_slots[u] = s
+        if new_keys:
+            unique_slots[new_at] = state.new_slots(len(new_keys))
         return unique_slots, new_keys
 
     def commit(self, step: Step) -> None:
@@ -319,22 +366,24 @@ class ZScoreDetector(Detector):
         """Forget keys idle past ``key_ttl_seconds`` and, over ``max_keys``, the least recently
         seen down to 90 % of it. Forgotten keys restart from the global statistics.
 
-        Applied when a batch is committed: a memory bound, checked per batch.
+        Applied when a batch is committed: a memory bound, checked per batch, at a cost of the
+        keys it forgets (plus one comparison per slot).
         """
-        size = len(state.slots)
-        last_seen = state.stats.last_seen[:size]
-        expired = np.zeros(size, dtype=bool)
-        if self.key_ttl_seconds is not None and size:
-            expired = last_seen < last_seen.max() - self.key_ttl_seconds
-        if size <= self.max_keys and not expired.any():
+        n = state.allocated
+        if not n:
             return state
-        keep_n = min(int(self.max_keys * 0.9) if size > self.max_keys else size, int((~expired).sum()))
-        ranked = np.argsort(np.where(expired, np.inf, -last_seen), kind="stable")  # newest first, expired last
-        order = np.sort(ranked[:keep_n])
-        by_slot = {s: k for k, s in state.slots.items()}
-        slots = {by_slot[int(s)]: i for i, s in enumerate(order)}
-        st = state.stats
-        return _KeySetState(slots, _Stats(st.count[order], st.mean[order], st.m2[order], st.last_seen[order]))
+        last_seen = state.stats.last_seen[:n]
+        alive = last_seen > -np.inf  # free slots hold -inf
+        drop = np.zeros(n, dtype=bool)
+        if self.key_ttl_seconds is not None:
+            drop = alive & (last_seen < last_seen.max() - self.key_ttl_seconds)
+        if len(state.slots) - int(drop.sum()) > self.max_keys:
+            kept = np.flatnonzero(alive & ~drop)
+            newest_first = kept[np.argsort(-last_seen[kept], kind="stable")]
+            drop[newest_first[int(self.max_keys * 0.9) :]] = True
+        if drop.any():
+            state.drop(np.flatnonzero(drop))
+        return state
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -346,7 +395,7 @@ class ZScoreDetector(Detector):
         out = {}
         for ks in self.key_sets:
             state = self._state.key_sets[ks]
-            counts = state.stats.count[: len(state.slots)]
+            counts = state.stats.count[: state.allocated][state.stats.last_seen[: state.allocated] > -np.inf]
             out[ks] = int(np.sum(counts.max(axis=1, initial=0) < self.warmup)) if counts.size else 0
         return out
 
@@ -411,16 +460,15 @@ class ZScoreDetector(Detector):
         sets = {}
         for ks, name in self._state_tables():
             state = self._state.key_sets[name]
-            size = len(state.slots)
-            keys = sorted(state.slots, key=state.slots.__getitem__)
+            used = state.in_use()  # in slot order, without the free slots
             st = state.stats
             sets[name] = {
-                "keys": keys,
+                "keys": [state.keys[i] for i in used.tolist()],
                 "features": [self.features[j] for j in self._fidx[ks]],
-                "count": st.count[:size].copy(),
-                "mean": st.mean[:size].copy(),
-                "m2": st.m2[:size].copy(),
-                "last_seen": st.last_seen[:size].copy(),
+                "count": st.count[used],
+                "mean": st.mean[used],
+                "m2": st.m2[used],
+                "last_seen": st.last_seen[used],
             }
         g = self._state.global_stats
         return {
@@ -441,7 +489,7 @@ class ZScoreDetector(Detector):
             fi = self._fidx[ks]
             data = state["key_sets"].get(name)
             if data is None:  # e.g. a seasonal level added since the snapshot: starts empty
-                sets[name] = _KeySetState({}, _Stats.empty(len(fi)))
+                sets[name] = _KeySetState.of([], _Stats.empty(len(fi)))
                 continue
             if version == 1:  # every feature per table: keep the key set's own columns
                 cols = fi
@@ -450,9 +498,8 @@ class ZScoreDetector(Detector):
                 if stored != [self.features[j] for j in fi]:
                     raise StateError(f"zscore state of {name} has features {stored}, configured {[self.features[j] for j in fi]}")
                 cols = slice(None)
-            slots = {key: i for i, key in enumerate(data["keys"])}
-            sets[name] = _KeySetState(
-                slots,
+            sets[name] = _KeySetState.of(
+                list(data["keys"]),
                 _Stats(np.array(data["count"])[:, cols], np.array(data["mean"])[:, cols], np.array(data["m2"])[:, cols], np.array(data["last_seen"])),
             )
         g = state["global"]

@@ -355,6 +355,41 @@ def test_eviction_keeps_at_most_max_keys_and_evicted_fall_back_to_global():
     assert det.score(probe2, np.ones(1, dtype=bool)).details["warm"][0, 0]
 
 
+def test_ttl_eviction_frees_slots_for_new_keys_and_snapshots_skip_them():
+    """Keys idle past the TTL are forgotten at commit, their slots are reused by new keys (the
+    table does not grow), a returning key starts over, and a snapshot taken with freed slots
+    restores a detector that scores the same."""
+    det = ZScoreDetector(features=("a",), key_sets=("store",), warmup=3, reject_z=1e9, key_ttl_seconds=100.0)
+    rng = np.random.default_rng(4)
+
+    def batch(keys: list[str], t0: float) -> FeatureBatch:
+        n = len(keys)
+        return FeatureBatch(
+            event_time=t0 + np.arange(n, dtype=float),
+            columns={"a": 10.0 + rng.normal(0, 1, n)},
+            keys={"store": np.array(keys, dtype=object)},
+        )
+
+    det.learn_one_batch(batch([f"old{k}" for k in range(6) for _ in range(4)], 0.0))
+    table = det._state.key_sets["store"]
+    assert det.n_keys()["store"] == 6 and table.allocated == 6
+    # 200 s later: old1..old5 are past the TTL when this batch is committed; old0 is back.
+    det.learn_one_batch(batch(["old0"] + [f"new{k}" for k in range(3) for _ in range(4)], 200.0))
+    assert sorted(det.state_dict()["key_sets"]["store"]["keys"]) == ["new0", "new1", "new2", "old0"]
+    assert det.n_keys()["store"] == 4 and table.allocated == 9 and len(table.free) == 5
+    # The next new keys take the freed slots before the table grows.
+    det.learn_one_batch(batch(["new3", "new4", "new5"], 250.0))
+    assert det.n_keys()["store"] == 7 and table.allocated == 9 and len(table.free) == 2
+    returning = det.score(batch(["old3"], 260.0), np.ones(1, dtype=bool))
+    assert not returning.details["warm"][0, 0]
+
+    restored = ZScoreDetector(features=("a",), key_sets=("store",), warmup=3, reject_z=1e9, key_ttl_seconds=100.0)
+    restored.load_state_dict(det.state_dict())
+    probe = batch(["new0", "new1", "old0", "new5", "fresh"], 270.0)
+    learn = np.ones(probe.n, dtype=bool)
+    np.testing.assert_array_equal(restored.score(probe, learn).scores, det.score(probe, learn).scores)
+
+
 def test_explain_in_original_units():
     det = ZScoreDetector(features=("log_amount",), key_sets=("store_id",), warmup=5)
     rng = np.random.default_rng(2)
