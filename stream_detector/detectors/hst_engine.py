@@ -218,12 +218,18 @@ class HSTEngine:
             if X_learn.shape != X.shape:
                 raise ValueError(f"X_learn must have X's shape {X.shape}, got {X_learn.shape}")
         # The pipeline's fixed-point rounds score the same rows again with another mask.
+        # Only rows whose values changed are descended again (a flagged event that had moved a
+        # min/max rescales the rows after it).
         cached = self._leaf_cache
-        if cached is not None and np.array_equal(cached[0], X):
+        if cached is not None and cached[0].shape == X.shape:
+            changed = np.flatnonzero((cached[0] != X).any(axis=1))
             leaves = cached[1]
+            if changed.size:
+                leaves = leaves.copy()
+                leaves[changed] = self.leaves(X[changed])
         else:
             leaves = self.leaves(X)
-            self._leaf_cache = (X.copy(), leaves)
+        self._leaf_cache = (X.copy(), leaves)
         learn_leaves = leaves
         if X_learn is not None:
             # Descend again only for learned rows whose learned values differ from the scored ones.
