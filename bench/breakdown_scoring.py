@@ -6,7 +6,7 @@ each collective timer's ``process`` is wrapped with a timer; decode and encode a
 around their calls. Shares are of the whole loop. Complements ``profile_scoring.py``, which
 slows Python-heavy code (the per-event loops) far more than numpy and torch code.
 
-    PYTHONPATH=. python bench/breakdown_scoring.py [--events 100000] [--batch-size 2000]
+    PYTHONPATH=. python bench/breakdown_scoring.py [--events 100000] [--batch-size 2000] [--seed 1]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=1, help="generator seed (the latency phases use 10, 11, ...)")
     args = parser.parse_args()
 
     import orjson
@@ -42,7 +43,7 @@ def main() -> None:
     from stream_detector.records import encode_anomalies
     from stream_detector.scoring.factory import build_pipeline, event_schema
 
-    values = [orjson.dumps(e) for e, _ in SalesGenerator(GeneratorConfig(seed=1)).generate(args.events)]
+    values = [orjson.dumps(e) for e, _ in SalesGenerator(GeneratorConfig(seed=args.seed)).generate(args.events)]
     settings = load_settings(environ={})
     pipeline = build_pipeline(settings)
     schema = event_schema(settings)
