@@ -748,7 +748,13 @@ class Daemon:
             log.info("no saved state for %s/%d: starting from fresh models", topic, partition)
             return PartitionWork(pipeline, None)
         pipeline.load_state_dict(restored.state)
-        return PartitionWork(pipeline, restored.header.position)
+        work = PartitionWork(pipeline, restored.header.position)
+        if not self.exactly_once and self._committed(topic, partition) != work.position:
+            # At-least-once: the snapshot was delivered but the commit after it was not (a crash,
+            # a lost group membership). Commit its position at the next checkpoint even if no
+            # record arrives: otherwise the group's offset stays behind until one does.
+            work.dirty = True
+        return work
 
     # -- metrics and callbacks ---------------------------------------------------------------
 

@@ -211,6 +211,41 @@ def test_kill_9_with_at_least_once_loses_nothing_and_repeats_at_most_a_commit_in
     print(f"  repeated alerts {duplicates}, all from offsets at or after a checkpoint committed before a kill")
 
 
+def test_a_restored_snapshot_ahead_of_the_committed_offsets_is_committed_without_new_input(kafka_bootstrap, make_topics, tmp_path):
+    """At-least-once: a snapshot delivered but not followed by its commit (a crash, or a commit
+    refused after the group dropped the member) restores ahead of the group's offsets. The
+    daemon resumes at the snapshot and must commit that position even if nothing new arrives;
+    before, the offsets stayed behind until a record came, so the lag never reached zero."""
+    n = 3_000
+    topic = make_topics(partitions=PARTITIONS, prefix="sales")[0]
+    events, _labels = _events(n, seed=41)
+    produce_all(kafka_bootstrap, topic, _records(events))
+    run = Run(kafka_bootstrap, make_topics, tmp_path, topic, "ahead", "at-least-once")
+    first = run.daemon()
+    try:
+        _wait_committed(kafka_bootstrap, run.group, topic, n, 90, [first])
+    finally:
+        assert first.stop() == 0, first.log_tail()
+    final = _committed_offsets(kafka_bootstrap, run.group, topic)
+
+    # What the lost commit leaves behind: the group's offsets at half of each partition's.
+    rewinder = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": run.group, "enable.auto.commit": False})
+    try:
+        rewinder.commit(offsets=[TopicPartition(topic, p, o // 2) for p, o in final.items()], asynchronous=False)
+    finally:
+        rewinder.close()
+    assert _committed_total(kafka_bootstrap, run.group, topic) < n
+
+    second = run.daemon()
+    try:
+        _wait_committed(kafka_bootstrap, run.group, topic, n, 30, [second])
+        assert _committed_offsets(kafka_bootstrap, run.group, topic) == final
+        # It resumed at the snapshots, not at the rewound offsets: nothing was scored again.
+        assert metric(second.metrics(), 'stream_detector_events_total{outcome="scored"}') == 0
+    finally:
+        assert second.stop() == 0, second.log_tail()
+
+
 def test_kill_9_with_exactly_once(kafka_broker, kafka_bootstrap, make_topics, tmp_path, labelled_input):
     if kafka_broker.is_tansu:
         pytest.skip(
