@@ -40,6 +40,12 @@ def global_scores(x, contrib, count0, mean0, m20, floor, warmup, reject_after, r
             z[i, f] = (x[i, f] - mu) / s if c >= warmup else np.nan
             if c >= reject_after and abs(x[i, f] - mu) > reject_z * s:
                 reject[i] = True
+        # A rejected event is not learned, here already: the next events see statistics
+        # without it (see ZScoreDetector.score).
+        if reject[i]:
+            continue
+        for f in range(n_features):
+            c, mu, q = count[f], mean[f], m2[f]
             if contrib[i, f]:
                 c += 1.0
                 delta = x[i, f] - mu
@@ -162,14 +168,15 @@ def key_set_scores(
             z[i, k, f], base_mean[i, k, f], base_std[i, k, f] = zf, mf, sf
         warm[i, k] = key_warm  # warm: the key's own statistics (a seasonal level implies them)
         level[i, k] = use_level
-        # Learn after scoring: the event sees only its predecessors.
+        # Learn after scoring: the event sees only its predecessors. Not if it is rejected, by
+        # this key set or an earlier one (or the global statistics).
         for lv in range(n_levels):
             g = groups[lv, i]
             touched[g] = True
             last[g] = max(last[g], event_time[i])
             for j in range(features.shape[0]):
                 f = features[j]
-                if contrib[i, f]:
+                if contrib[i, f] and not reject[i]:
                     c = count[g, j] + 1.0
                     delta = x[i, f] - mean[g, j]
                     mu = mean[g, j] + delta / c

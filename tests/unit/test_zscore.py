@@ -132,7 +132,8 @@ class NaiveZScore:
                     zs.append(abs((x - k[1]) / self._std(k)))
                 elif g[0] >= self.warmup:
                     zs.append(abs((x - g[1]) / self._std(g)))
-        if learn:
+        # A gross outlier is learned by none of the statistics, whatever ``learn`` says.
+        if learn and not reject:
             for f in self.features:
                 if not math.isnan(row[f]):
                     self._update(self.glob[f], row[f])
