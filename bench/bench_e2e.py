@@ -495,15 +495,18 @@ def _latency_phase(daemon: DaemonProcess, bs: str, inp: str, out: str, rate: int
     # linger.ms 5 (the daemon's own setting) rather than the generator's 20: the input
     # timestamp is taken at produce(), so upstream batching would count as our latency.
     producer_config = {"linger.ms": 5}
+    # Generated before the clock starts: the generator's own CPU would compete with the daemon.
+    # The warm-up is the first second of the same stream: a stream of another seed would give
+    # every store and product new levels at once (a regime change, not a steady state).
+    warm_count = min(count, rate)
+    stream = list(generated_events(warm_count + count, seed))
+    warm_up, events = stream[:warm_count], stream[warm_count:]
     # Warm-up (not measured): one second of input at the same rate, until committed. The first
     # records of a fresh producer and consumer wait about a second for connections and
     # metadata, which is start-up, not the latency of a running daemon.
-    warm_up = list(generated_events(min(count, rate), seed + 1000))
     warmed = produce_to_kafka(warm_up, bs, inp, rate=rate, client_config=producer_config)
     daemon.wait_committed(warmed, timeout=120)
     before = daemon.scrape()
-    # Generated before the clock starts: the generator's own CPU would compete with the daemon.
-    events = list(generated_events(count, seed))
     measured_ids = {e["event_id"] for e in events}
     t0 = time.monotonic()
     produced = produce_to_kafka(events, bs, inp, rate=rate, client_config=producer_config)
