@@ -29,6 +29,9 @@ WORKDIR /src
 COPY pyproject.toml README* ./
 COPY stream_detector ./stream_detector
 RUN pip install --no-cache-dir .
+# Compile the numba kernels into the image (numba caches them next to the installed sources):
+# otherwise every new container spends ~10 s compiling before it scores anything.
+RUN python -c "from stream_detector.config import load_settings; from stream_detector.scoring.factory import build_pipeline; build_pipeline(load_settings(environ={}))"
 
 # ---- runtime: the virtual environment, the default config, a non-root user ----
 FROM python:3.11-slim

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_detector.detectors import silence_kernel
 from stream_detector.detectors.silence_kernel import BUCKETS, peak_rates, walk
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
@@ -80,6 +81,7 @@ class SilenceDetector:
         self._hours = np.zeros(BUCKETS)  # stream hours covered per bucket
         self._clock = -math.inf  # newest event time at the last check
         self._next_check = -math.inf
+        silence_kernel.warm_up()
 
     @property
     def n_keys(self) -> int:

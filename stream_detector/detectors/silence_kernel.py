@@ -10,6 +10,7 @@ and modulo formulas, same summation order, so alert times match to the bit.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -186,3 +187,16 @@ def walk(
         alert_slot[:n_alerts], alert_time[:n_alerts], alert_since[:n_alerts], alert_check[:n_alerts],
         clock, next_check,
     )
+
+
+@functools.cache
+def warm_up() -> None:
+    """Load (or compile) the kernels at construction rather than inside the first batch: with
+    no compiled cache yet (a fresh install), the walk alone takes seconds to compile."""
+    counts = np.zeros((1, BUCKETS))
+    row = np.zeros(1)
+    walk(
+        np.zeros(1), np.zeros(1, dtype=np.int64), counts, row.copy(), np.zeros(1, dtype=np.bool_), row.copy(),
+        np.zeros(BUCKETS), -math.inf, -math.inf, 1, 1.0, 1.0, 1.0, 60.0,
+    )
+    peak_rates(counts, np.zeros(BUCKETS), 1, row.copy())
