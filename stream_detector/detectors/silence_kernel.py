@@ -110,6 +110,23 @@ def crossing(rates, since, now, expected_events):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _check_key(
+    k, since, now, counts, hours, rates, peak, alerted, expected_events, check,
+    alert_slot, alert_time, alert_since, alert_check, n_alerts,
+):  # pragma: no cover - compiled
+    """The exact check of key ``k``, silent since ``since``: makes its rate bound exact and, if
+    the silence became unlikely before ``now``, records the alert. Returns the alert count."""
+    peak[k] = key_rates(counts[k], hours, rates)
+    when = crossing(rates, since, now, expected_events)
+    if math.isnan(when):
+        return n_alerts
+    alerted[k] = True
+    alert_slot[n_alerts], alert_time[n_alerts], alert_since[n_alerts] = k, when, since
+    alert_check[n_alerts] = check
+    return n_alerts + 1
+
+
+@numba.njit(cache=True, nogil=True)
 def walk(
     times, slots, counts, last, alerted, peak, hours, clock, next_check, n_keys,
     expected_events, min_events, min_hours, check_every_s,
@@ -151,13 +168,7 @@ def walk(
                         continue
                     if (t - since) * peak[k] * BOUND_SLACK < limit or counts[k].sum() < min_events:
                         continue
-                    peak[k] = key_rates(counts[k], hours, rates)
-                    when = crossing(rates, since, t, expected_events)
-                    if not math.isnan(when):
-                        alerted[k] = True
-                        alert_slot[n_alerts], alert_time[n_alerts], alert_since[n_alerts] = k, when, since
-                        alert_check[n_alerts] = check
-                        n_alerts += 1
+                    n_alerts = _check_key(k, since, t, counts, hours, rates, peak, alerted, expected_events, check, alert_slot, alert_time, alert_since, alert_check, n_alerts)
             check += 1
         prev = last[s]
         # A silence that ended before the timer looked at it is still reported.
@@ -168,13 +179,9 @@ def walk(
             and covered_hours >= min_hours
             and counts[s].sum() >= min_events
         ):
-            peak[s] = key_rates(counts[s], hours, rates)
-            when = crossing(rates, prev, t, expected_events)
-            if not math.isnan(when):
-                alerted[s] = True
-                alert_slot[n_alerts], alert_time[n_alerts], alert_since[n_alerts] = s, when, prev
-                alert_check[n_alerts] = check
-                n_alerts += 1
+            raised = _check_key(s, prev, t, counts, hours, rates, peak, alerted, expected_events, check, alert_slot, alert_time, alert_since, alert_check, n_alerts)
+            if raised > n_alerts:
+                n_alerts = raised
                 check += 1
         if t >= prev:
             last[s] = t
