@@ -41,12 +41,13 @@ def seasonal_stream(weeks: int, seed: int = 0) -> FeatureBatch:
     return FeatureBatch(event_time=t, columns={"log_amount": x}, keys={"store_id": np.full(t.size, "s1", dtype=object)})
 
 
-def detector(seasonality: tuple[str, ...]) -> ZScoreDetector:
+def detector(seasonality: tuple[str, ...], **kw) -> ZScoreDetector:
     return ZScoreDetector(
         features=("log_amount",),
         key_sets=("store_id",),
         warmup=10,
         key_set_seasonality={"store_id": seasonality},
+        **kw,
     )
 
 
@@ -95,10 +96,37 @@ def test_a_cold_bucket_falls_back_to_the_coarser_baseline():
     history = seasonal_stream(weeks=1)
     keep = seasons.bucket("day_of_week", history.event_time) != 5
     history = FeatureBatch(history.event_time[keep], {"log_amount": history.columns["log_amount"][keep]}, {"store_id": history.keys["store_id"][keep]})
-    det = detector(("hour_of_day", "hour_of_week"))
+    # Without the rejection guard: this stream starts at night, its first day values are 14 sd
+    # from the key's night-only statistics, and with Saturdays left out nothing widens that
+    # spread, so the guard would keep every day value of this history out of every table
+    # (see test_the_guard_keeps_a_jump_out_until_the_spread_widens).
+    det = detector(("hour_of_day", "hour_of_week"), reject_z=float("inf"))
     learn_all(det, history)
     _, details = probe(det, MONDAY + 5 * 86400 + 14 * HOUR, 100.0)
     assert details["baseline"] == "store_id s1 at 14:00-15:00 UTC"
+
+
+def test_the_guard_keeps_a_jump_out_until_the_spread_widens():
+    # What the guard does to the same stream: a rejected value is learned by no table, so the
+    # first days (14 sd above the first nights) are rejected one after the other, as a pipeline
+    # would reject them one by one. Saturday's nights (4.6 sd up: kept) widen the key's spread,
+    # and from Sunday on the days are learned. Recorded as the guard's known cost on a stream
+    # whose levels differ by more than reject_z sd: a jump is kept out until the spread allows it.
+    history = seasonal_stream(weeks=2)
+    det = detector(("hour_of_day", "hour_of_week"))
+    rejected = []
+    for start in range(0, history.n, 500):
+        part = history.slice(start, min(history.n, start + 500))
+        step = det.score(part, np.ones(part.n, dtype=bool))
+        det.commit(step)
+        rejected.append(step.reject)
+    rejected = np.concatenate(rejected)
+    hour = seasons.bucket("hour_of_day", history.event_time)
+    day_of_stream = (history.event_time - MONDAY) // 86400
+    daytime = (hour >= 8) & (hour < 20)
+    assert rejected[daytime & (day_of_stream < 6)].all()
+    assert not rejected[day_of_stream >= 6].any()
+    assert not rejected[~daytime].any()
 
 
 @pytest.mark.parametrize("sizes", [[1], [7, 1, 300]], ids=["ones", "mixed"])
