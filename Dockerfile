@@ -28,10 +28,12 @@ WORKDIR /src
 # README* : pyproject.toml names README.md as the long description; copy it when present.
 COPY pyproject.toml README* ./
 COPY stream_detector ./stream_detector
+COPY config/detector.yaml ./config/detector.yaml
 RUN pip install --no-cache-dir .
-# Compile the numba kernels into the image (numba caches them next to the installed sources):
-# otherwise every new container spends ~10 s compiling before it scores anything.
-RUN python -c "from stream_detector.config import load_settings; from stream_detector.scoring.factory import build_pipeline; build_pipeline(load_settings(environ={}))"
+# Validating the default config builds its pipeline, which compiles the numba kernels into the
+# image (numba caches them next to the installed sources): otherwise every new container
+# spends ~10 s compiling before it scores anything.
+RUN stream-detector config validate config/detector.yaml
 
 # ---- runtime: the virtual environment, the default config, a non-root user ----
 FROM python:3.11-slim

@@ -11,9 +11,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned to 2.13.0 in pyproject.toml: the CPU build, no CUDA downloads.
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	# Compile the numba kernels once now (numba caches them next to the sources): otherwise the
-	# first process after an install spends ~10 s compiling before it scores anything.
-	$(BIN)/python -c "from stream_detector.config import load_settings; from stream_detector.scoring.factory import build_pipeline; build_pipeline(load_settings(environ={}))"
+	# Validating the default config builds its pipeline, which compiles the numba kernels once
+	# now (numba caches them next to the sources): otherwise the first process after an install
+	# spends ~10 s compiling before it scores anything.
+	$(BIN)/stream-detector config validate config/detector.yaml
 	# Best effort: Debian's prometheus package gives the observability tests promtool and a real
 	# Prometheus server (tests/integration/test_observability.py skips them when it is missing).
 	@if [ "$$(id -u)" = 0 ]; then command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) || echo "prometheus not installed: its tests will skip"; else command -v promtool >/dev/null || echo "prometheus not installed (not root): its tests will skip"; fi

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="print the effective configuration (secrets masked)")
     _config_arg(show)
-    validate = config_sub.add_parser("validate", help="check a configuration file")
+    validate = config_sub.add_parser("validate", help="check a configuration file (and build the pipeline it describes)")
     validate.add_argument("file")
     return parser
 
@@ -169,7 +169,11 @@ def _config(args: argparse.Namespace) -> int:
     from stream_detector.config import load_settings, masked_dump
 
     if args.config_command == "validate":
-        load_settings(args.file)
+        from stream_detector.scoring.factory import build_pipeline
+
+        # Build the pipeline too: the detectors check their own parameters, and numba compiles
+        # (or loads) their kernels, so `make install` and the Docker build run this once.
+        build_pipeline(load_settings(args.file))
         print(f"{args.file}: ok")
         return EXIT_OK
     settings = load_settings(args.config)

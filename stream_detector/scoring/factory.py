@@ -5,6 +5,7 @@ from __future__ import annotations
 from stream_detector.alerting.feedback import FeedbackMemory
 from stream_detector.config import Settings
 from stream_detector.detectors.base import Detector
+from stream_detector.errors import ConfigError
 from stream_detector.events.decode import EventSchema
 from stream_detector.scoring.calibration import Calibrator, PassThrough
 from stream_detector.scoring.pipeline import ScoringPipeline
@@ -57,19 +58,7 @@ def build_detectors(settings: Settings) -> list[Detector]:
         d = settings.duplicates
         detectors.append(DuplicateDetector(window_seconds=d.window_seconds, max_entries=d.max_entries, probability=d.probability))
     if settings.river.enabled:
-        r = settings.river
-        if r.model == "HalfSpaceTrees":
-            from stream_detector.detectors.hst import HalfSpaceTreesDetector
-
-            detectors.append(
-                HalfSpaceTreesDetector(features=tuple(r.features), scale=r.scale, seed=r.seed, **r.params)
-            )
-        else:
-            from stream_detector.detectors.river_model import RiverModelDetector
-
-            detectors.append(
-                RiverModelDetector(model=r.model, params=r.params, features=tuple(r.features), scale=r.scale, seed=r.seed)
-            )
+        detectors.append(_build_river(settings))
     if settings.autoencoder.enabled:
         detectors.append(build_autoencoder(settings))
     return detectors
@@ -95,6 +84,22 @@ def build_autoencoder(settings: Settings, features: tuple[str, ...] | None = Non
         device=a.device,
         seed=a.seed,
     )
+
+
+def _build_river(settings: Settings) -> Detector:
+    r = settings.river
+    try:
+        if r.model == "HalfSpaceTrees":
+            from stream_detector.detectors.hst import HalfSpaceTreesDetector
+
+            return HalfSpaceTreesDetector(features=tuple(r.features), scale=r.scale, seed=r.seed, **r.params)
+        from stream_detector.detectors.river_model import RiverModelDetector
+
+        return RiverModelDetector(model=r.model, params=r.params, features=tuple(r.features), scale=r.scale, seed=r.seed)
+    except (TypeError, ValueError) as exc:
+        # river.params is free-form (the model's own arguments), so the settings models cannot
+        # check it: an unknown name or a bad value is a configuration error, not a traceback.
+        raise ConfigError(f"river.params: {r.model} refuses {dict(r.params)}: {exc}") from None
 
 
 def build_pipeline(settings: Settings) -> ScoringPipeline:

@@ -286,6 +286,16 @@ def test_cli_bad_value_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert "metrics.port" in result.stderr
 
 
+@pytest.mark.parametrize("params, problem", [("bogus: 3", "bogus"), ("window_size: 0", "window_size")])
+def test_cli_validate_builds_the_detectors_and_names_free_form_river_params(tmp_path: Path, params: str, problem: str) -> None:
+    # river.params goes to the model unchecked by the settings models: validate builds the
+    # pipeline, so a name the model does not take or a value it refuses still exits 2.
+    result = cli("config", "validate", str(write(tmp_path, f"river:\n  params:\n    {params}\n", "BAD.yaml")))
+    assert result.returncode == 2
+    assert "river.params" in result.stderr and problem in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_bad_env_exits_2_naming_the_variable() -> None:
     result = cli("config", "show", env={"STREAM_DETECTOR_METRICS__PORT": "abc"})
     assert result.returncode == 2
