@@ -730,8 +730,7 @@ class Daemon:
         if not self.settings.state.enabled:
             return PartitionWork(pipeline, None)
         started = time.perf_counter()
-        # Exactly-once: the snapshot that belongs to the committed offset (see read_latest_snapshot).
-        committed = self._committed(topic, partition) if self.exactly_once else None
+        committed = self._committed(topic, partition)
         if self.exactly_once and committed is None:
             log.info("no committed offset for %s/%d: starting from fresh models", topic, partition)
             return PartitionWork(pipeline, None)
@@ -741,7 +740,8 @@ class Daemon:
             topic,
             partition,
             timeout_s=self.settings.state.restore_timeout_s,
-            position=committed,
+            # Exactly-once: the snapshot that belongs to the committed offset (see read_latest_snapshot).
+            position=committed if self.exactly_once else None,
         )
         self.metrics.restore_seconds.observe(time.perf_counter() - started)
         if restored is None:
@@ -749,7 +749,7 @@ class Daemon:
             return PartitionWork(pipeline, None)
         pipeline.load_state_dict(restored.state)
         work = PartitionWork(pipeline, restored.header.position)
-        if not self.exactly_once and self._committed(topic, partition) != work.position:
+        if committed != work.position:
             # At-least-once: the snapshot was delivered but the commit after it was not (a crash,
             # a lost group membership). Commit its position at the next checkpoint even if no
             # record arrives: otherwise the group's offset stays behind until one does.
