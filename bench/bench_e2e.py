@@ -50,6 +50,10 @@ FAST_GROUP = {"session.timeout.ms": 6000, "max.poll.interval.ms": 7000, "heartbe
 
 Log = Callable[[str], None]
 
+# How often the e2e watcher scrapes a daemon once it is assigned (the resolution of "to the last
+# event scored").
+SCRAPE_EVERY_S = 0.5
+
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -305,7 +309,9 @@ class DaemonProcess:
             if self.expected_events is not None and seen >= self.expected_events:
                 self.scored_at = now
                 return
-            time.sleep(0.1)
+            # Each scrape renders every series on the daemon's loop thread (about 7 ms here):
+            # at 10 per second it took 8 % of a run. Prometheus scrapes every 15 s or so.
+            time.sleep(SCRAPE_EVERY_S)
 
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -323,22 +329,7 @@ class DaemonProcess:
 
     def wait_committed(self, expected: int, timeout: float, poll_s: float = 0.1) -> float:
         """Monotonic time at which the committed offsets first covered ``expected`` records."""
-        watcher = CommittedWatcher(self.bootstrap, self.group, self.input_topic, 3)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                self.check_alive()
-                total = watcher.total()
-                now = time.monotonic()
-                if total >= expected:
-                    return now
-                if now > deadline:
-                    raise RuntimeError(
-                        f"only {total} of {expected} offsets committed after {timeout:.0f}s. Log tail:\n{self.log_tail()}"
-                    )
-                time.sleep(poll_s)
-        finally:
-            watcher.close()
+        return wait_group_committed([self], expected, timeout, poll_s)
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time the daemon process has used so far (Linux /proc)."""
@@ -379,6 +370,28 @@ class DaemonProcess:
 
 
 
+def wait_group_committed(daemons: list[DaemonProcess], expected: int, timeout: float, poll_s: float = 0.1) -> float:
+    """Monotonic time at which the committed offsets of the daemons' group (one group, one
+    input topic of 3 partitions) first covered ``expected`` records; raises if a daemon exits."""
+    first = daemons[0]
+    watcher = CommittedWatcher(first.bootstrap, first.group, first.input_topic, 3)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            for daemon in daemons:
+                daemon.check_alive()
+            total = watcher.total()
+            now = time.monotonic()
+            if total >= expected:
+                return now
+            if now > deadline:
+                tails = "\n".join(d.log_tail() for d in daemons)
+                raise RuntimeError(f"only {total} of {expected} offsets committed after {timeout:.0f}s. Log tail:\n{tails}")
+            time.sleep(poll_s)
+    finally:
+        watcher.close()
+
+
 def _topics(prefix: str) -> tuple[str, str, str, str]:
     tag = uuid.uuid4().hex[:8]
     return f"{prefix}-in-{tag}", f"{prefix}-out-{tag}", f"{prefix}-dlq-{tag}", f"{prefix}-group-{tag}"
@@ -389,7 +402,11 @@ def _topics(prefix: str) -> tuple[str, str, str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def run_e2e(n_events: int, log: Log = _say, python_args: list[str] | None = None) -> dict[str, Any]:
+def run_e2e(
+    n_events: int, log: Log = _say, python_args: list[str] | None = None, scale_out: int = 2
+) -> dict[str, Any]:
+    """One daemon, then (if ``scale_out`` > 1) that many daemons in one group, each phase with
+    its own group over the same pre-produced input; the ceiling consumer before and after."""
     from stream_detector.embedded_broker import EmbeddedBroker
     from stream_detector.generator import produce_to_kafka
     from stream_detector.runtime.topics import ensure_topics
@@ -415,44 +432,12 @@ def run_e2e(n_events: int, log: Log = _say, python_args: list[str] | None = None
         ceiling = [count_consumer(bs, inp, n_events)]
 
         log("e2e: daemon")
-        daemon = DaemonProcess(bs, inp, out, dlq, group, expected_events=n_events, python_args=python_args).start()
-        try:
-            assigned_at = daemon.wait_assigned(timeout=120)
-            done_at = daemon.wait_committed(n_events, timeout=600)
-            cpu_s = daemon.cpu_seconds()
-            time.sleep(0.3)  # let the watcher see the final count if it has not yet
-            metrics = daemon.scrape()
-        finally:
-            code = daemon.stop()
-        started = daemon.started_at
-        assert started is not None
-        total_s = done_at - started
-        steady_s = done_at - assigned_at
-        batch_s = sample(metrics, "stream_detector_batch_seconds_sum")
-        scored_at = daemon.scored_at
-        result["daemon"] = {
-            "cpu_seconds_incl_startup": cpu_s,
-            "events_per_cpu_s_incl_startup": n_events / cpu_s if cpu_s else None,
-            "seconds_steady_state_to_all_scored": (scored_at - assigned_at) if scored_at else None,
-            "events_per_s_steady_state_to_all_scored": n_events / (scored_at - assigned_at) if scored_at else None,
-            "checkpoints": sample(metrics, "stream_detector_checkpoint_seconds_count"),
-            "checkpoint_seconds_sum": sample(metrics, "stream_detector_checkpoint_seconds_sum"),
-            "restore_seconds_sum": sample(metrics, "stream_detector_state_restore_seconds_sum"),
-            "mean_batch_records": sample(metrics, "stream_detector_batch_size_events_sum")
-            / max(1.0, sample(metrics, "stream_detector_batch_size_events_count")),
-            "seconds_incl_startup": total_s,
-            "seconds_steady_state": steady_s,
-            "seconds_to_metrics_up": (daemon.metrics_up_at or started) - started,
-            "seconds_to_assignment": assigned_at - started,
-            "events_per_s_incl_startup": n_events / total_s,
-            "events_per_s_steady_state": n_events / steady_s,
-            "batch_seconds_sum": batch_s,
-            "batches": sample(metrics, "stream_detector_batch_seconds_count"),
-            "busy_fraction_steady_state": batch_s / steady_s if steady_s > 0 else None,
-            "scored": sample(metrics, "stream_detector_events_total", outcome="scored"),
-            "anomalies": sample(metrics, "stream_detector_anomalies_total"),
-            "exit_code": code,
-        }
+        result["daemon"] = _throughput_phase(bs, inp, out, dlq, group, n_events, 1, python_args)
+        if scale_out > 1:
+            log(f"e2e: {scale_out} daemons in one group")
+            _, out2, dlq2, group2 = _topics("e2e-scale")
+            ensure_topics(bs, {out2: 3, dlq2: 1})
+            result["scale_out"] = _throughput_phase(bs, inp, out2, dlq2, group2, n_events, scale_out, python_args)
 
         log("e2e: ceiling consumer (after)")
         ceiling.append(count_consumer(bs, inp, n_events))
@@ -461,11 +446,69 @@ def run_e2e(n_events: int, log: Log = _say, python_args: list[str] | None = None
     return result
 
 
+def _throughput_phase(
+    bs: str, inp: str, out: str, dlq: str, group: str, n_events: int, instances: int, python_args: list[str] | None
+) -> dict[str, Any]:
+    """``instances`` daemons started together in ``group``, timed until it has committed every
+    input record. Steady state starts at the first assignment of any of them."""
+    expected = n_events if instances == 1 else None  # "to the last scored" needs one daemon
+    daemons = [DaemonProcess(bs, inp, out, dlq, group, expected_events=expected, python_args=python_args) for _ in range(instances)]
+    for daemon in daemons:
+        daemon.start()
+    try:
+        assigned = [d.wait_assigned(timeout=120) for d in daemons]
+        done_at = wait_group_committed(daemons, n_events, timeout=600)
+        cpu = [d.cpu_seconds() for d in daemons]
+        time.sleep(0.3)  # let the watcher see the final count if it has not yet
+        scraped = [d.scrape() for d in daemons]
+    finally:
+        codes = [d.stop() for d in daemons]
+    started = min(d.started_at for d in daemons if d.started_at is not None)
+    assigned_at = min(assigned)
+    total_s = done_at - started
+    steady_s = done_at - assigned_at
+
+    def summed(name: str, **labels: str) -> float:
+        return sum(sample(m, name, **labels) for m in scraped)
+
+    batch_s = summed("stream_detector_batch_seconds_sum")
+    scored_at = daemons[0].scored_at if instances == 1 else None
+    cpu_s = sum(c for c in cpu if c is not None) if all(c is not None for c in cpu) else None
+    return {
+        "instances": instances,
+        "cpu_seconds_incl_startup": cpu_s,
+        "events_per_cpu_s_incl_startup": n_events / cpu_s if cpu_s else None,
+        "seconds_steady_state_to_all_scored": (scored_at - assigned_at) if scored_at else None,
+        "events_per_s_steady_state_to_all_scored": n_events / (scored_at - assigned_at) if scored_at else None,
+        "checkpoints": summed("stream_detector_checkpoint_seconds_count"),
+        "checkpoint_seconds_sum": summed("stream_detector_checkpoint_seconds_sum"),
+        "restore_seconds_sum": summed("stream_detector_state_restore_seconds_sum"),
+        "mean_batch_records": summed("stream_detector_batch_size_events_sum")
+        / max(1.0, summed("stream_detector_batch_size_events_count")),
+        "seconds_incl_startup": total_s,
+        "seconds_steady_state": steady_s,
+        "seconds_to_metrics_up": min((d.metrics_up_at or started) for d in daemons) - started,
+        "seconds_to_assignment": assigned_at - started,
+        "seconds_to_last_assignment": max(assigned) - started,
+        "events_per_s_incl_startup": n_events / total_s,
+        "events_per_s_steady_state": n_events / steady_s,
+        "batch_seconds_sum": batch_s,
+        "batches": summed("stream_detector_batch_seconds_count"),
+        # Over all instances: above 1 when they score at the same time.
+        "busy_fraction_steady_state": batch_s / steady_s if steady_s > 0 else None,
+        "scored": summed("stream_detector_events_total", outcome="scored"),
+        "scored_by_instance": [sample(m, "stream_detector_events_total", outcome="scored") for m in scraped],
+        "anomalies": summed("stream_detector_anomalies_total"),
+        "exit_code": codes[0] if instances == 1 else codes,
+    }
+
+
 def run_latency(
-    phases: list[tuple[str, int, dict[str, Any], float | None]], duration_s: float, log: Log = _say
+    phases: list[tuple[str, int, dict[str, Any], float | None]], duration_s: float, log: Log = _say, instances: dict[str, int] | None = None
 ) -> dict[str, Any]:
     """``phases``: (label, input events/s, extra consumer_config for the daemon, seconds or None
-    for ``duration_s``); one fresh daemon, group and set of topics per phase, on one broker."""
+    for ``duration_s``); fresh daemons, group and set of topics per phase, on one broker.
+    ``instances``: label -> daemons in the phase's group (1 if absent)."""
     from stream_detector.embedded_broker import EmbeddedBroker
     from stream_detector.runtime.topics import ensure_topics
 
@@ -477,19 +520,38 @@ def run_latency(
             ensure_topics(bs, {inp: 3, out: 3, dlq: 1})
             seconds = seconds or duration_s
             count = int(rate * seconds)
-            daemon = DaemonProcess(bs, inp, out, dlq, group, consumer_config=consumer_config).start()
+            n = (instances or {}).get(label, 1)
+            daemons = [DaemonProcess(bs, inp, out, dlq, group, consumer_config=consumer_config).start() for _ in range(n)]
             try:
-                daemon.wait_assigned(timeout=120)
+                for daemon in daemons:
+                    daemon.wait_assigned(timeout=120)
                 log(f"latency [{label}]: producing {count} events at {rate}/s for {seconds:.0f}s")
-                r = _latency_phase(daemon, bs, inp, out, rate, count, seed=10 + i)
+                r = _latency_phase(daemons, bs, inp, out, rate, count, seed=10 + i)
             finally:
-                daemon.stop()
+                for daemon in daemons:
+                    daemon.stop()
             r["consumer_config"] = consumer_config
+            r["instances"] = n
             results["phases"][label] = r
     return results
 
 
-def _latency_phase(daemon: DaemonProcess, bs: str, inp: str, out: str, rate: int, count: int, seed: int) -> dict[str, Any]:
+def merged_scrape(daemons: list[DaemonProcess]) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """One scrape of every daemon, equal series summed: right for the counters and histograms
+    the latency phase reads (not for gauges)."""
+    totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for daemon in daemons:
+        for name, samples in daemon.scrape().items():
+            for labels, value in samples:
+                key = (name, tuple(sorted(labels.items())))
+                totals[key] = totals.get(key, 0.0) + value
+    merged: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for (name, labels), value in totals.items():
+        merged.setdefault(name, []).append((dict(labels), value))
+    return merged
+
+
+def _latency_phase(daemons: list[DaemonProcess], bs: str, inp: str, out: str, rate: int, count: int, seed: int) -> dict[str, Any]:
     from stream_detector.generator import produce_to_kafka
 
     # linger.ms 5 (the daemon's own setting) rather than the generator's 20: the input
@@ -505,14 +567,14 @@ def _latency_phase(daemon: DaemonProcess, bs: str, inp: str, out: str, rate: int
     # records of a fresh producer and consumer wait about a second for connections and
     # metadata, which is start-up, not the latency of a running daemon.
     warmed = produce_to_kafka(warm_up, bs, inp, rate=rate, client_config=producer_config)
-    daemon.wait_committed(warmed, timeout=120)
-    before = daemon.scrape()
+    wait_group_committed(daemons, warmed, timeout=120)
+    before = merged_scrape(daemons)
     measured_ids = {e["event_id"] for e in events}
     t0 = time.monotonic()
     produced = produce_to_kafka(events, bs, inp, rate=rate, client_config=producer_config)
     produce_end = time.monotonic()
-    done_at = daemon.wait_committed(warmed + produced, timeout=600)
-    metrics = daemon.scrape()
+    done_at = wait_group_committed(daemons, warmed + produced, timeout=600)
+    metrics = merged_scrape(daemons)
     latency = "stream_detector_end_to_end_latency_seconds"
     buckets = _minus(histogram_buckets(metrics, latency), histogram_buckets(before, latency))
     anomalies = int(sample(metrics, "stream_detector_anomalies_total"))

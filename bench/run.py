@@ -261,6 +261,24 @@ def section_e2e(quick: bool) -> dict[str, Any]:
             + " / ".join(f"{c['events_per_s']:,.0f}" for c in r["ceiling_runs"]) + ")",
         ),
     ]
+    s = r.get("scale_out")
+    if s:
+        single = d["events_per_s_steady_state"]
+        rows.append(
+            row(
+                f"events/s steady state, {s['instances']} instances in one group (same input, from the first assignment)",
+                rate(ceiling),
+                rate(s["events_per_s_steady_state"]),
+                times(s["events_per_s_steady_state"] / ceiling),
+                f"{times(s['events_per_s_steady_state'] / single)} one instance; {s['seconds_steady_state']:.1f} s to the last "
+                f"commit; records scored per instance "
+                + " / ".join(f"{n:,.0f}" for n in s["scored_by_instance"])
+                + f" (partitions are keyed by store_id, so their sizes differ); last instance assigned "
+                f"{s['seconds_to_last_assignment'] - s['seconds_to_assignment']:.1f} s after the first; scoring busy "
+                f"{100 * (s['busy_fraction_steady_state'] or 0):.0f} % of the time summed over instances; "
+                f"{s['anomalies']:.0f} anomalies; {num(s['cpu_seconds_incl_startup'], 1)} CPU-s in all",
+            )
+        )
     return {"rows": rows, "data": r}
 
 
@@ -274,14 +292,17 @@ LATENCY_PHASES = [
     ("20,000 ev/s", 20_000, TANSU_FETCH, None),
     ("1,000 ev/s", 1_000, TANSU_FETCH, 15.0),
     ("1,000 ev/s, librdkafka's default fetch.wait.max.ms (500)", 1_000, {}, 15.0),
+    ("20,000 ev/s, 2 instances", 20_000, TANSU_FETCH, None),
 ]
+# Phases with more than one daemon in the group (the others have one).
+LATENCY_INSTANCES = {"20,000 ev/s, 2 instances": 2}
 
 
 def section_latency(quick: bool) -> dict[str, Any]:
     from bench_e2e import run_latency
 
     duration = 10.0 if quick else 30.0
-    r = run_latency(LATENCY_PHASES, duration, log=say)
+    r = run_latency(LATENCY_PHASES, duration, log=say, instances=LATENCY_INSTANCES)
     rows = []
     for label, p in r["phases"].items():
         h, t = p["histogram"], p["timestamps"]
@@ -289,7 +310,8 @@ def section_latency(quick: bool) -> dict[str, Any]:
         fetch = p["consumer_config"].get("fetch.wait.max.ms", "500 (default)")
         context = (
             f"consumer fetch.wait.max.ms {fetch}; "
-            f"input {p['achieved_rate']:,.0f} ev/s for {p['produce_seconds']:.0f} s; daemon {p['daemon_events_per_s']:,.0f} ev/s, "
+            f"input {p['achieved_rate']:,.0f} ev/s for {p['produce_seconds']:.0f} s; "
+            f"{'daemon' if p['instances'] == 1 else str(p['instances']) + ' daemons'} {p['daemon_events_per_s']:,.0f} ev/s, "
             f"last commit {p['drain_seconds_after_produce']:.1f} s after the producer stopped "
             f"({'kept up' if kept_up else 'fell behind'}); batches of {num(p['mean_batch_records'])} records, "
             f"{num(p['mean_batch_ms'])} ms on average (p99 {num(p['p99_batch_ms'])} ms)"
