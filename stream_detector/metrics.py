@@ -49,7 +49,7 @@ class Metrics:
         self.commits = Counter(f"{ns}_commits", "Checkpoints (outputs, state snapshots and offsets committed), by result.", ["result"], registry=r)
         self.checkpoint_seconds = Histogram(f"{ns}_checkpoint_seconds", "Time from capturing a checkpoint to committing its offsets (the loop goes on scoring meanwhile, except on revocation and shutdown).", buckets=LATENCY_BUCKETS, registry=r)
         self.recoveries = Counter(f"{ns}_recoveries", "Rewinds to the last checkpoint after a failure.", registry=r)
-        self.restore_seconds = Histogram(f"{ns}_state_restore_seconds", "Time to restore one partition's state from the changelog.", buckets=LATENCY_BUCKETS, registry=r)
+        self.restore_seconds = Histogram(f"{ns}_state_restore_seconds", "Time to restore the state of newly assigned partitions from the changelog (the partitions of one assignment are read together).", buckets=LATENCY_BUCKETS, registry=r)
         self.kafka_errors = Counter(f"{ns}_kafka_errors", "Errors reported by librdkafka, by code.", ["code"], registry=r)
         self.assigned = Gauge(f"{ns}_assigned_partitions", "Input partitions assigned to this instance.", registry=r)
         self.up = Gauge(f"{ns}_up", "1 while the consume loop runs.", registry=r)

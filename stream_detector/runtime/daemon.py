@@ -38,7 +38,7 @@ from stream_detector.metrics import Metrics, MetricsServer, observe_many
 from stream_detector.records import anomaly_records, dead_letter_headers, encode_record, silence_record
 from stream_detector.runtime.control import ControlReader
 from stream_detector.runtime.topics import ensure_topics
-from stream_detector.state.changelog import COMPACTED, read_latest_snapshot, snapshot_records
+from stream_detector.state.changelog import COMPACTED, read_latest_snapshots, snapshot_records
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
 
@@ -691,9 +691,8 @@ class Daemon:
             self._producer.poll(0)
         self._tracker.failures.clear()
         self._pending = None  # its snapshots may be half sent; the state is read back below
-        for topic, partition in list(self._partitions):
-            work = self._restore(topic, partition)
-            self._partitions[(topic, partition)] = work
+        self._partitions.update(self._restore(list(self._partitions)))
+        for (topic, partition), work in self._partitions.items():
             position = work.position if work.position is not None else self._committed(topic, partition)
             if position is not None:
                 self._consumer.seek(TopicPartition(topic, partition, position))
@@ -720,41 +719,57 @@ class Daemon:
         return producer
 
     def _committed(self, topic: str, partition: int) -> int | None:
-        assert self._consumer is not None
-        tp = self._consumer.committed([TopicPartition(topic, partition)], timeout=30)[0]
-        return tp.offset if tp.offset >= 0 else None
+        return self._committed_many([(topic, partition)])[(topic, partition)]
 
-    def _restore(self, topic: str, partition: int) -> PartitionWork:
-        """The partition's pipeline from its newest snapshot, or a fresh one."""
-        pipeline = copy.deepcopy(self.pipeline)
+    def _committed_many(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
+        assert self._consumer is not None
+        found = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout=30)
+        return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in found}
+
+    def _restore(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], PartitionWork]:
+        """Each partition's pipeline from its newest snapshot, or a fresh one. The partitions
+        are read together: one committed-offset lookup and one changelog reader in all."""
         if not self.settings.state.enabled:
-            return PartitionWork(pipeline, None)
+            return {tp: PartitionWork(copy.deepcopy(self.pipeline), None) for tp in partitions}
         started = time.perf_counter()
-        committed = self._committed(topic, partition)
-        if self.exactly_once and committed is None:
-            log.info("no committed offset for %s/%d: starting from fresh models", topic, partition)
-            return PartitionWork(pipeline, None)
-        restored = read_latest_snapshot(
-            librdkafka_config(self.settings, "consumer"),
-            self.changelog_topic,
-            topic,
-            partition,
-            timeout_s=self.settings.state.restore_timeout_s,
+        committed = self._committed_many(partitions)
+        wanted: dict[str, dict[int, int | None]] = {}
+        for (topic, partition), offset in committed.items():
+            if self.exactly_once and offset is None:
+                log.info("no committed offset for %s/%d: starting from fresh models", topic, partition)
+                continue
             # Exactly-once: the snapshot that belongs to the committed offset (see read_latest_snapshot).
-            position=committed if self.exactly_once else None,
-        )
-        self.metrics.restore_seconds.observe(time.perf_counter() - started)
-        if restored is None:
-            log.info("no saved state for %s/%d: starting from fresh models", topic, partition)
-            return PartitionWork(pipeline, None)
-        pipeline.load_state_dict(restored.state)
-        work = PartitionWork(pipeline, restored.header.position)
-        if committed != work.position:
-            # At-least-once: the snapshot was delivered but the commit after it was not (a crash,
-            # a lost group membership). Commit its position at the next checkpoint even if no
-            # record arrives: otherwise the group's offset stays behind until one does.
-            work.dirty = True
-        return work
+            wanted.setdefault(topic, {})[partition] = offset if self.exactly_once else None
+        restored = {
+            (topic, partition): found
+            for topic, positions in wanted.items()
+            for partition, found in read_latest_snapshots(
+                librdkafka_config(self.settings, "consumer"),
+                self.changelog_topic,
+                topic,
+                positions,
+                timeout_s=self.settings.state.restore_timeout_s,
+            ).items()
+        }
+        if wanted:
+            self.metrics.restore_seconds.observe(time.perf_counter() - started)
+        works = {}
+        for tp in partitions:
+            pipeline = copy.deepcopy(self.pipeline)
+            found = restored.get(tp)
+            if found is None:
+                if tp in restored:
+                    log.info("no saved state for %s/%d: starting from fresh models", *tp)
+                works[tp] = PartitionWork(pipeline, None)
+                continue
+            pipeline.load_state_dict(found.state)
+            work = works[tp] = PartitionWork(pipeline, found.header.position)
+            if committed[tp] != work.position:
+                # At-least-once: the snapshot was delivered but the commit after it was not (a
+                # crash, a lost group membership). Commit its position at the next checkpoint
+                # even if no record arrives: otherwise the group's offset stays behind until one does.
+                work.dirty = True
+        return works
 
     # -- metrics and callbacks ---------------------------------------------------------------
 
@@ -808,9 +823,9 @@ class Daemon:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Restore before the first event of these partitions is scored, then start each one
         # at the position its state reflects.
-        restored = {}
+        restored = self._restore([(tp.topic, tp.partition) for tp in partitions])
         for tp in partitions:
-            work = restored[(tp.topic, tp.partition)] = self._restore(tp.topic, tp.partition)
+            work = restored[(tp.topic, tp.partition)]
             if work.position is not None:
                 tp.offset = work.position
         # Ready (/readyz) only once every partition of the assignment is restored.
