@@ -159,6 +159,9 @@ class PartitionWork:
     pipeline: ScoringPipeline
     position: int | None  # None until the first record (or a restored snapshot) says
     dirty: bool = False  # processed since the last checkpoint
+    # Offset of the first record processed while the partition has no checkpoint: where a
+    # rewind goes back to when there is neither a snapshot nor a committed offset.
+    origin: int | None = None
     last_event_time: float | None = None  # of the latest scored event (active windows gauge)
 
 
@@ -350,7 +353,14 @@ class Daemon:
         except (KafkaException, DeliveryError) as exc:
             error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else getattr(exc, "kafka_error", None)
             if isinstance(error, KafkaError) and (error.fatal() or error.code() in _FENCED):
-                raise
+                if self.exactly_once or not isinstance(exc, DeliveryError):
+                    raise  # exactly-once: a newer instance owns our transactional.id; stop
+                # At-least-once has no transactional.id, so no other instance can own this
+                # producer's identity, but a broker may still fence an idempotent producer
+                # (tansu 0.6.0 does after message timeouts). Its undelivered records are
+                # redone below by a new producer, like any other delivery failure.
+                log.warning("the producer was fenced (%s): replacing it", error)
+                self._replace_producer()
             if self._stop.is_set():
                 # Shutting down: leave the work uncommitted; the next start redoes it.
                 log.error("final checkpoint failed; uncommitted work will be redone on restart: %s", exc)
@@ -392,6 +402,8 @@ class Daemon:
                 self._produce_anomalies(work.pipeline, records, decoded, result, consumed_at)
                 self._produce_silences(work.pipeline, result, consumed_at)
                 self._produce_dead_letters(records, decoded, consumed_at)
+                if work.position is None and work.origin is None:
+                    work.origin = records[0].offset()
                 work.position = records[-1].offset() + 1
                 work.dirty = True
                 if decoded.features.n:
@@ -691,9 +703,14 @@ class Daemon:
             self._producer.poll(0)
         self._tracker.failures.clear()
         self._pending = None  # its snapshots may be half sent; the state is read back below
-        self._partitions.update(self._restore(list(self._partitions)))
+        before = dict(self._partitions)
+        self._partitions.update(self._restore(list(before)))
         for (topic, partition), work in self._partitions.items():
             position = work.position if work.position is not None else self._committed(topic, partition)
+            if position is None:
+                # No checkpoint of this partition yet: redo it from where its processing began.
+                # Left where it is, the consumer would go on after the undone records.
+                position = work.origin = before[(topic, partition)].origin
             if position is not None:
                 self._consumer.seek(TopicPartition(topic, partition, position))
         if self.exactly_once:
@@ -709,8 +726,12 @@ class Daemon:
             # a new producer with the same transactional.id fences it, and the broker aborts
             # the old transaction.
             log.warning("abort failed (%s): replacing the transactional producer", exc)
-            self._producer.purge(in_queue=True, in_flight=True)
-            self._producer = self._new_producer()
+            self._replace_producer()
+
+    def _replace_producer(self) -> None:
+        assert self._producer is not None
+        self._producer.purge(in_queue=True, in_flight=True)
+        self._producer = self._new_producer()
 
     def _new_producer(self) -> Producer:
         producer = Producer({**producer_config(self.settings), "error_cb": self._on_kafka_error, "logger": KAFKA_LOG})

@@ -370,3 +370,44 @@ def test_failure_inside_a_transaction_is_aborted_and_redone(kafka_broker, kafka_
     assert {a["event_id"] for a in base} <= {a["event_id"] for a in seen}
     if not kafka_broker.is_tansu:
         assert duplicates == 0
+
+
+def test_a_failure_before_the_first_checkpoint_redoes_the_partitions_from_their_start(kafka_broker, kafka_bootstrap, make_topics, tmp_path, labelled_input):
+    """At-least-once, the outputs of the first minutes are not delivered (the broker stalls
+    longer than message.timeout.ms) before any checkpoint exists. The rewind has no snapshot
+    and no committed offset to go back to: it must go back to where processing began, not
+    leave the consumer after the undone records (which lost them: their anomalies were never
+    redone, and with nothing more to read the offsets were never committed)."""
+    broker = kafka_broker.embedded
+    if broker is None:
+        pytest.skip("needs the embedded broker, to stall it with SIGSTOP")
+    topic, _events_, labels = labelled_input
+    base = _uninterrupted(kafka_bootstrap, make_topics, tmp_path, topic, "at-least-once")
+
+    run = Run(kafka_bootstrap, make_topics, tmp_path, topic, "first-ckpt", "at-least-once")
+    path = write_config(
+        tmp_path / "first-ckpt.yaml", kafka_bootstrap, topic, run.output, run.dlq, run.group,
+        # The first checkpoint comes long after the stall: the failure is found there, when
+        # no partition has a checkpoint yet.
+        processing={**FAST, "commit_interval_ms": 20_000, "guarantee": "at-least-once", "instance_id": "first-ckpt-a"},
+        kafka={"producer_config": {"message.timeout.ms": 1500}},
+    )
+    daemon = DaemonProcess(path, tmp_path / "first-ckpt.log").start()
+    try:
+        daemon.wait_for(lambda m: metric(m, 'stream_detector_events_total{outcome="scored"}') > 1000, 90, "processing under way")
+        assert _committed_total(kafka_bootstrap, run.group, topic) == 0
+        broker.suspend()
+        time.sleep(4)  # under the group's session timeout (6 s): the partitions stay assigned
+        broker.resume()
+        daemon.wait_for(lambda m: metric(m, "stream_detector_recoveries_total") >= 1, 60, "a recovery")
+        run.complete([daemon], timeout=120)
+        scored = metric(daemon.metrics(), 'stream_detector_events_total{outcome="scored"}')
+    finally:
+        if broker.is_running:
+            broker.resume()
+        assert daemon.stop() == 0, daemon.log_tail()
+    seen = run.anomalies()
+    expected, found, _duplicates = _report("at-least-once, failure before the first checkpoint", labels, base, seen)
+    assert scored >= N_EVENTS + 1000, f"only {scored:.0f} events scored: the rewound records were not redone"
+    assert expected <= found, f"lost labelled anomalies: {sorted(expected - found)[:10]}"
+    assert {a["event_id"] for a in base} <= {a["event_id"] for a in seen}
