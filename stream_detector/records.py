@@ -21,13 +21,19 @@ def iso_utc(epoch_seconds: float) -> str:
 
 
 def anomaly_record(
-    pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, i: int, source: dict[str, Any] | None = None
+    pipeline: ScoringPipeline,
+    decoded: DecodedBatch,
+    result: BatchResult,
+    i: int,
+    source: dict[str, Any] | None = None,
+    explained: tuple[dict[str, Any], list[str]] | None = None,
 ) -> dict[str, Any]:
     """The output-topic record for anomalous event ``i`` of the batch.
 
     ``source`` (input topic, partition, offset) lets a reader trace the alert to its record.
+    ``explained``: ``pipeline.explain(result, i)`` if the caller has it already.
     """
-    details, reasons = pipeline.explain(result, i)
+    details, reasons = explained if explained is not None else pipeline.explain(result, i)
     record = {
         "event_id": decoded.features.event_ids[i],
         "key": decoded.keys[i],
@@ -53,9 +59,11 @@ def anomaly_records(
 
     ``sources``, if given, holds the input position of every record of the raw batch.
     """
+    flagged = result.is_anomaly.nonzero()[0].tolist()
+    explained = pipeline.explain_many(result, flagged)
     return [
-        (i, anomaly_record(pipeline, decoded, result, i, sources[int(decoded.source_index[i])] if sources is not None else None))
-        for i in result.is_anomaly.nonzero()[0].tolist()
+        (i, anomaly_record(pipeline, decoded, result, i, sources[int(decoded.source_index[i])] if sources is not None else None, why))
+        for i, why in zip(flagged, explained, strict=True)
     ]
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -510,26 +510,42 @@ class AutoencoderDetector(Detector):
     # ---- explanations ----------------------------------------------------------------------
 
     def explain(self, batch: FeatureBatch, step: Step, i: int) -> Explanation:
-        """Top-2 worst reconstructed observed features of event ``i``, in original units.
+        """Top-2 worst reconstructed observed features of event ``i``, in original units."""
+        return self.explain_many(batch, step, [i])[0]
 
-        Recomputed for the single event with the weights that scored it, so ``score`` does not
-        pay for per-feature errors it would almost always throw away.
+    def explain_many(self, batch: FeatureBatch, step: Step, indices: Sequence[int]) -> list[Explanation]:
+        """``explain`` for several events: one forward pass per segment for all of them.
+
+        Recomputed for the explained events alone, with the weights that scored them, so
+        ``score`` does not pay for per-feature errors it would almost always throw away.
         """
         pending = step.next_state
-        if not isinstance(pending, _Pending) or not pending.active[i]:
-            return Explanation(details={}, reasons=[])
+        out = [Explanation(details={}, reasons=[]) for _ in indices]
+        if not isinstance(pending, _Pending):
+            return out
         starts = [s.start for s in pending.segments]
-        seg = pending.segments[bisect.bisect_right(starts, i) - 1]
-        x = np.array([[batch.column(f)[i] for f in self.features]], dtype=np.float64)
-        z, observed = _standardise(x, seg.center, seg.scale)
-        with torch.inference_mode():
-            recon_z = _forward(seg.weights, self._tensors(z)[0])
-        recon_z = recon_z.to("cpu", torch.float64).numpy()[0]
-        sq = np.where(observed[0], (recon_z - z[0]) ** 2, -np.inf)
+        by_segment: dict[int, list[int]] = {}
+        for k, i in enumerate(indices):
+            if pending.active[i]:
+                by_segment.setdefault(bisect.bisect_right(starts, i) - 1, []).append(k)
+        for s, ks in by_segment.items():
+            seg = pending.segments[s]
+            rows = [indices[k] for k in ks]
+            x = np.stack([batch.column(f)[rows] for f in self.features], axis=1).astype(np.float64, copy=False)
+            z, observed = _standardise(x, seg.center, seg.scale)
+            with torch.inference_mode():
+                recon_z = _forward(seg.weights, self._tensors(z)[0])
+            recon_z = recon_z.to("cpu", torch.float64).numpy()
+            for r, k in enumerate(ks):
+                out[k] = self._explanation(x[r], z[r], recon_z[r], observed[r], seg, float(step.scores[rows[r]]))
+        return out
+
+    def _explanation(
+        self, x: np.ndarray, z: np.ndarray, recon_z: np.ndarray, observed: np.ndarray, seg: _Segment, error: float
+    ) -> Explanation:
+        sq = np.where(observed, (recon_z - z) ** 2, -np.inf)
         worst = [int(j) for j in np.argsort(-sq, kind="stable")[:2] if np.isfinite(sq[j])]
         recon = recon_z * seg.scale + seg.center
-
-        error = float(step.scores[i])
         ratio = error / max(seg.typical, 1e-12)
         details = {
             "reconstruction_error": error,
@@ -538,7 +554,7 @@ class AutoencoderDetector(Detector):
             "worst_features": [
                 {
                     "feature": self.features[j],
-                    "value": float(x[0, j]),
+                    "value": float(x[j]),
                     "reconstructed": float(recon[j]),
                     "squared_error": float(sq[j]),
                 }
@@ -547,7 +563,7 @@ class AutoencoderDetector(Detector):
         }
         if not worst:
             return Explanation(details=details, reasons=[])
-        parts = [f"{self.features[j]} ({x[0, j]:.4g}, expected {recon[j]:.4g})" for j in worst]
+        parts = [f"{self.features[j]} ({x[j]:.4g}, expected {recon[j]:.4g})" for j in worst]
         reason = (
             f"autoencoder reconstruction error {ratio:.1f}x the typical: "
             f"{parts[0]} worst reconstructed"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -72,6 +72,10 @@ class Detector(ABC):
     def explain(self, batch: FeatureBatch, step: Step, i: int) -> Explanation:
         """Details and human-readable reasons for event ``i`` of ``batch``."""
         return Explanation(details={}, reasons=[])
+
+    def explain_many(self, batch: FeatureBatch, step: Step, indices: Sequence[int]) -> list[Explanation]:
+        """``explain`` for several events of one batch; a detector may share work between them."""
+        return [self.explain(batch, step, i) for i in indices]
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

@@ -424,11 +424,15 @@ class ZScoreDetector(Detector):
 
     def explain(self, batch: FeatureBatch, step: Step, i: int) -> Explanation:
         z = step.details["z"][i]
-        if np.all(np.isnan(z)):
+        magnitude = np.abs(z)
+        magnitude[np.isnan(magnitude)] = -1.0  # nanargmax without its checks (explained per anomaly)
+        best = int(magnitude.argmax())
+        if magnitude.flat[best] < 0:  # every z is NaN
             return Explanation(details={"warm": False}, reasons=[])
-        k, f = np.unravel_index(np.nanargmax(np.abs(z)), z.shape)
+        k, f = np.unravel_index(best, z.shape)
         key_set, feature = self.key_sets[k], self.features[f]
-        key = batch.keys.get(key_set, np.full(batch.n, None, dtype=object))[i]
+        keys = batch.keys.get(key_set)
+        key = keys[i] if keys is not None else None
         warm = bool(step.details["warm"][i, k])
         mean = float(step.details["mean"][i, k, f])
         std = float(step.details["std"][i, k, f])

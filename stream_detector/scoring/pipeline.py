@@ -20,6 +20,7 @@ is not scored again.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,26 +198,38 @@ class ScoringPipeline:
 
     def explain(self, result: BatchResult, i: int) -> tuple[dict[str, Any], list[str]]:
         """Per-detector details and human-readable reasons for event ``i`` of the batch."""
-        segment = next(s for s in reversed(result.segments) if s.start <= i)
-        j = i - segment.start
-        k = len(self.detectors)
-        details: dict[str, Any] = {}
-        reasons: list[str] = []
-        for detector in self.detectors:
-            name = detector.name
-            p = float(result.probability[name][i])
-            explanation = detector.explain(segment.batch, segment.steps[name], j)
-            fired = 1.0 - min(1.0, k * p) > self.threshold
-            details[name] = {
-                "score": 1.0 - p,
-                "raw": float(result.raw[name][i]),
-                "tail_probability": p,
-                "fired": fired,
-                **explanation.details,
-            }
-            if fired:
-                reasons.extend(explanation.reasons or [f"{name} score {1.0 - p:.4f} (tail probability {p:.2e})"])
-        return details, reasons
+        return self.explain_many(result, [i])[0]
+
+    def explain_many(self, result: BatchResult, indices: list[int]) -> list[tuple[dict[str, Any], list[str]]]:
+        """``explain`` for several events; each detector explains a segment's events together."""
+        starts = [s.start for s in result.segments]
+        by_segment: dict[int, list[int]] = {}
+        for k, i in enumerate(indices):
+            by_segment.setdefault(bisect.bisect_right(starts, i) - 1, []).append(k)
+        out: list[tuple[dict[str, Any], list[str]]] = [({}, []) for _ in indices]
+        k_detectors = len(self.detectors)
+        for s, ks in by_segment.items():
+            segment = result.segments[s]
+            rows = [indices[k] - segment.start for k in ks]
+            explained = {d.name: d.explain_many(segment.batch, segment.steps[d.name], rows) for d in self.detectors}
+            for r, k in enumerate(ks):
+                i = indices[k]
+                details, reasons = out[k]
+                for detector in self.detectors:
+                    name = detector.name
+                    p = float(result.probability[name][i])
+                    explanation = explained[name][r]
+                    fired = 1.0 - min(1.0, k_detectors * p) > self.threshold
+                    details[name] = {
+                        "score": 1.0 - p,
+                        "raw": float(result.raw[name][i]),
+                        "tail_probability": p,
+                        "fired": fired,
+                        **explanation.details,
+                    }
+                    if fired:
+                        reasons.extend(explanation.reasons or [f"{name} score {1.0 - p:.4f} (tail probability {p:.2e})"])
+        return out
 
     # -- state -----------------------------------------------------------------------------
 

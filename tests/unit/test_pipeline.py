@@ -198,6 +198,22 @@ def test_explain_gives_reasons_for_every_flagged_event(run_2000):
     assert reasons == [] and not any(d["fired"] for d in details.values())
 
 
+def test_explaining_the_flagged_events_together_equals_one_by_one(run_2000):
+    """Anomaly records are explained per batch (explain_many); each equals its own explain."""
+    pipeline = run_2000.pipeline
+    for result in run_2000.results[-3:]:
+        flagged = np.flatnonzero(result.is_anomaly).tolist()
+        assert flagged
+        together = pipeline.explain_many(result, flagged)
+        for i, (details, reasons) in zip(flagged, together, strict=True):
+            one_details, one_reasons = pipeline.explain(result, i)
+            assert reasons == one_reasons
+            assert details.keys() == one_details.keys()
+            for name in details:
+                assert details[name]["fired"] == one_details[name]["fired"]
+                assert details[name]["score"] == one_details[name]["score"]
+
+
 def test_an_empty_batch_changes_nothing_and_scores_nothing():
     """A consumed batch whose records were all dead-lettered reaches the pipeline empty."""
     from stream_detector.config import load_settings
