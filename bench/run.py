@@ -555,6 +555,30 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def add_cross_section_rows(sections: dict[str, Any]) -> None:
+    """End to end against section 1's naive pipeline, when both ran in this run: the issue
+    asks for a multiple of it end to end too."""
+    scoring, e2e = sections.get("scoring", {}), sections.get("e2e", {})
+    if not (scoring.get("ok") and e2e.get("ok")):
+        return
+    naive = scoring["data"]["naive"]["events_per_s"]
+    runs = [("one instance", e2e["data"]["daemon"])]
+    if e2e["data"].get("scale_out"):
+        s = e2e["data"]["scale_out"]
+        runs.append((f"{s['instances']} instances", s))
+    for label, d in runs:
+        e2e["rows"].append(
+            row(
+                f"events/s steady state, {label}, vs the naive pipeline (section 1, same run)",
+                rate(naive),
+                rate(d["events_per_s_steady_state"]),
+                times(d["events_per_s_steady_state"] / naive),
+                "the naive pipeline scores without a broker: the daemon also consumes, produces anomalies, "
+                "checkpoints state and commits",
+            )
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts and shorter runs (~3 min)")
@@ -580,6 +604,7 @@ def main() -> int:
     for name in [s for s in SECTIONS if s in names]:
         results["sections"][name] = run_section(name, args.quick)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))  # keep what we have
+    add_cross_section_rows(results["sections"])
     m = results["machine"]
     print(
         f"stream-detector benchmarks, {results['mode']} run, {results['date']}; "
