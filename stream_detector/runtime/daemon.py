@@ -769,7 +769,8 @@ class Daemon:
                 self.changelog_topic,
                 topic,
                 positions,
-                timeout_s=self.settings.state.restore_timeout_s,
+                # The setting bounds one partition's restore; these are read together.
+                timeout_s=self.settings.state.restore_timeout_s * len(positions),
             ).items()
         }
         if wanted:
