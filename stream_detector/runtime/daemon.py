@@ -705,8 +705,10 @@ class Daemon:
         self._pending = None  # its snapshots may be half sent; the state is read back below
         before = dict(self._partitions)
         self._partitions.update(self._restore(list(before)))
+        unrestored = [tp for tp, work in self._partitions.items() if work.position is None]
+        committed = self._committed_many(unrestored) if unrestored else {}
         for (topic, partition), work in self._partitions.items():
-            position = work.position if work.position is not None else self._committed(topic, partition)
+            position = work.position if work.position is not None else committed[(topic, partition)]
             if position is None:
                 # No checkpoint of this partition yet: redo it from where its processing began.
                 # Left where it is, the consumer would go on after the undone records.
@@ -739,9 +741,6 @@ class Daemon:
             producer.init_transactions(60)
         return producer
 
-    def _committed(self, topic: str, partition: int) -> int | None:
-        return self._committed_many([(topic, partition)])[(topic, partition)]
-
     def _committed_many(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
         assert self._consumer is not None
         found = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout=30)
@@ -759,7 +758,7 @@ class Daemon:
             if self.exactly_once and offset is None:
                 log.info("no committed offset for %s/%d: starting from fresh models", topic, partition)
                 continue
-            # Exactly-once: the snapshot that belongs to the committed offset (see read_latest_snapshot).
+            # Exactly-once: the snapshot that belongs to the committed offset (see read_latest_snapshots).
             wanted.setdefault(topic, {})[partition] = offset if self.exactly_once else None
         restored = {
             (topic, partition): found

@@ -40,26 +40,6 @@ def snapshot_records(topic: str, partition: int, position: int, state: dict[str,
     return [(f"{topic}/{partition}/{i}".encode(), chunk) for i, chunk in enumerate(chunks)]
 
 
-def read_latest_snapshot(
-    consumer_config: dict[str, Any],
-    changelog_topic: str,
-    input_topic: str,
-    partition: int,
-    idle_s: float = 0.3,
-    timeout_s: float = 60.0,
-    position: int | None = None,
-) -> Restored | None:
-    """The newest complete snapshot of ``input_topic``/``partition``, or None if there is none.
-
-    With ``position``, only a snapshot of exactly that input position qualifies: under
-    exactly-once the committed offset and its snapshot were committed together, so this also
-    skips snapshots of aborted transactions on brokers that show them to read_committed
-    readers (tansu 0.6.0 does).
-    """
-    found = read_latest_snapshots(consumer_config, changelog_topic, input_topic, {partition: position}, idle_s, timeout_s)
-    return found[partition]
-
-
 def read_latest_snapshots(
     consumer_config: dict[str, Any],
     changelog_topic: str,
@@ -68,9 +48,16 @@ def read_latest_snapshots(
     idle_s: float = 0.3,
     timeout_s: float = 60.0,
 ) -> dict[int, Restored | None]:
-    """``read_latest_snapshot`` for several partitions at once (partition -> required position
-    or None), read by one consumer: an assignment of n partitions costs one client start and
-    one end-of-partition wait instead of n (about 1 s each on a local broker)."""
+    """The newest complete snapshot of each ``input_topic`` partition in ``positions``, or None
+    for a partition that has none; all read by one consumer, so an assignment of n partitions
+    costs one client start and one end-of-partition wait instead of n (about 1 s each on a
+    local broker).
+
+    ``positions`` maps each partition to None or a required position: then only a snapshot of
+    exactly that input position qualifies. Under exactly-once the committed offset and its
+    snapshot were committed together, so this also skips snapshots of aborted transactions on
+    brokers that show them to read_committed readers (tansu 0.6.0 does).
+    """
     if not positions:
         return {}
     consumer = Consumer(
