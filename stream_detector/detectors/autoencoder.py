@@ -127,11 +127,6 @@ def _row_errors(recon: torch.Tensor, z: torch.Tensor, observed: torch.Tensor) ->
     return sq.sum(dim=1) / observed.sum(dim=1).clamp_min(1.0)
 
 
-def _masked_mse(recon: torch.Tensor, z: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-    """Training loss: squared error averaged over all observed cells of the buffer."""
-    return ((recon - z).square() * observed).sum() / observed.sum().clamp_min(1.0)
-
-
 def _layer_dims(n_in: int, hidden: tuple[int, ...]) -> list[int]:
     """Encoder ``n_in -> hidden...`` and the mirrored decoder back to ``n_in``."""
     return [n_in, *hidden, *reversed(hidden[:-1]), n_in]
@@ -150,27 +145,34 @@ def _forward(weights: list[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
 
 
 class _Net:
-    """The autoencoder's weights ``[W0, b0, W1, b1, ...]`` and their Adam moments.
+    """The autoencoder's parameters and Adam moments, each one flat tensor.
 
-    Plain tensors rather than ``nn.Module`` + ``torch.optim.Adam``: cloning before a training
-    point (what keeps ``score`` pure) is then a couple of dozen tensor copies instead of a deep
-    copy of module and optimizer objects, which cost milliseconds. The update is PyTorch's Adam
-    (default betas/eps, no weight decay), written out.
+    ``weights`` ``[W0, b0, W1, b1, ...]`` are views into ``flat``. The network is so small that
+    per-operation overhead, not arithmetic, is the cost, so one flat tensor per quantity keeps
+    every step short: cloning (what keeps ``score`` pure) is three copies, and an Adam update is
+    five operations whatever the number of layers. The gradient is computed by hand (the
+    backward pass of ``_forward``, checked against autograd in the tests), which skips building
+    an autograd graph for every step. The update is PyTorch's Adam (default betas/eps, no weight
+    decay), written out.
 
     ``train_step`` works in place: only ever call it on a clone owned by the caller.
     """
 
-    def __init__(
-        self,
-        weights: list[torch.Tensor],
-        exp_avg: list[torch.Tensor],
-        exp_avg_sq: list[torch.Tensor],
-        adam_steps: int,
-    ) -> None:
-        self.weights = [w.requires_grad_() for w in weights]
+    def __init__(self, flat: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, adam_steps: int, shapes: list[torch.Size]) -> None:
+        self.flat = flat
         self.exp_avg = exp_avg
         self.exp_avg_sq = exp_avg_sq
         self.adam_steps = adam_steps
+        self.shapes = shapes
+        self.weights = _views(flat, shapes)
+
+    @classmethod
+    def from_tensors(
+        cls, weights: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor], adam_steps: int
+    ) -> _Net:
+        """From per-layer tensors (the layout of snapshots)."""
+        flatten = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts])  # noqa: E731
+        return cls(flatten(weights), flatten(exp_avg), flatten(exp_avg_sq), adam_steps, [w.shape for w in weights])
 
     @classmethod
     def initial(cls, n_in: int, hidden: tuple[int, ...], seed: int) -> _Net:
@@ -188,48 +190,98 @@ class _Net:
             b = torch.empty(d_out, dtype=torch.float64).uniform_(-bound, bound, generator=gen)
             weights += [w, b]
         zeros = [torch.zeros_like(w) for w in weights]
-        return cls(weights, zeros, [z.clone() for z in zeros], 0)
+        return cls.from_tensors(weights, zeros, zeros, 0)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> _Net:
         """A copy on ``device`` in ``dtype``."""
-        move = lambda ts: [t.detach().to(device, dtype, copy=True) for t in ts]  # noqa: E731
-        return _Net(move(self.weights), move(self.exp_avg), move(self.exp_avg_sq), self.adam_steps)
+        move = lambda t: t.to(device, dtype, copy=True)  # noqa: E731
+        return _Net(move(self.flat), move(self.exp_avg), move(self.exp_avg_sq), self.adam_steps, self.shapes)
+
+    def per_layer(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` (the parameters or a moment) as per-layer views, in ``weights`` order."""
+        return _views(flat, self.shapes)
 
     def snapshot(self) -> list[torch.Tensor]:
         """A copy of the weights alone (what a forward pass needs)."""
-        return [w.detach().clone() for w in self.weights]
+        return _views(self.flat.clone(), self.shapes)
 
     def clone(self) -> _Net:
         """An independent copy, weights and Adam moments, that may be trained in place."""
-        return _Net(
-            [w.detach().clone() for w in self.weights],
-            [m.clone() for m in self.exp_avg],
-            [v.clone() for v in self.exp_avg_sq],
-            self.adam_steps,
-        )
+        return _Net(self.flat.clone(), self.exp_avg.clone(), self.exp_avg_sq.clone(), self.adam_steps, self.shapes)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         return _forward(self.weights, z)
 
+    def gradient(self, z: torch.Tensor, observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, d loss / d flat)`` of the masked reconstruction MSE on the batch ``z``."""
+        weights = self.weights
+        n_layers = len(weights) // 2
+        linear = {n_layers // 2 - 1, n_layers - 1}  # the bottleneck and the output: no tanh
+        outputs = [z]
+        for k in range(n_layers):
+            h = torch.addmm(weights[2 * k + 1], outputs[-1], weights[2 * k].t())
+            outputs.append(h if k in linear else torch.tanh(h))
+        masked = (outputs[-1] - z).mul_(observed)  # observed is 0/1, so masked^2 = diff^2 * observed
+        count = observed.sum().clamp_min(1.0)
+        loss = masked.square().sum() / count
+        grad = torch.empty_like(self.flat)
+        grads = _views(grad, self.shapes)
+        g = masked.mul_(2.0 / count)  # d loss / d output
+        for k in reversed(range(n_layers)):
+            if k not in linear:
+                g = g * (1.0 - outputs[k + 1].square())  # tanh' = 1 - tanh^2
+            torch.mm(g.t(), outputs[k], out=grads[2 * k])
+            torch.sum(g, 0, out=grads[2 * k + 1])
+            if k:
+                g = g @ weights[2 * k]
+        return loss, grad
+
     def train_step(self, z: torch.Tensor, observed: torch.Tensor, lr: float) -> torch.Tensor:
         """One full-batch Adam step on the masked reconstruction MSE; returns the loss."""
-        loss = _masked_mse(self(z), z, observed)
-        grads = torch.autograd.grad(loss, self.weights)
+        loss, g = self.gradient(z, observed)
         self.adam_steps += 1
         step_size = lr / (1 - _BETA1**self.adam_steps)
         bias_correction2_sqrt = math.sqrt(1 - _BETA2**self.adam_steps)
-        with torch.no_grad():
-            for w, g, m, v in zip(self.weights, grads, self.exp_avg, self.exp_avg_sq, strict=True):
-                m.lerp_(g, 1 - _BETA1)
-                v.mul_(_BETA2).addcmul_(g, g, value=1 - _BETA2)
-                denom = (v.sqrt() / bias_correction2_sqrt).add_(_EPS)
-                w.addcdiv_(m, denom, value=-step_size)
-        return loss.detach()
+        self.exp_avg.lerp_(g, 1 - _BETA1)
+        self.exp_avg_sq.mul_(_BETA2).addcmul_(g, g, value=1 - _BETA2)
+        denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(_EPS)
+        self.flat.addcdiv_(self.exp_avg, denom, value=-step_size)
+        return loss
+
+
+def _views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    """Consecutive views of ``flat`` with the given shapes."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(flat[offset : offset + size].view(shape))
+        offset += size
+    return views
 
 
 # --------------------------------------------------------------------------------------------
 # Detector state
 # --------------------------------------------------------------------------------------------
+
+
+class _TypicalError:
+    """The median per-event error of a training buffer after its training, computed when first
+    read: only explanations and snapshots read it, and a forward pass per training point to
+    compute it eagerly cost a sixth of the training."""
+
+    def __init__(self, value: float | None = None, inputs: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None) -> None:
+        self._value = value
+        self._inputs = inputs  # (weights after training, z, observed) until computed
+
+    @property
+    def value(self) -> float:
+        if self._value is None:
+            assert self._inputs is not None
+            weights, z, observed = self._inputs
+            with torch.inference_mode():
+                self._value = float(_row_errors(_forward(weights, z), z, observed).median())
+            self._inputs = None
+        return self._value
 
 
 @dataclass(frozen=True)
@@ -240,7 +292,7 @@ class _State:
     stats: _RunningStats  # over all trained events
     center: np.ndarray  # frozen standardisation, updated at each training
     scale: np.ndarray
-    typical: float  # median per-event error of the last training buffer, after training
+    typical: _TypicalError  # of the last training buffer
     buffer: np.ndarray  # (k, d) raw rows learned since the last training, k < train_batch_size
     n_learned: int
     trainings: int
@@ -255,7 +307,7 @@ class _Segment:
     weights: list[torch.Tensor]  # a snapshot when the network was trained further in the batch
     center: np.ndarray
     scale: np.ndarray
-    typical: float
+    typical: _TypicalError
 
 
 @dataclass(frozen=True)
@@ -366,7 +418,7 @@ class AutoencoderDetector(Detector):
             stats=stats,
             center=center,
             scale=scale,
-            typical=0.0,
+            typical=_TypicalError(0.0),
             buffer=np.empty((0, d)),
             n_learned=0,
             trainings=0,
@@ -404,13 +456,13 @@ class AutoencoderDetector(Detector):
         """
         stats = state.stats.merged(rows)
         center, scale = stats.center_scale()
-        # Training needs autograd even when the caller scores under no_grad/inference_mode.
-        with torch.inference_mode(False), torch.enable_grad():
+        # Not inference tensors, even when the caller scores under inference_mode: the clone is
+        # updated in place, and a committed network may be trained (cloned) outside it later.
+        with torch.inference_mode(False):
             z, observed = self._tensors(*_standardise(rows, center, scale))
             for _ in range(self.train_steps):
                 loss = net.train_step(z, observed, self.lr)
-        with torch.no_grad():
-            typical = float(_row_errors(net(z), z, observed).median())
+            typical = _TypicalError(inputs=(net.snapshot(), z, observed))
         return replace(
             state,
             net=net,
@@ -479,7 +531,7 @@ class AutoencoderDetector(Detector):
             if k < points.size:
                 upto = int(points[k]) + 1
                 key = learned_idx[:upto].tobytes()
-                with torch.inference_mode(False):  # clones that autograd may train
+                with torch.inference_mode(False):  # clones trained in place: not inference tensors
                     if k < len(previous) and previous[k][0] == key:
                         net = previous[k][1].net.clone()
                         state = replace(previous[k][1], net=net)
@@ -546,10 +598,11 @@ class AutoencoderDetector(Detector):
         sq = np.where(observed, (recon_z - z) ** 2, -np.inf)
         worst = [int(j) for j in np.argsort(-sq, kind="stable")[:2] if np.isfinite(sq[j])]
         recon = recon_z * seg.scale + seg.center
-        ratio = error / max(seg.typical, 1e-12)
+        typical = seg.typical.value
+        ratio = error / max(typical, 1e-12)
         details = {
             "reconstruction_error": error,
-            "typical_error": seg.typical,
+            "typical_error": typical,
             "ratio_to_typical": ratio,
             "worst_features": [
                 {
@@ -583,13 +636,13 @@ class AutoencoderDetector(Detector):
             "model": _to_numpy(s.net.weights),
             "optimizer": {
                 "steps": s.net.adam_steps,
-                "exp_avg": _to_numpy(s.net.exp_avg),
-                "exp_avg_sq": _to_numpy(s.net.exp_avg_sq),
+                "exp_avg": _to_numpy(s.net.per_layer(s.net.exp_avg)),
+                "exp_avg_sq": _to_numpy(s.net.per_layer(s.net.exp_avg_sq)),
             },
             "stats": {k: getattr(s.stats, k).copy() for k in ("count", "mean", "m2")},
             "center": s.center.copy(),
             "scale": s.scale.copy(),
-            "typical": s.typical,
+            "typical": s.typical.value,
             "buffer": s.buffer.copy(),
             "n_learned": s.n_learned,
             "trainings": s.trainings,
@@ -620,7 +673,7 @@ class AutoencoderDetector(Detector):
             if [t.shape for t in ts] != [w.shape for w in template.weights]:
                 raise ValueError("weight shapes do not match the configured network")
             tensors.append(ts)
-        net = _Net(*tensors, int(opt["steps"])).to(self._device, self._torch_dtype)
+        net = _Net.from_tensors(*tensors, int(opt["steps"])).to(self._device, self._torch_dtype)
         vector = lambda a: np.asarray(a, dtype=np.float64).reshape(d).copy()  # noqa: E731
         buffer = np.asarray(state["buffer"], dtype=np.float64).reshape(-1, d).copy()
         if buffer.shape[0] >= self.train_batch_size:
@@ -633,7 +686,7 @@ class AutoencoderDetector(Detector):
             stats=_RunningStats(*(vector(state["stats"][k]) for k in ("count", "mean", "m2"))),
             center=vector(state["center"]),
             scale=vector(state["scale"]),
-            typical=float(state["typical"]),
+            typical=_TypicalError(float(state["typical"])),
             buffer=buffer,
             n_learned=int(state["n_learned"]),
             trainings=int(state["trainings"]),
