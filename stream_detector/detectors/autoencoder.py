@@ -147,7 +147,8 @@ def _forward(weights: list[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
 class _Net:
     """The autoencoder's parameters and Adam moments, each one flat tensor.
 
-    ``weights`` ``[W0, b0, W1, b1, ...]`` are views into ``flat``. The network is so small that
+    ``weights`` ``[W0, b0, W1, b1, ...]`` are views into ``flat``, made when first needed (eight
+    views cost as much as a training step's Adam update). The network is so small that
     per-operation overhead, not arithmetic, is the cost, so one flat tensor per quantity keeps
     every step short: cloning (what keeps ``score`` pure) is three copies, and an Adam update is
     five operations whatever the number of layers. The gradient is computed by hand (the
@@ -164,7 +165,13 @@ class _Net:
         self.exp_avg_sq = exp_avg_sq
         self.adam_steps = adam_steps
         self.shapes = shapes
-        self.weights = _views(flat, shapes)
+        self._weights: list[torch.Tensor] | None = None
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        if self._weights is None:
+            self._weights = _views(self.flat, self.shapes)
+        return self._weights
 
     @classmethod
     def from_tensors(
@@ -201,9 +208,9 @@ class _Net:
         """``flat`` (the parameters or a moment) as per-layer views, in ``weights`` order."""
         return _views(flat, self.shapes)
 
-    def snapshot(self) -> list[torch.Tensor]:
+    def snapshot(self) -> _Weights:
         """A copy of the weights alone (what a forward pass needs)."""
-        return _views(self.flat.clone(), self.shapes)
+        return _Weights(self.flat.clone(), self.shapes)
 
     def clone(self) -> _Net:
         """An independent copy, weights and Adam moments, that may be trained in place."""
@@ -224,17 +231,16 @@ class _Net:
         masked = (outputs[-1] - z).mul_(observed)  # observed is 0/1, so masked^2 = diff^2 * observed
         count = observed.sum().clamp_min(1.0)
         loss = masked.square().sum() / count
-        grad = torch.empty_like(self.flat)
-        grads = _views(grad, self.shapes)
+        grads: list[torch.Tensor] = [masked] * len(weights)
         g = masked.mul_(2.0 / count)  # d loss / d output
         for k in reversed(range(n_layers)):
             if k not in linear:
                 g = g * (1.0 - outputs[k + 1].square())  # tanh' = 1 - tanh^2
-            torch.mm(g.t(), outputs[k], out=grads[2 * k])
-            torch.sum(g, 0, out=grads[2 * k + 1])
+            grads[2 * k] = torch.mm(g.t(), outputs[k])
+            grads[2 * k + 1] = g.sum(0)
             if k:
                 g = g @ weights[2 * k]
-        return loss, grad
+        return loss, torch.cat([t.flatten() for t in grads])
 
     def train_step(self, z: torch.Tensor, observed: torch.Tensor, lr: float) -> torch.Tensor:
         """One full-batch Adam step on the masked reconstruction MSE; returns the loss."""
@@ -247,6 +253,22 @@ class _Net:
         denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(_EPS)
         self.flat.addcdiv_(self.exp_avg, denom, value=-step_size)
         return loss
+
+
+class _Weights:
+    """A copy of a network's weights, as ``_Net.weights``: views made when first needed (most
+    copies, kept for explanations, are never read)."""
+
+    def __init__(self, flat: torch.Tensor, shapes: list[torch.Size]) -> None:
+        self.flat = flat
+        self.shapes = shapes
+        self._views: list[torch.Tensor] | None = None
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        if self._views is None:
+            self._views = _views(self.flat, self.shapes)
+        return self._views
 
 
 def _views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
@@ -269,7 +291,7 @@ class _TypicalError:
     read: only explanations and snapshots read it, and a forward pass per training point to
     compute it eagerly cost a sixth of the training."""
 
-    def __init__(self, value: float | None = None, inputs: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None) -> None:
+    def __init__(self, value: float | None = None, inputs: tuple[_Weights, torch.Tensor, torch.Tensor] | None = None) -> None:
         self._value = value
         self._inputs = inputs  # (weights after training, z, observed) until computed
 
@@ -277,9 +299,9 @@ class _TypicalError:
     def value(self) -> float:
         if self._value is None:
             assert self._inputs is not None
-            weights, z, observed = self._inputs
+            network, z, observed = self._inputs
             with torch.inference_mode():
-                self._value = float(_row_errors(_forward(weights, z), z, observed).median())
+                self._value = float(_row_errors(_forward(network.weights, z), z, observed).median())
             self._inputs = None
         return self._value
 
@@ -304,7 +326,7 @@ class _Segment:
     """What scored events ``start:`` of a batch, kept so ``explain`` can reconstruct one event."""
 
     start: int
-    weights: list[torch.Tensor]  # a snapshot when the network was trained further in the batch
+    network: _Net | _Weights  # a snapshot when the network was trained further in the batch
     center: np.ndarray
     scale: np.ndarray
     typical: _TypicalError
@@ -521,8 +543,8 @@ class AutoencoderDetector(Detector):
             start, stop = bounds[k], bounds[k + 1]
             if stop > start:
                 # Our clone is trained again after this segment: snapshot it for explain.
-                weights = state.net.weights if net is None else net.snapshot()
-                segments.append(_Segment(start, weights, state.center, state.scale, state.typical))
+                network = state.net if net is None else net.snapshot()
+                segments.append(_Segment(start, network, state.center, state.scale, state.typical))
                 if state.trainings > 0:
                     active[start:stop] = warm[start:stop]
                     scores[start:stop] = self._segment_scores(
@@ -586,7 +608,7 @@ class AutoencoderDetector(Detector):
             x = np.stack([batch.column(f)[rows] for f in self.features], axis=1).astype(np.float64, copy=False)
             z, observed = _standardise(x, seg.center, seg.scale)
             with torch.inference_mode():
-                recon_z = _forward(seg.weights, self._tensors(z)[0])
+                recon_z = _forward(seg.network.weights, self._tensors(z)[0])
             recon_z = recon_z.to("cpu", torch.float64).numpy()
             for r, k in enumerate(ks):
                 out[k] = self._explanation(x[r], z[r], recon_z[r], observed[r], seg, float(step.scores[rows[r]]))
