@@ -15,7 +15,10 @@ Used by ``bench/run.py`` (sections ``e2e`` and ``latency``); see ``docs/benchmar
   quantiles interpolated in the buckets like Prometheus' ``histogram_quantile``), and the Kafka
   timestamps: output record timestamp - input record timestamp of the same event_id (both
   CreateTime: when the generator, resp. the daemon, called ``produce()``), which includes the
-  time the event waited in the input topic.
+  time the event waited in the input topic. The baseline (``EchoProcess``) is a plain consumer
+  in its own process and group, configured by the daemon's consumer and producer settings, that
+  scores nothing and re-produces every 20th record unchanged; it is fed the same events at the
+  same rate on fresh topics after each phase, and measured by the same Kafka timestamps.
 
 tansu's high watermark is unreliable (base offset of the last batch + 1), so completion is
 judged by comparing committed offsets with the number of records produced.
@@ -35,7 +38,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import orjson
 import yaml
@@ -221,6 +224,34 @@ def read_topic(bootstrap: str, topic: str, expected: int | None, idle_s: float =
 # --------------------------------------------------------------------------------------------
 
 
+def write_config(
+    path: Path,
+    bootstrap: str,
+    input_topic: str,
+    output_topic: str,
+    dlq_topic: str,
+    group: str,
+    consumer_config: dict[str, Any] | None,
+    metrics_port: int,
+) -> Path:
+    """The daemon's YAML config for one benchmark phase (the latency baseline reads it too)."""
+    config = {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "input_topic": input_topic,
+            "output_topic": output_topic,
+            "dlq_topic": dlq_topic,
+            "group_id": group,
+            "consumer_config": {**FAST_GROUP, **(consumer_config or {})},
+            "create_topics": False,
+        },
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "logging": {"level": "INFO", "format": "json"},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 class DaemonProcess:
     """``python -m stream_detector run --config <tmp yaml>`` with its own topics and group."""
 
@@ -243,22 +274,10 @@ class DaemonProcess:
         self.group = group
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
-        self.config_path = self.dir / "detector.yaml"
+        self.config_path = write_config(
+            self.dir / "detector.yaml", bootstrap, input_topic, output_topic, dlq_topic, group, consumer_config, self.port
+        )
         self.log_path = self.dir / "daemon.log"
-        config = {
-            "kafka": {
-                "bootstrap_servers": bootstrap,
-                "input_topic": input_topic,
-                "output_topic": output_topic,
-                "dlq_topic": dlq_topic,
-                "group_id": group,
-                "consumer_config": {**FAST_GROUP, **(consumer_config or {})},
-                "create_topics": False,
-            },
-            "metrics": {"host": "127.0.0.1", "port": self.port},
-            "logging": {"level": "INFO", "format": "json"},
-        }
-        self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen | None = None
         self.started_at: float | None = None
         self.metrics_up_at: float | None = None
@@ -368,11 +387,147 @@ class DaemonProcess:
         return text[-chars:]
 
 
+# --------------------------------------------------------------------------------------------
+# The latency baseline: a plain consumer that re-produces a sample of its input
+# --------------------------------------------------------------------------------------------
+
+# The echo re-produces every ECHO_EVERY-th record it consumes (the daemon's anomalies are a few
+# per cent of its input); it commits its position every ECHO_COMMIT_S.
+ECHO_EVERY = 20
+ECHO_BATCH = 2000
+ECHO_COMMIT_S = 0.5
 
 
-def wait_group_committed(daemons: list[DaemonProcess], expected: int, timeout: float, poll_s: float = 0.1) -> float:
+class EchoProcess:
+    """The latency section's baseline: a plain confluent-kafka consumer in its own process and
+    group that scores nothing and re-produces every ``ECHO_EVERY``-th record's key and value
+    unchanged to ``output_topic``. Its consumer and producer are configured by the daemon's own
+    ``consumer_config`` / ``producer_config`` from the same kind of YAML config (fetch.wait.max.ms,
+    read_committed, fast group timeouts; idempotence, acks all, linger.ms 5, lz4)."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        input_topic: str,
+        output_topic: str,
+        dlq_topic: str,
+        group: str,
+        consumer_config: dict[str, Any] | None = None,
+    ) -> None:
+        import multiprocessing
+
+        self.bootstrap = bootstrap
+        self.input_topic = input_topic
+        self.output_topic = output_topic
+        self.group = group
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-echo-"))
+        self.config_path = write_config(
+            self.dir / "detector.yaml", bootstrap, input_topic, output_topic, dlq_topic, group, consumer_config, free_port()
+        )
+        # spawn, not fork: the parent may hold librdkafka threads, which fork() does not copy.
+        context = multiprocessing.get_context("spawn")
+        self._assigned = context.Event()
+        self._stop = context.Event()
+        self.proc = context.Process(
+            target=_echo_main, args=(str(self.config_path), self._assigned, self._stop), name="bench-echo", daemon=True
+        )
+
+    def start(self) -> EchoProcess:
+        self.proc.start()
+        return self
+
+    def wait_assigned(self, timeout: float = 60.0) -> float:
+        deadline = time.monotonic() + timeout
+        while not self._assigned.wait(0.02):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"echo consumer not assigned within {timeout:.0f}s")
+        return time.monotonic()
+
+    def check_alive(self) -> None:
+        if not self.proc.is_alive():
+            raise RuntimeError(f"echo consumer exited (code {self.proc.exitcode}); its traceback is on stderr")
+
+    def log_tail(self) -> str:
+        return "(the echo consumer logs to stderr)"
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Stop flag, then the echo flushes its producer (failing on undelivered records),
+        commits and exits; SIGTERM after ``timeout``. Returns the exit code."""
+        if self.proc.pid is not None:
+            self._stop.set()
+            self.proc.join(timeout)
+            if self.proc.is_alive():
+                self.proc.terminate()
+                self.proc.join(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.proc.exitcode
+
+
+def _echo_main(config_path: str, assigned: Any, stop: Any) -> None:
+    """The echo process (see EchoProcess): runs until ``stop`` is set."""
+    from confluent_kafka import KafkaException, Producer
+
+    from stream_detector.config import load_settings
+    from stream_detector.runtime.daemon import consumer_config, producer_config
+
+    hook = die_with_parent_hook()
+    if hook is not None:
+        hook()
+    settings = load_settings(config_path, environ={})
+    errors: list[Any] = []
+
+    def latch(err: Any, *_: Any) -> None:
+        if err is not None and not errors:
+            errors.append(err)
+
+    consumer = Consumer({**consumer_config(settings), "on_commit": latch})
+    producer = Producer(producer_config(settings))
+    out = settings.kafka.output_topic
+    positions: dict[int, int] = {}  # partition -> next offset to commit
+    seen, committed_at = 0, time.monotonic()
+    consumer.subscribe([settings.kafka.input_topic], on_assign=lambda *_: assigned.set())
+    try:
+        while not stop.is_set():
+            # As the daemon does: take what has arrived, and wait only for the first record
+            # (consume(n, timeout) would wait for n records or the timeout).
+            batch = consumer.consume(ECHO_BATCH, timeout=0) or consumer.consume(1, timeout=0.1)
+            if len(batch) == 1:
+                batch += consumer.consume(ECHO_BATCH - 1, timeout=0)
+            for msg in batch:
+                if msg.error() is not None:
+                    raise KafkaException(msg.error())
+                seen += 1
+                if seen % ECHO_EVERY == 0:
+                    producer.produce(out, msg.value(), key=msg.key(), on_delivery=latch)
+                positions[msg.partition()] = msg.offset() + 1
+            producer.poll(0)
+            if errors:
+                raise KafkaException(errors[0])
+            if positions and time.monotonic() - committed_at >= ECHO_COMMIT_S:
+                # Only the harness's progress signal, not a delivery guarantee: a flush first
+                # would stall the loop, which is the cost this baseline is meant to leave out.
+                consumer.commit(offsets=_offsets(settings.kafka.input_topic, positions), asynchronous=True)
+                committed_at = time.monotonic()
+        pending = producer.flush(30)
+        if pending or errors:
+            raise RuntimeError(f"echo: {pending} records undelivered after flush, first error {errors[:1]}")
+        if positions:
+            consumer.commit(offsets=_offsets(settings.kafka.input_topic, positions), asynchronous=False)
+    finally:
+        consumer.close()
+
+
+def _offsets(topic: str, positions: dict[int, int]) -> list[TopicPartition]:
+    return [TopicPartition(topic, partition, offset) for partition, offset in positions.items()]
+
+
+def wait_group_committed(
+    daemons: Sequence[DaemonProcess | EchoProcess], expected: int, timeout: float, poll_s: float = 0.1
+) -> float:
     """Monotonic time at which the committed offsets of the daemons' group (one group, one
-    input topic of 3 partitions) first covered ``expected`` records; raises if a daemon exits."""
+    input topic of 3 partitions) first covered ``expected`` records; raises if a daemon exits.
+    The latency baseline's echo consumer stands in for a daemon here."""
     first = daemons[0]
     watcher = CommittedWatcher(first.bootstrap, first.group, first.input_topic, 3)
     try:
@@ -508,28 +663,19 @@ def run_latency(
 ) -> dict[str, Any]:
     """``phases``: (label, input events/s, extra consumer_config for the daemon, seconds or None
     for ``duration_s``); fresh daemons, group and set of topics per phase, on one broker.
-    ``instances``: label -> daemons in the phase's group (1 if absent)."""
+    ``instances``: label -> daemons in the phase's group (1 if absent). After each phase its
+    baseline (one EchoProcess, with the same consumer_config) runs on fresh topics with the
+    same rate, count, warm-up and seed: its result is the phase's "baseline"."""
     from stream_detector.embedded_broker import EmbeddedBroker
-    from stream_detector.runtime.topics import ensure_topics
 
-    results: dict[str, Any] = {"duration_s": duration_s, "phases": {}}
+    results: dict[str, Any] = {"duration_s": duration_s, "echo_every": ECHO_EVERY, "phases": {}}
     with EmbeddedBroker() as broker:
         bs = broker.bootstrap_servers
         for i, (label, rate, consumer_config, seconds) in enumerate(phases):
-            inp, out, dlq, group = _topics(f"lat{rate}")
-            ensure_topics(bs, {inp: 3, out: 3, dlq: 1})
-            seconds = seconds or duration_s
-            count = int(rate * seconds)
+            count = int(rate * (seconds or duration_s))
             n = (instances or {}).get(label, 1)
-            daemons = [DaemonProcess(bs, inp, out, dlq, group, consumer_config=consumer_config).start() for _ in range(n)]
-            try:
-                for daemon in daemons:
-                    daemon.wait_assigned(timeout=120)
-                log(f"latency [{label}]: producing {count} events at {rate}/s for {seconds:.0f}s")
-                r = _latency_phase(daemons, bs, inp, out, rate, count, seed=10 + i)
-            finally:
-                for daemon in daemons:
-                    daemon.stop()
+            r = _latency_phase(bs, rate, count, 10 + i, consumer_config, n, lambda what: log(f"latency [{label}]: {what}"))
+            r["baseline"] = _baseline_phase(bs, rate, count, 10 + i, consumer_config, lambda what: log(f"latency [{label}], baseline: {what}"))
             r["consumer_config"] = consumer_config
             r["instances"] = n
             results["phases"][label] = r
@@ -551,30 +697,121 @@ def merged_scrape(daemons: list[DaemonProcess]) -> dict[str, list[tuple[dict[str
     return merged
 
 
-def _latency_phase(daemons: list[DaemonProcess], bs: str, inp: str, out: str, rate: int, count: int, seed: int) -> dict[str, Any]:
+class PacedRun:
+    """What ``_paced_run`` did: counts, monotonic times, and the optional scrapes."""
+
+    def __init__(self, warmed: int, measured_ids: set[str]) -> None:
+        self.warmed = warmed
+        self.measured_ids = measured_ids
+        self.produced = 0
+        self.started = self.produce_end = self.done_at = 0.0
+        self.before: Any = None  # scrape() after the warm-up
+        self.after: Any = None  # scrape() once everything was committed
+        self.exit_codes: list[int | None] = []
+
+    @property
+    def consumed_per_s(self) -> float:
+        """Measured events over the time from the first produce to the last commit."""
+        return self.produced / (self.done_at - self.started)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "produced": self.produced,
+            "warm_up_events": self.warmed,
+            "produce_seconds": self.produce_end - self.started,
+            "achieved_rate": self.produced / (self.produce_end - self.started),
+            "drain_seconds_after_produce": self.done_at - self.produce_end,
+        }
+
+
+def _paced_run(
+    members: Sequence[DaemonProcess | EchoProcess],
+    bs: str,
+    inp: str,
+    rate: int,
+    count: int,
+    seed: int,
+    log: Log,
+    scrape: Callable[[], Any] | None = None,
+) -> PacedRun:
+    """Start the group's members, wait for their assignment, then produce the warm-up and the
+    ``count`` measured events of ``seed`` at ``rate`` (the daemon phase and its baseline alike),
+    each until committed; ``scrape`` runs after the warm-up and at the end. Stops the members."""
     from stream_detector.generator import produce_to_kafka
 
     # linger.ms 5 (the daemon's own setting) rather than the generator's 20: the input
     # timestamp is taken at produce(), so upstream batching would count as our latency.
-    producer_config = {"linger.ms": 5}
+    # Not idempotent: each produce_to_kafka call makes a fresh producer, and on tansu a fresh
+    # idempotent one holds its first records about 500 ms for its producer id, so the first
+    # half second of the measured part (not only of the warm-up) would wait that long.
+    producer_config = {"linger.ms": 5, "enable.idempotence": False}
     # Generated before the clock starts: the generator's own CPU would compete with the daemon.
     # The warm-up is the first second of the same stream: a stream of another seed would give
     # every store and product new levels at once (a regime change, not a steady state).
     warm_count = min(count, rate)
     stream = list(generated_events(warm_count + count, seed))
     warm_up, events = stream[:warm_count], stream[warm_count:]
-    # Warm-up (not measured): one second of input at the same rate, until committed. The first
-    # records of a fresh producer and consumer wait about a second for connections and
-    # metadata, which is start-up, not the latency of a running daemon.
-    warmed = produce_to_kafka(warm_up, bs, inp, rate=rate, client_config=producer_config)
-    wait_group_committed(daemons, warmed, timeout=120)
-    before = merged_scrape(daemons)
-    measured_ids = {e["event_id"] for e in events}
-    t0 = time.monotonic()
-    produced = produce_to_kafka(events, bs, inp, rate=rate, client_config=producer_config)
-    produce_end = time.monotonic()
-    done_at = wait_group_committed(daemons, warmed + produced, timeout=600)
-    metrics = merged_scrape(daemons)
+    try:
+        for member in members:
+            member.start()
+        for member in members:
+            member.wait_assigned(timeout=120)
+        log(f"producing {count} events at {rate}/s for {count / rate:.0f}s")
+        # Warm-up (not measured): one second of input at the same rate, until committed. The
+        # first records through a fresh consumer and its producer wait about a second for
+        # connections and metadata, which is start-up, not the latency of a running consumer.
+        warmed = produce_to_kafka(warm_up, bs, inp, rate=rate, client_config=producer_config)
+        wait_group_committed(members, warmed, timeout=120)
+        run = PacedRun(warmed, {e["event_id"] for e in events})
+        run.before = scrape() if scrape else None
+        run.started = time.monotonic()
+        run.produced = produce_to_kafka(events, bs, inp, rate=rate, client_config=producer_config)
+        run.produce_end = time.monotonic()
+        run.done_at = wait_group_committed(members, warmed + run.produced, timeout=600)
+        run.after = scrape() if scrape else None
+    finally:
+        codes = [member.stop() for member in members]
+    run.exit_codes = codes
+    return run
+
+
+def kafka_latency(bs: str, inp: str, out: str, measured_ids: set[str], outputs: int | None, inputs: int) -> dict[str, Any]:
+    """Kafka-timestamp latency: each record of ``out`` whose event_id is one of ``measured_ids``
+    (the first such record per event), its timestamp minus that of the input record of the same
+    event_id in ``inp``. ``outputs`` / ``inputs``: how many records to read from each topic."""
+    records = read_topic(bs, out, expected=outputs)
+    out_ts: dict[str, int] = {}
+    for value, (_ts_type, ts) in records:
+        event_id = orjson.loads(value).get("event_id")
+        if event_id in measured_ids:
+            out_ts.setdefault(event_id, ts)
+    in_ts: dict[str, int] = {}
+    in_types = set()
+    for value, (ts_type, ts) in read_topic(bs, inp, expected=inputs):
+        event_id = orjson.loads(value)["event_id"]
+        if event_id in out_ts:
+            in_ts[event_id] = ts
+            in_types.add(ts_type)
+    lat = sorted(out_ts[e] - in_ts[e] for e in out_ts if e in in_ts)
+    return {
+        "count": len(lat),
+        "p50_ms": _pct(lat, 0.5),
+        "p99_ms": _pct(lat, 0.99),
+        "max_ms": float(lat[-1]) if lat else None,
+        "timestamp_types": sorted({t for _, (t, _) in records} | in_types),
+    }
+
+
+def _latency_phase(
+    bs: str, rate: int, count: int, seed: int, consumer_config: dict[str, Any], instances: int, log: Log
+) -> dict[str, Any]:
+    from stream_detector.runtime.topics import ensure_topics
+
+    inp, out, dlq, group = _topics(f"lat{rate}")
+    ensure_topics(bs, {inp: 3, out: 3, dlq: 1})
+    daemons = [DaemonProcess(bs, inp, out, dlq, group, consumer_config=consumer_config) for _ in range(instances)]
+    run = _paced_run(daemons, bs, inp, rate, count, seed, log, scrape=lambda: merged_scrape(daemons))
+    before, metrics = run.before, run.after
     latency = "stream_detector_end_to_end_latency_seconds"
     buckets = _minus(histogram_buckets(metrics, latency), histogram_buckets(before, latency))
     anomalies = int(sample(metrics, "stream_detector_anomalies_total"))
@@ -585,28 +822,8 @@ def _latency_phase(daemons: list[DaemonProcess], bs: str, inp: str, out: str, ra
         "max_le_ms": _ms(histogram_max_bound(buckets)),
     }
     # Kafka timestamps: output record vs the input record of the same event (measured events only).
-    outputs = read_topic(bs, out, expected=anomalies)
-    out_ts: dict[str, int] = {}
-    for value, (ts_type, ts) in outputs:
-        event_id = orjson.loads(value).get("event_id")
-        if event_id in measured_ids:
-            out_ts.setdefault(event_id, ts)
-    inputs = read_topic(bs, inp, expected=warmed + produced)
-    in_ts: dict[str, int] = {}
-    in_types = set()
-    for value, (ts_type, ts) in inputs:
-        event_id = orjson.loads(value)["event_id"]
-        if event_id in out_ts:
-            in_ts[event_id] = ts
-            in_types.add(ts_type)
-    lat = sorted(out_ts[e] - in_ts[e] for e in out_ts if e in in_ts)
-    ts_stats = {
-        "count": len(lat),
-        "p50_ms": _pct(lat, 0.5),
-        "p99_ms": _pct(lat, 0.99),
-        "max_ms": float(lat[-1]) if lat else None,
-        "timestamp_types": sorted({t for _, (t, _) in outputs} | in_types),
-    }
+    ts_stats = kafka_latency(bs, inp, out, run.measured_ids, outputs=anomalies, inputs=run.warmed + run.produced)
+
     def delta(name: str) -> float:
         return sample(metrics, name) - sample(before, name)
 
@@ -615,8 +832,7 @@ def _latency_phase(daemons: list[DaemonProcess], bs: str, inp: str, out: str, ra
     checkpoints = delta("stream_detector_checkpoint_seconds_count")
     return {
         "rate": rate,
-        "produced": produced,
-        "warm_up_events": warmed,
+        **run.summary(),
         "batches": batches,
         "mean_batch_records": delta("stream_detector_batch_size_events_sum") / batches if batches else None,
         "mean_batch_ms": 1000 * delta("stream_detector_batch_seconds_sum") / batches if batches else None,
@@ -624,13 +840,29 @@ def _latency_phase(daemons: list[DaemonProcess], bs: str, inp: str, out: str, ra
         "p99_batch_ms": _ms(histogram_quantile(0.99, batch_buckets)),
         "checkpoints": checkpoints,
         "mean_checkpoint_ms": 1000 * delta("stream_detector_checkpoint_seconds_sum") / max(1.0, checkpoints),
-        "produce_seconds": produce_end - t0,
-        "achieved_rate": produced / (produce_end - t0),
-        "drain_seconds_after_produce": done_at - produce_end,
-        "daemon_events_per_s": produced / (done_at - t0),
+        "daemon_events_per_s": run.consumed_per_s,
         "anomalies": anomalies,
         "histogram": hist,
         "timestamps": ts_stats,
+    }
+
+
+def _baseline_phase(bs: str, rate: int, count: int, seed: int, consumer_config: dict[str, Any], log: Log) -> dict[str, Any]:
+    """The phase's baseline: one EchoProcess on fresh topics, fed exactly as the daemon was."""
+    from stream_detector.runtime.topics import ensure_topics
+
+    inp, out, dlq, group = _topics(f"lat{rate}-echo")
+    ensure_topics(bs, {inp: 3, out: 3})  # the dlq topic is only named in the config
+    echo = EchoProcess(bs, inp, out, dlq, group, consumer_config=consumer_config)
+    run = _paced_run([echo], bs, inp, rate, count, seed, log)
+    if run.exit_codes != [0]:
+        raise RuntimeError(f"echo consumer exited with code {run.exit_codes[0]} (traceback on stderr)")
+    total = run.warmed + run.produced
+    return {
+        "rate": rate,
+        **run.summary(),
+        "echo_events_per_s": run.consumed_per_s,
+        "timestamps": kafka_latency(bs, inp, out, run.measured_ids, outputs=total // ECHO_EVERY, inputs=total),
     }
 
 

@@ -9,7 +9,8 @@ Sections (each compares with a baseline measured in the same run; see docs/bench
    micro-batches of processing.batch_size, default settings).
 2. ``hst``: River's HalfSpaceTrees event by event vs our engine (``bench/bench_hst.py``).
 3. ``e2e``: the daemon through the embedded broker vs a plain counting consumer (the ceiling).
-4. ``latency``: anomaly latency at fixed input rates (daemon histogram and Kafka timestamps).
+4. ``latency``: anomaly latency at fixed input rates (daemon histogram and Kafka timestamps) vs a
+   consumer that only re-produces a sample of its input (``bench_e2e.EchoProcess``).
 5. ``memory``: RSS after scoring 100,000 distinct keys vs after construction.
 6. ``gpu``: the autoencoder benchmark on CUDA vs CPU, when there is a CUDA device.
 
@@ -316,13 +317,21 @@ def section_latency(quick: bool) -> dict[str, Any]:
             f"({'kept up' if kept_up else 'fell behind'}); batches of {num(p['mean_batch_records'])} records, "
             f"{num(p['mean_batch_ms'])} ms on average (p99 {num(p['p99_batch_ms'])} ms)"
         )
+        b = p["baseline"]
+        bt = b["timestamps"]
+        vs = t["p99_ms"] / bt["p99_ms"] if t["p99_ms"] is not None and bt["p99_ms"] else None
         rows.append(
             row(
                 f"{label}: anomaly latency p50 / p99 / max (ms), Kafka timestamps",
-                "-",
+                f"{num(bt['p50_ms'])} / {num(bt['p99_ms'])} / {num(bt['max_ms'])}",
                 f"{num(t['p50_ms'])} / {num(t['p99_ms'])} / {num(t['max_ms'])}",
-                "-",
-                f"output record timestamp minus input record timestamp (both CreateTime), {t['count']} anomalies; {context}",
+                f"{times(vs)} the baseline's p99" if vs is not None else "n/a",
+                f"output record timestamp minus input record timestamp (both CreateTime), {t['count']} anomalies; {context}; "
+                f"baseline = a plain confluent-kafka consumer in its own group and process (the daemon's consumer and "
+                f"producer settings, one instance) that scores nothing and re-produces every {r['echo_every']}th record "
+                f"unchanged, fed the same events at the same rate on fresh topics of the same broker: {bt['count']} "
+                f"records, input {b['achieved_rate']:,.0f} ev/s, last commit {b['drain_seconds_after_produce']:.1f} s "
+                f"after the producer stopped",
             )
         )
         rows.append(
