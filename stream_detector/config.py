@@ -72,6 +72,9 @@ class ProcessingConfig(Section):
     # How often offsets and state snapshots are committed (a checkpoint). Also the delay
     # before exactly-once anomalies become visible to read_committed consumers.
     commit_interval_ms: int = Field(default=2000, ge=10, le=600_000)
+    # Start a checkpoint as soon as the input goes quiet after a burst (at least batch_size
+    # records, no record for max_wait_ms, a quarter of the interval since the last one).
+    checkpoint_when_caught_up: bool = True
     # Identifies this instance across restarts: the transactional.id is
     # "<group_id>-<instance_id>". Default: the host name (stable in a StatefulSet).
     instance_id: str | None = None

@@ -207,6 +207,7 @@ class Daemon:
         self._stop = threading.Event()
         self._last_error_log = 0.0
         self._last_checkpoint = time.monotonic()
+        self._records_since_checkpoint = 0  # consumed since the last checkpoint started
         self._tracker = _DeliveryTracker(self.metrics)
         self._pending: _PendingCheckpoint | None = None
         self.policy = AlertPolicy(WindowBook(settings.alerts.windows))
@@ -319,12 +320,27 @@ class Daemon:
             wanted = batch_size * max(1, len(self._partitions))
             messages = self._arrived(wanted, max_wait_s)
             if messages:
+                self._records_since_checkpoint += len(messages)
                 self._guarded(self._process, messages, time.monotonic())
             if self._pending is not None:
                 self._guarded(self._advance_checkpoint)
-            if time.monotonic() - self._last_checkpoint >= interval_s:
+            since = time.monotonic() - self._last_checkpoint
+            if since >= interval_s or (not messages and self._caught_up_after_burst(since, interval_s)):
                 self._guarded(self._checkpoint)
         self._guarded(self._checkpoint_now)
+
+    def _caught_up_after_burst(self, since_last_s: float, interval_s: float) -> bool:
+        """Checkpoint now rather than at the end of the interval: the input went quiet (nothing
+        arrived for max_wait_ms) after a burst of at least batch_size records. A backlog that
+        was just worked off is then committed at once instead of up to an interval later (and
+        not redone after a restart). A steady trickle never qualifies, and early checkpoints
+        are at least a quarter of the interval apart, so they stay rare."""
+        return (
+            self.settings.processing.checkpoint_when_caught_up
+            and self._pending is None
+            and self._records_since_checkpoint >= self.settings.processing.batch_size
+            and since_last_s >= interval_s / 4
+        )
 
     def _arrived(self, wanted: int, max_wait_s: float) -> list[Message]:
         """Up to ``wanted`` records of what has arrived, without waiting for more; when nothing
@@ -579,6 +595,7 @@ class Daemon:
             return
         if self._pending is not None:  # one at a time; it still waits for deliveries
             return
+        self._records_since_checkpoint = 0
         dirty = self._dirty()
         if not dirty:
             return
@@ -635,6 +652,7 @@ class Daemon:
         outputs, state snapshots, offsets. A pending checkpoint is folded into this one."""
         assert self._producer is not None and self._consumer is not None
         self._last_checkpoint = time.monotonic()
+        self._records_since_checkpoint = 0
         if self._pending is not None:
             for tp, work in self._pending.works.items():
                 if self._partitions.get(tp) is work:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections import Counter
 
 import orjson
@@ -157,3 +158,40 @@ def test_malformed_records_go_to_the_dead_letter_topic(kafka_bootstrap, make_top
         assert int(headers["dlq.source.offset"]) >= 0
         assert headers["dlq.detail"]
     assert seen_reasons == expected_reasons
+
+
+def test_a_worked_off_backlog_is_committed_without_waiting_for_the_interval(kafka_bootstrap, make_topics, tmp_path):
+    """A burst is checkpointed as soon as the input goes quiet, not a commit interval later
+    (processing.checkpoint_when_caught_up). With a 20 s interval, the offsets of 6,000
+    pre-produced events are committed about 5 s (a quarter of the interval) after the
+    assignment, while the periodic checkpoint would come 20 s after it."""
+    input_topic = make_topics(partitions=3, prefix="burst")[0]
+    output_topic, dlq_topic = make_topics(partitions=1, n=2, prefix="out")
+    group = unique_name("burst")
+    n_events = 6_000
+    events, _labels, _ = _generate(n_events, seed=5)
+    produce_all(kafka_bootstrap, input_topic, ((e["store_id"].encode(), orjson.dumps(e)) for e in events))
+    config = write_config(
+        tmp_path / "detector.yaml", kafka_bootstrap, input_topic, output_topic, dlq_topic, group,
+        processing={"commit_interval_ms": 20_000},
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        daemon.wait_for(
+            lambda m: metric(m, 'stream_detector_events_total{outcome="scored"}') >= n_events,
+            timeout=60,
+            what=f"{n_events} scored events",
+        )
+        scored_at = time.monotonic()
+        committed: list[int] = []
+        while time.monotonic() - scored_at < 10:  # the interval ends about 19 s after this
+            committed = _committed(kafka_bootstrap, group, input_topic, 3)
+            if sum(max(0, c) for c in committed) == n_events:
+                break
+            time.sleep(0.25)
+        committed_after = time.monotonic() - scored_at
+    finally:
+        code = daemon.stop(signal.SIGTERM)
+    assert code == 0, daemon.log_tail()
+    assert sum(max(0, c) for c in committed) == n_events, (committed, daemon.log_tail())
+    print(f"\ncommitted {committed_after:.1f} s after the last event was scored (interval 20 s)")
