@@ -50,6 +50,11 @@ KAFKA_LOG = logging.getLogger("stream_detector.librdkafka")
 # so one huge record cannot make the dead-letter produce fail and stall the partition.
 MAX_DEAD_LETTER_BYTES = 512 * 1024
 FLUSH_LOG_EVERY_S = 10.0
+# At-least-once checkpoints are staggered: every commit_interval_ms / slices, the partitions
+# longest without one are captured, so the loop stalls for a few partitions' snapshots at a
+# time instead of all of them at once (the stall adds to the latency of every record waiting
+# behind it). At most this many slices, so many partitions do not mean many commit requests.
+CHECKPOINT_SLICES = 4
 # While waiting for input, delivery reports are served at least this often.
 REPORT_EVERY_S = 0.005
 # Feedback naming an event no owned partition remembers waits here (another instance may own
@@ -163,6 +168,9 @@ class PartitionWork:
     # rewind goes back to when there is neither a snapshot nor a committed offset.
     origin: int | None = None
     last_event_time: float | None = None  # of the latest scored event (active windows gauge)
+    # Monotonic time of its last checkpoint capture (or of its assignment): staggered
+    # checkpoints take the partitions longest without one first.
+    checkpointed_at: float = field(default_factory=time.monotonic)
 
 
 class _Sources:
@@ -185,7 +193,8 @@ class Daemon:
     per-key state) move between instances of the group without loss.
 
     Checkpoint (every ``processing.commit_interval_ms``, on revocation and at shutdown):
-    * at-least-once: capture the dirty partitions' snapshots and positions -> once every
+    * at-least-once, staggered (``CHECKPOINT_SLICES``): capture the due dirty partitions'
+      snapshots and positions -> once every
       output produced before the capture is delivered, produce the snapshots -> once they are
       delivered, commit the offsets. The loop goes on scoring meanwhile; on revocation and at
       shutdown the same steps run to the end before returning (outputs flushed first);
@@ -325,8 +334,10 @@ class Daemon:
             if self._pending is not None:
                 self._guarded(self._advance_checkpoint)
             since = time.monotonic() - self._last_checkpoint
-            if since >= interval_s or (not messages and self._caught_up_after_burst(since, interval_s)):
+            if since >= interval_s / self._checkpoint_slices():
                 self._guarded(self._checkpoint)
+            elif not messages and self._caught_up_after_burst(since, interval_s):
+                self._guarded(self._checkpoint, True)
         self._guarded(self._checkpoint_now)
 
     def _caught_up_after_burst(self, since_last_s: float, interval_s: float) -> bool:
@@ -586,9 +597,30 @@ class Daemon:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _checkpoint(self) -> None:
-        """Start a checkpoint of the work since the last one (periodic). At-least-once: capture
-        and move on (``_advance_checkpoint`` finishes it); exactly-once: commit the transaction."""
+    def _checkpoint_slices(self) -> int:
+        """How many staggered checkpoints make up one commit interval (see CHECKPOINT_SLICES).
+        Exactly-once commits every partition in one transaction: one per interval."""
+        if self.exactly_once:
+            return 1
+        return max(1, min(CHECKPOINT_SLICES, len(self._partitions)))
+
+    def _due(self, everything: bool) -> dict[tuple[str, int], PartitionWork]:
+        """The dirty partitions a periodic checkpoint captures: this slice's share of the owned
+        partitions, longest without a checkpoint first, plus any whose last one is an interval
+        old (a slice skipped while the previous checkpoint waited for its deliveries)."""
+        dirty = self._dirty()
+        slices = self._checkpoint_slices()
+        if everything or slices == 1 or not dirty:
+            return dirty
+        share = -(-len(self._partitions) // slices)
+        overdue = time.monotonic() - self.settings.processing.commit_interval_ms / 1000.0
+        ranked = sorted(dirty.items(), key=lambda item: item[1].checkpointed_at)
+        return {tp: work for k, (tp, work) in enumerate(ranked) if k < share or work.checkpointed_at <= overdue}
+
+    def _checkpoint(self, everything: bool = False) -> None:
+        """Start a checkpoint of the work since the last one (periodic: the partitions that are
+        due, see ``_due``; ``everything``: every dirty partition). At-least-once: capture and
+        move on (``_advance_checkpoint`` finishes it); exactly-once: commit the transaction."""
         self._last_checkpoint = time.monotonic()
         if self.exactly_once:
             self._checkpoint_now()
@@ -596,7 +628,7 @@ class Daemon:
         if self._pending is not None:  # one at a time; it still waits for deliveries
             return
         self._records_since_checkpoint = 0
-        dirty = self._dirty()
+        dirty = self._due(everything)
         if not dirty:
             return
         snapshots = []
@@ -607,8 +639,10 @@ class Daemon:
                 records = snapshot_records(topic, partition, work.position, work.pipeline.state_dict())
                 snapshots.extend((partition, key, value) for key, value in records)
         offsets = [TopicPartition(t, p, w.position) for (t, p), w in dirty.items()]
+        captured_at = time.monotonic()
         for work in dirty.values():
             work.dirty = False
+            work.checkpointed_at = captured_at
         self._pending = _PendingCheckpoint(time.monotonic(), dirty, offsets, snapshots, self._tracker.close_epoch())
         self._advance_checkpoint()
 
@@ -676,6 +710,7 @@ class Daemon:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         for work in dirty.values():
             work.dirty = False
+            work.checkpointed_at = self._last_checkpoint
         self.metrics.commits.labels("ok").inc()
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
 

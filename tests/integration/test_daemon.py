@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -195,3 +196,57 @@ def test_a_worked_off_backlog_is_committed_without_waiting_for_the_interval(kafk
     assert code == 0, daemon.log_tail()
     assert sum(max(0, c) for c in committed) == n_events, (committed, daemon.log_tail())
     print(f"\ncommitted {committed_after:.1f} s after the last event was scored (interval 20 s)")
+
+
+def test_checkpoints_are_staggered_over_the_partitions(kafka_bootstrap, make_topics, tmp_path):
+    """At-least-once checkpoints take one slice of the partitions at a time (CHECKPOINT_SLICES):
+    with 3 partitions and a 3 s interval, a partition's offset is committed about every 3 s,
+    one partition about every second, not all three together (which stalls the loop for
+    three snapshots at once)."""
+    input_topic = make_topics(partitions=3, prefix="stagger")[0]
+    output_topic, dlq_topic = make_topics(partitions=1, n=2, prefix="out")
+    group = unique_name("stagger")
+    events, _labels, _ = _generate(6_000, seed=6)
+    config = write_config(
+        tmp_path / "detector.yaml", kafka_bootstrap, input_topic, output_topic, dlq_topic, group,
+        processing={"commit_interval_ms": 3_000, "checkpoint_when_caught_up": False},
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+    done = threading.Event()
+
+    def paced():  # 500 events/s for 12 s, spread over the three partitions by store_id
+        for start in range(0, len(events), 50):
+            for e in events[start : start + 50]:
+                yield e["store_id"].encode(), orjson.dumps(e)
+            time.sleep(0.1)
+        done.set()
+
+    producer = threading.Thread(target=produce_all, args=(kafka_bootstrap, input_topic, paced()), daemon=True)
+    try:
+        daemon.wait_for(lambda m: metric(m, "stream_detector_assigned_partitions") == 3, timeout=60, what="3 partitions assigned")
+        producer.start()
+        # Each poll: which partitions' committed offsets moved since the previous one.
+        previous: list[int] = [-1001] * 3
+        moves: list[tuple[float, frozenset[int]]] = []
+        started = time.monotonic()
+        while not done.is_set() and time.monotonic() - started < 60:
+            offsets = [tp.offset for tp in consumer.committed([TopicPartition(input_topic, p) for p in range(3)], timeout=10)]
+            moved = frozenset(p for p in range(3) if offsets[p] != previous[p])
+            if moved:
+                moves.append((time.monotonic() - started, moved))
+            previous = offsets
+            time.sleep(0.05)
+    finally:
+        consumer.close()
+        code = daemon.stop(signal.SIGTERM)
+    assert code == 0, daemon.log_tail()
+    assert done.is_set(), "the paced producer did not finish"
+    print("\ncommitted offsets moved (s, partitions):", [(round(t, 1), sorted(ps)) for t, ps in moves])
+    # All three at once is what one checkpoint for every partition looks like.
+    single = [t for t, ps in moves if len(ps) == 1]
+    assert len(single) >= 6, moves
+    assert not [ps for _, ps in moves if len(ps) == 3], moves
+    for p in range(3):  # and every partition keeps being committed about every interval
+        times = [t for t, ps in moves if p in ps]
+        assert len(times) >= 3 and max(b - a for a, b in zip(times, times[1:])) < 3.0 + 2.0, (p, moves)
