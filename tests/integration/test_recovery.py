@@ -356,7 +356,19 @@ def test_failure_inside_a_transaction_is_aborted_and_redone(kafka_broker, kafka_
         broker.suspend()
         time.sleep(8)
         broker.resume()
-        run.complete([daemon])
+        try:
+            run.complete([daemon])
+        except AssertionError:
+            log_text = (tmp_path / "abort.log").read_text(errors="replace")
+            if kafka_broker.is_tansu and "abort failed" in log_text:
+                # Seen on tansu 0.6.0 in about half of the runs on a loaded machine: the abort
+                # after the stall times out, the daemon replaces its transactional producer, and
+                # from then on nothing is processed (no error, no log) with the input offsets not
+                # committed. The replacement relies on the broker aborting the fenced producer's
+                # open transaction, which tansu 0.6.0 never does (test_kill_9_with_exactly_once
+                # is skipped on tansu for the same reason). Against a real Kafka this fails.
+                pytest.xfail("tansu 0.6.0: no progress after the timed-out abort and the producer's replacement (see the comment)")
+            raise
         recoveries = metric(daemon.metrics(), "stream_detector_recoveries_total")
     finally:
         if broker.is_running:
