@@ -651,7 +651,7 @@ class Daemon:
         for work in dirty.values():
             work.dirty = False
             work.checkpointed_at = captured_at
-        self._pending = _PendingCheckpoint(time.monotonic(), dirty, offsets, snapshots, self._tracker.close_epoch())
+        self._pending = _PendingCheckpoint(captured_at, dirty, offsets, snapshots, self._tracker.close_epoch())
         self._advance_checkpoint()
 
     def _advance_checkpoint(self) -> None:
