@@ -57,7 +57,11 @@ def fit_tail(window: np.ndarray, tail_quantile: float) -> TailFit:
     Pickands-type estimator) rather than their moments: a few anomalies that slipped into the
     window cannot fatten the tail and hide the next ones.
     """
-    reference = np.sort(window)
+    return fit_sorted_tail(np.sort(window), tail_quantile)
+
+
+def fit_sorted_tail(reference: np.ndarray, tail_quantile: float) -> TailFit:
+    """``fit_tail`` of a window that is already sorted."""
     m = len(reference)
     threshold = float(reference[min(int(tail_quantile * m), m - 1)])
     excess = reference[reference > threshold] - threshold
@@ -78,6 +82,11 @@ class _CalibratorState:
     buffer: np.ndarray  # ring buffer of raw scores
     seen: int  # scores seen in total
     fit: TailFit
+    # What the next refit needs to slide the fit's sorted window instead of sorting anew: the
+    # ``seen`` at which ``fit.reference`` was the sorted window, and the scores that left the
+    # window since (None: not known, e.g. after a restore; the refit then sorts).
+    fit_seen: int = -1
+    evicted: tuple[np.ndarray, ...] | None = None
 
 
 class Calibrator:
@@ -111,7 +120,8 @@ class Calibrator:
         learn = np.ones(n, dtype=bool) if learn is None else np.asarray(learn, dtype=bool)
         state = self._state
         buffer = state.buffer.copy()
-        seen, fit = state.seen, state.fit
+        seen, fit, fit_seen = state.seen, state.fit, state.fit_seen
+        evicted = None if state.evicted is None else list(state.evicted)
         out = np.empty(n)
         # Learned events counted from the batch start: refresh points fall on multiples of
         # ``refresh`` learned events, wherever the batch boundaries are.
@@ -127,6 +137,8 @@ class Calibrator:
             stop = int(np.searchsorted(learned_before, done + to_refresh, side="left"))
             out[start:stop] = fit.survival(raw[start:stop])
             taken = raw[start:stop][learn[start:stop]]
+            if evicted is not None:
+                evicted = _ring_evicted(buffer, seen, len(taken), evicted)
             _ring_write(buffer, seen, taken)
             seen += len(taken)
             if len(taken) and seen % self.refresh == 0 and seen >= self.min_events:
@@ -135,11 +147,28 @@ class Calibrator:
                 if k < len(previous) and previous[k][0] == seen and np.array_equal(previous[k][1], so_far):
                     fit = previous[k][2]
                 else:
-                    fit = fit_tail(buffer[: min(seen, self.window)], self.tail_quantile)
+                    fit = fit_sorted_tail(self._sorted_window(buffer, seen, fit, fit_seen, evicted), self.tail_quantile)
                 fits.append((seen, so_far, fit))
+                fit_seen, evicted = seen, []
             start = stop
         self._fit_cache = (state, fits)
-        return out, _CalibratorState(buffer, seen, fit)
+        return out, _CalibratorState(buffer, seen, fit, fit_seen, None if evicted is None else tuple(evicted))
+
+    def _sorted_window(
+        self, buffer: np.ndarray, seen: int, fit: TailFit, fit_seen: int, evicted: list[np.ndarray] | None
+    ) -> np.ndarray:
+        """The window after ``seen`` scores, sorted: the last fit's sorted window slid forward by
+        the scores that entered and left it since (linear), or a full sort when that is unknown.
+        Both give the same array (the sorted multiset of the window)."""
+        window = min(seen, self.window)
+        since = seen - fit_seen
+        if evicted is not None and fit_seen >= 0 and 0 < since < self.window and len(fit.reference) == min(fit_seen, self.window):
+            added = buffer[(fit_seen + np.arange(since)) % self.window]
+            removed = np.concatenate(evicted) if evicted else np.zeros(0)
+            ok, reference = calibration_kernel.replace_sorted(fit.reference, np.sort(removed), np.sort(added))
+            if ok and len(reference) == window:
+                return reference
+        return np.sort(buffer[:window])
 
     def commit(self, state: _CalibratorState) -> None:
         self._state = state
@@ -162,6 +191,18 @@ class Calibrator:
         reference = state.get("fit_reference")
         fit = TailFit(False, np.zeros(0)) if reference is None else fit_tail(np.asarray(reference), self.tail_quantile)
         self._state = _CalibratorState(np.array(state["buffer"], dtype=np.float64), int(state["seen"]), fit)
+
+
+def _ring_evicted(buffer: np.ndarray, seen: int, count: int, evicted: list[np.ndarray]) -> list[np.ndarray] | None:
+    """``evicted`` plus the scores that writing ``count`` more after ``seen`` pushes out of the
+    window; None when the write wraps the whole window (the next refit sorts instead)."""
+    window = len(buffer)
+    if count >= window:
+        return None
+    first = max(seen, window)  # the first sequence number whose write replaces an older score
+    if seen + count > first:
+        evicted.append(buffer[(first + np.arange(seen + count - first)) % window])
+    return evicted
 
 
 def _ring_write(buffer: np.ndarray, seen: int, values: np.ndarray) -> None:
