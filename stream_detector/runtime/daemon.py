@@ -64,6 +64,11 @@ STATE_GAUGES_EVERY_S = 1.0
 # Feedback naming an event no owned partition remembers waits here (another instance may own
 # it, or its partition is being restored); oldest dropped first.
 MAX_PENDING_FEEDBACK = 10_000
+# An abort is resumed while it times out retriably, for at most ABORT_TIMEOUT_S in all, before
+# the transactional producer is replaced. Each attempt returns to the loop's checks (a stop
+# request) and logs that the abort is still going on.
+ABORT_ATTEMPT_S = 10.0
+ABORT_TIMEOUT_S = 30.0
 # Errors after which this producer may not go on: another instance took over.
 _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 
@@ -782,14 +787,24 @@ class Daemon:
 
     def _abort_transaction(self) -> None:
         assert self._producer is not None
-        try:
-            self._producer.abort_transaction(30)
-        except KafkaException as exc:
-            # The producer cannot abort (e.g. its transaction timed out during a broker stall):
-            # a new producer with the same transactional.id fences it, and the broker aborts
-            # the old transaction.
-            log.warning("abort failed (%s): replacing the transactional producer", exc)
-            self._replace_producer()
+        deadline = time.monotonic() + ABORT_TIMEOUT_S
+        while True:
+            try:
+                self._producer.abort_transaction(ABORT_ATTEMPT_S)
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                # A timed-out abort goes on in the background and may be called again
+                # (librdkafka: "retry call to resume"), e.g. while the broker is still away or
+                # the producer bumps its epoch after timed-out messages (KIP-360).
+                if error.retriable() and not error.fatal() and time.monotonic() < deadline and not self._stop.is_set():
+                    log.warning("abort not finished yet (%s): resuming it", error.str())
+                    continue
+                # The producer cannot abort (fatal, or still stuck): a new producer with the
+                # same transactional.id fences it, and the broker aborts the old transaction.
+                log.warning("abort failed (%s): replacing the transactional producer", exc)
+                self._replace_producer()
+                return
 
     def _replace_producer(self) -> None:
         assert self._producer is not None

@@ -1,0 +1,74 @@
+"""The daemon's abort of a failed transaction: resumed while librdkafka says it may be, the
+producer replaced only when it cannot abort (no broker needed: the producer is scripted)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from stream_detector.config import load_settings
+from stream_detector.runtime import daemon as daemon_module
+from stream_detector.runtime.daemon import Daemon
+
+TIMED_OUT = KafkaError(KafkaError._TIMED_OUT, "Timed out waiting for operation to finish, retry call to resume", retriable=True)
+FATAL = KafkaError(KafkaError._FENCED, "fenced", fatal=True)
+
+
+class ScriptedProducer:
+    """abort_transaction raises the scripted errors in turn, then succeeds."""
+
+    def __init__(self, errors: list[KafkaError], forever: KafkaError | None = None) -> None:
+        self.errors = list(errors)
+        self.forever = forever
+        self.aborts = 0
+        self.purged = False
+
+    def abort_transaction(self, timeout: float) -> None:
+        self.aborts += 1
+        assert timeout == daemon_module.ABORT_ATTEMPT_S
+        if self.errors:
+            raise KafkaException(self.errors.pop(0))
+        if self.forever is not None:
+            time.sleep(0.01)
+            raise KafkaException(self.forever)
+
+    def purge(self, in_queue: bool = True, in_flight: bool = True) -> None:
+        self.purged = True
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    return Daemon(load_settings(environ={"STREAM_DETECTOR_PROCESSING__GUARANTEE": "exactly-once"}))
+
+
+@pytest.fixture
+def replacements(daemon, monkeypatch):
+    made = []
+    monkeypatch.setattr(daemon, "_new_producer", lambda: made.append(object()) or made[-1])
+    return made
+
+
+def test_a_timed_out_abort_is_resumed_not_given_up(daemon, replacements):
+    producer = daemon._producer = ScriptedProducer([TIMED_OUT, TIMED_OUT])
+    daemon._abort_transaction()
+    assert producer.aborts == 3
+    assert replacements == [] and daemon._producer is producer
+
+
+def test_a_producer_that_cannot_abort_is_replaced_at_once(daemon, replacements):
+    producer = daemon._producer = ScriptedProducer([FATAL])
+    daemon._abort_transaction()
+    assert producer.aborts == 1 and producer.purged
+    assert daemon._producer is replacements[0]
+
+
+def test_an_abort_that_never_finishes_is_given_up_after_the_timeout(daemon, replacements, monkeypatch):
+    monkeypatch.setattr(daemon_module, "ABORT_TIMEOUT_S", 0.2)
+    producer = daemon._producer = ScriptedProducer([], forever=TIMED_OUT)
+    started = time.monotonic()
+    daemon._abort_transaction()
+    assert 0.2 <= time.monotonic() - started < 5
+    assert producer.aborts > 2 and producer.purged
+    assert daemon._producer is replacements[0]
