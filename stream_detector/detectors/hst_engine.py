@@ -47,10 +47,18 @@ PADDING = 0.15  # what river.anomaly.HalfSpaceTrees passes to make_padded_tree
 class HSTState:
     """The learned masses. Arrays are replaced, never written in place, so states can be shared."""
 
-    l_mass: np.ndarray  # int64 (n_trees, n_nodes): current window's mass (being learned)
+    # int64 (n_trees, n_leaves): the current window's leaf masses (being learned). Its inner
+    # nodes are sums of leaves and only needed at the pivot: see ``l_mass``.
+    l_leaves: np.ndarray
     r_mass: np.ndarray  # int64 (n_trees, n_nodes): last complete window's mass (scored against)
     counter: int  # learned events in the current window
     first_window: bool  # no window completed yet: River scores 0
+
+    @property
+    def l_mass(self) -> np.ndarray:
+        """int64 (n_trees, n_nodes): the current window's mass at every node (River's ``l_mass``)."""
+        height = self.l_leaves.shape[1].bit_length() - 1
+        return hst_kernel.tree_from_leaves(self.l_leaves, height)
 
 
 @dataclass(frozen=True)
@@ -182,8 +190,12 @@ class HSTEngine:
         self._leaf_cache: tuple[np.ndarray, np.ndarray] | None = None
 
     def initial_state(self) -> HSTState:
-        zeros = np.zeros((self.n_trees, self.n_nodes), dtype=np.int64)
-        return HSTState(l_mass=zeros, r_mass=zeros, counter=0, first_window=True)
+        return HSTState(
+            l_leaves=np.zeros((self.n_trees, self.n_leaves), dtype=np.int64),
+            r_mass=np.zeros((self.n_trees, self.n_nodes), dtype=np.int64),
+            counter=0,
+            first_window=True,
+        )
 
     # -- hot path ----------------------------------------------------------------------------
 
@@ -238,11 +250,11 @@ class HSTEngine:
                 learn_leaves = leaves.copy()
                 learn_leaves[changed] = self.leaves(X_learn[changed])
         state = self.state
-        scores, l_mass, r_mass, counter, first_window = hst_kernel.walk(
-            leaves, learn_leaves, learn, state.l_mass, state.r_mass, state.counter, state.first_window,
+        scores, l_leaves, r_mass, counter, first_window = hst_kernel.walk(
+            leaves, learn_leaves, learn, state.l_leaves, state.r_mass, state.counter, state.first_window,
             self.window_size, self.size_limit, self.height, self.max_score,
         )
-        return scores, HSTState(l_mass=l_mass, r_mass=r_mass, counter=int(counter), first_window=bool(first_window))
+        return scores, HSTState(l_leaves=l_leaves, r_mass=r_mass, counter=int(counter), first_window=bool(first_window))
 
     def in_first_window(self, learn: np.ndarray) -> np.ndarray:
         """Rows ``score_and_learn(X, learn)`` scores 0 because no window has completed yet."""
@@ -270,7 +282,7 @@ class HSTEngine:
             "seed": self.seed,
             "feature": self.trees.feature.copy(),
             "threshold": self.trees.threshold.copy(),
-            "l_mass": self.state.l_mass.copy(),
+            "l_mass": self.state.l_mass,  # built afresh from the leaves
             "r_mass": self.state.r_mass.copy(),
             "counter": self.state.counter,
             "first_window": self.state.first_window,
@@ -322,5 +334,5 @@ class HSTEngine:
         self.trees = Trees(feature=feature.copy(), threshold=threshold.copy())
         self._set_derived()
         self.state = HSTState(
-            l_mass=l_mass.copy(), r_mass=r_mass.copy(), counter=counter, first_window=first_window
+            l_leaves=l_mass[:, self.n_leaves - 1 :].copy(), r_mass=r_mass.copy(), counter=counter, first_window=first_window
         )

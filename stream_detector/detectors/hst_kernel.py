@@ -6,6 +6,10 @@ add 1 to ``l_mass`` along its path; every ``window_size`` learned events ``r_mas
 ``l_mass`` and ``l_mass`` restarts at zero. Masses are integers and the sum per event is exact,
 so the scores are River's to the last bit. Compiled, this costs well under a microsecond per
 event and tree level, with no per-batch tables to build (which made small batches slow).
+
+``l_mass`` is only read at a window's pivot, and every inner node's mass is the sum of its
+leaves', so learning counts leaves alone (one increment per tree instead of one per level) and
+the pivot builds the inner nodes (``tree_from_leaves``).
 """
 
 from __future__ import annotations
@@ -17,15 +21,17 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def walk(leaves, learn_leaves, learn, l_mass0, r_mass0, counter, first_window, window_size, size_limit, height, max_score):  # pragma: no cover - compiled
-    """Scores (n,) and the state after the batch: ``(scores, l_mass, r_mass, counter, first_window)``.
+def walk(leaves, learn_leaves, learn, l_leaves0, r_mass0, counter, first_window, window_size, size_limit, height, max_score):  # pragma: no cover - compiled
+    """Scores (n,) and the state after the batch: ``(scores, l_leaves, r_mass, counter, first_window)``.
 
     ``leaves`` (n, n_trees): each event's leaf rank within each tree (0 .. 2**height - 1) for
     scoring; ``learn_leaves`` the same for the value learned (they differ when a running scaler
-    moved with the event). ``l_mass0``/``r_mass0`` (n_trees, n_nodes) are not modified.
+    moved with the event). ``l_leaves0`` (n_trees, n_leaves): the current window's leaf masses;
+    ``r_mass0`` (n_trees, n_nodes): every node's mass in the last complete window. Neither is
+    modified.
     """
     n, n_trees = leaves.shape
-    l_mass = l_mass0.copy()
+    l_leaves = l_leaves0.copy()
     r_mass = r_mass0  # read only; a pivot replaces it
     scores = np.zeros(n)
     for i in range(n):
@@ -42,16 +48,29 @@ def walk(leaves, learn_leaves, learn, l_mass0, r_mass0, counter, first_window, w
             scores[i] = 1.0 - total / max_score
         if learn[i]:
             for t in range(n_trees):
-                leaf = learn_leaves[i, t]
-                for depth in range(height + 1):
-                    l_mass[t, (1 << depth) - 1 + (leaf >> (height - depth))] += 1
+                l_leaves[t, learn_leaves[i, t]] += 1
             counter += 1
             if counter == window_size:
-                r_mass = l_mass
-                l_mass = np.zeros_like(l_mass)
+                r_mass = tree_from_leaves(l_leaves, height)
+                l_leaves = np.zeros_like(l_leaves)
                 counter = 0
                 first_window = False
-    return scores, l_mass, r_mass, counter, first_window
+    return scores, l_leaves, r_mass, counter, first_window
+
+
+@numba.njit(cache=True, nogil=True)
+def tree_from_leaves(leaf_mass, height):  # pragma: no cover - compiled
+    """Every node's mass (n_trees, n_nodes) in heap layout from the leaves' (n_trees, n_leaves):
+    a parent's mass is the sum of its children's."""
+    n_trees = leaf_mass.shape[0]
+    first_leaf = (1 << height) - 1
+    mass = np.zeros((n_trees, 2 * first_leaf + 1), dtype=leaf_mass.dtype)
+    for t in range(n_trees):
+        for j in range(first_leaf + 1):
+            mass[t, first_leaf + j] = leaf_mass[t, j]
+        for node in range(first_leaf - 1, -1, -1):
+            mass[t, node] = mass[t, 2 * node + 1] + mass[t, 2 * node + 2]
+    return mass
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -77,8 +96,9 @@ def descend(X, feature, threshold, height):  # pragma: no cover - compiled
 
 @functools.cache
 def warm_up() -> None:
-    """Load (or compile) the kernel at construction rather than inside the first batch."""
+    """Load (or compile) the kernels at construction rather than inside the first batch."""
     leaves = np.zeros((1, 1), dtype=np.intp)
     mass = np.zeros((1, 1), dtype=np.int64)
     walk(leaves, leaves, np.ones(1, dtype=np.bool_), mass, mass, 0, True, 1, 0.1, 0, 1)
+    tree_from_leaves(mass, 0)
     descend(np.zeros((1, 1)), np.zeros((1, 1), dtype=np.intp), np.zeros((1, 1)), 0)
