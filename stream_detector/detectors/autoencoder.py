@@ -144,6 +144,26 @@ def _forward(weights: list[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _forward_numpy(flat: torch.Tensor, shapes: list[torch.Size], z: np.ndarray) -> np.ndarray:
+    """``_forward`` in numpy, for the few rows an explanation needs: a handful of tiny matrix
+    products, where each torch operation's fixed cost (and, on a GPU, a launch and a copy back)
+    is most of the time. Computed in the network's dtype, as it scored (float32 by default);
+    the weights are copied to the host once (not at all on the CPU). Returns float64."""
+    params = flat.detach().cpu().numpy()
+    n_layers = len(shapes) // 2
+    bottleneck = n_layers // 2 - 1
+    h, offset = z.astype(params.dtype, copy=False), 0
+    for k in range(n_layers):
+        (d_out, d_in), (bias_size,) = shapes[2 * k], shapes[2 * k + 1]
+        w = params[offset : offset + d_out * d_in].reshape(d_out, d_in)
+        offset += d_out * d_in
+        h = h @ w.T + params[offset : offset + bias_size]
+        offset += bias_size
+        if k not in (bottleneck, n_layers - 1):
+            h = np.tanh(h)
+    return h.astype(np.float64, copy=False)
+
+
 class _Net:
     """The autoencoder's parameters and Adam moments, each one flat tensor.
 
@@ -607,9 +627,7 @@ class AutoencoderDetector(Detector):
             rows = [indices[k] for k in ks]
             x = np.stack([batch.column(f)[rows] for f in self.features], axis=1).astype(np.float64, copy=False)
             z, observed = _standardise(x, seg.center, seg.scale)
-            with torch.inference_mode():
-                recon_z = _forward(seg.network.weights, self._tensors(z)[0])
-            recon_z = recon_z.to("cpu", torch.float64).numpy()
+            recon_z = _forward_numpy(seg.network.flat, seg.network.shapes, z)
             for k, explanation in zip(ks, self._explanations(x, z, recon_z, observed, seg, step.scores[rows])):
                 out[k] = explanation
         return out

@@ -324,3 +324,23 @@ def test_hand_written_training_step_equals_autograd_and_torch_adam(hidden):
         net.train_step(z, observed, lr=1e-2)
         for mine, theirs in zip(net.weights, reference, strict=True):
             torch.testing.assert_close(mine, theirs.detach(), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("hidden", [(16, 4), (8,), (12, 6, 3)])
+def test_numpy_forward_of_explanations_equals_the_torch_forward(hidden):
+    """Explanations reconstruct their few rows in numpy (``_forward_numpy``): the same network
+    as the torch forward that scores, float32 weights included."""
+    from stream_detector.detectors.autoencoder import _forward, _forward_numpy, _Net
+
+    z = np.random.default_rng(4).normal(size=(7, 10))
+    net = _Net.initial(10, hidden, seed=2)
+    for _ in range(3):  # trained weights, not only the initial ones
+        net.train_step(torch.from_numpy(z), torch.ones(7, 10, dtype=torch.float64), lr=1e-2)
+    expected = _forward(net.weights, torch.from_numpy(z)).numpy()
+    np.testing.assert_allclose(_forward_numpy(net.flat, net.shapes, z), expected, rtol=1e-12, atol=1e-14)
+    single = net.to(torch.device("cpu"), torch.float32)  # the default dtype: computed in float32, as scored
+    in_float32 = _forward(single.weights, torch.from_numpy(z).float()).double().numpy()
+    got = _forward_numpy(single.flat, single.shapes, z)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, in_float32, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
