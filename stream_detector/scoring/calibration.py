@@ -92,7 +92,11 @@ class _CalibratorState:
 class Calibrator:
     """Streaming raw-score -> tail-probability calibration for one detector."""
 
-    state_version = 1
+    # 1: the fit's sorted window in full (``fit_reference``); still read.
+    # 2: where it can be rebuilt, the position of the fit and the scores that left the window
+    #    since (at most ``refresh``) instead: the rest of that window is still in the buffer.
+    state_version = 2
+    readable_state_versions = (1, 2)
 
     def __init__(self, window: int = 20_000, refresh: int = 1_000, min_events: int = 2_000, tail_quantile: float = 0.98):
         self.window = window
@@ -175,22 +179,37 @@ class Calibrator:
         self._fit_cache = None
 
     def state_dict(self) -> dict:
+        """The window and what the fit in force was made from, so a restore continues exactly."""
         s = self._state
-        return {
-            "version": self.state_version,
-            "window": self.window,
-            "buffer": s.buffer.copy(),
-            "seen": s.seen,
-            # The fit in force (its sorted reference), so a restore continues exactly.
-            "fit_reference": s.fit.reference.copy() if s.fit.ready else None,
-        }
+        out = {"version": self.state_version, "window": self.window, "buffer": s.buffer.copy(), "seen": s.seen}
+        if not s.fit.ready:
+            return {**out, "fit_reference": None}
+        if s.evicted is not None and s.fit_seen >= 0 and s.seen - s.fit_seen < self.window:
+            # The fit's window is what the buffer still holds from before the fit, plus these.
+            evicted = np.concatenate(s.evicted) if s.evicted else np.zeros(0)
+            return {**out, "fit_reference": None, "fit_seen": s.fit_seen, "fit_evicted": evicted}
+        return {**out, "fit_reference": s.fit.reference.copy()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != self.state_version or state.get("window") != self.window:
+        if state.get("version") not in self.readable_state_versions or state.get("window") != self.window:
             raise StateError("calibrator state does not match this configuration (version or window)")
+        buffer = np.array(state["buffer"], dtype=np.float64)
+        seen = int(state["seen"])
+        if buffer.shape != (self.window,) or seen < 0:
+            raise StateError(f"calibrator state has a buffer of shape {buffer.shape} and seen={seen}")
         reference = state.get("fit_reference")
+        fit_seen = state.get("fit_seen")
+        if fit_seen is not None:
+            fit_seen = int(fit_seen)
+            evicted = np.asarray(state["fit_evicted"], dtype=np.float64)
+            kept = (np.arange(max(0, seen - self.window), fit_seen)) % self.window
+            if not 0 <= seen - fit_seen < self.window or len(kept) + len(evicted) != min(fit_seen, self.window):
+                raise StateError(f"calibrator state: fit at {fit_seen} with {len(evicted)} evicted scores does not fit seen={seen}")
+            fit = fit_tail(np.concatenate([buffer[kept], evicted]), self.tail_quantile)
+            self._state = _CalibratorState(buffer, seen, fit, fit_seen, (evicted,))
+            return
         fit = TailFit(False, np.zeros(0)) if reference is None else fit_tail(np.asarray(reference), self.tail_quantile)
-        self._state = _CalibratorState(np.array(state["buffer"], dtype=np.float64), int(state["seen"]), fit)
+        self._state = _CalibratorState(buffer, seen, fit)
 
 
 def _ring_evicted(buffer: np.ndarray, seen: int, count: int, evicted: list[np.ndarray]) -> list[np.ndarray] | None:

@@ -263,3 +263,45 @@ def test_every_refit_uses_the_sorted_window_of_learned_scores(stream, schedule, 
     first_fit = -(-cal.min_events // cal.refresh) * cal.refresh  # sorted in full; later ones slide
     refits = len(range(first_fit + cal.refresh, len(learned) + 1, cal.refresh))
     assert refits > 20 and len(slid) == refits and all(slid)
+
+
+def _format_1(cal: Calibrator) -> dict:
+    """The calibrator's state as format 1 wrote it: the fit's sorted window in full."""
+    state = cal.state_dict()
+    return {"version": 1, "window": state["window"], "buffer": state["buffer"], "seen": state["seen"],
+            "fit_reference": cal._state.fit.reference.copy() if cal.ready else None}
+
+
+@pytest.mark.parametrize("stop", [150, 700, 1234, 2600])
+def test_state_stores_the_evicted_scores_not_the_whole_fit_window(stream, stop):
+    """The fit's window is the buffer's older part plus the scores evicted since the fit: a
+    snapshot holds at most ``refresh`` of those instead of the sorted window, and a restore
+    (of this or of format 1) continues exactly, sliding its next refits as before."""
+    raw, learn = stream
+    a = _calibrator()
+    run_chunks(a, raw[:stop], learn[:stop], [61])
+    state = a.state_dict()
+    assert state["fit_reference"] is None
+    if a.ready:
+        assert state["fit_seen"] == a._state.fit_seen and len(state["fit_evicted"]) <= a.refresh
+    tail = run_chunks(copy.deepcopy(a), raw[stop:], learn[stop:], [77])
+    for saved in (state, _format_1(a)):
+        b = _calibrator()
+        b.load_state_dict(pickle.loads(pickle.dumps(saved)))
+        assert b.ready == a.ready
+        np.testing.assert_array_equal(b._state.fit.reference, a._state.fit.reference)
+        np.testing.assert_array_equal(run_chunks(b, raw[stop:], learn[stop:], [77]), tail)
+
+
+def test_a_corrupt_fit_position_is_refused(stream):
+    from stream_detector.errors import StateError
+
+    raw, learn = stream
+    a = _calibrator()
+    run_chunks(a, raw[:2000], learn[:2000], [100])
+    state = a.state_dict()
+    b = _calibrator()
+    with pytest.raises(StateError, match="fit at"):
+        b.load_state_dict({**state, "fit_seen": state["fit_seen"] - 1})
+    with pytest.raises(StateError, match="buffer"):
+        b.load_state_dict({**state, "buffer": state["buffer"][:-1]})

@@ -175,18 +175,60 @@ def test_engine_matches_river_on_shallow_trees_and_nan(height):
     assert np.abs(got - expected).max() <= TOL
 
 
-def test_engine_rejects_corrupt_masses():
+def _format_1(engine: HSTEngine) -> dict:
+    """The engine's snapshot as format 1 wrote it: every node of every array, int64 masses."""
+    return {
+        **{k: v for k, v in engine.state_dict().items() if k not in ("l_leaves", "r_leaves")},
+        "version": 1,
+        "feature": engine.trees.feature.copy(),
+        "threshold": engine.trees.threshold.copy(),
+        "l_mass": engine.state.l_mass,
+        "r_mass": engine.state.r_mass.copy(),
+    }
+
+
+def _trained_engine(n: int = 100) -> HSTEngine:
     engine = _engine(PARAMS[1], 0)
-    engine.commit(engine.score_and_learn(_data("unit")[:100], np.ones(100, dtype=bool))[1])
+    engine.commit(engine.score_and_learn(_data("unit")[:n], np.ones(n, dtype=bool))[1])
+    return engine
+
+
+def test_engine_rejects_corrupt_masses():
+    engine = _trained_engine()
     snapshot = engine.state_dict()
     HSTEngine.from_state_dict(snapshot)  # a genuine snapshot loads
-    broken = {**snapshot, "r_mass": snapshot["r_mass"].copy()}
-    broken["r_mass"][0, -1] += 1  # a leaf no longer sums up to its parent
-    with pytest.raises(StateError):
+    broken = {**snapshot, "r_leaves": snapshot["r_leaves"].copy()}
+    broken["r_leaves"][0, -1] += 1  # the leaves no longer add up to a window
+    with pytest.raises(StateError, match="roots"):
         HSTEngine.from_state_dict(broken)
+    with pytest.raises(StateError, match="shape"):
+        HSTEngine.from_state_dict({**snapshot, "l_leaves": snapshot["l_leaves"][:, 1:]})
     other_counter = (snapshot["counter"] + 1) % snapshot["window_size"]
     with pytest.raises(StateError, match="roots"):  # l_mass roots count the window's events
         HSTEngine.from_state_dict({**snapshot, "counter": other_counter})
+    old = _format_1(engine)
+    HSTEngine.from_state_dict(old)
+    old["r_mass"] = old["r_mass"].copy()
+    old["r_mass"][0, -1] += 1  # format 1 stores inner nodes: a leaf no longer sums up to its parent
+    with pytest.raises(StateError):
+        HSTEngine.from_state_dict(old)
+
+
+def test_snapshot_format_1_is_still_restored_and_format_2_is_smaller():
+    """Snapshots of the previous format restore to the same engine; the current one stores
+    the split nodes and leaf masses alone."""
+    engine = _trained_engine(700)
+    X, learn = _data("unit")[700:1500], _learn_mask("masked")[700:1500]
+    expected, _ = engine.score_and_learn(X, learn)
+    for snapshot in (engine.state_dict(), _format_1(engine)):
+        restored = HSTEngine.from_state_dict(pickle.loads(pickle.dumps(snapshot)))
+        np.testing.assert_array_equal(restored.trees.feature, engine.trees.feature)
+        np.testing.assert_array_equal(restored.trees.threshold, engine.trees.threshold)
+        np.testing.assert_array_equal(restored.state.l_mass, engine.state.l_mass)
+        np.testing.assert_array_equal(restored.state.r_mass, engine.state.r_mass)
+        got, _ = restored.score_and_learn(X, learn)
+        np.testing.assert_array_equal(got, expected)
+    assert len(pickle.dumps(engine.state_dict())) < len(pickle.dumps(_format_1(engine))) / 3
 
 
 # -- scaler + engine vs MinMaxScaler() | HalfSpaceTrees() ----------------------------------------
