@@ -468,3 +468,46 @@ def test_version_1_snapshots_with_every_feature_per_table_still_load(data):
     restored.load_state_dict(v1)
     rest = batch.slice(400, batch.n)
     np.testing.assert_array_equal(restored.score(rest, learn[400:]).scores, det.score(rest, learn[400:]).scores)
+
+
+@pytest.mark.parametrize("max_keys", [1000, 12])
+def test_skipping_the_idle_scan_forgets_the_same_keys_as_scanning_every_batch(max_keys, monkeypatch):
+    """The eviction scans the slots only when the table's last_seen bounds say a key may be
+    idle past the TTL (or the table is over max_keys). Against a detector that scans after every
+    batch, on keys that come and go with out-of-order event times (a late event of a new key
+    can be idle on arrival), the same keys are kept and the scores agree batch by batch."""
+    from stream_detector.detectors import zscore as zscore_module
+
+    def make() -> ZScoreDetector:
+        return ZScoreDetector(features=("a",), key_sets=("store",), warmup=2, reject_z=1e9, key_ttl_seconds=50.0, max_keys=max_keys)
+
+    bounded, scanning = make(), make()
+    rng = np.random.default_rng(11)
+    scans = {"bounded": 0}
+    original = zscore_module._KeySetState.may_have_idle
+
+    def counted(self, ttl):
+        result = original(self, ttl)
+        scans["bounded"] += result
+        return result
+
+    t = 0.0
+    for step in range(120):
+        n = int(rng.integers(1, 12))
+        t += float(rng.exponential(8.0))
+        times = t + rng.normal(0.0, 3.0, n)
+        if step % 17 == 5:
+            times[0] = t - 200.0  # a late event, idle past the TTL on arrival
+        keys = np.array([f"k{int(k)}" for k in rng.integers(0, 25, n)], dtype=object)
+        batch = FeatureBatch(event_time=times, columns={"a": rng.normal(5.0, 1.0, n)}, keys={"store": keys})
+        learn = np.ones(n, dtype=bool)
+        monkeypatch.setattr(zscore_module._KeySetState, "may_have_idle", counted)
+        got = bounded.score(batch, learn)
+        bounded.commit(got)
+        monkeypatch.setattr(zscore_module._KeySetState, "may_have_idle", lambda self, ttl: True)
+        expected = scanning.score(batch, learn)
+        scanning.commit(expected)
+        np.testing.assert_array_equal(got.scores, expected.scores)
+        assert sorted(bounded.state_dict()["key_sets"]["store"]["keys"]) == sorted(scanning.state_dict()["key_sets"]["store"]["keys"])
+    monkeypatch.undo()
+    assert 0 < scans["bounded"] < 120  # it did skip, and it did scan
