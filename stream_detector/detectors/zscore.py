@@ -414,8 +414,8 @@ class ZScoreDetector(Detector):
         Applied when a batch is committed: a memory bound, checked per batch. The slots are
         scanned (one comparison each) only when a key may be idle past the TTL, by the table's
         bounds on last_seen, or when it holds more than ``max_keys``: with the default week-long
-        TTL a batch otherwise costs nothing here, where a scan of 100,000 slots per table and
-        batch was most of ``commit`` for small batches.
+        TTL a batch otherwise costs nothing here, where every batch used to pay a few passes
+        over every slot of every table.
         """
         n = state.allocated
         if not n:

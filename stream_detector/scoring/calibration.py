@@ -79,22 +79,24 @@ def fit_sorted_tail(reference: np.ndarray, tail_quantile: float) -> TailFit:
 
 @dataclass
 class _CalibratorState:
-    buffer: np.ndarray  # ring buffer of raw scores
+    # Ring of the last ``window + refresh`` learned scores (score number ``s`` at ``s % len``):
+    # the window, plus the scores that left it since the last refit, which the next refit takes
+    # out of the fit's sorted window.
+    buffer: np.ndarray
     seen: int  # scores seen in total
     fit: TailFit
-    # What the next refit needs to slide the fit's sorted window instead of sorting anew: the
-    # ``seen`` at which ``fit.reference`` was the sorted window, and the scores that left the
-    # window since (None: not known, e.g. after a restore; the refit then sorts).
+    # The ``seen`` at which ``fit.reference`` was the sorted window; -1: not known (no fit yet,
+    # or restored from a format-1 snapshot), and the next refit sorts the window anew.
     fit_seen: int = -1
-    evicted: tuple[np.ndarray, ...] | None = None
 
 
 class Calibrator:
     """Streaming raw-score -> tail-probability calibration for one detector."""
 
-    # 1: the fit's sorted window in full (``fit_reference``); still read.
-    # 2: where it can be rebuilt, the position of the fit and the scores that left the window
-    #    since (at most ``refresh``) instead: the rest of that window is still in the buffer.
+    # 1: a ring of ``window`` scores and the fit's sorted window in full (``fit_reference``);
+    #    still read.
+    # 2: a ring of ``window + refresh`` scores and the position of the fit (``fit_seen``): the
+    #    fit's window is still in the ring, so its sorted copy is not stored.
     state_version = 2
     readable_state_versions = (1, 2)
 
@@ -103,7 +105,8 @@ class Calibrator:
         self.refresh = refresh
         self.min_events = min_events
         self.tail_quantile = tail_quantile
-        self._state = _CalibratorState(np.zeros(window), 0, TailFit(False, np.zeros(0)))
+        self.capacity = window + refresh
+        self._state = _CalibratorState(np.zeros(self.capacity), 0, TailFit(False, np.zeros(0)))
         # (state, [(seen, learned raw scores of the batch up to the refresh, fit)]) of the last
         # transform: the pipeline's rounds transform the same batch again, and a refit whose
         # window is unchanged (same state, same scores before it) gives the same fit.
@@ -125,7 +128,6 @@ class Calibrator:
         state = self._state
         buffer = state.buffer.copy()
         seen, fit, fit_seen = state.seen, state.fit, state.fit_seen
-        evicted = None if state.evicted is None else list(state.evicted)
         out = np.empty(n)
         # Learned events counted from the batch start: refresh points fall on multiples of
         # ``refresh`` learned events, wherever the batch boundaries are.
@@ -141,8 +143,6 @@ class Calibrator:
             stop = int(np.searchsorted(learned_before, done + to_refresh, side="left"))
             out[start:stop] = fit.survival(raw[start:stop])
             taken = raw[start:stop][learn[start:stop]]
-            if evicted is not None:
-                evicted = _ring_evicted(buffer, seen, len(taken), evicted)
             _ring_write(buffer, seen, taken)
             seen += len(taken)
             if len(taken) and seen % self.refresh == 0 and seen >= self.min_events:
@@ -151,77 +151,69 @@ class Calibrator:
                 if k < len(previous) and previous[k][0] == seen and np.array_equal(previous[k][1], so_far):
                     fit = previous[k][2]
                 else:
-                    fit = fit_sorted_tail(self._sorted_window(buffer, seen, fit, fit_seen, evicted), self.tail_quantile)
+                    fit = fit_sorted_tail(self._sorted_window(buffer, seen, fit, fit_seen), self.tail_quantile)
                 fits.append((seen, so_far, fit))
-                fit_seen, evicted = seen, []
+                fit_seen = seen
             start = stop
         self._fit_cache = (state, fits)
-        return out, _CalibratorState(buffer, seen, fit, fit_seen, None if evicted is None else tuple(evicted))
+        return out, _CalibratorState(buffer, seen, fit, fit_seen)
 
-    def _sorted_window(
-        self, buffer: np.ndarray, seen: int, fit: TailFit, fit_seen: int, evicted: list[np.ndarray] | None
-    ) -> np.ndarray:
+    def _sorted_window(self, buffer: np.ndarray, seen: int, fit: TailFit, fit_seen: int) -> np.ndarray:
         """The window after ``seen`` scores, sorted: the last fit's sorted window slid forward by
-        the scores that entered and left it since (linear), or a full sort when that is unknown.
-        Both give the same array (the sorted multiset of the window)."""
-        window = min(seen, self.window)
+        the scores that entered and left it since (linear; both are still in the ring), or a
+        full sort when that fit is unknown. Both give the same array (the window's sorted
+        multiset)."""
         since = seen - fit_seen
-        if evicted is not None and fit_seen >= 0 and 0 < since < self.window and len(fit.reference) == min(fit_seen, self.window):
-            added = buffer[(fit_seen + np.arange(since)) % self.window]
-            removed = np.concatenate(evicted) if evicted else np.zeros(0)
+        if fit_seen >= 0 and 0 < since <= self.refresh and len(fit.reference) == min(fit_seen, self.window):
+            added = _ring_read(buffer, fit_seen, seen)
+            removed = _ring_read(buffer, max(0, fit_seen - self.window), max(0, seen - self.window))
             ok, reference = calibration_kernel.replace_sorted(fit.reference, np.sort(removed), np.sort(added))
-            if ok and len(reference) == window:
+            if ok and len(reference) == min(seen, self.window):
                 return reference
-        return np.sort(buffer[:window])
+        return np.sort(_ring_read(buffer, max(0, seen - self.window), seen))
 
     def commit(self, state: _CalibratorState) -> None:
         self._state = state
         self._fit_cache = None
 
     def state_dict(self) -> dict:
-        """The window and what the fit in force was made from, so a restore continues exactly."""
+        """The ring and the position of the fit in force, so a restore continues exactly."""
         s = self._state
         out = {"version": self.state_version, "window": self.window, "buffer": s.buffer.copy(), "seen": s.seen}
         if not s.fit.ready:
-            return {**out, "fit_reference": None}
-        if s.evicted is not None and s.fit_seen >= 0 and s.seen - s.fit_seen < self.window:
-            # The fit's window is what the buffer still holds from before the fit, plus these.
-            evicted = np.concatenate(s.evicted) if s.evicted else np.zeros(0)
-            return {**out, "fit_reference": None, "fit_seen": s.fit_seen, "fit_evicted": evicted}
-        return {**out, "fit_reference": s.fit.reference.copy()}
+            return {**out, "fit_seen": None, "fit_reference": None}
+        if s.fit_seen >= 0 and s.seen - s.fit_seen <= self.refresh:
+            return {**out, "fit_seen": s.fit_seen, "fit_reference": None}  # its window is in the ring
+        return {**out, "fit_seen": None, "fit_reference": s.fit.reference.copy()}  # restored from format 1
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a format-1 or format-2 state (also after ``refresh`` changed: the ring is
+        re-laid for this calibrator's capacity); ``StateError`` if it does not fit."""
         if state.get("version") not in self.readable_state_versions or state.get("window") != self.window:
             raise StateError("calibrator state does not match this configuration (version or window)")
-        buffer = np.array(state["buffer"], dtype=np.float64)
+        stored = np.array(state["buffer"], dtype=np.float64)
         seen = int(state["seen"])
-        if buffer.shape != (self.window,) or seen < 0:
-            raise StateError(f"calibrator state has a buffer of shape {buffer.shape} and seen={seen}")
-        reference = state.get("fit_reference")
+        if stored.ndim != 1 or len(stored) < self.window or seen < 0:
+            raise StateError(f"calibrator state has a buffer of shape {stored.shape} and seen={seen}")
+        kept_from = max(0, seen - min(len(stored), self.capacity))
+        buffer = np.zeros(self.capacity)
+        _ring_write(buffer, kept_from, _ring_read(stored, kept_from, seen))
         fit_seen = state.get("fit_seen")
+        reference = state.get("fit_reference")
         if fit_seen is not None:
             fit_seen = int(fit_seen)
-            evicted = np.asarray(state["fit_evicted"], dtype=np.float64)
-            kept = (np.arange(max(0, seen - self.window), fit_seen)) % self.window
-            if not 0 <= seen - fit_seen < self.window or len(kept) + len(evicted) != min(fit_seen, self.window):
-                raise StateError(f"calibrator state: fit at {fit_seen} with {len(evicted)} evicted scores does not fit seen={seen}")
-            fit = fit_tail(np.concatenate([buffer[kept], evicted]), self.tail_quantile)
-            self._state = _CalibratorState(buffer, seen, fit, fit_seen, (evicted,))
+            if not (0 < fit_seen <= seen and max(0, fit_seen - self.window) >= seen - len(stored)):
+                raise StateError(f"calibrator state: a fit at {fit_seen} is not in the ring of {len(stored)} scores at seen={seen}")
+            fit = fit_tail(_ring_read(stored, max(0, fit_seen - self.window), fit_seen), self.tail_quantile)
+            self._state = _CalibratorState(buffer, seen, fit, fit_seen)
             return
         fit = TailFit(False, np.zeros(0)) if reference is None else fit_tail(np.asarray(reference), self.tail_quantile)
         self._state = _CalibratorState(buffer, seen, fit)
 
 
-def _ring_evicted(buffer: np.ndarray, seen: int, count: int, evicted: list[np.ndarray]) -> list[np.ndarray] | None:
-    """``evicted`` plus the scores that writing ``count`` more after ``seen`` pushes out of the
-    window; None when the write wraps the whole window (the next refit sorts instead)."""
-    window = len(buffer)
-    if count >= window:
-        return None
-    first = max(seen, window)  # the first sequence number whose write replaces an older score
-    if seen + count > first:
-        evicted.append(buffer[(first + np.arange(seen + count - first)) % window])
-    return evicted
+def _ring_read(buffer: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Scores number ``start .. stop - 1`` of the ring (the caller knows they are still in it)."""
+    return buffer[np.arange(start, stop) % len(buffer)]
 
 
 def _ring_write(buffer: np.ndarray, seen: int, values: np.ndarray) -> None:

@@ -266,24 +266,30 @@ def test_every_refit_uses_the_sorted_window_of_learned_scores(stream, schedule, 
 
 
 def _format_1(cal: Calibrator) -> dict:
-    """The calibrator's state as format 1 wrote it: the fit's sorted window in full."""
+    """The calibrator's state as format 1 wrote it: a ring of ``window`` scores (score ``s`` at
+    ``s % window``) and the fit's sorted window in full."""
     state = cal.state_dict()
-    return {"version": 1, "window": state["window"], "buffer": state["buffer"], "seen": state["seen"],
+    seen, ring = state["seen"], state["buffer"]
+    old = np.zeros(cal.window)
+    numbers = np.arange(max(0, seen - cal.window), seen)
+    old[numbers % cal.window] = ring[numbers % len(ring)]
+    return {"version": 1, "window": state["window"], "buffer": old, "seen": seen,
             "fit_reference": cal._state.fit.reference.copy() if cal.ready else None}
 
 
 @pytest.mark.parametrize("stop", [150, 700, 1234, 2600])
-def test_state_stores_the_evicted_scores_not_the_whole_fit_window(stream, stop):
-    """The fit's window is the buffer's older part plus the scores evicted since the fit: a
-    snapshot holds at most ``refresh`` of those instead of the sorted window, and a restore
-    (of this or of format 1) continues exactly, sliding its next refits as before."""
+def test_state_stores_the_fit_position_not_the_whole_fit_window(stream, stop):
+    """The ring holds the window plus the scores that left it since the last refit, so the
+    fit's window is still in it: a snapshot holds the fit's position instead of its sorted
+    window, and a restore (of this or of format 1) continues exactly, sliding its next refits
+    as before."""
     raw, learn = stream
     a = _calibrator()
     run_chunks(a, raw[:stop], learn[:stop], [61])
     state = a.state_dict()
-    assert state["fit_reference"] is None
+    assert state["fit_reference"] is None and len(state["buffer"]) == a.window + a.refresh
     if a.ready:
-        assert state["fit_seen"] == a._state.fit_seen and len(state["fit_evicted"]) <= a.refresh
+        assert state["fit_seen"] == a._state.fit_seen
     tail = run_chunks(copy.deepcopy(a), raw[stop:], learn[stop:], [77])
     for saved in (state, _format_1(a)):
         b = _calibrator()
@@ -291,6 +297,20 @@ def test_state_stores_the_evicted_scores_not_the_whole_fit_window(stream, stop):
         assert b.ready == a.ready
         np.testing.assert_array_equal(b._state.fit.reference, a._state.fit.reference)
         np.testing.assert_array_equal(run_chunks(b, raw[stop:], learn[stop:], [77]), tail)
+
+
+def test_a_state_restores_into_a_calibrator_with_another_refresh(stream):
+    """The ring is re-laid for the new capacity; the fit in force is the same."""
+    raw, learn = stream
+    a = _calibrator()
+    run_chunks(a, raw[:2000], learn[:2000], [100])
+    for refresh in (20, 50, 130):
+        b = Calibrator(window=a.window, refresh=refresh, min_events=a.min_events, tail_quantile=a.tail_quantile)
+        b.load_state_dict(a.state_dict())
+        np.testing.assert_array_equal(b._state.fit.reference, a._state.fit.reference)
+        window = np.arange(max(0, a._state.seen - a.window), a._state.seen)
+        np.testing.assert_array_equal(b._state.buffer[window % b.capacity], a._state.buffer[window % a.capacity])
+        run_chunks(b, raw[2000:], learn[2000:], [77])  # and goes on
 
 
 def test_a_corrupt_fit_position_is_refused(stream):
@@ -302,6 +322,8 @@ def test_a_corrupt_fit_position_is_refused(stream):
     state = a.state_dict()
     b = _calibrator()
     with pytest.raises(StateError, match="fit at"):
-        b.load_state_dict({**state, "fit_seen": state["fit_seen"] - 1})
+        b.load_state_dict({**state, "fit_seen": state["seen"] + 1})  # after the last score
+    with pytest.raises(StateError, match="fit at"):  # its window has left the ring
+        b.load_state_dict({**state, "fit_seen": state["seen"] - a.refresh - 1})
     with pytest.raises(StateError, match="buffer"):
-        b.load_state_dict({**state, "buffer": state["buffer"][:-1]})
+        b.load_state_dict({**state, "buffer": state["buffer"][: a.window - 1]})
