@@ -132,14 +132,19 @@ def _layer_dims(n_in: int, hidden: tuple[int, ...]) -> list[int]:
     return [n_in, *hidden, *reversed(hidden[:-1]), n_in]
 
 
+def _linear_layers(n_layers: int) -> set[int]:
+    """The layers without a tanh: the bottleneck (the middle one) and the output."""
+    return {n_layers // 2 - 1, n_layers - 1}
+
+
 def _forward(weights: list[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-    """The MLP: tanh after every layer except the bottleneck (the middle one) and the output."""
+    """The MLP: tanh after every layer but the bottleneck and the output (``_linear_layers``)."""
     n_layers = len(weights) // 2
-    bottleneck = n_layers // 2 - 1
+    linear = _linear_layers(n_layers)
     h = z
     for k in range(n_layers):
         h = torch.nn.functional.linear(h, weights[2 * k], weights[2 * k + 1])
-        if k not in (bottleneck, n_layers - 1):
+        if k not in linear:
             h = torch.tanh(h)
     return h
 
@@ -150,16 +155,13 @@ def _forward_numpy(flat: torch.Tensor, shapes: list[torch.Size], z: np.ndarray) 
     is most of the time. Computed in the network's dtype, as it scored (float32 by default);
     the weights are copied to the host once (not at all on the CPU). Returns float64."""
     params = flat.detach().cpu().numpy()
-    n_layers = len(shapes) // 2
-    bottleneck = n_layers // 2 - 1
-    h, offset = z.astype(params.dtype, copy=False), 0
+    weights = _views(params, shapes)
+    n_layers = len(weights) // 2
+    linear = _linear_layers(n_layers)
+    h = z.astype(params.dtype, copy=False)
     for k in range(n_layers):
-        (d_out, d_in), (bias_size,) = shapes[2 * k], shapes[2 * k + 1]
-        w = params[offset : offset + d_out * d_in].reshape(d_out, d_in)
-        offset += d_out * d_in
-        h = h @ w.T + params[offset : offset + bias_size]
-        offset += bias_size
-        if k not in (bottleneck, n_layers - 1):
+        h = h @ weights[2 * k].T + weights[2 * k + 1]
+        if k not in linear:
             h = np.tanh(h)
     return h.astype(np.float64, copy=False)
 
@@ -243,7 +245,7 @@ class _Net:
         """``(loss, d loss / d flat)`` of the masked reconstruction MSE on the batch ``z``."""
         weights = self.weights
         n_layers = len(weights) // 2
-        linear = {n_layers // 2 - 1, n_layers - 1}  # the bottleneck and the output: no tanh
+        linear = _linear_layers(n_layers)
         outputs = [z]
         for k in range(n_layers):
             h = torch.addmm(weights[2 * k + 1], outputs[-1], weights[2 * k].t())
@@ -291,12 +293,12 @@ class _Weights:
         return self._views
 
 
-def _views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
-    """Consecutive views of ``flat`` with the given shapes."""
+def _views(flat: Any, shapes: list[torch.Size]) -> list[Any]:
+    """Consecutive views of ``flat`` (a tensor or a numpy array) with the given shapes."""
     views, offset = [], 0
     for shape in shapes:
         size = math.prod(shape)
-        views.append(flat[offset : offset + size].view(shape))
+        views.append(flat[offset : offset + size].reshape(tuple(shape)))
         offset += size
     return views
 
