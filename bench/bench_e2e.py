@@ -140,6 +140,17 @@ def histogram_max_bound(buckets: list[tuple[float, float]]) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time process ``pid`` has used so far (Linux /proc), None if unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def generated_events(count: int, seed: int):
     from stream_detector.generator import GeneratorConfig, SalesGenerator
 
@@ -170,8 +181,13 @@ class CommittedWatcher:
         self.consumer.close()
 
 
-def count_consumer(bootstrap: str, topic: str, expected: int, timeout: float = 120.0) -> dict[str, Any]:
-    """The ceiling: a plain consumer that only counts ``expected`` records of ``topic``."""
+def count_consumer(
+    bootstrap: str, topic: str, expected: int, timeout: float = 120.0, broker_pid: int | None = None
+) -> dict[str, Any]:
+    """The ceiling: a plain consumer that only counts ``expected`` records of ``topic``. Also
+    the CPU it used (this process: nothing else runs in it meanwhile) and the broker's."""
+    broker_before = process_cpu_seconds(broker_pid)
+    cpu_before = time.process_time()
     started = time.perf_counter()
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": f"bench-ceiling-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
@@ -190,7 +206,18 @@ def count_consumer(bootstrap: str, topic: str, expected: int, timeout: float = 1
         consumer.close()
     if n < expected:
         raise RuntimeError(f"ceiling consumer read only {n} of {expected} records in {timeout:.0f}s")
-    return {"records": n, "seconds": seconds, "events_per_s": n / seconds}
+    cpu_s = time.process_time() - cpu_before
+    broker_after = process_cpu_seconds(broker_pid)
+    broker_s = None if broker_before is None or broker_after is None else broker_after - broker_before
+    return {
+        "records": n,
+        "seconds": seconds,
+        "events_per_s": n / seconds,
+        "cpu_seconds": cpu_s,
+        "broker_cpu_seconds": broker_s,
+        # Transport's CPU per record: what a consumer that does nothing costs, broker included.
+        "cpu_us_per_event": 1e6 * (cpu_s + (broker_s or 0.0)) / n,
+    }
 
 
 def read_topic(bootstrap: str, topic: str, expected: int | None, idle_s: float = 3.0, timeout: float = 120.0) -> list:
@@ -282,6 +309,7 @@ class DaemonProcess:
         self.started_at: float | None = None
         self.metrics_up_at: float | None = None
         self.assigned_at: float | None = None
+        self.cpu_at_assignment: float | None = None  # the process's CPU seconds then (startup)
         self.scored_at: float | None = None  # when events_total reached expected_events
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -318,6 +346,7 @@ class DaemonProcess:
             if self.assigned_at is None:
                 if sample(m, "stream_detector_assigned_partitions") > 0:
                     self.assigned_at = now
+                    self.cpu_at_assignment = self.cpu_seconds()
                     if self.expected_events is None:
                         return
                 time.sleep(0.02)
@@ -352,13 +381,7 @@ class DaemonProcess:
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time the daemon process has used so far (Linux /proc)."""
-        if self.proc is None:
-            return None
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(None if self.proc is None else self.proc.pid)
 
     def scrape(self) -> dict:
         return scrape(self.port)
@@ -523,18 +546,26 @@ def _offsets(topic: str, positions: dict[int, int]) -> list[TopicPartition]:
 
 
 def wait_group_committed(
-    daemons: Sequence[DaemonProcess | EchoProcess], expected: int, timeout: float, poll_s: float = 0.1
+    daemons: Sequence[DaemonProcess | EchoProcess],
+    expected: int,
+    timeout: float,
+    poll_s: float = 0.1,
+    partitions: int = 3,
+    on_poll: Callable[[], None] | None = None,
 ) -> float:
     """Monotonic time at which the committed offsets of the daemons' group (one group, one
-    input topic of 3 partitions) first covered ``expected`` records; raises if a daemon exits.
-    The latency baseline's echo consumer stands in for a daemon here."""
+    input topic of ``partitions`` partitions) first covered ``expected`` records; raises if a
+    daemon exits. The latency baseline's echo consumer stands in for a daemon here.
+    ``on_poll`` runs at every poll (the e2e phase samples CPU times there)."""
     first = daemons[0]
-    watcher = CommittedWatcher(first.bootstrap, first.group, first.input_topic, 3)
+    watcher = CommittedWatcher(first.bootstrap, first.group, first.input_topic, partitions)
     try:
         deadline = time.monotonic() + timeout
         while True:
             for daemon in daemons:
                 daemon.check_alive()
+            if on_poll is not None:
+                on_poll()
             total = watcher.total()
             now = time.monotonic()
             if total >= expected:
@@ -558,10 +589,12 @@ def _topics(prefix: str) -> tuple[str, str, str, str]:
 
 
 def run_e2e(
-    n_events: int, log: Log = _say, python_args: list[str] | None = None, scale_out: int = 2
+    n_events: int, log: Log = _say, python_args: list[str] | None = None, scale_out: int = 2, wide_partitions: int = 6
 ) -> dict[str, Any]:
     """One daemon, then (if ``scale_out`` > 1) that many daemons in one group, each phase with
-    its own group over the same pre-produced input; the ceiling consumer before and after."""
+    its own group over the same pre-produced input; then (if ``wide_partitions``) that many
+    daemons again over a copy of the input with that many partitions; the ceiling consumer
+    before and after."""
     from stream_detector.embedded_broker import EmbeddedBroker
     from stream_detector.generator import produce_to_kafka
     from stream_detector.runtime.topics import ensure_topics
@@ -584,36 +617,66 @@ def run_e2e(
             raise RuntimeError(f"produced {produced} of {n_events}")
 
         log("e2e: ceiling consumer (before)")
-        ceiling = [count_consumer(bs, inp, n_events)]
+        ceiling = [count_consumer(bs, inp, n_events, broker_pid=broker.pid)]
 
         log("e2e: daemon")
-        result["daemon"] = _throughput_phase(bs, inp, out, dlq, group, n_events, 1, python_args)
+        result["daemon"] = _throughput_phase(bs, inp, out, dlq, group, n_events, 1, python_args, broker_pid=broker.pid)
         if scale_out > 1:
             log(f"e2e: {scale_out} daemons in one group")
             _, out2, dlq2, group2 = _topics("e2e-scale")
             ensure_topics(bs, {out2: 3, dlq2: 1})
-            result["scale_out"] = _throughput_phase(bs, inp, out2, dlq2, group2, n_events, scale_out, python_args)
+            result["scale_out"] = _throughput_phase(bs, inp, out2, dlq2, group2, n_events, scale_out, python_args, broker_pid=broker.pid)
+            if wide_partitions:
+                # The same events over more partitions: with 3, two instances split them 2:1 at
+                # best, so one of them does two thirds of the work while the other idles.
+                inp_w, out_w, dlq_w, group_w = _topics(f"e2e-p{wide_partitions}")
+                ensure_topics(bs, {inp_w: wide_partitions, out_w: 3, dlq_w: 1})
+                log(f"e2e: {scale_out} daemons in one group, input of {wide_partitions} partitions")
+                if produce_to_kafka(generated_events(n_events, seed=1), bs, inp_w) != n_events:
+                    raise RuntimeError(f"the {wide_partitions}-partition input is incomplete")
+                result["scale_out_wide"] = _throughput_phase(
+                    bs, inp_w, out_w, dlq_w, group_w, n_events, scale_out, python_args, partitions=wide_partitions, broker_pid=broker.pid
+                )
 
         log("e2e: ceiling consumer (after)")
-        ceiling.append(count_consumer(bs, inp, n_events))
+        ceiling.append(count_consumer(bs, inp, n_events, broker_pid=broker.pid))
         result["ceiling_runs"] = ceiling
         result["ceiling"] = max(ceiling, key=lambda c: c["events_per_s"])
     return result
 
 
 def _throughput_phase(
-    bs: str, inp: str, out: str, dlq: str, group: str, n_events: int, instances: int, python_args: list[str] | None
+    bs: str,
+    inp: str,
+    out: str,
+    dlq: str,
+    group: str,
+    n_events: int,
+    instances: int,
+    python_args: list[str] | None,
+    partitions: int = 3,
+    broker_pid: int | None = None,
 ) -> dict[str, Any]:
     """``instances`` daemons started together in ``group``, timed until it has committed every
-    input record. Steady state starts at the first assignment of any of them."""
+    input record. Steady state starts at the first assignment of any of them. CPU: each
+    daemon's from its own assignment (before it, it only starts up) to the last commit, and
+    the broker's from the first assignment."""
     expected = n_events if instances == 1 else None  # "to the last scored" needs one daemon
     daemons = [DaemonProcess(bs, inp, out, dlq, group, expected_events=expected, python_args=python_args) for _ in range(instances)]
     for daemon in daemons:
         daemon.start()
+    broker_cpu: list[float | None] = [None]
+
+    def broker_cpu_at_first_assignment() -> None:
+        if broker_cpu[0] is None and any(d.assigned_at is not None for d in daemons):
+            broker_cpu[0] = process_cpu_seconds(broker_pid)
+
     try:
         assigned = [d.wait_assigned(timeout=120) for d in daemons]
-        done_at = wait_group_committed(daemons, n_events, timeout=600)
+        broker_cpu_at_first_assignment()  # no later than this (usually at the first poll below)
+        done_at = wait_group_committed(daemons, n_events, timeout=600, partitions=partitions, on_poll=broker_cpu_at_first_assignment)
         cpu = [d.cpu_seconds() for d in daemons]
+        broker_cpu_end = process_cpu_seconds(broker_pid)
         time.sleep(0.3)  # let the watcher see the final count if it has not yet
         scraped = [d.scrape() for d in daemons]
     finally:
@@ -629,8 +692,17 @@ def _throughput_phase(
     batch_s = summed("stream_detector_batch_seconds_sum")
     scored_at = daemons[0].scored_at if instances == 1 else None
     cpu_s = sum(c for c in cpu if c is not None) if all(c is not None for c in cpu) else None
+    steady = [None if c is None or d.cpu_at_assignment is None else c - d.cpu_at_assignment for c, d in zip(cpu, daemons)]
+    steady_cpu_s = None if None in steady else sum(steady)  # type: ignore[arg-type]
+    broker_s = None if broker_cpu[0] is None or broker_cpu_end is None else broker_cpu_end - broker_cpu[0]
     return {
         "instances": instances,
+        "partitions": partitions,
+        "cpu_seconds_steady_state": steady_cpu_s,
+        "cpu_seconds_steady_state_by_instance": steady,
+        "broker_cpu_seconds_steady_state": broker_s,
+        # Daemons and broker together, per input record, from the assignment to the last commit.
+        "cpu_us_per_event_steady_state": None if steady_cpu_s is None else 1e6 * (steady_cpu_s + (broker_s or 0.0)) / n_events,
         "cpu_seconds_incl_startup": cpu_s,
         "events_per_cpu_s_incl_startup": n_events / cpu_s if cpu_s else None,
         "seconds_steady_state_to_all_scored": (scored_at - assigned_at) if scored_at else None,

@@ -262,12 +262,14 @@ def section_e2e(quick: bool) -> dict[str, Any]:
             + " / ".join(f"{c['events_per_s']:,.0f}" for c in r["ceiling_runs"]) + ")",
         ),
     ]
-    s = r.get("scale_out")
-    if s:
-        single = d["events_per_s_steady_state"]
+    single = d["events_per_s_steady_state"]
+    for s, what in ((r.get("scale_out"), "same input"), (r.get("scale_out_wide"), "the same events in a topic of {partitions} partitions")):
+        if not s:
+            continue
         rows.append(
             row(
-                f"events/s steady state, {s['instances']} instances in one group (same input, from the first assignment)",
+                f"events/s steady state, {s['instances']} instances in one group ({what.format(partitions=s['partitions'])}, "
+                "from the first assignment)",
                 rate(ceiling),
                 rate(s["events_per_s_steady_state"]),
                 times(s["events_per_s_steady_state"] / ceiling),
@@ -277,10 +279,32 @@ def section_e2e(quick: bool) -> dict[str, Any]:
                 + f" (partitions are keyed by store_id, so their sizes differ); last instance assigned "
                 f"{s['seconds_to_last_assignment'] - s['seconds_to_assignment']:.1f} s after the first; scoring busy "
                 f"{100 * (s['busy_fraction_steady_state'] or 0):.0f} % of the time summed over instances; "
-                f"{s['anomalies']:.0f} anomalies; {num(s['cpu_seconds_incl_startup'], 1)} CPU-s in all",
+                f"{s['anomalies']:.0f} anomalies; steady-state CPU-s by instance "
+                + " / ".join(num(c, 2) for c in s["cpu_seconds_steady_state_by_instance"])
+                + f", broker {num(s['broker_cpu_seconds_steady_state'], 2)}",
             )
         )
+    rows.append(cpu_row(r))
     return {"rows": rows, "data": r}
+
+
+def cpu_row(r: dict[str, Any]) -> dict[str, str]:
+    """CPU per input record, transport alone (the ceiling consumer and the broker) against the
+    daemon and the broker, and what 100,000 events/s would take at that cost."""
+    d, c = r["daemon"], r["ceiling"]
+    ours = d["cpu_us_per_event_steady_state"]
+    runs = [(f"{s['instances']} instances, {s['partitions']} partitions", s) for s in (r.get("scale_out"), r.get("scale_out_wide")) if s]
+    return row(
+        "CPU-us per event (process + broker), steady state",
+        f"{c['cpu_us_per_event']:.1f}",
+        num(ours, 1),
+        times(ours / c["cpu_us_per_event"]) if ours else "-",
+        f"baseline: the ceiling consumer ({c['cpu_seconds']:.2f} CPU-s, broker {num(c['broker_cpu_seconds'], 2)}) over "
+        f"{c['seconds']:.2f} s: it is {'CPU' if c['cpu_seconds'] > 0.8 * c['seconds'] else 'not CPU'}-bound; "
+        f"ours: one daemon from its assignment to the last commit, broker included"
+        + "".join(f"; {label}: {num(s['cpu_us_per_event_steady_state'], 1)}" for label, s in runs)
+        + (f". At one daemon's cost, 100,000 events/s takes {ours / 10:.1f} cores (this machine has {os.cpu_count()})" if ours else ""),
+    )
 
 
 # (label, input events/s, extra daemon consumer_config, seconds or None for the section's duration)
@@ -572,9 +596,10 @@ def add_cross_section_rows(sections: dict[str, Any]) -> None:
         return
     naive = scoring["data"]["naive"]["events_per_s"]
     runs = [("one instance", e2e["data"]["daemon"])]
-    if e2e["data"].get("scale_out"):
-        s = e2e["data"]["scale_out"]
-        runs.append((f"{s['instances']} instances", s))
+    for key in ("scale_out", "scale_out_wide"):
+        if e2e["data"].get(key):
+            s = e2e["data"][key]
+            runs.append((f"{s['instances']} instances, {s['partitions']} partitions", s))
     for label, d in runs:
         e2e["rows"].append(
             row(
