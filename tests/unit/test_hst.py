@@ -413,6 +413,37 @@ def test_rescoring_with_other_masks_and_rows_equals_a_fresh_detector():
             assert np.array_equal(got.next_state.engine.r_mass, expected.next_state.engine.r_mass)
 
 
+@pytest.mark.parametrize("window_size", [5, 37, 250])
+@pytest.mark.parametrize("scale", [True, False])
+def test_a_round_that_changes_the_mask_from_some_event_on_scores_as_a_fresh_detector(window_size, scale):
+    """As the pipeline's rounds do: the same rows again, with a mask that differs from some event
+    on, so the two rounds' window pivots fall on other rows (fewer or more learned events).
+    Whatever the engine keeps from the previous call (its leaf cache), the scores and masses
+    must be a fresh detector's."""
+    X = _data_with_gaps()
+    batch = _feature_batch(X)
+    rng = np.random.default_rng(window_size)
+    detector = _detector(window_size=window_size, scale=scale)
+    detector.commit(detector.score(batch.slice(0, 300), rng.random(300) < 0.8))
+    snapshot = pickle.dumps(detector.state_dict())
+    rest = batch.slice(300, 700)
+    first = rng.random(400) < 0.8
+    for _ in range(12):
+        detector.score(rest, first)
+        # As the pipeline's next round: the same mask up to some event, then another one.
+        cut = int(rng.integers(0, 400))
+        second = first.copy()
+        second[cut:] = rng.random(400 - cut) < rng.choice([0.3, 0.8, 1.0])
+        got = detector.score(rest, second)
+        fresh = _detector(window_size=window_size, scale=scale)
+        fresh.load_state_dict(pickle.loads(snapshot))
+        expected = fresh.score(rest, second)
+        assert np.array_equal(got.scores, expected.scores)
+        assert np.array_equal(got.next_state.engine.l_leaves, expected.next_state.engine.l_leaves)
+        assert np.array_equal(got.next_state.engine.r_mass, expected.next_state.engine.r_mass)
+        first = second
+
+
 @pytest.mark.parametrize("n_trees, height, seed", [(3, 1, 0), (10, 8, 42), (25, 10, 7)])
 def test_trees_are_rivers_padded_trees(n_trees, height, seed):
     """The engine grows its trees without importing river.tree; they must be River's."""
