@@ -36,9 +36,7 @@ def make_batch(n: int, seed: int = 0) -> FeatureBatch:
     quantity = rng.integers(1, 20, n).astype(float)
     unit_price = np.round(np.exp(rng.normal(3.0, 0.8, n)), 2)
     amount = quantity * unit_price * np.where(rng.random(n) < 0.02, -1.0, 1.0)
-    cols = add_derived_features(
-        {"amount": amount, "quantity": quantity, "unit_price": unit_price}, t
-    )
+    cols = add_derived_features({"amount": amount, "quantity": quantity, "unit_price": unit_price}, t)
     return FeatureBatch(event_time=t, columns=cols, keys={}, event_ids=np.arange(n).astype(object))
 
 
@@ -92,8 +90,7 @@ def main() -> None:
     data = make_batch(max(BATCH_SIZES))
 
     devices = ["cpu"]
-    print(f"torch {torch.__version__}; cpu: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads")
+    print(f"torch {torch.__version__}; cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append("cuda")
         print(f"cuda: {torch.cuda.get_device_name()}")

@@ -37,8 +37,9 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import orjson
 import yaml
@@ -181,17 +182,13 @@ class CommittedWatcher:
         self.consumer.close()
 
 
-def count_consumer(
-    bootstrap: str, topic: str, expected: int, timeout: float = 120.0, broker_pid: int | None = None
-) -> dict[str, Any]:
+def count_consumer(bootstrap: str, topic: str, expected: int, timeout: float = 120.0, broker_pid: int | None = None) -> dict[str, Any]:
     """The ceiling: a plain consumer that only counts ``expected`` records of ``topic``. Also
     the CPU it used (this process: nothing else runs in it meanwhile) and the broker's."""
     broker_before = process_cpu_seconds(broker_pid)
     cpu_before = time.process_time()
     started = time.perf_counter()
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"bench-ceiling-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
-    )
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-ceiling-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -222,9 +219,7 @@ def count_consumer(
 
 def read_topic(bootstrap: str, topic: str, expected: int | None, idle_s: float = 3.0, timeout: float = 120.0) -> list:
     """Every record of ``topic`` (values and timestamps), until ``expected`` or ``idle_s`` of silence."""
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
-    )
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
     out = []
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -301,9 +296,7 @@ class DaemonProcess:
         self.group = group
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
-        self.config_path = write_config(
-            self.dir / "detector.yaml", bootstrap, input_topic, output_topic, dlq_topic, group, consumer_config, self.port
-        )
+        self.config_path = write_config(self.dir / "detector.yaml", bootstrap, input_topic, output_topic, dlq_topic, group, consumer_config, self.port)
         self.log_path = self.dir / "daemon.log"
         self.proc: subprocess.Popen | None = None
         self.started_at: float | None = None
@@ -351,9 +344,7 @@ class DaemonProcess:
                         return
                 time.sleep(0.02)
                 continue
-            seen = sample(m, "stream_detector_events_total", outcome="scored") + sample(
-                m, "stream_detector_events_total", outcome="invalid"
-            )
+            seen = sample(m, "stream_detector_events_total", outcome="scored") + sample(m, "stream_detector_events_total", outcome="invalid")
             if self.expected_events is not None and seen >= self.expected_events:
                 self.scored_at = now
                 return
@@ -444,16 +435,12 @@ class EchoProcess:
         self.output_topic = output_topic
         self.group = group
         self.dir = Path(tempfile.mkdtemp(prefix="bench-echo-"))
-        self.config_path = write_config(
-            self.dir / "detector.yaml", bootstrap, input_topic, output_topic, dlq_topic, group, consumer_config, free_port()
-        )
+        self.config_path = write_config(self.dir / "detector.yaml", bootstrap, input_topic, output_topic, dlq_topic, group, consumer_config, free_port())
         # spawn, not fork: the parent may hold librdkafka threads, which fork() does not copy.
         context = multiprocessing.get_context("spawn")
         self._assigned = context.Event()
         self._stop = context.Event()
-        self.proc = context.Process(
-            target=_echo_main, args=(str(self.config_path), self._assigned, self._stop), name="bench-echo", daemon=True
-        )
+        self.proc = context.Process(target=_echo_main, args=(str(self.config_path), self._assigned, self._stop), name="bench-echo", daemon=True)
 
     def start(self) -> EchoProcess:
         self.proc.start()
@@ -584,18 +571,15 @@ def _topics(prefix: str) -> tuple[str, str, str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def run_e2e(
-    n_events: int, log: Log = _say, python_args: list[str] | None = None, scale_out: int = 2, wide_partitions: int = 6
-) -> dict[str, Any]:
+def run_e2e(n_events: int, log: Log = _say, python_args: list[str] | None = None, scale_out: int = 2, wide_partitions: int = 6) -> dict[str, Any]:
     """One daemon, then (if ``scale_out`` > 1) that many daemons in one group, each phase with
     its own group over the same pre-produced input; then (if ``wide_partitions``) that many
     daemons again over a copy of the input with that many partitions; the ceiling consumer
     before and after."""
+    from stream_detector.config import load_settings
     from stream_detector.embedded_broker import EmbeddedBroker
     from stream_detector.generator import produce_to_kafka
     from stream_detector.runtime.topics import ensure_topics
-
-    from stream_detector.config import load_settings
 
     # The daemon commits at checkpoints (every commit_interval_ms) in versions that have them.
     processing = load_settings(environ={}).processing
@@ -700,8 +684,7 @@ def _throughput_phase(
         "checkpoints": summed("stream_detector_checkpoint_seconds_count"),
         "checkpoint_seconds_sum": summed("stream_detector_checkpoint_seconds_sum"),
         "restore_seconds_sum": summed("stream_detector_state_restore_seconds_sum"),
-        "mean_batch_records": summed("stream_detector_batch_size_events_sum")
-        / max(1.0, summed("stream_detector_batch_size_events_count")),
+        "mean_batch_records": summed("stream_detector_batch_size_events_sum") / max(1.0, summed("stream_detector_batch_size_events_count")),
         "seconds_incl_startup": total_s,
         "seconds_steady_state": steady_s,
         "seconds_to_metrics_up": min((d.metrics_up_at or started) for d in daemons) - started,
@@ -864,9 +847,7 @@ def kafka_latency(bs: str, inp: str, out: str, measured_ids: set[str], outputs: 
     }
 
 
-def _latency_phase(
-    bs: str, rate: int, count: int, seed: int, consumer_config: dict[str, Any], instances: int, log: Log
-) -> dict[str, Any]:
+def _latency_phase(bs: str, rate: int, count: int, seed: int, consumer_config: dict[str, Any], instances: int, log: Log) -> dict[str, Any]:
     from stream_detector.runtime.topics import ensure_topics
 
     inp, out, dlq, group = _topics(f"lat{rate}")

@@ -29,10 +29,7 @@ def sales_like(n: int, seed: int = 0) -> np.ndarray:
     spikes = rng.random(n) < 0.01
     log_amount[spikes] += rng.choice([-4.6, 4.6], spikes.sum())  # x100 / /100 mistakes
     hour = rng.uniform(0.0, 24.0, n)
-    return np.column_stack(
-        [log_amount, log_quantity, log_unit_price,
-         np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24)]
-    )
+    return np.column_stack([log_amount, log_quantity, log_unit_price, np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24)])
 
 
 def run_river(X: np.ndarray, block: int, n_trees: int, height: int, window_size: int, seed: int):

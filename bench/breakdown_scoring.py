@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import collections
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def _timed(totals: collections.Counter, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,9 +68,11 @@ def main() -> None:
         rounds[result.rounds] += 1
         anomalies += len(encode(pipeline, decoded, result))
     total = time.perf_counter() - started
-    print(f"{len(values):,} events in batches of {args.batch_size}: {total:.2f} s ({len(values) / total:,.0f} events/s), "
-          f"{anomalies} anomalies; batches by rounds: {dict(sorted(rounds.items()))}")
-    print(f"| part | s | share |\n|---|---|---|")
+    print(
+        f"{len(values):,} events in batches of {args.batch_size}: {total:.2f} s ({len(values) / total:,.0f} events/s), "
+        f"{anomalies} anomalies; batches by rounds: {dict(sorted(rounds.items()))}"
+    )
+    print("| part | s | share |\n|---|---|---|")
     for label, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {label} | {seconds:.2f} | {100 * seconds / total:.0f} % |")
 

@@ -54,9 +54,7 @@ def main() -> None:
         for _ in range(args.repeat):
             for label, disabled in variants:
                 bench_e2e.write_config = _config_writer(disabled) if disabled else original
-                r = bench_e2e._latency_phase(
-                    broker.bootstrap_servers, args.rate, int(args.rate * args.seconds), 10, TANSU_FETCH, 1, lambda _: None
-                )
+                r = bench_e2e._latency_phase(broker.bootstrap_servers, args.rate, int(args.rate * args.seconds), 10, TANSU_FETCH, 1, lambda _: None)
                 ts = r["timestamps"]
                 print(
                     f"{label}: p50 / p99 / max {ts['p50_ms']:.0f} / {ts['p99_ms']:.0f} / {ts['max_ms']:.0f} ms "

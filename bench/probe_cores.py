@@ -33,8 +33,7 @@ def main() -> None:
             alone = pool.apply(_busy, (args.iterations,))
             together = pool.map(_busy, [args.iterations, args.iterations])
             slowdown = max(together) / alone
-            print(f"alone {alone:.2f} s; together {together[0]:.2f} / {together[1]:.2f} s; "
-                  f"two processes do {2 / slowdown:.2f}x the work of one", flush=True)
+            print(f"alone {alone:.2f} s; together {together[0]:.2f} / {together[1]:.2f} s; two processes do {2 / slowdown:.2f}x the work of one", flush=True)
 
 
 if __name__ == "__main__":

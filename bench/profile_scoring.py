@@ -53,8 +53,10 @@ def main() -> None:
     anomalies = run()
     profiler.disable()
     seconds = time.perf_counter() - t0
-    print(f"{len(values)} events in batches of {args.batch_size}: {seconds:.2f} s under the profiler "
-          f"({len(values) / seconds:,.0f} events/s), {anomalies} anomalies")
+    print(
+        f"{len(values)} events in batches of {args.batch_size}: {seconds:.2f} s under the profiler "
+        f"({len(values) / seconds:,.0f} events/s), {anomalies} anomalies"
+    )
     if args.output:
         profiler.dump_stats(args.output)
     for key in ("tottime", "cumulative"):
@@ -63,7 +65,7 @@ def main() -> None:
         stats.print_stats(args.top)
         text = out.getvalue()
         print(f"\n=== top {args.top} by {key} ===")
-        print(text[text.find("   ncalls"):].rstrip())
+        print(text[text.find("   ncalls") :].rstrip())
 
 
 if __name__ == "__main__":

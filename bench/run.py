@@ -90,8 +90,8 @@ def section_scoring(quick: bool) -> dict[str, Any]:
     share of its (shorter) subset. Each side's wall and thread-CPU time is summed separately.
     """
     import orjson
-
     from naive import NaivePipeline
+
     from stream_detector.config import load_settings
     from stream_detector.events.decode import decode_batch
     from stream_detector.generator import GeneratorConfig, SalesGenerator
@@ -124,8 +124,11 @@ def section_scoring(quick: bool) -> dict[str, Any]:
 
         def summary(self) -> dict[str, Any]:
             return {
-                "events": self.events, "seconds": self.wall, "cpu_seconds": self.cpu,
-                "events_per_s": self.events / self.wall, "events_per_cpu_s": self.events / self.cpu,
+                "events": self.events,
+                "seconds": self.wall,
+                "cpu_seconds": self.cpu,
+                "events_per_s": self.events / self.wall,
+                "events_per_cpu_s": self.events / self.cpu,
                 "anomalies": self.anomalies,
                 "first_events": self.subset_events,
                 "first_events_per_s": self.subset_events / self.subset_wall if self.subset_wall else None,
@@ -139,6 +142,7 @@ def section_scoring(quick: bool) -> dict[str, Any]:
                 result = pipeline.process(decoded.features)
                 found += len(encode_anomalies(pipeline, decoded, result))
             return found
+
         return run
 
     ours_full = scorer(build_pipeline(settings), batch_size)
@@ -197,7 +201,6 @@ def section_scoring(quick: bool) -> dict[str, Any]:
 
 def section_hst(quick: bool) -> dict[str, Any]:
     import numpy as np
-
     from bench_hst import run_ours, run_river, sales_like
 
     events, block, seed = (5_000 if quick else 10_000), 1000, 42
@@ -210,9 +213,19 @@ def section_hst(quick: bool) -> dict[str, Any]:
         ours_scores, ours_s = run_ours(X, block, *params)
         river_rate, ours_rate = block / float(np.median(river_s)), block / float(np.median(ours_s))
         diff = float(np.abs(river_scores - ours_scores).max())
-        data.append({"config": label, "n_trees": n_trees, "height": height, "window_size": window_size,
-                     "events": events, "block": block, "river_events_per_s": river_rate,
-                     "ours_events_per_s": ours_rate, "max_abs_score_diff": diff})
+        data.append(
+            {
+                "config": label,
+                "n_trees": n_trees,
+                "height": height,
+                "window_size": window_size,
+                "events": events,
+                "block": block,
+                "river_events_per_s": river_rate,
+                "ours_events_per_s": ours_rate,
+                "max_abs_score_diff": diff,
+            }
+        )
         rows.append(
             row(
                 f"events/s, {label} (n_trees={n_trees}, height={height}, window={window_size})",
@@ -258,8 +271,7 @@ def section_e2e(quick: bool) -> dict[str, Any]:
             f"{d['mean_batch_records']:.0f} records on average, scoring busy {100 * (d['busy_fraction_steady_state'] or 0):.0f} %"
             f" of the time; {d['checkpoints']:.0f} checkpoints, {d['checkpoint_seconds_sum']:.1f} s in them; "
             f"{d['anomalies']:.0f} anomalies; "
-            f"baseline = counting consumer (best of 2: "
-            + " / ".join(f"{c['events_per_s']:,.0f}" for c in r["ceiling_runs"]) + ")",
+            f"baseline = counting consumer (best of 2: " + " / ".join(f"{c['events_per_s']:,.0f}" for c in r["ceiling_runs"]) + ")",
         ),
     ]
     single = d["events_per_s_steady_state"]
@@ -268,8 +280,7 @@ def section_e2e(quick: bool) -> dict[str, Any]:
             continue
         rows.append(
             row(
-                f"events/s steady state, {s['instances']} instances in one group ({what.format(partitions=s['partitions'])}, "
-                "from the first assignment)",
+                f"events/s steady state, {s['instances']} instances in one group ({what.format(partitions=s['partitions'])}, from the first assignment)",
                 rate(ceiling),
                 rate(s["events_per_s_steady_state"]),
                 times(s["events_per_s_steady_state"] / ceiling),
@@ -379,8 +390,8 @@ def section_latency(quick: bool) -> dict[str, Any]:
 
 def section_memory(quick: bool) -> dict[str, Any]:
     import orjson
-
     from bench_e2e import child_env
+
     from stream_detector.generator import GeneratorConfig, SalesGenerator
 
     n = 100_000
@@ -395,7 +406,11 @@ def section_memory(quick: bool) -> dict[str, Any]:
     def measure(path: Path) -> dict[str, Any]:
         out = subprocess.run(
             [sys.executable, str(BENCH / "bench_memory.py"), "--input", str(path)],
-            capture_output=True, text=True, env=child_env(), cwd=str(ROOT), timeout=300,
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            cwd=str(ROOT),
+            timeout=300,
         )
         if out.returncode != 0:
             raise RuntimeError(f"bench_memory.py failed ({out.returncode}): {out.stderr[-2000:]}")
@@ -435,8 +450,10 @@ def section_gpu(quick: bool) -> dict[str, Any]:
     import torch
 
     if not torch.cuda.is_available():
-        return {"rows": [row("autoencoder rows/s, CUDA vs CPU", "-", "-", "-", "no CUDA device on this machine")],
-                "data": {"cuda": False, "torch": torch.__version__}}
+        return {
+            "rows": [row("autoencoder rows/s, CUDA vs CPU", "-", "-", "-", "no CUDA device on this machine")],
+            "data": {"cuda": False, "torch": torch.__version__},
+        }
     from bench_autoencoder import BATCH_SIZES, bench_device, make_batch
 
     name = torch.cuda.get_device_name()
@@ -577,10 +594,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {title} | FAILED | - | - | - | {_cell(r.get('error', 'unknown error'))} |")
             continue
         for rw in r["rows"]:
-            lines.append(
-                f"| {title} | {_cell(rw['measure'])} | {_cell(rw['baseline'])} | {_cell(rw['ours'])} | "
-                f"{_cell(rw['ratio'])} | {_cell(rw['notes'])} |"
-            )
+            lines.append(f"| {title} | {_cell(rw['measure'])} | {_cell(rw['baseline'])} | {_cell(rw['ours'])} | {_cell(rw['ratio'])} | {_cell(rw['notes'])} |")
     return "\n".join(lines)
 
 
@@ -607,8 +621,7 @@ def add_cross_section_rows(sections: dict[str, Any]) -> None:
                 rate(naive),
                 rate(d["events_per_s_steady_state"]),
                 times(d["events_per_s_steady_state"] / naive),
-                "the naive pipeline scores without a broker: the daemon also consumes, produces anomalies, "
-                "checkpoints state and commits",
+                "the naive pipeline scores without a broker: the daemon also consumes, produces anomalies, checkpoints state and commits",
             )
         )
 
@@ -628,7 +641,7 @@ def main() -> int:
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     results: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",

@@ -200,9 +200,7 @@ class RiverConfig(Section):
     # River's exact scores.
     model: str = "HalfSpaceTrees"
     params: dict[str, Any] = Field(default_factory=lambda: {"n_trees": 25, "height": 10, "window_size": 1000})
-    features: list[str] = Field(
-        default_factory=lambda: ["log_amount", "log_quantity", "log_unit_price", "hour_sin", "hour_cos"]
-    )
+    features: list[str] = Field(default_factory=lambda: ["log_amount", "log_quantity", "log_unit_price", "hour_sin", "hour_cos"])
     scale: bool = True
     seed: int = 42
 
@@ -231,9 +229,7 @@ class AutoencoderConfig(Section):
     # The line's numbers and its refund/zero flags. No time of day or week: night-time sales
     # are rare, so a global network reconstructs their hour badly and flags ordinary night
     # sales; time context belongs to the seasonal z-scores and the trees.
-    features: list[str] = Field(
-        default_factory=lambda: ["log_amount", "log_quantity", "log_unit_price", "log_price_ratio", "is_refund", "is_zero"]
-    )
+    features: list[str] = Field(default_factory=lambda: ["log_amount", "log_quantity", "log_unit_price", "log_price_ratio", "is_refund", "is_zero"])
     hidden: list[int] = Field(default_factory=lambda: [16, 4], min_length=1)
     lr: float = Field(default=1e-3, gt=0, le=1)
     train_batch_size: int = Field(default=256, ge=1)

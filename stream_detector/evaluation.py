@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,10 +54,7 @@ POINT_KINDS: tuple[str, ...] = ("price_spike", "quantity_burst", "decimal_error"
 WINDOW_KINDS: tuple[str, ...] = ("store_stopped",)
 DEFAULT_WINDOW_GRACE_S = 15 * 60.0
 PROGRESS_INTERVAL_S = 2.0
-NO_COLLECTIVE_NOTE = (
-    "no collective alerts were produced (is silence.enabled false?), "
-    "so {kind} recall is 0"
-)
+NO_COLLECTIVE_NOTE = "no collective alerts were produced (is silence.enabled false?), so {kind} recall is 0"
 
 # ---------------------------------------------------------------------------------------------
 # Labels and collective alerts
@@ -545,9 +542,10 @@ def _window_stats(kind: str, matches: list[WindowMatch], any_alerts: bool) -> Wi
     detected = int(delays.size)
     note = None
     if not any_alerts:
-        note = NO_COLLECTIVE_NOTE.format(kind=kind) if matches else (
-            f"no collective alerts were produced (is silence.enabled false?), "
-            f"and the labels have no {kind} windows"
+        note = (
+            NO_COLLECTIVE_NOTE.format(kind=kind)
+            if matches
+            else (f"no collective alerts were produced (is silence.enabled false?), and the labels have no {kind} windows")
         )
     return WindowStats(
         kind=kind,
@@ -586,21 +584,14 @@ def format_report(report: EvaluationReport, source: str = "") -> str:
         f"{'kind':<18}{'labelled':>9}{'flagged':>9}{'precision':>11}{'recall':>8}{'F1':>8}{'AUC':>8}",
     ]
     for s in r.kinds.values():
-        lines.append(
-            f"{s.kind:<18}{s.labelled:>9,}{s.flagged:>9,}{_fmt(s.precision):>11}{_fmt(s.recall):>8}{_fmt(s.f1):>8}{_fmt(s.auc):>8}"
-        )
+        lines.append(f"{s.kind:<18}{s.labelled:>9,}{s.flagged:>9,}{_fmt(s.precision):>11}{_fmt(s.recall):>8}{_fmt(s.f1):>8}{_fmt(s.auc):>8}")
+    lines.append(f"{'all point kinds':<18}{r.labelled:>9,}{r.tp:>9,}{_fmt(r.precision):>11}{_fmt(r.recall):>8}{_fmt(r.f1):>8}{_fmt(r.auc):>8}")
     lines.append(
-        f"{'all point kinds':<18}{r.labelled:>9,}{r.tp:>9,}{_fmt(r.precision):>11}{_fmt(r.recall):>8}{_fmt(r.f1):>8}{_fmt(r.auc):>8}"
-    )
-    lines.append(
-        f"{'normal':<18}{r.normal:>9,}{r.fp:>9,}   false-positive rate {_fmt(r.false_positive_rate, 5)}"
-        f" (TP {r.tp:,}, FP {r.fp:,}, FN {r.fn:,}, TN {r.tn:,})"
+        f"{'normal':<18}{r.normal:>9,}{r.fp:>9,}   false-positive rate {_fmt(r.false_positive_rate, 5)} (TP {r.tp:,}, FP {r.fp:,}, FN {r.fn:,}, TN {r.tn:,})"
     )
     lines += ["", f"{'collective kind':<18}{'windows':>9}{'detected':>9}{'recall':>8}{'delay median':>14}{'delay max':>12}"]
     for w in r.windows.values():
-        lines.append(
-            f"{w.kind:<18}{w.windows:>9,}{w.detected:>9,}{_fmt(w.recall):>8}{_fmt_delay(w.delay_median_s):>14}{_fmt_delay(w.delay_max_s):>12}"
-        )
+        lines.append(f"{w.kind:<18}{w.windows:>9,}{w.detected:>9,}{_fmt(w.recall):>8}{_fmt_delay(w.delay_median_s):>14}{_fmt_delay(w.delay_max_s):>12}")
     lines.append(
         f"collective alerts: {r.collective_alerts:,}, matching no window: {r.collective_false_alarms:,} "
         f"(a window is detected by an alert for its key within [start, end + {r.window_grace_s / 60:.0f} min])"
@@ -611,10 +602,7 @@ def format_report(report: EvaluationReport, source: str = "") -> str:
         lines += ["", "share of events on which each detector alone passes the threshold:"]
         lines.append(f"{'detector':<14}{'normal':>10}" + "".join(f"{k:>{width}}" for k in kinds))
         for name, d in r.detectors.items():
-            lines.append(
-                f"{name:<14}{_fmt(d['false_positive_rate'], 5):>10}"
-                + "".join(f"{_fmt(d['recall'].get(k)):>{width}}" for k in kinds)
-            )
+            lines.append(f"{name:<14}{_fmt(d['false_positive_rate'], 5):>10}" + "".join(f"{_fmt(d['recall'].get(k)):>{width}}" for k in kinds))
     for note in r.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -699,7 +687,9 @@ def plot_report(report: EvaluationReport, path: str | Path, title: str = "") -> 
         text = f"{_fmt(r, 2)} (n={n:,})"
         if name in report.windows and report.windows[name].note:
             text += "\nno collective alerts"
-        bottom.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        bottom.annotate(
+            text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points"
+        )
     bottom.set_ylim(0, 1.25)
     bottom.set_ylabel("recall")
     bottom.set_title(
@@ -758,12 +748,12 @@ def _epoch_seconds(value: Any) -> float:
         return float(value) / 1000.0  # epoch milliseconds, as in events
     parsed = datetime.fromisoformat(str(value))
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
 
 
 def _iso(epoch_seconds: float) -> str:
-    return datetime.fromtimestamp(epoch_seconds, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch_seconds, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,7 +839,7 @@ def load_dataset(name: str) -> LoadedDataset:
         X = np.array([[float(x[f]) for f in features] for x in rows], dtype=np.float64)
         y = np.array(targets, dtype=np.int64) == 1
         # No timestamps in the data: one event per second from an arbitrary origin.
-        t0 = datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()
+        t0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
         return LoadedDataset(name, X, features, y, t0 + np.arange(len(rows), dtype=np.float64), rows)
     # WaterFlow: the hourly flow is the target of a regression task; it is the one feature.
     features = ("flow",)
@@ -1009,12 +999,9 @@ def format_dataset_report(report: DatasetReport) -> str:
                 f"River's docstring protocol (RollingROCAUC(window_size={DOCSTRING_EVENTS:,}) over the first "
                 f"{DOCSTRING_EVENTS:,} events): {100 * r.river_docstring_rolling_auc:.2f}%"
             )
+        lines.append(f"stream-detector at its threshold: {r.flagged:,} flagged, precision {_fmt(r.precision)}, recall {_fmt(r.recall)}")
         lines.append(
-            f"stream-detector at its threshold: {r.flagged:,} flagged, precision {_fmt(r.precision)}, recall {_fmt(r.recall)}"
-        )
-        lines.append(
-            f"(the fused score is 0 until calibration_min_events={r.warmup:,} scores were seen; "
-            f"'after {r.warmup:,}' leaves those events out for every model)"
+            f"(the fused score is 0 until calibration_min_events={r.warmup:,} scores were seen; 'after {r.warmup:,}' leaves those events out for every model)"
         )
     else:
         lines += ["", "ROC AUC: n/a (no labels)", f"stream-detector at its threshold: {r.flagged:,} flagged"]

@@ -64,9 +64,7 @@ class FeatureBatch:
         )
 
 
-def add_derived_features(
-    columns: dict[str, np.ndarray], event_time: np.ndarray
-) -> dict[str, np.ndarray]:
+def add_derived_features(columns: dict[str, np.ndarray], event_time: np.ndarray) -> dict[str, np.ndarray]:
     """Return ``columns`` plus the DERIVED_FEATURES, computed on whole arrays."""
     amount = columns["amount"]
     quantity = columns.get("quantity", np.full_like(amount, np.nan))

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 import numpy as np
@@ -68,7 +68,7 @@ class GeneratorConfig:
     n_stores: int = 24
     n_products: int = 500
     events_per_day: int = 40_000  # all stores together, averaged over a week
-    start: datetime = datetime(2026, 1, 5, tzinfo=timezone.utc)  # naive means UTC
+    start: datetime = datetime(2026, 1, 5, tzinfo=UTC)  # naive means UTC
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -139,7 +139,7 @@ class SalesGenerator:
     def __init__(self, config: GeneratorConfig) -> None:
         self.config = config
         self.window_labels: list[Label] = []
-        start = config.start if config.start.tzinfo else config.start.replace(tzinfo=timezone.utc)
+        start = config.start if config.start.tzinfo else config.start.replace(tzinfo=UTC)
         self._t0_ms = int(start.timestamp() * 1000)
         world = np.random.default_rng([config.seed, 0])
         self._build_stores(world)
@@ -237,10 +237,7 @@ class SalesGenerator:
         return (self._t0_ms // _MINUTE_MS + minutes + _THURSDAY) % _WEEK_MIN
 
     def _stopped(self, store: int, start_ms: int, end_ms: int) -> bool:
-        return any(
-            s.store == store and self._ms(s.start_min) < end_ms and start_ms < self._ms(s.end_min)
-            for s in self._stops
-        )
+        return any(s.store == store and self._ms(s.start_min) < end_ms and start_ms < self._ms(s.end_min) for s in self._stops)
 
     def _ms(self, minute: int) -> int:
         return self._t0_ms + minute * _MINUTE_MS
@@ -395,9 +392,7 @@ class SalesGenerator:
             rows.kind.tolist(),
         )
         prefix = f"e-{self.config.seed}-"
-        for seq, (ts, store, product, q, price, amount, currency, channel, customer, kind) in enumerate(
-            zip(*columns), first_seq
-        ):
+        for seq, (ts, store, product, q, price, amount, currency, channel, customer, kind) in enumerate(zip(*columns), first_seq):
             event_id = f"{prefix}{seq}"
             event = {
                 "event_id": event_id,
@@ -561,9 +556,7 @@ def _make_producer(bootstrap_servers: str, client_config: dict, log: logging.Log
         return Producer({**config, "compression.type": "none"})
 
 
-def _produce(
-    producer: Any, topic: str, key: bytes, value: bytes, on_delivery: Callable, log: logging.Logger
-) -> None:
+def _produce(producer: Any, topic: str, key: bytes, value: bytes, on_delivery: Callable, log: logging.Logger) -> None:
     waited_since = None
     while True:
         try:

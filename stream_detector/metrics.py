@@ -6,11 +6,10 @@ Labels stay bounded: topic, partition, detector, outcome, reason. Never a sale k
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 import numpy as np
-
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999, 1.0)
@@ -38,29 +37,57 @@ class Metrics:
             registry=r,
         )
         self.lag = Gauge(f"{ns}_consumer_lag", "Records behind the end of each assigned input partition.", ["topic", "partition"], registry=r)
-        self.score = Histogram(f"{ns}_score", "Calibrated scores (1 - tail probability), per detector and fused.", ["detector"], buckets=SCORE_BUCKETS, registry=r)
+        self.score = Histogram(
+            f"{ns}_score", "Calibrated scores (1 - tail probability), per detector and fused.", ["detector"], buckets=SCORE_BUCKETS, registry=r
+        )
         self.threshold = Gauge(f"{ns}_threshold", "Fused-score threshold above which an event is an anomaly.", registry=r)
         self.keys = Gauge(f"{ns}_keys", "Keys with per-key state, per key set.", ["key_set"], registry=r)
         self.learning_keys = Gauge(f"{ns}_learning_keys", "Keys still in warm-up (scored by the global model), per key set.", ["key_set"], registry=r)
         self.train_loss = Gauge(f"{ns}_autoencoder_train_loss", "Last autoencoder training loss (MSE, standardised).", registry=r)
         self.train_steps = Gauge(f"{ns}_autoencoder_train_steps", "Autoencoder optimiser steps taken.", registry=r)
         self.device = Info(f"{ns}_autoencoder", "Where the autoencoder runs.", registry=r)
-        self.rounds = Histogram(f"{ns}_scoring_rounds", "Fixed-point rounds a batch needed to settle its learn mask.", buckets=(1, 2, 3, 4, 6, 8, 9), registry=r)
+        self.rounds = Histogram(
+            f"{ns}_scoring_rounds", "Fixed-point rounds a batch needed to settle its learn mask.", buckets=(1, 2, 3, 4, 6, 8, 9), registry=r
+        )
         self.commits = Counter(f"{ns}_commits", "Checkpoints (outputs, state snapshots and offsets committed), by result.", ["result"], registry=r)
-        self.checkpoint_seconds = Histogram(f"{ns}_checkpoint_seconds", "Time from capturing a checkpoint to committing its offsets (the loop goes on scoring meanwhile, except on revocation and shutdown).", buckets=LATENCY_BUCKETS, registry=r)
+        self.checkpoint_seconds = Histogram(
+            f"{ns}_checkpoint_seconds",
+            "Time from capturing a checkpoint to committing its offsets (the loop goes on scoring meanwhile, except on revocation and shutdown).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.recoveries = Counter(f"{ns}_recoveries", "Rewinds to the last checkpoint after a failure.", registry=r)
-        self.restore_seconds = Histogram(f"{ns}_state_restore_seconds", "Time to restore the state of newly assigned partitions from the changelog (the partitions of one assignment are read together).", buckets=LATENCY_BUCKETS, registry=r)
+        self.restore_seconds = Histogram(
+            f"{ns}_state_restore_seconds",
+            "Time to restore the state of newly assigned partitions from the changelog (the partitions of one assignment are read together).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.kafka_errors = Counter(f"{ns}_kafka_errors", "Errors reported by librdkafka, by code.", ["code"], registry=r)
         self.assigned = Gauge(f"{ns}_assigned_partitions", "Input partitions assigned to this instance.", registry=r)
         self.up = Gauge(f"{ns}_up", "1 while the consume loop runs.", registry=r)
         self.detector_enabled = Gauge(f"{ns}_detector_enabled", "1 for each enabled detector.", ["detector"], registry=r)
         self.calibrated = Gauge(f"{ns}_detector_calibrated", "1 once a detector's calibrator has enough scores to alert.", ["detector"], registry=r)
-        self.suppressed = Counter(f"{ns}_alerts_suppressed", "Anomalies not published, by what suppressed them: a window or analysts' feedback.", ["reason"], registry=r)
+        self.suppressed = Counter(
+            f"{ns}_alerts_suppressed", "Anomalies not published, by what suppressed them: a window or analysts' feedback.", ["reason"], registry=r
+        )
         self.annotated = Counter(f"{ns}_alerts_annotated", "Anomalies published with a window annotation.", registry=r)
-        self.feedback = Counter(f"{ns}_feedback", "Feedback records read, by label and outcome (applied, recorded, duplicate, pending, invalid, expired).", ["label", "outcome"], registry=r)
+        self.feedback = Counter(
+            f"{ns}_feedback",
+            "Feedback records read, by label and outcome (applied, recorded, duplicate, pending, invalid, expired).",
+            ["label", "outcome"],
+            registry=r,
+        )
         self.feedback_rules = Gauge(f"{ns}_feedback_rules", "False-positive rules in force on this instance's partitions.", registry=r)
-        self.control = Counter(f"{ns}_control_records", "Control-topic records read, by outcome (added, replaced, cancelled, unknown_window, invalid_window, not_json).", ["outcome"], registry=r)
-        self.windows = Gauge(f"{ns}_alert_windows", "Alert windows known (config and control topic), and those containing the latest event time.", ["state"], registry=r)
+        self.control = Counter(
+            f"{ns}_control_records",
+            "Control-topic records read, by outcome (added, replaced, cancelled, unknown_window, invalid_window, not_json).",
+            ["outcome"],
+            registry=r,
+        )
+        self.windows = Gauge(
+            f"{ns}_alert_windows", "Alert windows known (config and control topic), and those containing the latest event time.", ["state"], registry=r
+        )
         for reason in ("window", "feedback"):
             self.suppressed.labels(reason)
         # Known label values start at 0, so dashboards and rate() see the series from the start.

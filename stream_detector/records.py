@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -11,13 +11,12 @@ import orjson
 from stream_detector.events.decode import DecodedBatch, InvalidRecord
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
 
-
 # Below librdkafka's default message.max.bytes (1,000,000) with room for headers.
 MAX_ANOMALY_BYTES = 900_000
 
 
 def iso_utc(epoch_seconds: float) -> str:
-    return datetime.fromtimestamp(epoch_seconds, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch_seconds, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def anomaly_record(

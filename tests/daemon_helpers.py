@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -86,8 +87,10 @@ class DaemonProcess:
             if metrics and condition(metrics):
                 return metrics
             time.sleep(0.25)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last metrics: "
-                             f"{ {k: v for k, v in metrics.items() if 'events_total' in k or 'assigned' in k} }\n{self.log_tail()}")
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {what}; last metrics: "
+            f"{ {k: v for k, v in metrics.items() if 'events_total' in k or 'assigned' in k} }\n{self.log_tail()}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.process is not None

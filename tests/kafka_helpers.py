@@ -111,9 +111,7 @@ def produce_all(
     return count
 
 
-def _produce_with_backpressure(
-    producer: Producer, topic: str, key: Key, value: Value, on_delivery: Any
-) -> None:
+def _produce_with_backpressure(producer: Producer, topic: str, key: Key, value: Value, on_delivery: Any) -> None:
     """produce(), polling for delivery reports whenever the local queue is full."""
     while True:
         try:
@@ -168,9 +166,7 @@ def _all_partitions(consumer: Consumer, topic: str, timeout: float) -> list[Topi
     return [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(topic_metadata.partitions)]
 
 
-def _drain(
-    consumer: Consumer, expected: int | None, timeout: float, idle: float
-) -> list[Message]:
+def _drain(consumer: Consumer, expected: int | None, timeout: float, idle: float) -> list[Message]:
     records: list[Message] = []
     deadline = time.monotonic() + timeout
     last_arrival = time.monotonic()

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,9 +104,7 @@ class _RunningStats:
         return self.mean.copy(), scale
 
 
-def _standardise(
-    x: np.ndarray, center: np.ndarray, scale: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _standardise(x: np.ndarray, center: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(z, observed)``: clipped z-scores with missing values at 0, and the observed mask."""
     observed = ~np.isnan(x)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -196,9 +195,7 @@ class _Net:
         return self._weights
 
     @classmethod
-    def from_tensors(
-        cls, weights: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor], adam_steps: int
-    ) -> _Net:
+    def from_tensors(cls, weights: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor], adam_steps: int) -> _Net:
         """From per-layer tensors (the layout of snapshots)."""
         flatten = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts])  # noqa: E731
         return cls(flatten(weights), flatten(exp_avg), flatten(exp_avg_sq), adam_steps, [w.shape for w in weights])
@@ -569,9 +566,7 @@ class AutoencoderDetector(Detector):
                 segments.append(_Segment(start, network, state.center, state.scale, state.typical))
                 if state.trainings > 0:
                     active[start:stop] = warm[start:stop]
-                    scores[start:stop] = self._segment_scores(
-                        state, x[start:stop], active[start:stop]
-                    )
+                    scores[start:stop] = self._segment_scores(state, x[start:stop], active[start:stop])
             if k < points.size:
                 upto = int(points[k]) + 1
                 key = learned_idx[:upto].tobytes()
@@ -634,9 +629,7 @@ class AutoencoderDetector(Detector):
                 out[k] = explanation
         return out
 
-    def _explanations(
-        self, x: np.ndarray, z: np.ndarray, recon_z: np.ndarray, observed: np.ndarray, seg: _Segment, errors: np.ndarray
-    ) -> list[Explanation]:
+    def _explanations(self, x: np.ndarray, z: np.ndarray, recon_z: np.ndarray, observed: np.ndarray, seg: _Segment, errors: np.ndarray) -> list[Explanation]:
         """One explanation per row, the arithmetic done for all rows at once (an anomaly used to
         cost a dozen small numpy calls here, as much as scoring a hundred events)."""
         sq = np.where(observed, (recon_z - z) ** 2, -np.inf)
@@ -651,19 +644,14 @@ class AutoencoderDetector(Detector):
                 "reconstruction_error": error,
                 "typical_error": typical,
                 "ratio_to_typical": ratio,
-                "worst_features": [
-                    {"feature": self.features[j], "value": xs[j], "reconstructed": recons[j], "squared_error": sqs[j]}
-                    for j in worst
-                ],
+                "worst_features": [{"feature": self.features[j], "value": xs[j], "reconstructed": recons[j], "squared_error": sqs[j]} for j in worst],
             }
             if not worst:
                 out.append(Explanation(details=details, reasons=[]))
                 continue
             parts = [f"{self.features[j]} ({xs[j]:.4g}, expected {recons[j]:.4g})" for j in worst]
-            reason = (
-                f"autoencoder reconstruction error {ratio:.1f}x the typical: "
-                f"{parts[0]} worst reconstructed"
-                + (f", then {parts[1]}" if len(parts) > 1 else "")
+            reason = f"autoencoder reconstruction error {ratio:.1f}x the typical: {parts[0]} worst reconstructed" + (
+                f", then {parts[1]}" if len(parts) > 1 else ""
             )
             out.append(Explanation(details=details, reasons=[reason]))
         return out
@@ -696,9 +684,7 @@ class AutoencoderDetector(Detector):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore onto the configured device and dtype; ``StateError`` if it does not fit."""
         if state.get("version") != STATE_VERSION:
-            raise StateError(
-                f"autoencoder state version {state.get('version')!r} != {STATE_VERSION}"
-            )
+            raise StateError(f"autoencoder state version {state.get('version')!r} != {STATE_VERSION}")
         for key, mine in (("features", self.features), ("hidden", self.hidden)):
             if tuple(state.get(key, ())) != mine:
                 raise StateError(f"autoencoder state {key} {state.get(key)!r} != {list(mine)}")
@@ -721,9 +707,7 @@ class AutoencoderDetector(Detector):
         vector = lambda a: np.asarray(a, dtype=np.float64).reshape(d).copy()  # noqa: E731
         buffer = np.asarray(state["buffer"], dtype=np.float64).reshape(-1, d).copy()
         if buffer.shape[0] >= self.train_batch_size:
-            raise ValueError(
-                f"buffer holds {buffer.shape[0]} rows, train_batch_size is {self.train_batch_size}"
-            )
+            raise ValueError(f"buffer holds {buffer.shape[0]} rows, train_batch_size is {self.train_batch_size}")
         loss = state["last_train_loss"]
         return _State(
             net=net,

@@ -84,9 +84,7 @@ class HalfSpaceTreesDetector(Detector):
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def _inputs(
-        self, X: np.ndarray, learn: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, MinMaxState | None]:
+    def _inputs(self, X: np.ndarray, learn: np.ndarray) -> tuple[np.ndarray, np.ndarray, MinMaxState | None]:
         """Values to score and to learn per event (scaled, imputed), and the next scaler state."""
         missing = ~np.isfinite(X)
         if self._scaler is None:
@@ -134,29 +132,20 @@ class HalfSpaceTreesDetector(Detector):
             "imputed": missing,
         }
         if warming:
-            reasons = [
-                f"half-space trees still learning their first window of {self.window_size} events"
-            ]
+            reasons = [f"half-space trees still learning their first window of {self.window_size} events"]
         else:
             reasons = [f"isolated quickly by the half-space trees (mass score {score:.2f})"]
         if self.scale:
             outside = self._outside_range(scaled, missing)
             details["outside_learned_range"] = {f: float(v) for f, v in outside}
-            reasons += [
-                f"{f} {'above' if v > 1 else 'below'} its learned range (scaled {v:.2f})"
-                for f, v in outside
-            ]
+            reasons += [f"{f} {'above' if v > 1 else 'below'} its learned range (scaled {v:.2f})" for f, v in outside]
         if missing:
             reasons.append(f"missing {', '.join(missing)} imputed at mid-range")
         return Explanation(details=details, reasons=reasons)
 
     def _outside_range(self, scaled: np.ndarray, missing: list[str]) -> list[tuple[str, float]]:
         """Features scaled outside [0, 1], i.e. beyond every value learned so far."""
-        return [
-            (f, float(v))
-            for f, v in zip(self.features, scaled)
-            if f not in missing and (v < 0.0 or v > 1.0)
-        ]
+        return [(f, float(v)) for f, v in zip(self.features, scaled) if f not in missing and (v < 0.0 or v > 1.0)]
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -185,9 +174,7 @@ class HalfSpaceTreesDetector(Detector):
             version = state.get("version") if isinstance(state, dict) else None
             raise StateError(f"hst state version {version!r} != {self.state_version}")
         if state.get("config") != self._config():
-            raise StateError(
-                f"hst snapshot config {state.get('config')!r} does not match {self._config()!r}"
-            )
+            raise StateError(f"hst snapshot config {state.get('config')!r} does not match {self._config()!r}")
         engine = HSTEngine.from_state_dict(state.get("engine"))
         expected = (self.features, self.n_trees, self.height, self.window_size)
         if (engine.feature_names, engine.n_trees, engine.height, engine.window_size) != expected:

@@ -100,9 +100,7 @@ def _level(depth: int) -> slice:
     return slice(2**depth - 1, 2 ** (depth + 1) - 1)
 
 
-def _check_masses(
-    l_mass: np.ndarray, r_mass: np.ndarray, height: int, counter: int, window_total: int
-) -> None:
+def _check_masses(l_mass: np.ndarray, r_mass: np.ndarray, height: int, counter: int, window_total: int) -> None:
     """Raise ``StateError`` unless restored masses are ones learning can produce.
 
     Learning keeps every parent's mass equal to the sum of its children's (scoring relies on
@@ -186,10 +184,7 @@ class HSTEngine:
         if not self.feature_names or len(set(self.feature_names)) != len(self.feature_names):
             raise ValueError(f"feature_names must be non-empty and unique: {self.feature_names}")
         if n_trees < 1 or height < 0 or window_size < 1:
-            raise ValueError(
-                f"need n_trees >= 1, height >= 0, window_size >= 1; "
-                f"got {n_trees}, {height}, {window_size}"
-            )
+            raise ValueError(f"need n_trees >= 1, height >= 0, window_size >= 1; got {n_trees}, {height}, {window_size}")
         self.n_trees = int(n_trees)
         self.height = int(height)
         self.window_size = int(window_size)
@@ -245,10 +240,7 @@ class HSTEngine:
         learn = np.asarray(learn, dtype=bool)
         n = X.shape[0]
         if X.ndim != 2 or X.shape[1] != len(self.feature_names) or learn.shape != (n,):
-            raise ValueError(
-                f"X must be (n, {len(self.feature_names)}) and learn (n,); "
-                f"got {X.shape} and {learn.shape}"
-            )
+            raise ValueError(f"X must be (n, {len(self.feature_names)}) and learn (n,); got {X.shape} and {learn.shape}")
         if X_learn is not None:
             X_learn = np.asarray(X_learn, dtype=np.float64)
             if X_learn.shape != X.shape:
@@ -275,8 +267,17 @@ class HSTEngine:
                 learn_leaves[changed] = self.leaves(X_learn[changed])
         state = self.state
         scores, l_leaves, r_mass, counter, first_window = hst_kernel.walk(
-            leaves, learn_leaves, learn, state.l_leaves, state.r_mass, state.counter, state.first_window,
-            self.window_size, self.size_limit, self.height, self.max_score,
+            leaves,
+            learn_leaves,
+            learn,
+            state.l_leaves,
+            state.r_mass,
+            state.counter,
+            state.first_window,
+            self.window_size,
+            self.size_limit,
+            self.height,
+            self.max_score,
         )
         return scores, HSTState(l_leaves=l_leaves, r_mass=r_mass, counter=int(counter), first_window=bool(first_window))
 
@@ -332,9 +333,7 @@ class HSTEngine:
             raise StateError(f"HST engine state version {version!r} is not one of {READABLE_STATE_VERSIONS}")
         try:
             feature_names = tuple(state["feature_names"])
-            n_trees, height, window_size = (
-                int(state["n_trees"]), int(state["height"]), int(state["window_size"])
-            )
+            n_trees, height, window_size = (int(state["n_trees"]), int(state["height"]), int(state["window_size"]))
             n_nodes = 2 ** (height + 1) - 1
             shape = (n_trees, n_nodes)
             if version == 1:
@@ -354,10 +353,7 @@ class HSTEngine:
         if feature.size and (feature.min() < 0 or feature.max() >= len(feature_names)):
             raise StateError("HST engine state has split features out of range")
         if n_trees < 1 or height < 0 or not 0 <= counter < window_size:
-            raise StateError(
-                f"HST engine state has n_trees={n_trees}, height={height}, "
-                f"counter={counter}, window_size={window_size}"
-            )
+            raise StateError(f"HST engine state has n_trees={n_trees}, height={height}, counter={counter}, window_size={window_size}")
         _check_masses(l_mass, r_mass, height, counter, 0 if first_window else window_size)
         self.feature_names = feature_names
         self.n_trees, self.height, self.window_size = n_trees, height, window_size
@@ -366,6 +362,4 @@ class HSTEngine:
         self.n_nodes = n_nodes
         self.trees = Trees(feature=feature.copy(), threshold=threshold.copy())
         self._set_derived()
-        self.state = HSTState(
-            l_leaves=l_mass[:, self.n_leaves - 1 :].copy(), r_mass=r_mass.copy(), counter=counter, first_window=first_window
-        )
+        self.state = HSTState(l_leaves=l_mass[:, self.n_leaves - 1 :].copy(), r_mass=r_mass.copy(), counter=counter, first_window=first_window)

@@ -52,13 +52,9 @@ class RunningMinMax:
 
     def __init__(self, n_features: int) -> None:
         self.n_features = int(n_features)
-        self.state = MinMaxState(
-            lo=np.full(self.n_features, np.inf), hi=np.full(self.n_features, -np.inf)
-        )
+        self.state = MinMaxState(lo=np.full(self.n_features, np.inf), hi=np.full(self.n_features, -np.inf))
 
-    def transform(
-        self, X: np.ndarray, learn: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, MinMaxState]:
+    def transform(self, X: np.ndarray, learn: np.ndarray) -> tuple[np.ndarray, np.ndarray, MinMaxState]:
         """Scale ``X`` in order; return ``(X_score, X_learn, next_state)``.
 
         ``X_score[i]`` uses the min/max of the committed state plus the learned rows ``j < i``
@@ -96,14 +92,9 @@ class RunningMinMax:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise StateError(
-                f"min/max scaler state version {state.get('version')!r} != {STATE_VERSION}"
-            )
+            raise StateError(f"min/max scaler state version {state.get('version')!r} != {STATE_VERSION}")
         lo = np.asarray(state["lo"], dtype=np.float64)
         hi = np.asarray(state["hi"], dtype=np.float64)
         if lo.shape != (self.n_features,) or hi.shape != (self.n_features,):
-            raise StateError(
-                f"min/max scaler state has shape {lo.shape}/{hi.shape}, "
-                f"expected ({self.n_features},)"
-            )
+            raise StateError(f"min/max scaler state has shape {lo.shape}/{hi.shape}, expected ({self.n_features},)")
         self.state = MinMaxState(lo=lo.copy(), hi=hi.copy())

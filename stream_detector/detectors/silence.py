@@ -105,9 +105,20 @@ class SilenceDetector:
         if not np.isfinite(times).all():  # the walk indexes arrays by bucket unchecked
             raise ValueError("silence: event times must be finite")
         slot, when, since, check, self._clock, self._next_check = walk(
-            times, slots, self._counts, self._last, self._alerted, self._peak, self._hours,
-            float(self._clock), float(self._next_check), self.n_keys,
-            float(self.expected_events), float(self.min_events), float(self.min_hours), float(self.check_every_s),
+            times,
+            slots,
+            self._counts,
+            self._last,
+            self._alerted,
+            self._peak,
+            self._hours,
+            float(self._clock),
+            float(self._next_check),
+            self.n_keys,
+            float(self.expected_events),
+            float(self.min_events),
+            float(self.min_hours),
+            float(self.check_every_s),
         )
         names = [self._names[s] for s in slot.tolist()]
         # The alerts of one clock step in the order the silences became unlikely (slot order is

@@ -111,8 +111,21 @@ def crossing(rates, since, now, expected_events):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _check_key(
-    k, since, now, counts, hours, rates, peak, alerted, expected_events, check,
-    alert_slot, alert_time, alert_since, alert_check, n_alerts,
+    k,
+    since,
+    now,
+    counts,
+    hours,
+    rates,
+    peak,
+    alerted,
+    expected_events,
+    check,
+    alert_slot,
+    alert_time,
+    alert_since,
+    alert_check,
+    n_alerts,
 ):  # pragma: no cover - compiled
     """The exact check of key ``k``, silent since ``since``: makes its rate bound exact and, if
     the silence became unlikely before ``now``, records the alert. Returns the alert count."""
@@ -128,8 +141,20 @@ def _check_key(
 
 @numba.njit(cache=True, nogil=True)
 def walk(
-    times, slots, counts, last, alerted, peak, hours, clock, next_check, n_keys,
-    expected_events, min_events, min_hours, check_every_s,
+    times,
+    slots,
+    counts,
+    last,
+    alerted,
+    peak,
+    hours,
+    clock,
+    next_check,
+    n_keys,
+    expected_events,
+    min_events,
+    min_hours,
+    check_every_s,
 ):  # pragma: no cover - compiled
     """Learn the events (``times`` and their keys' ``slots``) in order, updating
     ``counts, last, alerted, peak, hours`` in place.
@@ -168,18 +193,16 @@ def walk(
                         continue
                     if (t - since) * peak[k] * BOUND_SLACK < limit or counts[k].sum() < min_events:
                         continue
-                    n_alerts = _check_key(k, since, t, counts, hours, rates, peak, alerted, expected_events, check, alert_slot, alert_time, alert_since, alert_check, n_alerts)
+                    n_alerts = _check_key(
+                        k, since, t, counts, hours, rates, peak, alerted, expected_events, check, alert_slot, alert_time, alert_since, alert_check, n_alerts
+                    )
             check += 1
         prev = last[s]
         # A silence that ended before the timer looked at it is still reported.
-        if (
-            prev > -math.inf
-            and not alerted[s]
-            and (t - prev) * peak[s] * BOUND_SLACK >= limit
-            and covered_hours >= min_hours
-            and counts[s].sum() >= min_events
-        ):
-            raised = _check_key(s, prev, t, counts, hours, rates, peak, alerted, expected_events, check, alert_slot, alert_time, alert_since, alert_check, n_alerts)
+        if prev > -math.inf and not alerted[s] and (t - prev) * peak[s] * BOUND_SLACK >= limit and covered_hours >= min_hours and counts[s].sum() >= min_events:
+            raised = _check_key(
+                s, prev, t, counts, hours, rates, peak, alerted, expected_events, check, alert_slot, alert_time, alert_since, alert_check, n_alerts
+            )
             if raised > n_alerts:
                 n_alerts = raised
                 check += 1
@@ -191,8 +214,12 @@ def walk(
         if hours[b] >= 1.0:  # an uncovered bucket's count is no rate yet (not even borrowed)
             peak[s] = max(peak[s], counts[s, b] / hours[b])
     return (
-        alert_slot[:n_alerts], alert_time[:n_alerts], alert_since[:n_alerts], alert_check[:n_alerts],
-        clock, next_check,
+        alert_slot[:n_alerts],
+        alert_time[:n_alerts],
+        alert_since[:n_alerts],
+        alert_check[:n_alerts],
+        clock,
+        next_check,
     )
 
 
@@ -203,7 +230,19 @@ def warm_up() -> None:
     counts = np.zeros((1, BUCKETS))
     row = np.zeros(1)
     walk(
-        np.zeros(1), np.zeros(1, dtype=np.int64), counts, row.copy(), np.zeros(1, dtype=np.bool_), row.copy(),
-        np.zeros(BUCKETS), -math.inf, -math.inf, 1, 1.0, 1.0, 1.0, 60.0,
+        np.zeros(1),
+        np.zeros(1, dtype=np.int64),
+        counts,
+        row.copy(),
+        np.zeros(1, dtype=np.bool_),
+        row.copy(),
+        np.zeros(BUCKETS),
+        -math.inf,
+        -math.inf,
+        1,
+        1.0,
+        1.0,
+        1.0,
+        60.0,
     )
     peak_rates(counts, np.zeros(BUCKETS), 1, row.copy())

@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from stream_detector.detectors import seasons
+from stream_detector.detectors import seasons, zscore_kernel
 from stream_detector.detectors.base import Detector, Explanation, Step
-from stream_detector.detectors import zscore_kernel
 from stream_detector.detectors.zscore_kernel import factorize, global_scores, key_set_scores, max_abs
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
@@ -304,10 +303,31 @@ class ZScoreDetector(Detector):
             keys = batch.keys.get(ks)
             grouped, groups, prior, offsets = self._key_set_tables(ks, keys, batch.event_time, n)
             totals = key_set_scores(
-                x, contrib, self._fidx[ks], grouped[0][0] >= 0, batch.event_time, groups, *prior,
-                g_count, g_mean, g_m2, g_z, g_std, self._min_std,
-                float(self.warmup), float(self.seasonal_warmup), float(self.reject_after), float(self.reject_z), float(self.learning_prior),
-                k, z, mean, std, warm, level, reject,
+                x,
+                contrib,
+                self._fidx[ks],
+                grouped[0][0] >= 0,
+                batch.event_time,
+                groups,
+                *prior,
+                g_count,
+                g_mean,
+                g_m2,
+                g_z,
+                g_std,
+                self._min_std,
+                float(self.warmup),
+                float(self.seasonal_warmup),
+                float(self.reject_after),
+                float(self.reject_z),
+                float(self.learning_prior),
+                k,
+                z,
+                mean,
+                std,
+                warm,
+                level,
+                reject,
             )
             pending.append((ks, grouped, offsets, totals))
         details = {"z": z, "mean": mean, "std": std, "warm": warm, "level": level}
@@ -344,9 +364,7 @@ class ZScoreDetector(Detector):
         self._round_cache[name] = (source, self._generation, value)
         return value
 
-    def _grouped(
-        self, name: str, source: tuple, n: int, key_set: str, period: str | None = None
-    ) -> tuple[np.ndarray, list[str], _Grouping]:
+    def _grouped(self, name: str, source: tuple, n: int, key_set: str, period: str | None = None) -> tuple[np.ndarray, list[str], _Grouping]:
         """Slots, new keys and grouping of one table for a batch (see ``_cached``). ``source``
         is (the key set's key column, event times); ``period`` names a seasonal level."""
         keys, event_time = source
@@ -570,7 +588,6 @@ def _level(key_set: str, period: str) -> str:
     return f"{key_set}@{period}"
 
 
-
 def _stack(groupings: list[_Grouping]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray], list[int]]:
     """A key set's levels as one table for ``key_set_scores``: each event's row per level (L, n),
     the prior statistics of all levels' rows stacked (R, F) x 3, and each level's first row."""
@@ -580,6 +597,7 @@ def _stack(groupings: list[_Grouping]) -> tuple[np.ndarray, tuple[np.ndarray, np
     groups = np.stack([g.group + start for g, start in zip(groupings, offsets)]) if groupings[0].group.size else np.zeros((len(groupings), 0), dtype=np.int64)
     prior = tuple(np.ascontiguousarray(np.concatenate([g.prior[j] for g in groupings])) for j in range(3))
     return groups, prior, offsets
+
 
 def _original_value(feature: str, value: float) -> float:
     """A feature value back in the event's units (log features are sign * log1p(|x|))."""

@@ -79,9 +79,29 @@ def warm_up() -> None:
     g = global_scores(one, yes, row, row, row, row, 1.0, 1.0, 1.0)
     cube = np.zeros((1, 1, 1))
     key_set_scores(
-        one, yes, np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.bool_), row, np.zeros((1, 1), dtype=np.int64), one, one, one,
-        *g[:5], row, 1.0, 1.0, 1.0, 1.0, 1.0, 0, cube, cube.copy(), cube.copy(),
-        np.zeros((1, 1), dtype=np.bool_), np.zeros((1, 1), dtype=np.int8), np.zeros(1, dtype=np.bool_),
+        one,
+        yes,
+        np.zeros(1, dtype=np.int64),
+        np.ones(1, dtype=np.bool_),
+        row,
+        np.zeros((1, 1), dtype=np.int64),
+        one,
+        one,
+        one,
+        *g[:5],
+        row,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+        0,
+        cube,
+        cube.copy(),
+        cube.copy(),
+        np.zeros((1, 1), dtype=np.bool_),
+        np.zeros((1, 1), dtype=np.int8),
+        np.zeros(1, dtype=np.bool_),
     )
     max_abs(cube)
 
@@ -107,10 +127,33 @@ def _std(count, m2, floor):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def key_set_scores(
-    x, contrib, features, has_key, event_time, groups, count0, mean0, m20,
-    g_count, g_mean, g_m2, g_z, g_std, floor,
-    warmup, seasonal_warmup, reject_after, reject_z, learning_prior,
-    k, z, base_mean, base_std, warm, level, reject,
+    x,
+    contrib,
+    features,
+    has_key,
+    event_time,
+    groups,
+    count0,
+    mean0,
+    m20,
+    g_count,
+    g_mean,
+    g_m2,
+    g_z,
+    g_std,
+    floor,
+    warmup,
+    seasonal_warmup,
+    reject_after,
+    reject_z,
+    learning_prior,
+    k,
+    z,
+    base_mean,
+    base_std,
+    warm,
+    level,
+    reject,
 ):  # pragma: no cover - compiled
     """Key set ``k``'s z-scores, with its seasonal levels, in one walk over the batch.
 

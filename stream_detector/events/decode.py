@@ -8,9 +8,10 @@ bounded ``reason`` (it becomes a metric label and a dead-letter header) and a de
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import orjson
@@ -191,9 +192,7 @@ def _string_column(docs: list[dict[str, Any]], name: str, required: bool, proble
     return column
 
 
-def _numeric_column(
-    docs: list[dict[str, Any]], name: str, required: bool, limit: float, problems: dict[int, tuple[str, str]]
-) -> np.ndarray:
+def _numeric_column(docs: list[dict[str, Any]], name: str, required: bool, limit: float, problems: dict[int, tuple[str, str]]) -> np.ndarray:
     values = [doc.get(name) for doc in docs]
     try:
         if not set(map(type, values)) <= {float, int}:  # bool is neither: the slow path says why
@@ -240,7 +239,7 @@ def _timestamps(docs: list[dict[str, Any]], problems: dict[int, tuple[str, str]]
                 problems.setdefault(j, ("invalid_timestamp", f"timestamp {v[:40]!r} is not ISO-8601"))
                 continue
             if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=timezone.utc)  # naive times are taken as UTC
+                parsed = parsed.replace(tzinfo=UTC)  # naive times are taken as UTC
             out[j] = parsed.timestamp()
         elif type(v) is int or type(v) is float:
             out[j] = float(v) / 1000.0
@@ -270,7 +269,7 @@ def _check_time_range(out: np.ndarray, problems: dict[int, tuple[str, str]]) -> 
 def _check_versions(docs: list[dict[str, Any]], max_version: int, problems: dict[int, tuple[str, str]]) -> None:
     versions = [doc.get("version") for doc in docs]
     kinds = set(map(type, versions))
-    if kinds <= {type(None)} or (kinds == {int} and 1 <= min(versions) and max(versions) <= max_version):
+    if kinds <= {type(None)} or (kinds == {int} and min(versions) >= 1 and max(versions) <= max_version):
         return  # all absent or all supported: nothing to report
     for j, doc in enumerate(docs):
         version = doc.get("version")
@@ -302,6 +301,4 @@ def _join_keys(columns: dict[str, np.ndarray], fields: Sequence[str]) -> np.ndar
 
 
 def _json_type(value: Any) -> str:
-    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
-        type(value), type(value).__name__
-    )
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)

@@ -29,9 +29,10 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import IO, Any, Callable
+from datetime import UTC, datetime
+from typing import IO, Any
 
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -103,10 +104,13 @@ class BacktestSummary:
             f"{'partition':>9}{'start':>12}{'until':>12}{'first read':>12}{'last read':>12}{'records':>10}",
         ]
         for p in self.partitions:
+
             def num(v: int | None) -> str:
                 return "-" if v is None else f"{v:,}"
 
-            lines.append(f"{p.partition:>9}{num(p.start):>12}{num(p.end) if p.end is not None else 'end':>12}{num(p.first):>12}{num(p.last):>12}{p.records:>10,}")
+            lines.append(
+                f"{p.partition:>9}{num(p.start):>12}{num(p.end) if p.end is not None else 'end':>12}{num(p.first):>12}{num(p.last):>12}{p.records:>10,}"
+            )
         skipped = sum(p.skipped_before_start for p in self.partitions)
         if skipped:
             lines.append(f"({skipped:,} records before the requested start skipped on the client)")
@@ -135,7 +139,7 @@ def parse_timestamp(text: str) -> int:
     except ValueError:
         raise ConfigError(f"--from-timestamp {text!r} is not an ISO-8601 time (e.g. 2026-01-05T12:00:00Z)") from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return int(parsed.timestamp() * 1000)
 
 
@@ -323,7 +327,7 @@ def _consume(
 def _iso_ms(ms: int | None) -> str:
     if ms is None:
         return "-"
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def run_backtest_command(settings: Settings, args: Any, out: IO[str] | None = None) -> int:

@@ -38,9 +38,9 @@ from stream_detector.metrics import Metrics, MetricsServer, observe_many
 from stream_detector.records import anomaly_records, dead_letter_headers, encode_record, silence_record
 from stream_detector.runtime.control import ControlReader
 from stream_detector.runtime.topics import ensure_topics
-from stream_detector.state.changelog import COMPACTED, read_latest_snapshots, snapshot_records
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
+from stream_detector.state.changelog import COMPACTED, read_latest_snapshots, snapshot_records
 
 log = logging.getLogger("stream_detector.daemon")
 # librdkafka's own log lines, through Python logging (structured like the rest).
@@ -268,13 +268,9 @@ class Daemon:
             self._producer.begin_transaction()
         if self._control_topics:
             self._control = ControlReader(k.bootstrap_servers, self._control_topics, librdkafka_config(self.settings, "consumer"), f"{k.group_id}-control")
-        self._consumer = Consumer(
-            {**consumer_config(self.settings), "error_cb": self._on_kafka_error, "stats_cb": self._on_stats, "logger": KAFKA_LOG}
-        )
+        self._consumer = Consumer({**consumer_config(self.settings), "error_cb": self._on_kafka_error, "stats_cb": self._on_stats, "logger": KAFKA_LOG})
         self._consumer.subscribe([k.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
-        log.info(
-            "consuming %s as group %s from %s (%s)", k.input_topic, k.group_id, k.bootstrap_servers, self.settings.processing.guarantee
-        )
+        log.info("consuming %s as group %s from %s (%s)", k.input_topic, k.group_id, k.bootstrap_servers, self.settings.processing.guarantee)
         self._running = True
         self.metrics.up.set(1)
         try:
@@ -467,9 +463,7 @@ class Daemon:
         log.warning("consume error: %s", err, extra={"topic": msg.topic(), "partition": msg.partition()})
         return False
 
-    def _produce_anomalies(
-        self, pipeline: ScoringPipeline, records: list[Message], decoded: DecodedBatch, result: BatchResult, consumed_at: float
-    ) -> None:
+    def _produce_anomalies(self, pipeline: ScoringPipeline, records: list[Message], decoded: DecodedBatch, result: BatchResult, consumed_at: float) -> None:
         topic = self.settings.kafka.output_topic
         names = pipeline.detector_names
         k = len(names)

@@ -7,8 +7,9 @@ numbers always match.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import islice
-from typing import IO, Iterator
+from typing import IO
 
 import orjson
 

@@ -105,16 +105,10 @@ def _metadata(admin: AdminClient, bootstrap_servers: str, deadline: float) -> Cl
 
 def _partition_counts(metadata: ClusterMetadata) -> dict[str, int]:
     """name -> partition count for every topic the metadata lists without an error."""
-    return {
-        name: len(topic.partitions)
-        for name, topic in metadata.topics.items()
-        if topic.error is None and topic.partitions
-    }
+    return {name: len(topic.partitions) for name, topic in metadata.topics.items() if topic.error is None and topic.partitions}
 
 
-def _warn_about_partition_mismatches(
-    topics: Mapping[str, int], existing: Mapping[str, int]
-) -> None:
+def _warn_about_partition_mismatches(topics: Mapping[str, int], existing: Mapping[str, int]) -> None:
     for name, wanted in topics.items():
         have = existing.get(name)
         if have is not None and have != wanted:
@@ -129,10 +123,7 @@ def _create(
     timeout: float,
 ) -> None:
     """Issue one CreateTopics request; TOPIC_ALREADY_EXISTS (a lost race) is fine."""
-    new_topics = [
-        NewTopic(name, num_partitions=count, replication_factor=replication_factor, config=config)
-        for name, count in topics.items()
-    ]
+    new_topics = [NewTopic(name, num_partitions=count, replication_factor=replication_factor, config=config) for name, count in topics.items()]
     futures = admin.create_topics(new_topics, operation_timeout=timeout, request_timeout=timeout)
     for name, future in futures.items():
         try:
@@ -167,19 +158,12 @@ def _wait(
             problem = ""
         except RuntimeError as exc:
             problem = f"; last metadata request failed: {exc}"
-        pending = {
-            name: count
-            for name, count in pending.items()
-            if name not in last_seen or (count is not None and last_seen[name] != count)
-        }
+        pending = {name: count for name, count in pending.items() if name not in last_seen or (count is not None and last_seen[name] != count)}
         if not pending:
             return
         if time.monotonic() >= deadline:
             break
         time.sleep(_POLL_INTERVAL_S)
-    details = ", ".join(
-        f"{name!r} (want {count or 'any'} partitions, metadata shows {last_seen.get(name, 'none')})"
-        for name, count in pending.items()
-    )
+    details = ", ".join(f"{name!r} (want {count or 'any'} partitions, metadata shows {last_seen.get(name, 'none')})" for name, count in pending.items())
     waited = time.monotonic() - started
     raise RuntimeError(f"topics not visible in metadata after {waited:.1f}s: {details}{problem}")

@@ -45,8 +45,14 @@ class TailFit:
         # scored in batches of other sizes can differ in the last bits, and must not move past
         # a tie.
         return calibration_kernel.survival(
-            np.ascontiguousarray(scores, dtype=np.float64), self.reference, self.threshold, self.tail_fraction,
-            self.shape, self.scale, TIE_TOLERANCE, MIN_PROBABILITY,
+            np.ascontiguousarray(scores, dtype=np.float64),
+            self.reference,
+            self.threshold,
+            self.tail_fraction,
+            self.shape,
+            self.scale,
+            TIE_TOLERANCE,
+            MIN_PROBABILITY,
         )
 
 

@@ -120,7 +120,12 @@ def read_latest_snapshots(
         header, state = decode_snapshot(chunks)
         log.info(
             "restored state of %s/%d at offset %d from %s (%d chunk(s), %.2f s)",
-            input_topic, partition, header.position, changelog_topic, header.count, time.monotonic() - started,
+            input_topic,
+            partition,
+            header.position,
+            changelog_topic,
+            header.count,
+            time.monotonic() - started,
         )
         restored[partition] = Restored(header, state)
     return restored

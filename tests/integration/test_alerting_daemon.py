@@ -8,7 +8,7 @@ same pattern for the same store is then suppressed, also after a restart.
 from __future__ import annotations
 
 import signal
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import orjson
 import pytest
@@ -55,7 +55,11 @@ def test_windows_and_feedback_decide_what_is_published(kafka_bootstrap, make_top
         },
     )
     # A promotion announced on the control topic before the daemon starts: annotate only.
-    produce_all(kafka_bootstrap, control_topic, [(b"promo", orjson.dumps({"name": "promo", "action": "annotate", "scope": {"store_id": [stores[2]]}, "note": "doorbusters", **window}))])
+    produce_all(
+        kafka_bootstrap,
+        control_topic,
+        [(b"promo", orjson.dumps({"name": "promo", "action": "annotate", "scope": {"store_id": [stores[2]]}, "note": "doorbusters", **window}))],
+    )
     produce_all(kafka_bootstrap, control_topic, [(b"junk", b"{not json")])
 
     at = lambda seconds: t_end + timedelta(seconds=seconds)  # noqa: E731
@@ -75,12 +79,16 @@ def test_windows_and_feedback_decide_what_is_published(kafka_bootstrap, make_top
         assert out["probe-annotated"]["annotations"] == [{"window": "promo", "action": "annotate", "note": "doorbusters"}]
         assert out["probe-marked"]["warm"] is True
 
-        produce_all(kafka_bootstrap, feedback_topic, [(b"probe-marked", orjson.dumps({"event_id": "probe-marked", "label": "false_positive", "note": "bulk order"}))])
+        produce_all(
+            kafka_bootstrap, feedback_topic, [(b"probe-marked", orjson.dumps({"event_id": "probe-marked", "label": "false_positive", "note": "bulk order"}))]
+        )
         produce_all(kafka_bootstrap, feedback_topic, [(b"x", orjson.dumps({"label": "false_positive"}))])  # no event_id
         # Both records, which the daemon may read in different polls: wait for the two outcomes.
         m = daemon.wait_for(
-            lambda m: metric(m, 'stream_detector_feedback_total{label="false_positive",outcome="applied"}') == 1
-            and metric(m, 'stream_detector_feedback_total{label="unknown",outcome="invalid"}') >= 1,
+            lambda m: (
+                metric(m, 'stream_detector_feedback_total{label="false_positive",outcome="applied"}') == 1
+                and metric(m, 'stream_detector_feedback_total{label="unknown",outcome="invalid"}') >= 1
+            ),
             timeout=30,
             what="feedback applied and the invalid record counted",
         )

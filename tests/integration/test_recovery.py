@@ -346,7 +346,12 @@ def test_failure_inside_a_transaction_is_aborted_and_redone(kafka_broker, kafka_
 
     run = Run(kafka_bootstrap, make_topics, tmp_path, topic, "abort", "exactly-once")
     path = write_config(
-        tmp_path / "abort.yaml", kafka_bootstrap, topic, run.output, run.dlq, run.group,
+        tmp_path / "abort.yaml",
+        kafka_bootstrap,
+        topic,
+        run.output,
+        run.dlq,
+        run.group,
         processing={**FAST, "guarantee": "exactly-once", "instance_id": "abort-a"},
         kafka={"producer_config": {"transaction.timeout.ms": 4000, "message.timeout.ms": 3000}},
     )
@@ -403,7 +408,12 @@ def test_a_failure_before_the_first_checkpoint_redoes_the_partitions_from_their_
 
     run = Run(kafka_bootstrap, make_topics, tmp_path, topic, "first-ckpt", "at-least-once")
     path = write_config(
-        tmp_path / "first-ckpt.yaml", kafka_bootstrap, topic, run.output, run.dlq, run.group,
+        tmp_path / "first-ckpt.yaml",
+        kafka_bootstrap,
+        topic,
+        run.output,
+        run.dlq,
+        run.group,
         # The first checkpoint comes long after the stall: the failure is found there, when
         # no partition has a checkpoint yet.
         processing={**FAST, "commit_interval_ms": 20_000, "guarantee": "at-least-once", "instance_id": "first-ckpt-a"},

@@ -83,7 +83,12 @@ def test_daemon_rides_out_a_20s_broker_stall(kafka_broker, make_topics, tmp_path
     group = unique_name("stall")
     events, labels = _generate(STALL_EVENTS, seed=23)
     config = write_config(
-        tmp_path / "detector.yaml", bootstrap, input_topic, output_topic, dlq_topic, group,
+        tmp_path / "detector.yaml",
+        bootstrap,
+        input_topic,
+        output_topic,
+        dlq_topic,
+        group,
         processing={"commit_interval_ms": 1000},
     )
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
@@ -119,7 +124,8 @@ def test_daemon_rides_out_a_20s_broker_stall(kafka_broker, make_topics, tmp_path
         final = daemon.wait_for(lambda m: metric(m, SCORED) >= STALL_EVENTS, 60, f"{STALL_EVENTS} scored events after the stall")
         wait_until(
             lambda: sum(committed_offsets(bootstrap, group, input_topic, STALL_PARTITIONS)) == STALL_EVENTS,
-            30, f"the committed offsets of {group} to reach {STALL_EVENTS}",
+            30,
+            f"the committed offsets of {group} to reach {STALL_EVENTS}",
         )
         final = daemon.metrics()
         recovered_after = time.monotonic() - stall_ended
@@ -218,7 +224,12 @@ def test_poison_stream_is_dead_lettered_exactly_once(kafka_bootstrap, make_topic
     produce_all(kafka_bootstrap, input_topic, records)
 
     config = write_config(
-        tmp_path / "detector.yaml", kafka_bootstrap, input_topic, output_topic, dlq_topic, group,
+        tmp_path / "detector.yaml",
+        kafka_bootstrap,
+        input_topic,
+        output_topic,
+        dlq_topic,
+        group,
         processing={
             "guarantee": "exactly-once",
             "instance_id": unique_name("poison"),
@@ -229,12 +240,11 @@ def test_poison_stream_is_dead_lettered_exactly_once(kafka_bootstrap, make_topic
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
     started = time.monotonic()
     try:
-        daemon.wait_for(
-            lambda m: metric(m, SCORED) + metric(m, INVALID) >= len(records), 90, f"{len(records)} records handled"
-        )
+        daemon.wait_for(lambda m: metric(m, SCORED) + metric(m, INVALID) >= len(records), 90, f"{len(records)} records handled")
         wait_until(
             lambda: sum(committed_offsets(kafka_bootstrap, group, input_topic, 3)) >= len(records),
-            30, "every input offset committed",
+            30,
+            "every input offset committed",
         )
         final = daemon.metrics()
     finally:
@@ -245,9 +255,7 @@ def test_poison_stream_is_dead_lettered_exactly_once(kafka_bootstrap, make_topic
     dead = read_topic(kafka_bootstrap, dlq_topic, expected=None, idle=3.0, timeout=60, isolation_level="read_committed")
     dead_reasons = Counter(dict(m.headers())["dlq.reason"].decode() for m in dead)
     dead_sources = Counter((int(dict(m.headers())["dlq.source.partition"]), int(dict(m.headers())["dlq.source.offset"])) for m in dead)
-    metric_reasons = Counter({
-        k.split('reason="')[1].rstrip('"}'): int(v) for k, v in final.items() if k.startswith("stream_detector_dlq_total{") and v
-    })
+    metric_reasons = Counter({k.split('reason="')[1].rstrip('"}'): int(v) for k, v in final.items() if k.startswith("stream_detector_dlq_total{") and v})
     stored = read_topic(kafka_bootstrap, input_topic, expected=len(records), timeout=60)
     expected = expected_anomalies(config, by_partition(stored))
     out = [orjson.loads(m.value()) for m in read_topic(kafka_bootstrap, output_topic, idle=3.0, isolation_level="read_committed")]
@@ -312,9 +320,23 @@ def _openssl(*args: str, cwd: Path) -> None:
 def _make_certificates(directory: Path) -> tuple[Path, Path, Path]:
     """A throw-away CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
     _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=stream-detector test CA",
-        "-keyout", "ca.key", "-out", "ca.pem",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=stream-detector test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
         cwd=directory,
     )
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr", cwd=directory)
@@ -323,8 +345,21 @@ def _make_certificates(directory: Path) -> tuple[Path, Path, Path]:
         "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
     )
     _openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-        "-extfile", "server.ext", "-out", "server.pem",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
         cwd=directory,
     )
     return directory / "ca.pem", directory / "server.pem", directory / "server.key"
@@ -401,7 +436,12 @@ def test_daemon_over_tls_keeps_its_secrets(tmp_path):
 
         group = unique_name("tls")
         config = write_config(
-            tmp_path / "detector.yaml", proxy, input_topic, output_topic, dlq_topic, group,
+            tmp_path / "detector.yaml",
+            proxy,
+            input_topic,
+            output_topic,
+            dlq_topic,
+            group,
             # librdkafka accepts ssl.key.password without a key; "debug: conf" makes every client
             # print its configuration to the log, which must show the secrets redacted.
             kafka={"client_config": {**tls, "ssl.key.password": KEY_SECRET, "debug": "conf"}, "sasl_password": SASL_SECRET},
@@ -417,7 +457,8 @@ def test_daemon_over_tls_keeps_its_secrets(tmp_path):
         final = daemon.wait_for(lambda m: metric(m, SCORED) >= TLS_EVENTS, 80, f"{TLS_EVENTS} events scored over TLS")
         wait_until(
             lambda: sum(committed_offsets(proxy, group, input_topic, 1, client_config=tls)) == TLS_EVENTS,
-            30, "every offset committed over TLS",
+            30,
+            "every offset committed over TLS",
         )
         final = daemon.metrics()
         code = daemon.stop()
@@ -429,7 +470,11 @@ def test_daemon_over_tls_keeps_its_secrets(tmp_path):
         seen = Counter(a["event_id"] for a in out)
         shown = subprocess.run(
             [sys.executable, "-m", "stream_detector", "config", "show", "--config", str(config)],
-            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=60,
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert shown.returncode == 0, shown.stderr
         daemon_log = daemon.log_path.read_text(errors="replace")

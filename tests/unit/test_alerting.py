@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -13,7 +13,7 @@ from stream_detector.alerting.windows import AlertWindow, ControlError, WindowBo
 from stream_detector.config import load_settings
 from stream_detector.errors import ConfigError
 
-T0 = datetime(2026, 11, 27, tzinfo=timezone.utc).timestamp()  # Black Friday, 00:00 UTC
+T0 = datetime(2026, 11, 27, tzinfo=UTC).timestamp()  # Black Friday, 00:00 UTC
 DAY = 86400.0
 
 

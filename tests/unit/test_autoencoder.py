@@ -26,9 +26,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def make_batch(
-    n: int, seed: int = 0, start: float = 1.7e9, span: float = 7 * 86400.0
-) -> FeatureBatch:
+def make_batch(n: int, seed: int = 0, start: float = 1.7e9, span: float = 7 * 86400.0) -> FeatureBatch:
     """Sales-like rows: amount = quantity * unit price, so the features are correlated."""
     rng = np.random.default_rng(seed)
     log_q = rng.normal(1.0, 0.5, n)
@@ -255,10 +253,7 @@ def test_anomalies_score_far_higher_and_are_explained():
     # Above all but the rarest normal events (refunds are 3% of them and unusual too).
     assert step.scores.min() > np.quantile(normal, 0.95)
     # amount = quantity * price, so blame can fall on price too: log_amount is always in the top 2.
-    worst = [
-        [f["feature"] for f in det.explain(shifted, step, i).details["worst_features"]]
-        for i in range(400)
-    ]
+    worst = [[f["feature"] for f in det.explain(shifted, step, i).details["worst_features"]] for i in range(400)]
     assert all("log_amount" in w for w in worst)
     assert sum(w[0] == "log_amount" for w in worst) > 200  # 249-380 over seeds 0-2
     why = det.explain(shifted, step, 0)

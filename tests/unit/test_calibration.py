@@ -181,8 +181,14 @@ def test_transforming_again_with_another_mask_equals_a_fresh_calibrator(stream):
     changed_scores = batch.copy()
     changed_scores[1500] += 5.0
     results = []
-    for scores, m in [(batch, np.ones(len(batch), dtype=bool)), (batch, mask), (batch, flipped_early),
-                      (batch, flipped_late), (changed_scores, flipped_late), (batch, mask)]:
+    for scores, m in [
+        (batch, np.ones(len(batch), dtype=bool)),
+        (batch, mask),
+        (batch, flipped_early),
+        (batch, flipped_late),
+        (changed_scores, flipped_late),
+        (batch, mask),
+    ]:
         p, state = cal.transform(scores, m)
         p_ref, state_ref = copy.deepcopy(before).transform(scores, m)
         np.testing.assert_array_equal(p, p_ref)
@@ -273,8 +279,7 @@ def _format_1(cal: Calibrator) -> dict:
     old = np.zeros(cal.window)
     numbers = np.arange(max(0, seen - cal.window), seen)
     old[numbers % cal.window] = ring[numbers % len(ring)]
-    return {"version": 1, "window": state["window"], "buffer": old, "seen": seen,
-            "fit_reference": cal._state.fit.reference.copy() if cal.ready else None}
+    return {"version": 1, "window": state["window"], "buffer": old, "seen": seen, "fit_reference": cal._state.fit.reference.copy() if cal.ready else None}
 
 
 @pytest.mark.parametrize("stop", [150, 700, 1234, 2600])

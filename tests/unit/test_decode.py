@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import orjson
@@ -63,14 +63,12 @@ def dumps(doc) -> bytes:
 # -- arbitrary input ----------------------------------------------------------------------------
 
 json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
 )
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
-field_names = st.sampled_from(["event_id", "timestamp", "store_id", "product_id", "quantity", "unit_price", "amount", "currency", "channel", "customer_id", "version", "extra"])
+field_names = st.sampled_from(
+    ["event_id", "timestamp", "store_id", "product_id", "quantity", "unit_price", "amount", "currency", "channel", "customer_id", "version", "extra"]
+)
 
 
 @FAST
@@ -111,15 +109,15 @@ def test_mutated_valid_events_never_raise(mutations):
 
 # -- valid events decode to the right columns -----------------------------------------------
 
-MIN_T = datetime(1990, 1, 2, tzinfo=timezone.utc)
-MAX_T = datetime(2199, 12, 30, tzinfo=timezone.utc)
+MIN_T = datetime(1990, 1, 2, tzinfo=UTC)
+MAX_T = datetime(2199, 12, 30, tzinfo=UTC)
 times_ms = st.integers(min_value=int(MIN_T.timestamp() * 1000), max_value=int(MAX_T.timestamp() * 1000))
 ids = st.text(min_size=1, max_size=12)
 amounts = st.floats(min_value=-1e9, max_value=1e9, allow_nan=False) | st.integers(min_value=-(10**9), max_value=10**9)
 
 
 def iso_ms(ms: int, fraction: bool = True) -> str:
-    dt = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=ms)
+    dt = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
     text = dt.strftime("%Y-%m-%dT%H:%M:%S")
     return text + (f".{ms % 1000:03d}Z" if fraction else "Z")
 

@@ -241,9 +241,7 @@ def test_write_jsonl_text_and_binary_and_labels(tmp_path):
     assert [orjson.loads(line) for line in binary.getvalue().splitlines()] == events
     path = tmp_path / "labels.jsonl"
     assert write_labels(generator.window_labels, path) == len(generator.window_labels)
-    assert [orjson.loads(line) for line in path.read_bytes().splitlines()] == [
-        w.to_dict() for w in generator.window_labels
-    ]
+    assert [orjson.loads(line) for line in path.read_bytes().splitlines()] == [w.to_dict() for w in generator.window_labels]
 
 
 class FakeProducer:

@@ -67,7 +67,7 @@ def _river_cases():
 RIVER_CASES = list(_river_cases())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _data(kind: str) -> np.ndarray:
     """Mostly inliers with a few far-out points; 'raw' is unscaled for the scaler tests."""
     rng = np.random.default_rng(123)
@@ -79,7 +79,7 @@ def _data(kind: str) -> np.ndarray:
     return X
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _learn_mask(kind: str) -> np.ndarray:
     if kind == "all":
         return np.ones(N_EVENTS, dtype=bool)
@@ -88,9 +88,7 @@ def _learn_mask(kind: str) -> np.ndarray:
 
 def _river_hst(params, seed):
     n_trees, height, window_size, limits = params
-    return anomaly.HalfSpaceTrees(
-        n_trees=n_trees, height=height, window_size=window_size, limits=limits, seed=seed
-    )
+    return anomaly.HalfSpaceTrees(n_trees=n_trees, height=height, window_size=window_size, limits=limits, seed=seed)
 
 
 def _river_scores(model, X: np.ndarray, learn: np.ndarray) -> np.ndarray:
@@ -104,7 +102,7 @@ def _river_scores(model, X: np.ndarray, learn: np.ndarray) -> np.ndarray:
     return scores
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _river_reference(params_index: int, seed: int, mask: str, pipeline: bool) -> np.ndarray:
     params = PARAMS[params_index]
     model = _river_hst(params, seed)
@@ -127,8 +125,7 @@ def _batches(n: int, schedule: int | str):
 
 def _engine(params, seed) -> HSTEngine:
     n_trees, height, window_size, limits = params
-    return HSTEngine(NAMES, n_trees=n_trees, height=height, window_size=window_size,
-                     limits=limits, seed=seed)
+    return HSTEngine(NAMES, n_trees=n_trees, height=height, window_size=window_size, limits=limits, seed=seed)
 
 
 def _feature_batch(X: np.ndarray) -> FeatureBatch:
@@ -275,9 +272,7 @@ def _detector(**kwargs) -> HalfSpaceTreesDetector:
     return HalfSpaceTreesDetector(**defaults)
 
 
-def _run(
-    detector: Detector, batch: FeatureBatch, learn: np.ndarray, schedule: int | str
-) -> np.ndarray:
+def _run(detector: Detector, batch: FeatureBatch, learn: np.ndarray, schedule: int | str) -> np.ndarray:
     scores = np.empty(batch.n)
     for s in _batches(batch.n, schedule):
         step = detector.score(batch.slice(s.start, s.stop), learn[s])

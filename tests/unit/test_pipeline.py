@@ -84,10 +84,7 @@ def process(settings, stream: FeatureBatch, size: int, n: int, snapshot_after: i
         results.append(result)
         starts.append(a)
         rejected = np.concatenate(
-            [
-                np.any([s.reject if s.reject is not None else np.zeros(seg.batch.n, bool) for s in seg.steps.values()], axis=0)
-                for seg in result.segments
-            ]
+            [np.any([s.reject if s.reject is not None else np.zeros(seg.batch.n, bool) for s in seg.steps.values()], axis=0) for seg in result.segments]
         )
         learned.append(~result.is_anomaly & ~rejected)
         for i in np.flatnonzero(result.is_anomaly).tolist():
@@ -295,7 +292,6 @@ def test_a_batch_without_training_point_or_flag_settles_in_one_round(settings, s
     assert pipeline.process(stream.slice(0, 100)).rounds == 2  # trains at its 64th event: guessed
     small = pipeline.process(stream.slice(100, 110))  # 36 buffered + 10 < 64: no training
     assert not small.is_anomaly.any() and small.rounds == 1
-
 
 
 def test_a_regime_change_settles_and_equals_smaller_batches():

@@ -147,6 +147,7 @@ def test_seasonal_batches_equal_one_by_one(sizes):
         assert c_by_key[key][0] == count
         assert c_by_key[key][1] == pytest.approx(mean, rel=1e-9)
 
+
 def test_seasonal_state_round_trips_and_old_snapshots_load():
     history = seasonal_stream(weeks=1)
     det = detector(("hour_of_day",))

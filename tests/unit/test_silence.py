@@ -96,7 +96,7 @@ def random_stream(rng: np.random.Generator) -> FeatureBatch:
         hours = np.arange(first, last, HOUR)
         hour_of_day = (hours % 86400) // HOUR
         weekend = (np.floor(hours / 86400) + 3) % 7 >= 5
-        rate = base * np.where((8 <= hour_of_day) & (hour_of_day < 20), 1.0, 0.05) * np.where(weekend, weekend_factor, 1.0)
+        rate = base * np.where((hour_of_day >= 8) & (hour_of_day < 20), 1.0, 0.05) * np.where(weekend, weekend_factor, 1.0)
         counts = rng.poisson(rate)
         t = np.repeat(hours, counts) + rng.uniform(0.0, HOUR, counts.sum())
         bursts = hours[rng.random(len(hours)) < 0.01]
@@ -213,8 +213,6 @@ class _ReferenceKeyView:
     def store(self) -> None:
         self.detector._last[self.slots] = self.last
         self.detector._alerted[self.slots] = self.alerted
-
-
 
 
 class ReferenceSilence:
