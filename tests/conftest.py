@@ -15,20 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
-# Tests import shared helpers as ``tests.kafka_helpers``; make that work however pytest was
-# launched (plain ``pytest`` only puts tests/ itself on sys.path).
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from tests.kafka_helpers import KafkaTarget, MakeTopics, is_tansu, unique_name  # noqa: E402
+from tests.kafka_helpers import KafkaTarget, MakeTopics, is_tansu, unique_name
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,7 @@ from typing import Any
 import yaml
 
 from tests.kafka_helpers import fast_group_config
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import REPO_ROOT
 
 
 def free_port() -> int:

@@ -28,6 +28,7 @@ import numpy as np
 
 from stream_detector.detectors.base import Detector, Step
 from stream_detector.features import FeatureBatch
+from stream_detector.scoring import fusion
 from stream_detector.scoring.calibration import Calibrator
 
 
@@ -57,6 +58,10 @@ class BatchResult:
     @property
     def n(self) -> int:
         return len(self.fused)
+
+    def fired(self) -> dict[str, np.ndarray]:
+        """For each detector, the events it fired on (scoring/fusion.py)."""
+        return fusion.fired(self.probability, self.threshold)
 
     def detector_scores(self, i: int) -> dict[str, float]:
         """Each detector's calibrated score (1 - tail probability) for event ``i``."""
@@ -174,10 +179,8 @@ class ScoringPipeline:
         return steps, probs, cal_states, all_exact
 
     def _decide(self, probs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Fused score = 1 - min(1, k * min_d p_d) (Bonferroni over k detectors)."""
-        stacked = np.vstack(list(probs.values()))
-        p_min = stacked.min(axis=0) if stacked.size else np.ones(0)
-        fused = 1.0 - np.minimum(1.0, len(probs) * p_min)
+        """Fused score and flags (scoring/fusion.py)."""
+        fused = fusion.fuse(probs)
         return fused, fused > self.threshold
 
     def _commit(self, batch, offset, steps, probs, cal_states, fused, flagged, rounds) -> BatchResult:
@@ -219,7 +222,7 @@ class ScoringPipeline:
                     name = detector.name
                     p = float(result.probability[name][i])
                     explanation = explained[name][r]
-                    fired = 1.0 - min(1.0, k_detectors * p) > self.threshold
+                    fired = bool(fusion.adjusted_score(p, k_detectors) > self.threshold)
                     details[name] = {
                         "score": 1.0 - p,
                         "raw": float(result.raw[name][i]),

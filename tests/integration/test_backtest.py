@@ -19,8 +19,8 @@ from stream_detector.generator import GeneratorConfig, SalesGenerator
 from stream_detector.runtime.backtest import backtest
 from stream_detector.runtime.replay import replay
 from tests.kafka_helpers import produce_all, unique_name
+from tests.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
 INVALID = [b"{not json", b'{"event_id": "x-1", "amount": 1.0}', b"[1, 2]"]  # invalid_json, missing_field, not_an_object
 
 
@@ -147,8 +147,8 @@ def test_from_timestamp_starts_at_the_first_record_at_or_after_it(kafka_bootstra
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_DETECTOR_")}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "stream_detector", *args], cwd=REPO, env=env, capture_output=True, timeout=timeout)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return subprocess.run([sys.executable, "-m", "stream_detector", *args], cwd=REPO_ROOT, env=env, capture_output=True, timeout=timeout)
 
 
 def test_cli_backtest(kafka_bootstrap, make_topics, tmp_path):

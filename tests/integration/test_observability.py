@@ -41,7 +41,7 @@ from stream_detector.generator import GeneratorConfig, SalesGenerator
 from stream_detector.runtime.topics import ensure_topics
 from tests.daemon_helpers import REPO_ROOT, DaemonProcess, free_port, metric, parse_metrics, write_config
 from tests.kafka_helpers import produce_all, unique_name
-from tests.unit.test_dashboard import (
+from tests.unit.deploy.test_dashboard import (
     SCRAPE_JOB,
     dashboard_expressions,
     rule_expressions,

@@ -18,8 +18,8 @@ import yaml
 
 from stream_detector.config import Settings, librdkafka_config, load_settings, masked_dump
 from stream_detector.errors import ConfigError
+from tests.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DETECTOR_YAML = REPO_ROOT / "config" / "detector.yaml"
 MASK = "**********"
 

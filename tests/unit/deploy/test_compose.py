@@ -21,8 +21,8 @@ import yaml
 
 from stream_detector.cli import build_parser
 from stream_detector.config import Settings, load_settings
+from tests.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DETECTOR_YAML = REPO_ROOT / "config" / "detector.yaml"
 SERVICES = ("kafka", "kafka-init", "detector", "generator", "prometheus", "grafana")

@@ -25,7 +25,8 @@ import orjson
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.paths import REPO_ROOT
+
 DASHBOARD = REPO_ROOT / "config" / "grafana" / "dashboards" / "stream-detector.json"
 DATASOURCES = REPO_ROOT / "config" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 PROVIDERS = REPO_ROOT / "config" / "grafana" / "provisioning" / "dashboards" / "dashboards.yml"

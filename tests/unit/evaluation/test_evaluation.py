@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -33,8 +32,8 @@ from stream_detector.features import FeatureBatch
 from stream_detector.runtime.replay import replay
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import BatchResult
+from tests.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
 T0 = 1_767_571_200.0  # 2026-01-05T00:00:00Z
 
 
@@ -256,8 +255,8 @@ def test_datasets_ship_with_river():
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_DETECTOR_")}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "stream_detector", *args], cwd=REPO, env=env, capture_output=True, timeout=timeout)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return subprocess.run([sys.executable, "-m", "stream_detector", *args], cwd=REPO_ROOT, env=env, capture_output=True, timeout=timeout)
 
 
 def test_cli_evaluate_generate_prints_the_table(tmp_path):

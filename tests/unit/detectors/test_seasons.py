@@ -12,7 +12,7 @@ from stream_detector.detectors import seasons
 from stream_detector.detectors.zscore import ZScoreDetector
 from stream_detector.detectors.zscore_kernel import factorize
 from stream_detector.features import FeatureBatch
-from tests.unit.test_zscore import run_chunks
+from tests.unit.detectors.test_zscore import run_chunks
 
 MONDAY = 1_767_571_200.0  # 2026-01-05 00:00 UTC, a Monday
 HOUR = 3600.0

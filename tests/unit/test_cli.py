@@ -1,4 +1,4 @@
-"""The command line end to end (subprocess): replay, generate, run with a bad config; observe_many."""
+"""The command line end to end (subprocess): replay, generate, run with a bad config."""
 
 from __future__ import annotations
 
@@ -7,20 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry, Histogram
 
-from stream_detector.metrics import SCORE_BUCKETS, observe_many
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO_ROOT
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_DETECTOR_")}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "stream_detector", *args], cwd=REPO, env=env, capture_output=True, timeout=timeout)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return subprocess.run([sys.executable, "-m", "stream_detector", *args], cwd=REPO_ROOT, env=env, capture_output=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +70,8 @@ def test_replay_one_line_out_per_line_in(generated, tmp_path):
 def test_replay_stdin_stdout():
     src = b'{"event_id":"a","timestamp":"2026-01-05T10:00:00.000Z","store_id":"s","amount":3.5}\n\nnope\n'
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_DETECTOR_")}
-    env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-m", "stream_detector", "replay"], cwd=REPO, env=env, input=src, capture_output=True, timeout=120)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    proc = subprocess.run([sys.executable, "-m", "stream_detector", "replay"], cwd=REPO_ROOT, env=env, input=src, capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
     out = [orjson.loads(line) for line in proc.stdout.splitlines()]
     assert [sorted(o) for o in out] == [
@@ -120,41 +116,3 @@ def test_run_with_invalid_yaml_exits_2(tmp_path):
     proc = cli("run", "--config", str(unknown), timeout=60)
     assert proc.returncode == 2
     assert b"scoring.threshold" in proc.stderr
-
-
-def _exposition_without_created(registry: CollectorRegistry) -> dict[str, float]:
-    from prometheus_client import generate_latest
-
-    out = {}
-    for line in generate_latest(registry).decode().splitlines():
-        if line.startswith("#") or not line or "_created" in line:
-            continue
-        name, value = line.rsplit(" ", 1)
-        out[name] = float(value)
-    return out
-
-
-@pytest.mark.parametrize("labelled", [False, True])
-def test_observe_many_equals_repeated_observe(labelled):
-    rng = np.random.default_rng(0)
-    values = np.r_[rng.random(2000), 1 - 10.0 ** -rng.uniform(1, 7, 500), list(SCORE_BUCKETS), [0.0, 1.0, 2.0, -1.0, np.nan]]
-    regs = [CollectorRegistry(), CollectorRegistry()]
-    hists = []
-    for reg in regs:
-        if labelled:
-            h = Histogram("s", "help", ["detector"], buckets=SCORE_BUCKETS, registry=reg).labels("zscore")
-        else:
-            h = Histogram("s", "help", buckets=SCORE_BUCKETS, registry=reg)
-        hists.append(h)
-    for v in values:
-        if not np.isnan(v):
-            hists[0].observe(float(v))
-    observe_many(hists[1], values)
-    observe_many(hists[1], np.array([]))
-    a, b = (_exposition_without_created(r) for r in regs)
-    assert a.keys() == b.keys()
-    for key in a:
-        if key.startswith("s_sum"):
-            assert b[key] == pytest.approx(a[key], rel=1e-9)
-        else:
-            assert b[key] == a[key], key
