@@ -4,13 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit integration bench clean
+.PHONY: install demo check test unit integration bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned to 2.13.0 in pyproject.toml: the CPU build, no CUDA downloads.
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	# Validating the default config builds its pipeline, which compiles the numba kernels once
 	# now (numba caches them next to the sources): otherwise the first process after an install
 	# spends ~10 s compiling before it scores anything.
@@ -27,7 +27,13 @@ install: $(STAMP)
 demo: $(STAMP)  ## embedded broker + synthetic sales + detector; anomalies printed, metrics on :9108
 	$(BIN)/stream-detector demo
 
-test: $(STAMP)  ## unit and integration tests (integration tests start an embedded broker)
+check: $(STAMP)  ## lint, format and type checks; fails on any finding
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: $(STAMP)  ## the checks, then unit and integration tests (integration tests start an embedded broker)
+	$(MAKE) --no-print-directory check
 	$(BIN)/python -m pytest
 
 unit: $(STAMP)
@@ -37,7 +43,7 @@ integration: $(STAMP)
 	$(BIN)/python -m pytest -m integration
 
 bench: $(STAMP)  ## benchmarks (not tests): one table, ratios against baselines measured in the same run
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache *.egg-info

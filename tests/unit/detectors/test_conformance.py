@@ -1,0 +1,197 @@
+"""One conformance suite over every point detector (River's ``check_estimator`` is the model).
+
+Each detector the factory can build runs through the same checks of the contract written in
+``stream_detector/detectors/base.py``:
+
+- scoring a stream in batches gives the scores of scoring it one event at a time;
+- ``score`` changes nothing: scoring the same batch twice gives the same scores;
+- a masked event is not learned: learning a batch under a mask equals learning the batch
+  without the masked events;
+- state survives a ``state_dict`` / ``load_state_dict`` round trip through pickle, and a snapshot
+  of another version is refused with ``StateError``;
+- an empty batch scores to nothing and changes nothing; an event with missing features is
+  scored without error.
+
+A new detector is added to ``DETECTORS`` below; its own test file covers what is specific to it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+
+import numpy as np
+import orjson
+import pytest
+
+from stream_detector.config import load_settings
+from stream_detector.detectors.base import Detector
+from stream_detector.errors import StateError
+from stream_detector.events.decode import decode_batch
+from stream_detector.features import FeatureBatch
+from stream_detector.generator import GeneratorConfig, SalesGenerator
+from stream_detector.scoring.factory import build_autoencoder, event_schema
+
+
+def _zscore() -> Detector:
+    from stream_detector.detectors.zscore import ZScoreDetector
+
+    return ZScoreDetector(
+        features=("log_amount", "log_unit_price"),
+        key_sets=("store_id",),
+        key_set_features={"store_id": ("log_amount", "log_unit_price")},
+        warmup=5,
+    )
+
+
+def _duplicates() -> Detector:
+    from stream_detector.detectors.duplicates import DuplicateDetector
+
+    return DuplicateDetector(window_seconds=3600.0, max_entries=10_000)
+
+
+def _hst() -> Detector:
+    from stream_detector.detectors.hst import HalfSpaceTreesDetector
+
+    return HalfSpaceTreesDetector(features=("log_amount", "log_quantity", "log_unit_price"), seed=7, n_trees=5, height=6, window_size=50)
+
+
+def _river_loda() -> Detector:
+    from stream_detector.detectors.river_model import RiverModelDetector
+
+    return RiverModelDetector(model="LODA", features=("log_amount", "log_quantity", "log_unit_price"), seed=7)
+
+
+def _autoencoder() -> Detector:
+    settings = load_settings(None, environ={})
+    overrides = {"warmup_events": 64, "train_batch_size": 32, "device": "cpu", "seed": 7}
+    settings = settings.model_copy(update={"autoencoder": settings.autoencoder.model_copy(update=overrides)})
+    return build_autoencoder(settings)
+
+
+DETECTORS: dict[str, Callable[[], Detector]] = {
+    "zscore": _zscore,
+    "duplicates": _duplicates,
+    "hst": _hst,
+    "river_loda": _river_loda,
+    "autoencoder": _autoencoder,
+}
+N_EVENTS = 600
+RTOL, ATOL = 1e-6, 1e-9
+
+
+@pytest.fixture(scope="module")
+def stream() -> FeatureBatch:
+    """A generated sales stream with anomalies and duplicates, decoded into features."""
+    settings = load_settings(None, environ={})
+    generator = SalesGenerator(GeneratorConfig(seed=3, anomaly_rate=0.05))
+    values = [orjson.dumps(event) for event, _label in generator.generate(N_EVENTS)]
+    decoded = decode_batch(values, event_schema(settings))
+    assert decoded.features.n == N_EVENTS
+    return decoded.features
+
+
+@pytest.fixture(params=sorted(DETECTORS))
+def make(request: pytest.FixtureRequest) -> Callable[[], Detector]:
+    return DETECTORS[request.param]
+
+
+def _scores_in_chunks(detector: Detector, batch: FeatureBatch, sizes: list[int], learn: np.ndarray | None = None) -> np.ndarray:
+    learn = np.ones(batch.n, dtype=bool) if learn is None else learn
+    out, start, i = [], 0, 0
+    while start < batch.n:
+        stop = min(batch.n, start + sizes[i % len(sizes)])
+        step = detector.score(batch.slice(start, stop), learn[start:stop])
+        detector.commit(step)
+        out.append(step.scores)
+        start, i = stop, i + 1
+    return np.concatenate(out)
+
+
+def _every_other_tenth_masked(n: int) -> np.ndarray:
+    learn = np.ones(n, dtype=bool)
+    learn[::10] = False
+    return learn
+
+
+def test_batch_equals_one_by_one(make: Callable[[], Detector], stream: FeatureBatch) -> None:
+    learn = _every_other_tenth_masked(stream.n)
+    one_by_one = _scores_in_chunks(make(), stream, [1], learn)
+    batched = _scores_in_chunks(make(), stream, [97, 250, 3, 250], learn)
+    np.testing.assert_allclose(batched, one_by_one, rtol=RTOL, atol=ATOL)
+    # The stream must exercise the detector: scores that never vary would make every check here pass.
+    assert np.ptp(one_by_one[np.isfinite(one_by_one)]) > 0
+
+
+def test_score_changes_nothing(make: Callable[[], Detector], stream: FeatureBatch) -> None:
+    detector = make()
+    _scores_in_chunks(detector, stream.slice(0, 400), [200])
+    before = pickle.dumps(detector.state_dict())
+    rest = stream.slice(400, stream.n)
+    learn = np.ones(rest.n, dtype=bool)
+    first = detector.score(rest, learn).scores
+    second = detector.score(rest, learn).scores
+    np.testing.assert_array_equal(first, second)
+    assert pickle.dumps(detector.state_dict()) == before
+
+
+def test_masked_events_are_not_learned(make: Callable[[], Detector], stream: FeatureBatch) -> None:
+    head, tail = stream.slice(0, 400), stream.slice(400, stream.n)
+    learn = _every_other_tenth_masked(head.n)
+    masked, filtered = make(), make()
+    _scores_in_chunks(masked, head, [100], learn)
+    kept = np.flatnonzero(learn)
+    filtered.commit(filtered.score(_take(head, kept), np.ones(kept.size, dtype=bool)))
+    all_of_tail = np.ones(tail.n, dtype=bool)
+    np.testing.assert_allclose(masked.score(tail, all_of_tail).scores, filtered.score(tail, all_of_tail).scores, rtol=RTOL, atol=ATOL)
+
+
+def test_state_round_trip_continues_identically(make: Callable[[], Detector], stream: FeatureBatch) -> None:
+    original = make()
+    _scores_in_chunks(original, stream.slice(0, 400), [128])
+    restored = make()
+    restored.load_state_dict(pickle.loads(pickle.dumps(original.state_dict())))
+    rest = stream.slice(400, stream.n)
+    np.testing.assert_allclose(_scores_in_chunks(restored, rest, [50]), _scores_in_chunks(original, rest, [50]), rtol=RTOL, atol=ATOL)
+
+
+def test_foreign_state_version_is_refused(make: Callable[[], Detector], stream: FeatureBatch) -> None:
+    detector = make()
+    _scores_in_chunks(detector, stream.slice(0, 100), [100])
+    state = detector.state_dict()
+    assert "version" in state
+    with pytest.raises(StateError):
+        make().load_state_dict({**state, "version": 999})
+
+
+def test_empty_batch_scores_nothing_and_changes_nothing(make: Callable[[], Detector], stream: FeatureBatch) -> None:
+    detector = make()
+    _scores_in_chunks(detector, stream.slice(0, 200), [200])
+    before = pickle.dumps(detector.state_dict())
+    step = detector.score(stream.slice(0, 0), np.ones(0, dtype=bool))
+    assert step.scores.shape == (0,)
+    detector.commit(step)
+    assert pickle.dumps(detector.state_dict()) == before
+
+
+def test_missing_features_are_scored(make: Callable[[], Detector], stream: FeatureBatch) -> None:
+    detector = make()
+    _scores_in_chunks(detector, stream.slice(0, 300), [300])
+    rest = stream.slice(300, 340)
+    holes = {name: column.copy() for name, column in rest.columns.items()}
+    for column in holes.values():
+        column[::3] = np.nan
+    batch = FeatureBatch(rest.event_time, holes, rest.keys, rest.event_ids, rest.fingerprints)
+    scores = detector.score(batch, np.ones(batch.n, dtype=bool)).scores
+    assert scores.shape == (batch.n,)
+    assert not np.isinf(scores).any()
+
+
+def _take(batch: FeatureBatch, rows: np.ndarray) -> FeatureBatch:
+    return FeatureBatch(
+        event_time=batch.event_time[rows],
+        columns={k: v[rows] for k, v in batch.columns.items()},
+        keys={k: v[rows] for k, v in batch.keys.items()},
+        event_ids=batch.event_ids[rows],
+        fingerprints=batch.fingerprints[rows] if batch.fingerprints.size else batch.fingerprints,
+    )
