@@ -11,7 +11,7 @@ Three figures per device and batch size, all through the public ``score``/``comm
 
 The pipeline calls ``score`` about twice per batch, so its own throughput is roughly half of these.
 
-    PYTHONPATH=. python bench/bench_autoencoder.py [--quick] [--threads N]
+    python -m bench.bench_autoencoder [--quick] [--threads N]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -66,13 +67,13 @@ def bench_device(device: str, data: FeatureBatch, min_seconds: float) -> list[tu
         none, every = np.zeros(size, dtype=bool), np.ones(size, dtype=bool)
 
         scorer = trained_detector(device, data)
-        score = rows_per_second(lambda: scorer.score(batch, none), size, min_seconds)
+        score = rows_per_second(partial(scorer.score, batch, none), size, min_seconds)
 
         learner = trained_detector(device, data)
-        learn = rows_per_second(lambda: learner.learn_one_batch(batch, every), size, min_seconds)
+        learn = rows_per_second(partial(learner.learn_one_batch, batch, every), size, min_seconds)
 
         trainer = trained_detector(device, data, train_batch_size=size)
-        train = rows_per_second(lambda: trainer.learn_one_batch(batch, every), size, min_seconds)
+        train = rows_per_second(partial(trainer.learn_one_batch, batch, every), size, min_seconds)
         rows.append((size, score, learn, train))
         print(f"  {device:>6} {size:>6} {score:>14,.0f} {learn:>14,.0f} {train:>14,.0f}", flush=True)
     return rows

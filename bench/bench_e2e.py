@@ -1,6 +1,7 @@
 """End-to-end throughput and latency of the daemon through a real (embedded) broker.
 
-Used by ``bench/run.py`` (sections ``e2e`` and ``latency``); see ``docs/benchmarks.md``.
+Used by ``bench/run.py`` (sections ``e2e`` and ``latency``); see ``docs/benchmarks.md``. The
+daemon runs through ``tests.daemon_helpers.DaemonProcess``, the integration tests' helper.
 
 * ``e2e``: N events are produced first (keyed by store_id, 3 input partitions). Then the daemon
   (``python -m stream_detector run --config <tmp yaml>``, a subprocess) is timed from process
@@ -26,31 +27,23 @@ judged by comparing committed offsets with the number of records produced.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from stream_detector.embedded_broker import die_with_parent_hook
-
-ROOT = Path(__file__).resolve().parent.parent
-
-# Fast group settings: tansu's classic group join takes about session.timeout.ms / 2.
-FAST_GROUP = {"session.timeout.ms": 6000, "max.poll.interval.ms": 7000, "heartbeat.interval.ms": 500}
+from tests.daemon_helpers import DaemonProcess, Samples, child_env, process_cpu_seconds, sample, write_config
+from tests.kafka_helpers import fast_group_config
 
 Log = Callable[[str], None]
 
@@ -63,45 +56,12 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def child_env() -> dict[str, str]:
-    """Our environment without STREAM_DETECTOR_* overrides, with the repository importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_DETECTOR_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 # --------------------------------------------------------------------------------------------
-# Metrics scraping
+# Histograms on /metrics
 # --------------------------------------------------------------------------------------------
 
 
-def scrape(port: int, timeout: float = 2.0) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """name -> [(labels, value)] of every sample on /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
-        text = resp.read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
-    return out
-
-
-def sample(metrics: dict, name: str, **labels: str) -> float:
-    for sample_labels, value in metrics.get(name, []):
-        if all(sample_labels.get(k) == v for k, v in labels.items()):
-            return value
-    return 0.0
-
-
-def histogram_buckets(metrics: dict, name: str) -> list[tuple[float, float]]:
+def histogram_buckets(metrics: Samples, name: str) -> list[tuple[float, float]]:
     """[(upper bound, cumulative count)] sorted by bound, +Inf last."""
     rows = [(float(lbl["le"]), v) for lbl, v in metrics.get(f"{name}_bucket", [])]
     return sorted(rows)
@@ -141,31 +101,11 @@ def histogram_max_bound(buckets: list[tuple[float, float]]) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def process_cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time process ``pid`` has used so far (Linux /proc), None if unknown."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def generated_events(count: int, seed: int):
     from stream_detector.generator import GeneratorConfig, SalesGenerator
 
     for event, _label in SalesGenerator(GeneratorConfig(seed=seed)).generate(count):
         yield event
-
-
-def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
-    try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=5)
-        return sum(max(tp.offset, 0) for tp in tps)
-    finally:
-        consumer.close()
 
 
 class CommittedWatcher:
@@ -217,10 +157,10 @@ def count_consumer(bootstrap: str, topic: str, expected: int, timeout: float = 1
     }
 
 
-def read_topic(bootstrap: str, topic: str, expected: int | None, idle_s: float = 3.0, timeout: float = 120.0) -> list:
+def read_topic(bootstrap: str, topic: str, expected: int | None, idle_s: float = 3.0, timeout: float = 120.0) -> list[tuple[Any, Any]]:
     """Every record of ``topic`` (values and timestamps), until ``expected`` or ``idle_s`` of silence."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
-    out = []
+    out: list[tuple[Any, Any]] = []
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -246,36 +186,28 @@ def read_topic(bootstrap: str, topic: str, expected: int | None, idle_s: float =
 # --------------------------------------------------------------------------------------------
 
 
-def write_config(
+def bench_config(
     path: Path,
     bootstrap: str,
     input_topic: str,
     output_topic: str,
     dlq_topic: str,
     group: str,
-    consumer_config: dict[str, Any] | None,
-    metrics_port: int,
+    consumer_config: Mapping[str, Any] | None = None,
+    **sections: Mapping[str, Any],
 ) -> Path:
-    """The daemon's YAML config for one benchmark phase (the latency baseline reads it too)."""
-    config = {
-        "kafka": {
-            "bootstrap_servers": bootstrap,
-            "input_topic": input_topic,
-            "output_topic": output_topic,
-            "dlq_topic": dlq_topic,
-            "group_id": group,
-            "consumer_config": {**FAST_GROUP, **(consumer_config or {})},
-            "create_topics": False,
-        },
-        "metrics": {"host": "127.0.0.1", "port": metrics_port},
-        "logging": {"level": "INFO", "format": "json"},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    """The daemon's YAML config for one benchmark phase (the latency baseline reads it too): the
+    tests' config (fast group settings, metrics on a free port, JSON logs) with the phase's
+    ``consumer_config`` on top, topics made by the harness, and ``sections`` merged in
+    (``river={"enabled": False}``)."""
+    kafka = {"consumer_config": {**fast_group_config(), **(consumer_config or {})}, "create_topics": False}
+    return write_config(path, bootstrap, input_topic, output_topic, dlq_topic, group, kafka=kafka, logging={"level": "INFO"}, **sections)
 
 
-class DaemonProcess:
-    """``python -m stream_detector run --config <tmp yaml>`` with its own topics and group."""
+class TimedDaemon(DaemonProcess):
+    """The daemon with its own topics, group and temporary config, timed by a thread that
+    scrapes /metrics: when it first served, when it was first assigned (and its CPU then),
+    and when it had counted ``expected_events`` input records."""
 
     def __init__(
         self,
@@ -285,20 +217,18 @@ class DaemonProcess:
         dlq_topic: str,
         group: str,
         expected_events: int | None = None,
-        consumer_config: dict[str, Any] | None = None,
-        python_args: list[str] | None = None,
+        consumer_config: Mapping[str, Any] | None = None,
+        python_args: Sequence[str] = (),
+        sections: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
-        self.python_args = python_args or []  # e.g. ["-m", "cProfile", "-o", "daemon.prof"]
-        self.expected_events = expected_events
         self.input_topic = input_topic
         self.output_topic = output_topic
         self.group = group
-        self.port = free_port()
+        self.expected_events = expected_events
         self.dir = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
-        self.config_path = write_config(self.dir / "detector.yaml", bootstrap, input_topic, output_topic, dlq_topic, group, consumer_config, self.port)
-        self.log_path = self.dir / "daemon.log"
-        self.proc: subprocess.Popen | None = None
+        config = bench_config(self.dir / "detector.yaml", bootstrap, input_topic, output_topic, dlq_topic, group, consumer_config, **(sections or {}))
+        super().__init__(config, self.dir / "daemon.log", python_args=python_args, env=child_env(keep_overrides=False), die_with_parent=True)
         self.started_at: float | None = None
         self.metrics_up_at: float | None = None
         self.assigned_at: float | None = None
@@ -307,29 +237,19 @@ class DaemonProcess:
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def start(self) -> DaemonProcess:
-        log = self.log_path.open("wb")
+    def start(self) -> TimedDaemon:
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, *self.python_args, "-m", "stream_detector", "run", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=child_env(),
-            cwd=str(ROOT),
-            preexec_fn=die_with_parent_hook(),
-        )
-        log.close()
+        super().start()
         self._watcher = threading.Thread(target=self._watch_assignment, name="bench-assign-watch", daemon=True)
         self._watcher.start()
         return self
 
     def _watch_assignment(self) -> None:
         """Scrape /metrics every 20 ms until the first assignment, then (if expected_events is
-        set) every 100 ms until the daemon has counted that many input records."""
-        while not self._watch_stop.is_set() and self.proc is not None and self.proc.poll() is None:
+        set) every SCRAPE_EVERY_S until the daemon has counted that many input records."""
+        while not self._watch_stop.is_set() and self.process is not None and self.process.poll() is None:
             try:
-                m = scrape(self.port, timeout=1.0)
+                m = self.samples(timeout=1.0)
             except OSError:
                 time.sleep(0.02)
                 continue
@@ -353,8 +273,8 @@ class DaemonProcess:
             time.sleep(SCRAPE_EVERY_S)
 
     def check_alive(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            code = None if self.proc is None else self.proc.returncode
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
             raise RuntimeError(f"daemon exited (code {code}). Log tail:\n{self.log_tail()}")
 
     def wait_assigned(self, timeout: float = 60.0) -> float:
@@ -366,39 +286,14 @@ class DaemonProcess:
             time.sleep(0.02)
         return self.assigned_at
 
-    def wait_committed(self, expected: int, timeout: float, poll_s: float = 0.1) -> float:
-        """Monotonic time at which the committed offsets first covered ``expected`` records."""
-        return wait_group_committed([self], expected, timeout, poll_s)
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time the daemon process has used so far (Linux /proc)."""
-        return process_cpu_seconds(None if self.proc is None else self.proc.pid)
-
-    def scrape(self) -> dict:
-        return scrape(self.port)
-
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:  # type: ignore[override]
         """SIGTERM (SIGKILL after ``timeout``), then remove the temporary config and log (error
-        messages raised earlier already carry the log tail)."""
+        messages raised earlier already carry the log tail). None if it never started."""
         self._watch_stop.set()
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        return self.proc.returncode
-
-    def log_tail(self, chars: int = 3000) -> str:
         try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return text[-chars:]
+            return None if self.process is None else super().stop(sig, timeout)
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,7 +330,7 @@ class EchoProcess:
         self.output_topic = output_topic
         self.group = group
         self.dir = Path(tempfile.mkdtemp(prefix="bench-echo-"))
-        self.config_path = write_config(self.dir / "detector.yaml", bootstrap, input_topic, output_topic, dlq_topic, group, consumer_config, free_port())
+        self.config_path = bench_config(self.dir / "detector.yaml", bootstrap, input_topic, output_topic, dlq_topic, group, consumer_config)
         # spawn, not fork: the parent may hold librdkafka threads, which fork() does not copy.
         context = multiprocessing.get_context("spawn")
         self._assigned = context.Event()
@@ -533,7 +428,7 @@ def _offsets(topic: str, positions: dict[int, int]) -> list[TopicPartition]:
 
 
 def wait_group_committed(
-    daemons: Sequence[DaemonProcess | EchoProcess],
+    daemons: Sequence[TimedDaemon | EchoProcess],
     expected: int,
     timeout: float,
     poll_s: float = 0.1,
@@ -642,7 +537,7 @@ def _throughput_phase(
     daemon's from its own assignment (before it, it only starts up) to the last commit, and
     the broker's over the whole phase (it has next to nothing to do while the daemons start)."""
     expected = n_events if instances == 1 else None  # "to the last scored" needs one daemon
-    daemons = [DaemonProcess(bs, inp, out, dlq, group, expected_events=expected, python_args=python_args) for _ in range(instances)]
+    daemons = [TimedDaemon(bs, inp, out, dlq, group, expected_events=expected, python_args=python_args or ()) for _ in range(instances)]
     broker_cpu_start = process_cpu_seconds(broker_pid)
     for daemon in daemons:
         daemon.start()
@@ -652,7 +547,7 @@ def _throughput_phase(
         cpu = [d.cpu_seconds() for d in daemons]
         broker_cpu_end = process_cpu_seconds(broker_pid)
         time.sleep(0.3)  # let the watcher see the final count if it has not yet
-        scraped = [d.scrape() for d in daemons]
+        scraped = [d.samples() for d in daemons]
     finally:
         codes = [d.stop() for d in daemons]
     started = min(d.started_at for d in daemons if d.started_at is not None)
@@ -666,7 +561,7 @@ def _throughput_phase(
     batch_s = summed("stream_detector_batch_seconds_sum")
     scored_at = daemons[0].scored_at if instances == 1 else None
     cpu_s = sum(c for c in cpu if c is not None) if all(c is not None for c in cpu) else None
-    steady = [None if c is None or d.cpu_at_assignment is None else c - d.cpu_at_assignment for c, d in zip(cpu, daemons)]
+    steady = [None if c is None or d.cpu_at_assignment is None else c - d.cpu_at_assignment for c, d in zip(cpu, daemons, strict=True)]
     steady_cpu_s = None if None in steady else sum(steady)  # type: ignore[arg-type]
     broker_s = None if broker_cpu_start is None or broker_cpu_end is None else broker_cpu_end - broker_cpu_start
     return {
@@ -719,26 +614,30 @@ def run_latency(
         for i, (label, rate, consumer_config, seconds) in enumerate(phases):
             count = int(rate * (seconds or duration_s))
             n = (instances or {}).get(label, 1)
-            r = _latency_phase(bs, rate, count, 10 + i, consumer_config, n, lambda what: log(f"latency [{label}]: {what}"))
-            r["baseline"] = _baseline_phase(bs, rate, count, 10 + i, consumer_config, lambda what: log(f"latency [{label}], baseline: {what}"))
+            r = latency_phase(bs, rate, count, 10 + i, consumer_config, n, _prefixed(log, f"latency [{label}]: "))
+            r["baseline"] = _baseline_phase(bs, rate, count, 10 + i, consumer_config, _prefixed(log, f"latency [{label}], baseline: "))
             r["consumer_config"] = consumer_config
             r["instances"] = n
             results["phases"][label] = r
     return results
 
 
-def merged_scrape(daemons: list[DaemonProcess]) -> dict[str, list[tuple[dict[str, str], float]]]:
+def _prefixed(log: Log, prefix: str) -> Log:
+    return lambda what: log(prefix + what)
+
+
+def merged_scrape(daemons: list[TimedDaemon]) -> Samples:
     """One scrape of every daemon, equal series summed: right for the counters and histograms
     the latency phase reads (not for gauges)."""
     totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for daemon in daemons:
-        for name, samples in daemon.scrape().items():
+        for name, samples in daemon.samples().items():
             for labels, value in samples:
                 key = (name, tuple(sorted(labels.items())))
                 totals[key] = totals.get(key, 0.0) + value
-    merged: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for (name, labels), value in totals.items():
-        merged.setdefault(name, []).append((dict(labels), value))
+    merged: Samples = {}
+    for (name, label_items), value in totals.items():
+        merged.setdefault(name, []).append((dict(label_items), value))
     return merged
 
 
@@ -750,8 +649,8 @@ class PacedRun:
         self.measured_ids = measured_ids
         self.produced = 0
         self.started = self.produce_end = self.done_at = 0.0
-        self.before: Any = None  # scrape() after the warm-up
-        self.after: Any = None  # scrape() once everything was committed
+        self.before: Any = None  # the scrape after the warm-up
+        self.after: Any = None  # the scrape once everything was committed
         self.exit_codes: list[int | None] = []
 
     @property
@@ -770,7 +669,7 @@ class PacedRun:
 
 
 def _paced_run(
-    members: Sequence[DaemonProcess | EchoProcess],
+    members: Sequence[TimedDaemon | EchoProcess],
     bs: str,
     inp: str,
     rate: int,
@@ -847,12 +746,24 @@ def kafka_latency(bs: str, inp: str, out: str, measured_ids: set[str], outputs: 
     }
 
 
-def _latency_phase(bs: str, rate: int, count: int, seed: int, consumer_config: dict[str, Any], instances: int, log: Log) -> dict[str, Any]:
+def latency_phase(
+    bs: str,
+    rate: int,
+    count: int,
+    seed: int,
+    consumer_config: dict[str, Any],
+    instances: int,
+    log: Log,
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One latency phase without its baseline: ``instances`` fresh daemons in a fresh group and
+    topics, fed ``count`` events of ``seed`` at ``rate`` after a warm-up; ``sections`` are merged
+    into their config (``{"river": {"enabled": False}}``)."""
     from stream_detector.runtime.topics import ensure_topics
 
     inp, out, dlq, group = _topics(f"lat{rate}")
     ensure_topics(bs, {inp: 3, out: 3, dlq: 1})
-    daemons = [DaemonProcess(bs, inp, out, dlq, group, consumer_config=consumer_config) for _ in range(instances)]
+    daemons = [TimedDaemon(bs, inp, out, dlq, group, consumer_config=consumer_config, sections=sections) for _ in range(instances)]
     run = _paced_run(daemons, bs, inp, rate, count, seed, log, scrape=lambda: merged_scrape(daemons))
     before, metrics = run.before, run.after
     latency = "stream_detector_end_to_end_latency_seconds"
@@ -927,7 +838,7 @@ def _pct(sorted_values: list[int], q: float) -> float | None:
     return float(sorted_values[k])
 
 
-if __name__ == "__main__":  # a quick manual check
+if __name__ == "__main__":  # a quick manual check: python -m bench.bench_e2e [EVENTS]
     import json
 
     print(json.dumps(run_e2e(int(sys.argv[1]) if len(sys.argv) > 1 else 20000), indent=2))

@@ -5,7 +5,7 @@ batches. Rates are medians over blocks of ``--batch`` events, so a busy machine 
 less. Both see the same events with the same parameters and seed, so the scores must agree:
 the script prints the largest absolute difference next to the speed-up.
 
-    PYTHONPATH=. python bench/bench_hst.py [--events 10000] [--batch 1000]
+    python -m bench.bench_hst [--events 10000] [--batch 1000]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def run_river(X: np.ndarray, block: int, n_trees: int, height: int, window_size:
         preprocessing.MinMaxScaler(),
         anomaly.HalfSpaceTrees(n_trees=n_trees, height=height, window_size=window_size, seed=seed),
     )
-    rows = [dict(zip(DEFAULT_FEATURES, row)) for row in X.tolist()]
+    rows = [dict(zip(DEFAULT_FEATURES, row, strict=True)) for row in X.tolist()]
     scores = np.empty(len(rows))
     scores[0] = model.score_one(rows[0])
     model.learn_one(rows[0])

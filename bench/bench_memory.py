@@ -4,11 +4,11 @@ Run in a fresh process: it imports the project, builds the default pipeline and 
 (the "construction" figure), then scores the file in micro-batches of processing.batch_size
 through decode_batch + ScoringPipeline.process + encode_anomalies, and reads VmRSS and VmHWM
 (the peak) again. The input is streamed from the file a batch at a time, so it costs almost
-nothing itself. Prints one JSON object. ``bench/run.py --only memory`` writes the files
+nothing itself. Prints one JSON object. ``python -m bench.run --only memory`` writes the files
 (100,000 generated events whose store_id and product_id are made unique, and the same events
 with the generator's own keys) and runs this once for each.
 
-    PYTHONPATH=. python bench/bench_memory.py --input events.jsonl
+    python -m bench.bench_memory --input events.jsonl
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ each collective timer's ``process`` is wrapped with a timer; decode and encode a
 around their calls. Shares are of the whole loop. Complements ``profile_scoring.py``, which
 slows Python-heavy code (the per-event loops) far more than numpy and torch code.
 
-    PYTHONPATH=. python bench/breakdown_scoring.py [--events 100000] [--batch-size 2000] [--seed 1]
+    python -m bench.breakdown_scoring [--events 100000] [--batch-size 2000] [--seed 1]
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ z-score above 5 sd, or a HalfSpaceTrees score above 0.98, or an autoencoder erro
 its running mean after 512 events. It flags on the order of 1 % of the synthetic stream, like
 the real pipeline.
 
-    PYTHONPATH=. python bench/naive.py [--events 5000]
+    python -m bench.naive [--events 5000]
 """
 
 from __future__ import annotations

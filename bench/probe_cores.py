@@ -4,7 +4,7 @@ Times the same CPU-bound pure-Python loop alone, then two copies started togethe
 times. On a machine with two real idle cores both copies take as long as one alone; on shared
 or hyper-threaded vCPUs they take longer, and two daemons gain less than 2x over one.
 
-    python bench/probe_cores.py [--tries 4] [--iterations 20000000]
+    python -m bench.probe_cores [--tries 4] [--iterations 20000000]
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ The same events and micro-batches as section 1 of ``bench/run.py``: generated ev
 default settings, ``--batch-size`` (default 2000, the default processing.batch_size). Prints the
 top functions by own time and by cumulative time, so whoever optimises the engine sees where
 the time goes. Profiling slows Python-heavy code more than numpy/torch code, so read it as
-shares, and check a change with ``bench/run.py --only scoring``.
+shares, and check a change with ``python -m bench.run --only scoring``.
 
-    PYTHONPATH=. python bench/profile_scoring.py [--events 50000] [--batch-size 2000] [--top 25]
+    python -m bench.profile_scoring [--events 50000] [--batch-size 2000] [--top 25]
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The benchmark suite of the "Speed" issue: one command, one Markdown table, bench/results.json.
 
-    python bench/run.py [--quick] [--only scoring,hst,e2e,latency,memory,gpu] [--json PATH]
+    python -m bench.run [--quick] [--only scoring,hst,e2e,latency,memory,gpu] [--json PATH]
+
+Run it from the repository root, with the project's virtual environment.
 
 Sections (each compares with a baseline measured in the same run; see docs/benchmarks.md):
 
@@ -22,6 +24,7 @@ run on is small and shared: read ratios, not absolute numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -30,14 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-for p in (str(ROOT), str(BENCH)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 SECTIONS = ("scoring", "hst", "e2e", "latency", "memory", "gpu")
 TITLES = {
@@ -90,8 +91,8 @@ def section_scoring(quick: bool) -> dict[str, Any]:
     share of its (shorter) subset. Each side's wall and thread-CPU time is summed separately.
     """
     import orjson
-    from naive import NaivePipeline
 
+    from bench.naive import NaivePipeline
     from stream_detector.config import load_settings
     from stream_detector.events.decode import decode_batch
     from stream_detector.generator import GeneratorConfig, SalesGenerator
@@ -153,11 +154,11 @@ def section_scoring(quick: bool) -> dict[str, Any]:
     say(f"scoring: {n_ours} events in batches of {batch_size} and of {small}, naive on {n_naive}, interleaved")
     for j in range(n_blocks):
         block = values[j * batch_size : (j + 1) * batch_size]
-        sides["ours"].timed(lambda: ours_full(block), len(block))
-        sides["ours_small"].timed(lambda: ours_small(block), len(block))
+        sides["ours"].timed(partial(ours_full, block), len(block))
+        sides["ours_small"].timed(partial(ours_small, block), len(block))
         lo, hi = j * n_naive // n_blocks, (j + 1) * n_naive // n_blocks
         if hi > lo:
-            sides["naive"].timed(lambda: naive.process(values[lo:hi]), hi - lo)
+            sides["naive"].timed(partial(naive.process, values[lo:hi]), hi - lo)
     ours, mini, base = (sides[k].summary() for k in ("ours", "ours_small", "naive"))
     data = {"batch_size": batch_size, "small_batch_size": small, "naive": base, "ours": ours, "ours_small_batches": mini}
 
@@ -201,7 +202,8 @@ def section_scoring(quick: bool) -> dict[str, Any]:
 
 def section_hst(quick: bool) -> dict[str, Any]:
     import numpy as np
-    from bench_hst import run_ours, run_river, sales_like
+
+    from bench.bench_hst import run_ours, run_river, sales_like
 
     events, block, seed = (5_000 if quick else 10_000), 1000, 42
     X = sales_like(events)
@@ -244,7 +246,7 @@ def section_hst(quick: bool) -> dict[str, Any]:
 
 
 def section_e2e(quick: bool) -> dict[str, Any]:
-    from bench_e2e import run_e2e
+    from bench.bench_e2e import run_e2e
 
     n = 50_000 if quick else 200_000
     r = run_e2e(n, log=say)
@@ -335,7 +337,7 @@ LATENCY_INSTANCES = {"20,000 ev/s, 2 instances": 2}
 
 
 def section_latency(quick: bool) -> dict[str, Any]:
-    from bench_e2e import run_latency
+    from bench.bench_e2e import run_latency
 
     duration = 10.0 if quick else 30.0
     r = run_latency(LATENCY_PHASES, duration, log=say, instances=LATENCY_INSTANCES)
@@ -390,9 +392,9 @@ def section_latency(quick: bool) -> dict[str, Any]:
 
 def section_memory(quick: bool) -> dict[str, Any]:
     import orjson
-    from bench_e2e import child_env
 
     from stream_detector.generator import GeneratorConfig, SalesGenerator
+    from tests.daemon_helpers import child_env
 
     n = 100_000
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
@@ -405,15 +407,15 @@ def section_memory(quick: bool) -> dict[str, Any]:
 
     def measure(path: Path) -> dict[str, Any]:
         out = subprocess.run(
-            [sys.executable, str(BENCH / "bench_memory.py"), "--input", str(path)],
+            [sys.executable, "-m", "bench.bench_memory", "--input", str(path)],
             capture_output=True,
             text=True,
-            env=child_env(),
+            env=child_env(keep_overrides=False),
             cwd=str(ROOT),
             timeout=300,
         )
         if out.returncode != 0:
-            raise RuntimeError(f"bench_memory.py failed ({out.returncode}): {out.stderr[-2000:]}")
+            raise RuntimeError(f"bench.bench_memory failed ({out.returncode}): {out.stderr[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     say(f"memory: {n:,} events with unique store_id and product_id")
@@ -454,7 +456,7 @@ def section_gpu(quick: bool) -> dict[str, Any]:
             "rows": [row("autoencoder rows/s, CUDA vs CPU", "-", "-", "-", "no CUDA device on this machine")],
             "data": {"cuda": False, "torch": torch.__version__},
         }
-    from bench_autoencoder import BATCH_SIZES, bench_device, make_batch
+    from bench.bench_autoencoder import BATCH_SIZES, bench_device, make_batch
 
     name = torch.cuda.get_device_name()
     torch.set_num_threads(1)  # the daemon's setting (autoencoder.cpu_threads)
@@ -464,7 +466,7 @@ def section_gpu(quick: bool) -> dict[str, Any]:
     cpu = bench_device("cpu", data, min_seconds)
     cuda = bench_device("cuda", data, min_seconds)
     rows = []
-    for (size, c_score, c_learn, c_train), (_, g_score, g_learn, g_train) in zip(cpu, cuda):
+    for (size, c_score, c_learn, c_train), (_, g_score, g_learn, g_train) in zip(cpu, cuda, strict=True):
         rows.append(
             row(
                 f"autoencoder score rows/s, batch {size:,}",
@@ -535,17 +537,15 @@ def run_section(name: str, quick: bool) -> dict[str, Any]:
     """Run one section in a child process; a crash or timeout becomes a failed section."""
     fd, out_path = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".json")
     os.close(fd)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--child-out", out_path]
+    cmd = [sys.executable, "-m", "bench.run", "--child", name, "--child-out", out_path]
     if quick:
         cmd.append("--quick")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     timeout = TIMEOUTS["quick" if quick else "full"]
     t0 = time.perf_counter()
     say(f"== section {name} ==")
     # Its own process group, so a timeout (or Ctrl-C) also ends what the section started (the
     # daemon subprocess); stderr (progress, tracebacks) and stdout go to our stderr.
-    proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=sys.stderr, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), stdout=sys.stderr, start_new_session=True)
     try:
         proc.wait(timeout=timeout)
         text = Path(out_path).read_text()
@@ -577,10 +577,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
             time.sleep(0.5)  # give grandchildren in the group a moment too
         except subprocess.TimeoutExpired:
             continue
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # stragglers (e.g. a daemon ignoring SIGTERM)
-    except ProcessLookupError:
-        pass
 
 
 def markdown(results: dict[str, Any]) -> str:

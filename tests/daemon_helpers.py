@@ -1,4 +1,8 @@
-"""Run the real daemon (``python -m stream_detector run``) as a child process in tests."""
+"""Run the real daemon (``python -m stream_detector run``) as a child process.
+
+Used by the integration tests and by the benchmarks (``bench/bench_e2e.py``), which add their
+own timing on top of ``DaemonProcess``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +22,36 @@ import yaml
 from tests.kafka_helpers import fast_group_config
 from tests.paths import REPO_ROOT
 
+# /metrics as name -> [(labels, value)], one entry per sample (``parse_samples``).
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def child_env(keep_overrides: bool = True) -> dict[str, str]:
+    """Our environment for a child process, with the repository importable.
+
+    ``keep_overrides=False`` leaves out the ``STREAM_DETECTOR_*`` variables, so the child's
+    settings come from its config file alone (the benchmarks do this).
+    """
+    env = {k: v for k, v in os.environ.items() if keep_overrides or not k.startswith("STREAM_DETECTOR_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time process ``pid`` has used so far (Linux /proc), None if unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def write_config(path: Path, bootstrap: str, input_topic: str, output_topic: str, dlq_topic: str, group: str, **sections: Any) -> Path:
@@ -46,34 +75,68 @@ def write_config(path: Path, bootstrap: str, input_topic: str, output_topic: str
 
 
 class DaemonProcess:
-    """``stream-detector run --config FILE`` in a child process, with its metrics endpoint."""
+    """``stream-detector run --config FILE`` in a child process, with its metrics endpoint.
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    ``python_args`` go before ``-m stream_detector`` (``["-m", "cProfile", "-o", "daemon.prof"]``);
+    ``env`` replaces the child's environment (default: ``child_env()``); ``die_with_parent``
+    asks Linux to SIGTERM the daemon if this process dies first.
+    """
+
+    def __init__(
+        self,
+        config_path: Path,
+        log_path: Path,
+        *,
+        python_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        die_with_parent: bool = False,
+    ) -> None:
         self.config_path = config_path
         self.log_path = log_path
         self.port = yaml.safe_load(config_path.read_text())["metrics"]["port"]
+        self.python_args = list(python_args)
+        self.env = None if env is None else dict(env)
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DaemonProcess:
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "stream_detector", "run", "--config", str(self.config_path)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env=env,
-        )
+        preexec_fn = None
+        if self.die_with_parent:
+            from stream_detector.embedded_broker import die_with_parent_hook
+
+            preexec_fn = die_with_parent_hook()
+        # The child writes the log through its own copy of the descriptor.
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, *self.python_args, "-m", "stream_detector", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                env=child_env() if self.env is None else self.env,
+                preexec_fn=preexec_fn,
+            )
         return self
+
+    def metrics_text(self, timeout: float = 2.0) -> str:
+        """The current /metrics exposition; OSError while it is not serving."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=timeout) as response:
+            return response.read().decode()
 
     def metrics(self) -> dict[str, float]:
         """The current /metrics as {'name{labels}': value} (empty while not serving)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as response:
-                text = response.read().decode()
+            text = self.metrics_text()
         except OSError:
             return {}
         return parse_metrics(text)
+
+    def samples(self, timeout: float = 2.0) -> Samples:
+        """The current /metrics as name -> [(labels, value)]; OSError while it is not serving."""
+        return parse_samples(self.metrics_text(timeout))
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time the daemon process has used so far (Linux /proc)."""
+        return process_cpu_seconds(None if self.process is None else self.process.pid)
 
     def wait_for(self, condition: Callable[[dict[str, float]], bool], timeout: float, what: str) -> dict[str, float]:
         deadline = time.monotonic() + timeout
@@ -100,7 +163,6 @@ class DaemonProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        self._log.close()
         return code
 
     def log_tail(self, chars: int = 4000) -> str:
@@ -125,6 +187,25 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 def metric(metrics: dict[str, float], name: str) -> float:
     return metrics.get(name, 0.0)
+
+
+def parse_samples(text: str) -> Samples:
+    """Every sample of a /metrics exposition as name -> [(labels, value)] (prometheus_client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    return out
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    """The value of the first sample of ``name`` whose labels include ``labels``; 0 if none."""
+    for sample_labels, value in samples.get(name, []):
+        if all(sample_labels.get(k) == v for k, v in labels.items()):
+            return value
+    return 0.0
 
 
 # -- helpers for the resilience tests (tests/integration/test_resilience.py) -----------------
