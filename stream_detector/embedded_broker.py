@@ -21,6 +21,7 @@ Things about tansu 0.6.0 worth knowing (measured against confluent-kafka 2.16):
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -386,10 +387,8 @@ class EmbeddedBroker:
         """Signal the broker's whole process group (it is its own group leader)."""
         if self._process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):  # already gone
             os.killpg(self._process.pid, sig)
-        except ProcessLookupError:
-            pass  # already gone
 
     def _require_running(self) -> None:
         if not self.is_running:

@@ -347,8 +347,8 @@ class SalesGenerator:
             refund.append(np.full(size, is_refund))
         if not times:
             return sales.take(slice(0, 0))
-        t, store = np.concatenate(times), np.concatenate(stores)
-        burst = self._sales(rng, t, store, np.zeros(t.size, dtype=np.int64), self._draw_products(rng, t.size))
+        t, burst_stores = np.concatenate(times), np.concatenate(stores)
+        burst = self._sales(rng, t, burst_stores, np.zeros(t.size, dtype=np.int64), self._draw_products(rng, t.size))
         burst.amount = np.where(np.concatenate(refund), -burst.amount, 0.0)
         burst.kind[:] = _REFUND_BURST
         return burst
@@ -392,7 +392,7 @@ class SalesGenerator:
             rows.kind.tolist(),
         )
         prefix = f"e-{self.config.seed}-"
-        for seq, (ts, store, product, q, price, amount, currency, channel, customer, kind) in enumerate(zip(*columns), first_seq):
+        for seq, (ts, store, product, q, price, amount, currency, channel, customer, kind) in enumerate(zip(*columns, strict=True), first_seq):
             event_id = f"{prefix}{seq}"
             event = {
                 "event_id": event_id,

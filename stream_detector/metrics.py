@@ -1,20 +1,49 @@
 """Every Prometheus metric the daemon exports, in one place, on a registry of its own.
 
-Labels stay bounded: topic, partition, detector, outcome, reason. Never a sale key.
+Labels stay bounded: topic, partition, detector, outcome, reason. Never a sale key. A label
+whose values are known in advance (a closed set) has all its series from the start, at 0, as
+client_python advises: a healthy instance then shows "0 dead letters", not "No data", and
+``rate()`` sees the first increment.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from stream_detector.events.decode import REASONS
 
 SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999, 1.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 50000)
+# The score histogram's series for the fused score (the others are named after their detector).
+FUSED = "fused"
+
+# Closed label sets, declared at 0 by ``Metrics``. The detector label is declared by the daemon,
+# which knows the enabled detectors (``Daemon._init_metrics``).
+EVENT_OUTCOMES = ("scored", "invalid")
+DLQ_REASONS = REASONS  # every reason decode_batch gives; the daemon dead-letters for no other
+COMMIT_RESULTS = ("ok",)
+SUPPRESSED_BY = ("window", "feedback")  # alerting/policy.py
+# What the control topic's records did: WindowBook.apply_control's results and ControlError
+# reasons, and the daemon's own "not_json".
+CONTROL_OUTCOMES = ("added", "replaced", "cancelled", "unknown_window", "invalid_window", "not_an_object", "not_json")
+# Feedback outcomes by label (alerting/feedback.py's LABELS): FeedbackMemory.apply's for a
+# remembered event, the daemon's pending and expired for the others, and an unreadable record
+# counted as unknown/invalid.
+FEEDBACK_OUTCOMES = {
+    "false_positive": ("applied", "duplicate", "pending", "expired"),
+    "true_positive": ("recorded", "duplicate", "pending", "expired"),
+    "unknown": ("invalid",),
+}
+WINDOW_STATES = ("known", "active")
 
 
 class Metrics:
@@ -37,9 +66,7 @@ class Metrics:
             registry=r,
         )
         self.lag = Gauge(f"{ns}_consumer_lag", "Records behind the end of each assigned input partition.", ["topic", "partition"], registry=r)
-        self.score = Histogram(
-            f"{ns}_score", "Calibrated scores (1 - tail probability), per detector and fused.", ["detector"], buckets=SCORE_BUCKETS, registry=r
-        )
+        self.score = ArrayHistogram(f"{ns}_score", "Calibrated scores (1 - tail probability), per detector and fused.", ["detector"], SCORE_BUCKETS, r)
         self.threshold = Gauge(f"{ns}_threshold", "Fused-score threshold above which an event is an anomaly.", registry=r)
         self.keys = Gauge(f"{ns}_keys", "Keys with per-key state, per key set.", ["key_set"], registry=r)
         self.learning_keys = Gauge(f"{ns}_learning_keys", "Keys still in warm-up (scored by the global model), per key set.", ["key_set"], registry=r)
@@ -88,36 +115,101 @@ class Metrics:
         self.windows = Gauge(
             f"{ns}_alert_windows", "Alert windows known (config and control topic), and those containing the latest event time.", ["state"], registry=r
         )
-        for reason in ("window", "feedback"):
-            self.suppressed.labels(reason)
-        # Known label values start at 0, so dashboards and rate() see the series from the start.
-        for label, outcome in (("false_positive", "applied"), ("false_positive", "pending"), ("true_positive", "recorded"), ("unknown", "invalid")):
-            self.feedback.labels(label, outcome)
-        for state in ("known", "active"):
-            self.windows.labels(state).set(0)
-        for outcome in ("scored", "invalid"):
+        self._declare_closed_label_sets()
+
+    def _declare_closed_label_sets(self) -> None:
+        """Every series of a closed label set, at 0 (see the module docstring)."""
+        for outcome in EVENT_OUTCOMES:
             self.events.labels(outcome)
+        for reason in DLQ_REASONS:
+            self.dlq.labels(reason)
+        for result in COMMIT_RESULTS:
+            self.commits.labels(result)
+        for reason in SUPPRESSED_BY:
+            self.suppressed.labels(reason)
+        for outcome in CONTROL_OUTCOMES:
+            self.control.labels(outcome)
+        for label, outcomes in FEEDBACK_OUTCOMES.items():
+            for outcome in outcomes:
+                self.feedback.labels(label, outcome)
+        for state in WINDOW_STATES:
+            self.windows.labels(state).set(0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
-def observe_many(histogram: Histogram, values: np.ndarray) -> None:
-    """``histogram.observe`` for a whole array at once (one bucket update per bucket).
+class ArrayHistogram(Collector):
+    """A labelled histogram fed a whole array of values at a time (the score distributions:
+    thousands of scores per batch, which ``Histogram.observe`` would take one lock round-trip
+    each for).
 
-    Uses the client's per-bucket counters the way ``Histogram.observe`` does (a value counts in
-    the first bucket whose upper bound is >= it); a unit test checks both give the same
-    exposition. Thousands of scores per batch would otherwise cost a lock round-trip each.
+    Exposed through client_python's custom-collector API as a histogram with the given name,
+    labels and buckets, like a ``Histogram``: a value counts in the first bucket whose upper
+    bound is >= it (+Inf is added), NaN is not counted. tests/unit/test_metrics.py compares
+    the exposition with a ``Histogram`` fed value by value. There is no ``_created`` series.
     """
-    values = values[~np.isnan(values)]
-    if not len(values):
-        return
-    bounds = np.asarray(histogram._upper_bounds)
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
-    histogram._sum.inc(float(values.sum()))
-    for bucket, count in zip(histogram._buckets, counts.tolist()):
-        if count:
-            bucket.inc(count)
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        bounds = [float(b) for b in buckets]
+        if bounds != sorted(bounds):
+            raise ValueError(f"{name}: buckets must be sorted, got {buckets}")
+        if bounds[-1] != float("inf"):
+            bounds.append(float("inf"))
+        self._bounds = np.asarray(bounds)
+        self._le = [floatToGoString(b) for b in bounds]
+        # Guards the series and their counts: batches are added on the loop's thread while the
+        # metrics server's thread collects.
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, ...], HistogramSeries] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramSeries:
+        """The series of one label value set (created empty, so it is exposed at 0)."""
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self._labelnames):
+            raise ValueError(f"{self._name}: {len(self._labelnames)} label value(s) expected ({', '.join(self._labelnames)}), got {key}")
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = HistogramSeries(self._bounds, self._lock)
+        return series
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        """The family without samples: lets the registry refuse a second metric of this name."""
+        return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        with self._lock:
+            taken = [(key, series.counts.copy(), series.total) for key, series in self._series.items()]
+        for key, counts, total in taken:
+            family.add_metric(list(key), list(zip(self._le, np.cumsum(counts).tolist(), strict=True)), total)
+        return [family]
+
+
+class HistogramSeries:
+    """One label value set of an ``ArrayHistogram``: per-bucket counts (not cumulative) and the sum."""
+
+    def __init__(self, bounds: np.ndarray, lock: threading.Lock) -> None:
+        self._bounds = bounds
+        self._lock = lock
+        self.counts = np.zeros(len(bounds), dtype=np.int64)
+        self.total = 0.0
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """Count every value of ``values`` (NaN left out) in its bucket and add it to the sum."""
+        values = values[~np.isnan(values)]
+        if not len(values):
+            return
+        counts = np.bincount(np.searchsorted(self._bounds, values, side="left"), minlength=len(self._bounds))
+        total = float(values.sum())
+        with self._lock:
+            self.counts += counts
+            self.total += total
 
 
 class MetricsServer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -13,6 +13,13 @@ from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
 
 # Below librdkafka's default message.max.bytes (1,000,000) with room for headers.
 MAX_ANOMALY_BYTES = 900_000
+
+
+class Sources(Protocol):
+    """The input position (topic, partition, offset) of record ``j`` of a raw batch: a list, or
+    something that builds them only for the records asked for."""
+
+    def __getitem__(self, j: int, /) -> dict[str, Any]: ...
 
 
 def iso_utc(epoch_seconds: float) -> str:
@@ -51,9 +58,7 @@ def anomaly_record(
     return record
 
 
-def anomaly_records(
-    pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, sources: list[dict[str, Any]] | None = None
-) -> list[tuple[int, dict[str, Any]]]:
+def anomaly_records(pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, sources: Sources | None = None) -> list[tuple[int, dict[str, Any]]]:
     """(index in the valid batch, record) for every anomaly, in input order.
 
     ``sources``, if given, holds the input position of every record of the raw batch.
@@ -79,7 +84,7 @@ def encode_record(record: dict[str, Any]) -> tuple[bytes | None, bytes]:
 
 
 def encode_anomalies(
-    pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, sources: list[dict[str, Any]] | None = None
+    pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, sources: Sources | None = None
 ) -> list[tuple[int, bytes | None, bytes]]:
     """(index in the valid batch, key, value) for every anomaly, in input order."""
     return [(i, *encode_record(record)) for i, record in anomaly_records(pipeline, decoded, result, sources)]

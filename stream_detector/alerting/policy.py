@@ -30,14 +30,14 @@ class AlertPolicy:
         Every anomaly is remembered for feedback (a suppressed one too: an analyst may have
         seen it elsewhere), then windows are checked, then the feedback rules.
         """
-        pattern = None
+        pattern: Pattern | None = None
         if memory is not None:
             pattern = Pattern.of(record, event_time)
             memory.remember(record.get("event_id"), pattern)
         windows = self.windows.matching(event_time, record.get("event") or _key_fields(record))
         if any(w.action == "suppress" for w in windows):
             return Verdict(False, "window", [w.annotation() for w in windows])
-        if pattern is not None:
+        if memory is not None and pattern is not None:
             rule = memory.matching_rule(pattern)
             if rule is not None:
                 return Verdict(False, "feedback", [{"feedback": rule.event_id, "note": rule.note}])
@@ -53,4 +53,5 @@ def _key_fields(record: dict[str, Any]) -> dict[str, Any] | None:
     key_set, key = record.get("key_set"), record.get("key")
     if not key_set or key is None:
         return None
-    return dict(zip(key_set.split("+"), str(key).split("|")))
+    # Not strict: a key field's value may itself contain "|"; its extra parts are left out.
+    return dict(zip(key_set.split("+"), str(key).split("|"), strict=False))

@@ -197,7 +197,10 @@ class _Net:
     @classmethod
     def from_tensors(cls, weights: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor], adam_steps: int) -> _Net:
         """From per-layer tensors (the layout of snapshots)."""
-        flatten = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts])  # noqa: E731
+
+        def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([t.detach().reshape(-1) for t in tensors])
+
         return cls(flatten(weights), flatten(exp_avg), flatten(exp_avg_sq), adam_steps, [w.shape for w in weights])
 
     @classmethod
@@ -220,7 +223,10 @@ class _Net:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> _Net:
         """A copy on ``device`` in ``dtype``."""
-        move = lambda t: t.to(device, dtype, copy=True)  # noqa: E731
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device, dtype, copy=True)
+
         return _Net(move(self.flat), move(self.exp_avg), move(self.exp_avg_sq), self.adam_steps, self.shapes)
 
     def per_layer(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -625,7 +631,7 @@ class AutoencoderDetector(Detector):
             x = np.stack([batch.column(f)[rows] for f in self.features], axis=1).astype(np.float64, copy=False)
             z, observed = _standardise(x, seg.center, seg.scale)
             recon_z = _forward_numpy(seg.network.flat, seg.network.shapes, z)
-            for k, explanation in zip(ks, self._explanations(x, z, recon_z, observed, seg, step.scores[rows])):
+            for k, explanation in zip(ks, self._explanations(x, z, recon_z, observed, seg, step.scores[rows]), strict=True):
                 out[k] = explanation
         return out
 
@@ -637,7 +643,7 @@ class AutoencoderDetector(Detector):
         recon = (recon_z * seg.scale + seg.center).tolist()
         typical = seg.typical.value
         out = []
-        for xs, sqs, recons, top, error in zip(x.tolist(), sq.tolist(), recon, order, errors.tolist()):
+        for xs, sqs, recons, top, error in zip(x.tolist(), sq.tolist(), recon, order, errors.tolist(), strict=True):
             worst = [j for j in top if sqs[j] != -math.inf]
             ratio = error / max(typical, 1e-12)
             details = {
@@ -697,14 +703,18 @@ class AutoencoderDetector(Detector):
         d = len(self.features)
         template = _Net.initial(d, self.hidden, self.seed)
         opt = state["optimizer"]
-        tensors = []
-        for arrays in (state["model"], opt["exp_avg"], opt["exp_avg_sq"]):
-            ts = [torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in arrays]
-            if [t.shape for t in ts] != [w.shape for w in template.weights]:
+
+        def layers(arrays: list[Any]) -> list[torch.Tensor]:
+            tensors = [torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in arrays]
+            if [t.shape for t in tensors] != [w.shape for w in template.weights]:
                 raise ValueError("weight shapes do not match the configured network")
-            tensors.append(ts)
-        net = _Net.from_tensors(*tensors, int(opt["steps"])).to(self._device, self._torch_dtype)
-        vector = lambda a: np.asarray(a, dtype=np.float64).reshape(d).copy()  # noqa: E731
+            return tensors
+
+        def vector(a: Any) -> np.ndarray:
+            return np.asarray(a, dtype=np.float64).reshape(d).copy()
+
+        weights, exp_avg, exp_avg_sq = layers(state["model"]), layers(opt["exp_avg"]), layers(opt["exp_avg_sq"])
+        net = _Net.from_tensors(weights, exp_avg, exp_avg_sq, int(opt["steps"])).to(self._device, self._torch_dtype)
         buffer = np.asarray(state["buffer"], dtype=np.float64).reshape(-1, d).copy()
         if buffer.shape[0] >= self.train_batch_size:
             raise ValueError(f"buffer holds {buffer.shape[0]} rows, train_batch_size is {self.train_batch_size}")

@@ -18,6 +18,11 @@ over ``score`` (see ``scoring/pipeline.py``). A conformance test checks for ever
 scoring a batch equals scoring its events one at a time.
 
 ``state_dict()``/``load_state_dict()`` carry a ``version`` so snapshots can be checked on restore.
+
+Optional hooks have a default here, so callers use them on any detector without asking
+whether it has them: ``guess`` (a cheap first-round proposal for the pipeline), and what the
+daemon exports as metrics (``n_keys``/``learning_keys`` per key set, ``device``,
+``last_train_loss``/``train_steps_total``). A detector overrides the ones it has.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class Detector(ABC):
     state_version: int = 1
     # True when raw scores are already 1 - tail probability (no calibration needed).
     outputs_probability: bool = False
+    # Where the detector computes (a torch device name), for the metrics; None for numpy on the CPU.
+    device: str | None = None
 
     @abstractmethod
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
@@ -85,6 +92,31 @@ class Detector(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a snapshot made by ``state_dict``; raise ``StateError`` if incompatible."""
+
+    # -- optional hooks (defaults: the detector has nothing to say) ---------------------------
+
+    def guess(self, batch: FeatureBatch, learn: np.ndarray) -> np.ndarray | None:
+        """Cheap approximate scores the pipeline may use to propose its first round's masks
+        (never committed: ``score`` confirms them); None when there is no cheaper way."""
+        return None
+
+    def n_keys(self) -> dict[str, int]:
+        """Keys with per-key state, per key set; empty for a detector without per-key state."""
+        return {}
+
+    def learning_keys(self) -> dict[str, int]:
+        """Keys per key set still warming up (scored by a global baseline meanwhile)."""
+        return {}
+
+    @property
+    def last_train_loss(self) -> float | None:
+        """Loss of the last training step of a trained model; None for one that does not train."""
+        return None
+
+    @property
+    def train_steps_total(self) -> int:
+        """Optimiser steps taken so far by a trained model."""
+        return 0
 
     def learn_one_batch(self, batch: FeatureBatch, learn: np.ndarray | None = None) -> np.ndarray:
         """Score then learn a batch; convenience for tests and simple callers."""

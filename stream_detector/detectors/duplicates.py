@@ -106,7 +106,7 @@ class DuplicateDetector(Detector):
         self._grouping = None
         # Learned fingerprints in order of first appearance, each with its last learned time
         # (what inserting them one by one into a dict gives).
-        learned = dict(zip(prints[rows].tolist(), times[rows].tolist()))
+        learned = dict(zip(prints[rows].tolist(), times[rows].tolist(), strict=True))
         # Re-learned fingerprints move to the back (the newest end) of the insertion order.
         for fp in seen.keys() & learned.keys():
             del seen[fp]
@@ -148,6 +148,9 @@ class DuplicateDetector(Detector):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != self.state_version:
             raise StateError(f"duplicates state version {state.get('version')!r}, expected {self.state_version}")
-        self._seen = OrderedDict(zip(np.asarray(state["fingerprints"]).tolist(), np.asarray(state["times"]).tolist()))
+        fingerprints, times = np.asarray(state["fingerprints"]).tolist(), np.asarray(state["times"]).tolist()
+        if len(fingerprints) != len(times):
+            raise StateError(f"duplicates state has {len(fingerprints)} fingerprints but {len(times)} times")
+        self._seen = OrderedDict(zip(fingerprints, times, strict=True))
         self._newest = float(state["newest"])
         self._grouping = None

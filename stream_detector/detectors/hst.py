@@ -145,7 +145,7 @@ class HalfSpaceTreesDetector(Detector):
 
     def _outside_range(self, scaled: np.ndarray, missing: list[str]) -> list[tuple[str, float]]:
         """Features scaled outside [0, 1], i.e. beyond every value learned so far."""
-        return [(f, float(v)) for f, v in zip(self.features, scaled) if f not in missing and (v < 0.0 or v > 1.0)]
+        return [(f, float(v)) for f, v in zip(self.features, scaled, strict=True) if f not in missing and (v < 0.0 or v > 1.0)]
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -175,7 +175,8 @@ class HalfSpaceTreesDetector(Detector):
             raise StateError(f"hst state version {version!r} != {self.state_version}")
         if state.get("config") != self._config():
             raise StateError(f"hst snapshot config {state.get('config')!r} does not match {self._config()!r}")
-        engine = HSTEngine.from_state_dict(state.get("engine"))
+        # A missing engine reads as an empty one, which the engine refuses with a StateError.
+        engine = HSTEngine.from_state_dict(state.get("engine", {}))
         expected = (self.features, self.n_trees, self.height, self.window_size)
         if (engine.feature_names, engine.n_trees, engine.height, engine.window_size) != expected:
             raise StateError("hst snapshot engine does not match its config")

@@ -58,7 +58,7 @@ class RiverModelDetector(Detector):
         scores = np.empty(batch.n)
         for i, row in enumerate(x):
             # Missing features are left out of the dict: River models handle absent keys.
-            sample = {f: v for f, v in zip(self.features, row.tolist()) if v == v}
+            sample = {f: v for f, v in zip(self.features, row.tolist(), strict=True) if v == v}
             scores[i] = model.score_one(sample)
             if learn[i]:
                 model.learn_one(sample)

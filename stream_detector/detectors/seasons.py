@@ -64,5 +64,5 @@ def seasonal_keys(codes: np.ndarray, keys: list, period: str, event_time: np.nda
     pairs, inverse = np.unique(codes * size + bucket(period, event_time), return_inverse=True)
     names = labels(period)
     key_codes, buckets = divmod(pairs, size)
-    distinct = [None if keys[c] is None else keys[c] + names[b] for c, b in zip(key_codes.tolist(), buckets.tolist())]
+    distinct = [None if keys[c] is None else keys[c] + names[b] for c, b in zip(key_codes.tolist(), buckets.tolist(), strict=True)]
     return inverse.astype(np.int64, copy=False), distinct

@@ -123,7 +123,7 @@ class SilenceDetector:
         names = [self._names[s] for s in slot.tolist()]
         # The alerts of one clock step in the order the silences became unlikely (slot order is
         # an accident of arrival); steps and per-event alerts in the order raised.
-        raised = sorted(zip(check.tolist(), when.tolist(), names, since.tolist()))
+        raised = sorted(zip(check.tolist(), when.tolist(), names, since.tolist(), strict=True))
         probability = math.exp(-self.expected_events)
         return [SilenceAlert(name, t, s, self.expected_events, probability) for _, t, name, s in raised]
 

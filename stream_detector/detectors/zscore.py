@@ -180,6 +180,10 @@ class _State:
     global_stats: _Stats
 
 
+# Statistics per table row, (count, mean, m2), each (rows, features).
+_Prior = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 @dataclass(frozen=True)
 class _Grouping:
     """A batch's events by table row, with the prior statistics of each row: all that
@@ -188,7 +192,7 @@ class _Grouping:
 
     group: np.ndarray  # (n,) each event's row
     slots: np.ndarray  # (G,) each row's slot in the table
-    prior: tuple[np.ndarray, np.ndarray, np.ndarray]  # (count, mean, m2) per row, (G, F)
+    prior: _Prior  # per row, (G, F)
 
 
 class ZScoreDetector(Detector):
@@ -333,11 +337,11 @@ class ZScoreDetector(Detector):
         details = {"z": z, "mean": mean, "std": std, "warm": warm, "level": level}
         return Step(scores=max_abs(z), details=details, next_state=(pending, g_tot), reject=reject)
 
-    def _key_set_tables(self, ks: str, keys: np.ndarray | None, event_time: np.ndarray, n: int) -> tuple[list, np.ndarray, tuple, list[int]]:
+    def _key_set_tables(self, ks: str, keys: np.ndarray | None, event_time: np.ndarray, n: int) -> tuple[list, np.ndarray, _Prior, list[int]]:
         """A key set's tables for a batch (the key, then its seasonal levels), stacked for
         ``key_set_scores``; computed once per batch (see ``_cached``)."""
 
-        def compute() -> tuple[list, np.ndarray, tuple, list[int]]:
+        def compute() -> tuple[list, np.ndarray, _Prior, list[int]]:
             periods = self.key_set_seasonality[ks]
             grouped = [self._grouped(ks, (keys, event_time), n, ks)]
             grouped += [self._grouped(_level(ks, p), (keys, event_time), n, ks, p) for p in periods]
@@ -358,7 +362,7 @@ class ZScoreDetector(Detector):
         """``compute()``, reused while the batch arrays in ``source`` and the committed state
         are the same objects: the fixed-point rounds re-score one batch with other masks."""
         hit = self._round_cache.get(name)
-        if hit is not None and hit[1] == self._generation and len(hit[0]) == len(source) and all(a is b for a, b in zip(hit[0], source)):
+        if hit is not None and hit[1] == self._generation and len(hit[0]) == len(source) and all(a is b for a, b in zip(hit[0], source, strict=True)):
             return hit[2]
         value = compute()
         self._round_cache[name] = (source, self._generation, value)
@@ -418,7 +422,7 @@ class ZScoreDetector(Detector):
             hit = np.flatnonzero(touched)
             cuts = np.searchsorted(hit, offsets).tolist()
             count, mean, m2, seen = t_count[hit], t_mean[hit], t_m2[hit], last[hit]
-            for name, (_, new_keys, grouping), start, a, b in zip(names, grouped, offsets[:-1], cuts[:-1], cuts[1:]):
+            for name, (_, new_keys, grouping), start, a, b in zip(names, grouped, offsets[:-1], cuts[:-1], cuts[1:], strict=True):
                 state = self._state.key_sets[name]
                 _Update(new_keys, grouping.slots[hit[a:b] - start], count[a:b], mean[a:b], m2[a:b], seen[a:b]).apply(state)
                 self._state.key_sets[name] = self._evict(state)
@@ -567,6 +571,7 @@ class ZScoreDetector(Detector):
             if data is None:  # e.g. a seasonal level added since the snapshot: starts empty
                 sets[name] = _KeySetState.of([], _Stats.empty(len(fi)))
                 continue
+            cols: np.ndarray | slice  # the stored columns this key set keeps
             if version == 1:  # every feature per table: keep the key set's own columns
                 cols = fi
             else:
@@ -588,15 +593,22 @@ def _level(key_set: str, period: str) -> str:
     return f"{key_set}@{period}"
 
 
-def _stack(groupings: list[_Grouping]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray], list[int]]:
+def _stack(groupings: list[_Grouping]) -> tuple[np.ndarray, _Prior, list[int]]:
     """A key set's levels as one table for ``key_set_scores``: each event's row per level (L, n),
     the prior statistics of all levels' rows stacked (R, F) x 3, and each level's first row."""
     offsets = [0]
     for g in groupings:
         offsets.append(offsets[-1] + len(g.slots))
-    groups = np.stack([g.group + start for g, start in zip(groupings, offsets)]) if groupings[0].group.size else np.zeros((len(groupings), 0), dtype=np.int64)
-    prior = tuple(np.ascontiguousarray(np.concatenate([g.prior[j] for g in groupings])) for j in range(3))
-    return groups, prior, offsets
+    if groupings[0].group.size:
+        # offsets has one more entry than groupings: the end of the last level's rows.
+        groups = np.stack([g.group + start for g, start in zip(groupings, offsets[:-1], strict=True)])
+    else:
+        groups = np.zeros((len(groupings), 0), dtype=np.int64)
+
+    def stacked(j: int) -> np.ndarray:
+        return np.ascontiguousarray(np.concatenate([g.prior[j] for g in groupings]))
+
+    return groups, (stacked(0), stacked(1), stacked(2)), offsets
 
 
 def _original_value(feature: str, value: float) -> float:

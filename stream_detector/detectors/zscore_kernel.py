@@ -76,7 +76,7 @@ def warm_up() -> None:
     one = np.zeros((1, 1))
     yes = np.ones((1, 1), dtype=np.bool_)
     row = np.zeros(1)
-    g = global_scores(one, yes, row, row, row, row, 1.0, 1.0, 1.0)
+    g_count, g_mean, g_m2, g_z, g_sd, *_ = global_scores(one, yes, row, row, row, row, 1.0, 1.0, 1.0)
     cube = np.zeros((1, 1, 1))
     key_set_scores(
         one,
@@ -88,7 +88,11 @@ def warm_up() -> None:
         one,
         one,
         one,
-        *g[:5],
+        g_count,
+        g_mean,
+        g_m2,
+        g_z,
+        g_sd,
         row,
         1.0,
         1.0,

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import orjson
@@ -142,13 +142,23 @@ def key_set_name(fields: Sequence[str]) -> str:
 def _parse_all(values: Sequence[bytes | None], schema: EventSchema) -> list[dict[str, Any]] | None:
     """All records parsed at once, or None if any is not a JSON object of a valid size (then
     ``_parse_one`` finds and reports the offenders record by record)."""
-    if not values or None in values or max(map(len, values)) > schema.max_record_bytes:
+    if not values or not _none_missing(values) or max(map(len, values)) > schema.max_record_bytes:
         return None
     try:
         docs = list(map(orjson.loads, values))
     except orjson.JSONDecodeError:
         return None
     return docs if set(map(type, docs)) == {dict} else None
+
+
+def _none_missing(values: Sequence[bytes | None]) -> TypeGuard[Sequence[bytes]]:
+    """No null record values (one C-level scan)."""
+    return None not in values
+
+
+def _all_ints(values: list[Any]) -> TypeGuard[list[int]]:
+    """Every value is an int (a bool is not)."""
+    return set(map(type, values)) == {int}
 
 
 def _parse_one(i: int, value: bytes | None, schema: EventSchema, invalid: list[InvalidRecord]) -> dict[str, Any] | None:
@@ -211,14 +221,13 @@ def _numeric_column(docs: list[dict[str, Any]], name: str, required: bool, limit
                     column[j] = float(v)
                 except OverflowError:
                     problems.setdefault(j, ("out_of_range", f"{name}={v} does not fit a float"))
-    for j in np.flatnonzero(np.isinf(column)):
-        problems.setdefault(int(j), ("not_finite", f"{name} is not finite"))
-    bad = np.flatnonzero(np.abs(column) > limit)
-    for j in bad:
-        problems.setdefault(int(j), ("out_of_range", f"|{name}| = {column[j]:.6g} > {limit:.6g}"))
+    for j in np.flatnonzero(np.isinf(column)).tolist():
+        problems.setdefault(j, ("not_finite", f"{name} is not finite"))
+    for j in np.flatnonzero(np.abs(column) > limit).tolist():
+        problems.setdefault(j, ("out_of_range", f"|{name}| = {column[j]:.6g} > {limit:.6g}"))
     if name == "quantity":
-        for j in np.flatnonzero(column < 0):
-            problems.setdefault(int(j), ("out_of_range", f"quantity {column[j]:.6g} is negative"))
+        for j in np.flatnonzero(column < 0).tolist():
+            problems.setdefault(j, ("out_of_range", f"quantity {column[j]:.6g} is negative"))
     return column
 
 
@@ -268,8 +277,7 @@ def _check_time_range(out: np.ndarray, problems: dict[int, tuple[str, str]]) -> 
 
 def _check_versions(docs: list[dict[str, Any]], max_version: int, problems: dict[int, tuple[str, str]]) -> None:
     versions = [doc.get("version") for doc in docs]
-    kinds = set(map(type, versions))
-    if kinds <= {type(None)} or (kinds == {int} and min(versions) >= 1 and max(versions) <= max_version):
+    if set(map(type, versions)) <= {type(None)} or (_all_ints(versions) and min(versions) >= 1 and max(versions) <= max_version):
         return  # all absent or all supported: nothing to report
     for j, doc in enumerate(docs):
         version = doc.get("version")
@@ -294,9 +302,9 @@ def _join_keys(columns: dict[str, np.ndarray], fields: Sequence[str]) -> np.ndar
         return parts[0]
     out = np.empty(len(parts[0]), dtype=object)
     if any(None in p.tolist() for p in parts):
-        out[:] = ["|".join(vs) if None not in vs else None for vs in zip(*parts)]
+        out[:] = ["|".join(vs) if None not in vs else None for vs in zip(*parts, strict=True)]
     else:
-        out[:] = list(map("|".join, zip(*parts)))
+        out[:] = list(map("|".join, zip(*parts, strict=True)))
     return out
 
 

@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from stream_detector.consumed import position
+
 log = logging.getLogger("stream_detector.control")
 
 MAX_RECORD_BYTES = 64 * 1024
@@ -59,13 +61,13 @@ class ControlReader:
         for msg in self._consumer.consume(max_records, timeout=0):
             if msg.error() is not None:
                 continue  # partition EOF and transient errors: the client retries by itself
-            value = msg.value()
+            value, source = msg.value(), position(msg)
             try:
                 if value is None or len(value) > MAX_RECORD_BYTES:
                     raise ValueError(f"empty or larger than {MAX_RECORD_BYTES} bytes")
-                out.append(ControlRecord(msg.topic(), msg.partition(), msg.offset(), orjson.loads(value)))
+                out.append(ControlRecord(*source, orjson.loads(value)))
             except (orjson.JSONDecodeError, ValueError) as exc:
-                out.append(ControlRecord(msg.topic(), msg.partition(), msg.offset(), None, f"not JSON: {exc}"))
+                out.append(ControlRecord(*source, None, f"not JSON: {exc}"))
         return out
 
     def close(self) -> None:

@@ -15,12 +15,14 @@ reports are served on the loop's thread by ``poll``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,16 +30,18 @@ import numpy as np
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from stream_detector import consumed
 from stream_detector.alerting.feedback import parse_feedback
 from stream_detector.alerting.policy import AlertPolicy
 from stream_detector.alerting.windows import ControlError, WindowBook
 from stream_detector.config import Settings, librdkafka_config
 from stream_detector.errors import DeliveryError, StateError
-from stream_detector.events.decode import DecodedBatch, decode_batch
-from stream_detector.metrics import Metrics, MetricsServer, observe_many
+from stream_detector.events.decode import DecodedBatch
+from stream_detector.metrics import FUSED, Metrics, MetricsServer
 from stream_detector.records import anomaly_records, dead_letter_headers, encode_record, silence_record
 from stream_detector.runtime.control import ControlReader
 from stream_detector.runtime.topics import ensure_topics
+from stream_detector.scoring.batch import ScoredBatch, score_batch
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
 from stream_detector.state.changelog import COMPACTED, read_latest_snapshots, snapshot_records
@@ -82,9 +86,9 @@ class _DeliveryTracker:
     metrics: Metrics
     failures: list[KafkaError] = field(default_factory=list)
     epoch: int = 0
-    outstanding: collections.Counter = field(default_factory=collections.Counter)
+    outstanding: collections.Counter[int] = field(default_factory=collections.Counter)
 
-    def callback(self, consumed_at: float, is_anomaly: bool):
+    def callback(self, consumed_at: float, is_anomaly: bool) -> Callable[[KafkaError | None, Message], None]:
         epoch = self.epoch
         self.outstanding[epoch] += 1
 
@@ -190,8 +194,7 @@ class _Sources:
         self._records = records
 
     def __getitem__(self, j: int) -> dict[str, Any]:
-        m = self._records[j]
-        return {"topic": m.topic(), "partition": m.partition(), "offset": m.offset()}
+        return consumed.position(self._records[j])._asdict()
 
 
 class Daemon:
@@ -298,7 +301,7 @@ class Daemon:
         a = self.settings.alerts
         return [t for t in (a.control_topic, a.feedback_topic) if t]
 
-    def _until_done(self, step: Any, what: str) -> bool:
+    def _until_done(self, step: Callable[[], object], what: str) -> bool:
         """Retry ``step`` with backoff while the broker is unreachable; False if asked to stop."""
         delay = 1.0
         while not self._stop.is_set():
@@ -382,7 +385,7 @@ class Daemon:
             if time.monotonic() >= deadline:
                 return []
 
-    def _guarded(self, step: Any, *args: Any) -> None:
+    def _guarded(self, step: Callable[..., object], *args: Any) -> None:
         """Run one step; on a Kafka or delivery failure, abort and rewind to the last checkpoint."""
         try:
             step(*args)
@@ -421,30 +424,32 @@ class Daemon:
     # -- one batch -------------------------------------------------------------------------
 
     def _process(self, messages: list[Message], consumed_at: float) -> None:
-        by_partition: dict[tuple[str, int], list[Message]] = {}
+        # Grouped by the accessors' own values, checked once per partition below, not per record.
+        by_partition: dict[tuple[str | None, int | None], list[Message]] = {}
         for msg in messages:
             if msg.error() is None or self._is_record(msg):
                 by_partition.setdefault((msg.topic(), msg.partition()), []).append(msg)
         batch_size = self.settings.processing.batch_size
-        for tp, all_records in by_partition.items():
-            work = self._partitions.get(tp)
+        for (topic, partition), all_records in by_partition.items():
+            assert topic is not None and partition is not None, "a consumed record without a topic or partition"
+            work = self._partitions.get((topic, partition))
             if work is None:  # fetched before a revocation; the new owner reads it again
                 continue
             for start in range(0, len(all_records), batch_size):
                 records = all_records[start : start + batch_size]
                 started = time.perf_counter()
-                decoded = decode_batch([m.value() for m in records], self.schema)
-                result = work.pipeline.process(decoded.features)
-                self._produce_anomalies(work.pipeline, records, decoded, result, consumed_at)
-                self._produce_silences(work.pipeline, result, consumed_at)
-                self._produce_dead_letters(records, decoded, consumed_at)
+                scored = score_batch(work.pipeline, self.schema, [m.value() for m in records])
+                self._produce_anomalies(work.pipeline, records, scored, consumed_at)
+                self._produce_silences(work.pipeline, scored.result, consumed_at)
+                self._produce_dead_letters(records, scored.decoded, consumed_at)
                 if work.position is None and work.origin is None:
-                    work.origin = records[0].offset()
-                work.position = records[-1].offset() + 1
+                    work.origin = consumed.offset(records[0])
+                work.position = consumed.offset(records[-1]) + 1
                 work.dirty = True
-                if decoded.features.n:
-                    work.last_event_time = float(decoded.features.event_time[-1])
-                self._observe(work.pipeline, decoded, result, len(records), time.perf_counter() - started)
+                features = scored.decoded.features
+                if features.n:
+                    work.last_event_time = float(features.event_time[-1])
+                self._observe(work.pipeline, scored, time.perf_counter() - started)
         if by_partition:
             self._state_gauges_stale = True
         # Serve delivery reports now (end-to-end latency is observed there), not at the checkpoint.
@@ -463,21 +468,21 @@ class Daemon:
         log.warning("consume error: %s", err, extra={"topic": msg.topic(), "partition": msg.partition()})
         return False
 
-    def _produce_anomalies(self, pipeline: ScoringPipeline, records: list[Message], decoded: DecodedBatch, result: BatchResult, consumed_at: float) -> None:
-        topic = self.settings.kafka.output_topic
-        names = pipeline.detector_names
-        k = len(names)
+    def _produce_anomalies(self, pipeline: ScoringPipeline, records: list[Message], scored: ScoredBatch, consumed_at: float) -> None:
+        result = scored.result
         if not result.is_anomaly.any():
             return
-        event_time = decoded.features.event_time
-        for i, record in anomaly_records(pipeline, decoded, result, _Sources(records)):
+        topic = self.settings.kafka.output_topic
+        fired = result.fired()
+        event_time = scored.decoded.features.event_time
+        for i, record in anomaly_records(pipeline, scored.decoded, result, _Sources(records)):
             if not self._publishable(record, float(event_time[i]), pipeline):
                 continue
             key, value = encode_record(record)
             self._produce(topic, key, value, None, self._tracker.callback(consumed_at, True))
             self.metrics.anomalies.inc()
-            for name in names:
-                if 1.0 - min(1.0, k * result.probability[name][i]) > result.threshold:
+            for name, on in fired.items():
+                if on[i]:
                     self.metrics.fired.labels(name).inc()
 
     def _produce_silences(self, pipeline: ScoringPipeline, result: BatchResult, consumed_at: float) -> None:
@@ -554,7 +559,8 @@ class Daemon:
         m = self.metrics
         windows = self.policy.windows
         m.windows.labels("known").set(len(windows))
-        latest = max((w.last_event_time for w in self._partitions.values()), default=None)
+        # Partitions that have not scored an event yet have no event time to compare.
+        latest = max((w.last_event_time for w in self._partitions.values() if w.last_event_time is not None), default=None)
         m.windows.labels("active").set(windows.active(latest) if latest is not None else 0)
         rules = 0
         for work in self._partitions.values():
@@ -569,7 +575,8 @@ class Daemon:
         topic = self.settings.kafka.dlq_topic
         for bad in decoded.invalid:
             msg = records[bad.index]
-            headers = dead_letter_headers(bad, msg.topic(), msg.partition(), msg.offset())
+            source = consumed.position(msg)
+            headers = dead_letter_headers(bad, *source)
             value = msg.value()
             if value is not None and len(value) > MAX_DEAD_LETTER_BYTES:
                 value = value[:MAX_DEAD_LETTER_BYTES]
@@ -579,7 +586,7 @@ class Daemon:
             log.warning(
                 "dead-lettered record: %s",
                 bad.reason,
-                extra={"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(), "detail": bad.detail[:200]},
+                extra={**source._asdict(), "detail": bad.detail[:200]},
             )
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any, on_delivery: Any, partition: int = -1) -> None:
@@ -638,14 +645,14 @@ class Daemon:
         dirty = self._due(everything)
         if not dirty:
             return
-        snapshots = []
+        snapshots: list[tuple[int, bytes, bytes]] = []
         if self.settings.state.enabled:
             for (topic, partition), work in dirty.items():
                 assert work.position is not None
                 # Encoded now: the models keep learning while the records wait their turn.
                 records = snapshot_records(topic, partition, work.position, work.pipeline.state_dict())
                 snapshots.extend((partition, key, value) for key, value in records)
-        offsets = [TopicPartition(t, p, w.position) for (t, p), w in dirty.items()]
+        offsets = _offsets(dirty)
         captured_at = time.monotonic()
         for work in dirty.values():
             work.dirty = False
@@ -685,6 +692,7 @@ class Daemon:
         now = time.monotonic()
         if now - pending.started >= FLUSH_LOG_EVERY_S and now - pending.last_log >= FLUSH_LOG_EVERY_S:
             pending.last_log = now
+            assert self._producer is not None  # a checkpoint is only ever pending with a producer
             log.warning("checkpoint waiting for the broker to acknowledge %d record(s) (%.0f s)", len(self._producer), now - pending.started)
         return False
 
@@ -703,7 +711,7 @@ class Daemon:
         if not dirty and not self.exactly_once:
             return
         started = time.perf_counter()
-        offsets = [TopicPartition(t, p, w.position) for (t, p), w in dirty.items()]
+        offsets = _offsets(dirty)
         if self.exactly_once:
             self._produce_snapshots(dirty)
             if offsets:
@@ -867,25 +875,30 @@ class Daemon:
     def _init_metrics(self) -> None:
         m = self.metrics
         m.threshold.set(self.pipeline.threshold)
-        for name in self.pipeline.detector_names:
+        names = self.pipeline.detector_names
+        for name in names:
             m.detector_enabled.labels(name).set(1)
             m.calibrated.labels(name).set(0)
+        # The series of the enabled detectors exist from the start, at 0 (see Metrics): what
+        # may fire (detectors and collective timers) and the score histograms.
+        for name in [*names, *(timer.name for timer in self.pipeline.collective)]:
             m.fired.labels(name)
+        for name in [*names, FUSED]:
+            m.score.labels(name)
         for detector in self.pipeline.detectors:
-            device = getattr(detector, "device", None)
-            if device is not None:
-                m.device.info({"device": str(device)})
+            if detector.device is not None:
+                m.device.info({"device": detector.device})
 
-    def _observe(self, pipeline: ScoringPipeline, decoded: DecodedBatch, result: BatchResult, n_records: int, seconds: float) -> None:
+    def _observe(self, pipeline: ScoringPipeline, scored: ScoredBatch, seconds: float) -> None:
         m = self.metrics
         m.batch_seconds.observe(seconds)
-        m.batch_size.observe(n_records)
-        m.rounds.observe(result.rounds)
-        m.events.labels("scored").inc(decoded.features.n)
-        m.events.labels("invalid").inc(len(decoded.invalid))
-        observe_scores(m, result)
+        m.batch_size.observe(scored.records)
+        m.rounds.observe(scored.result.rounds)
+        m.events.labels("scored").inc(scored.decoded.features.n)
+        m.events.labels("invalid").inc(len(scored.decoded.invalid))
+        observe_scores(m, scored.result)
         for detector in pipeline.detectors:
-            loss = getattr(detector, "last_train_loss", None)
+            loss = detector.last_train_loss
             if loss is not None:
                 m.train_loss.set(loss)
                 m.train_steps.set(detector.train_steps_total)
@@ -903,11 +916,10 @@ class Daemon:
             m.calibrated.labels(name).set(1 if ready else 0)
         for work in works:
             for detector in work.pipeline.detectors:
-                if hasattr(detector, "n_keys"):
-                    for ks, n in detector.n_keys().items():
-                        keys[ks] = keys.get(ks, 0) + n
-                    for ks, n in detector.learning_keys().items():
-                        learning[ks] = learning.get(ks, 0) + n
+                for ks, n in detector.n_keys().items():
+                    keys[ks] = keys.get(ks, 0) + n
+                for ks, n in detector.learning_keys().items():
+                    learning[ks] = learning.get(ks, 0) + n
         for ks, n in keys.items():
             m.keys.labels(ks).set(n)
             m.learning_keys.labels(ks).set(learning.get(ks, 0))
@@ -945,10 +957,8 @@ class Daemon:
     def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._partitions.pop((tp.topic, tp.partition), None)
-            try:
+            with contextlib.suppress(KeyError):  # no lag reported for it yet
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
-            except KeyError:
-                pass
         self.metrics.assigned.set(len(self._partitions))
         self._state_gauges_stale = True  # the keys of the partitions that left no longer count
 
@@ -990,6 +1000,15 @@ def input_partition_count(bootstrap: str, topic: str, client_config: dict[str, A
 def observe_scores(metrics: Metrics, result: BatchResult) -> None:
     """Add a batch's calibrated scores to the score histograms, per detector and fused."""
     series = {name: 1.0 - p for name, p in result.probability.items()}
-    series["fused"] = result.fused
+    series[FUSED] = result.fused
     for name, values in series.items():
-        observe_many(metrics.score.labels(name), np.asarray(values, dtype=np.float64))
+        metrics.score.labels(name).observe_many(np.asarray(values, dtype=np.float64))
+
+
+def _offsets(parts: dict[tuple[str, int], PartitionWork]) -> list[TopicPartition]:
+    """The offsets to commit for checkpointed partitions (``_dirty`` keeps only those with a position)."""
+    offsets = []
+    for (topic, partition), work in parts.items():
+        assert work.position is not None, "a checkpointed partition without a position"
+        offsets.append(TopicPartition(topic, partition, work.position))
+    return offsets

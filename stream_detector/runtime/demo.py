@@ -98,8 +98,9 @@ def _print_anomalies(settings: Settings, stop: threading.Event) -> None:
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         while not stop.is_set():
             for msg in consumer.consume(500, timeout=0.2):
-                if msg.error() is None:
-                    _say(format_anomaly(orjson.loads(msg.value())))
+                value = msg.value()
+                if msg.error() is None and value is not None:  # the daemon never writes an empty anomaly
+                    _say(format_anomaly(orjson.loads(value)))
     finally:
         consumer.close()
 

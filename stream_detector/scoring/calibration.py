@@ -13,6 +13,7 @@ result does not depend on how the stream was cut into batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -94,6 +95,23 @@ class _CalibratorState:
     # The ``seen`` at which ``fit.reference`` was the sorted window; -1: not known (no fit yet,
     # or restored from a format-1 snapshot), and the next refit sorts the window anew.
     fit_seen: int = -1
+
+
+class ScoreCalibrator(Protocol):
+    """What the pipeline needs of a detector's calibrator: ``Calibrator``, or ``PassThrough``
+    for a detector whose raw scores are probabilities already. Pure until committed, like a
+    detector: ``transform`` returns the probabilities and the state ``commit`` adopts."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def transform(self, raw: np.ndarray, learn: np.ndarray | None = None) -> tuple[np.ndarray, Any]: ...
+
+    def commit(self, state: Any) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class Calibrator:

@@ -34,10 +34,8 @@ def survival(scores, reference, threshold, tail_fraction, shape, scale, tie_tole
         p = body
         if s > threshold:
             excess = s - threshold
-            if abs(shape) < 1e-9:
-                tail = np.exp(-excess / scale)
-            else:
-                tail = max(1.0 + shape * excess / scale, 0.0) ** (-1.0 / shape)
+            # shape ~ 0 is the exponential limit of the generalised Pareto tail.
+            tail = np.exp(-excess / scale) if abs(shape) < 1e-9 else max(1.0 + shape * excess / scale, 0.0) ** (-1.0 / shape)
             p = min(tail_fraction * tail, body)
         out[i] = min(max(p, min_probability), 1.0)
     return out

@@ -7,7 +7,7 @@ from stream_detector.config import Settings
 from stream_detector.detectors.base import Detector
 from stream_detector.errors import ConfigError
 from stream_detector.events.decode import EventSchema
-from stream_detector.scoring.calibration import Calibrator, PassThrough
+from stream_detector.scoring.calibration import Calibrator, PassThrough, ScoreCalibrator
 from stream_detector.scoring.pipeline import ScoringPipeline
 
 
@@ -105,7 +105,7 @@ def _build_river(settings: Settings) -> Detector:
 def build_pipeline(settings: Settings) -> ScoringPipeline:
     detectors = build_detectors(settings)
     s = settings.scoring
-    calibrators = {
+    calibrators: dict[str, ScoreCalibrator] = {
         d.name: PassThrough()
         if d.outputs_probability
         else Calibrator(

@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stream_detector.detectors.base import Detector, Step
 from stream_detector.features import FeatureBatch
 from stream_detector.scoring import fusion
-from stream_detector.scoring.calibration import Calibrator
+from stream_detector.scoring.calibration import ScoreCalibrator
+
+if TYPE_CHECKING:  # numba-compiled at import: loaded by the factory only when silence is enabled
+    from stream_detector.detectors.silence import SilenceAlert, SilenceDetector
 
 
 @dataclass
@@ -53,7 +56,7 @@ class BatchResult:
     segments: list[Segment] = field(default_factory=list)
     rounds: int = 0
     # Collective alerts raised while this batch moved the clock (keys that went silent).
-    collective: list[Any] = field(default_factory=list)
+    collective: list[SilenceAlert] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -74,10 +77,10 @@ class ScoringPipeline:
     def __init__(
         self,
         detectors: list[Detector],
-        calibrators: dict[str, Calibrator],
+        calibrators: dict[str, ScoreCalibrator],
         threshold: float,
         max_rounds: int = 8,
-        collective: list[Any] | None = None,
+        collective: list[SilenceDetector] | None = None,
         feedback: Any = None,
     ) -> None:
         if not detectors:
@@ -162,10 +165,9 @@ class ScoringPipeline:
         for detector in self.detectors:
             name = detector.name
             known = exact.get(name)
-            # Optional ``guess(batch, learn) -> scores | None``: cheap approximate scores, used
-            # only to propose the first round's masks.
-            guesser = getattr(detector, "guess", None) if guessing and known is None else None
-            guess = guesser(batch, learn) if guesser is not None else None
+            # ``Detector.guess``: cheap approximate scores (or None), used only to propose the
+            # first round's masks.
+            guess = detector.guess(batch, learn) if guessing and known is None else None
             if guess is not None:
                 step = Step(scores=guess)
                 all_exact = False

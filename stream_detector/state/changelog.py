@@ -20,6 +20,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from stream_detector.consumed import topic_partition
 from stream_detector.errors import StateError
 from stream_detector.state.snapshot import SnapshotHeader, decode_snapshot, encode_snapshot, split_chunk
 
@@ -83,23 +84,25 @@ def read_latest_snapshots(
         while time.monotonic() - started < timeout_s:
             messages = consumer.consume(1000, timeout=0.1)
             for msg in messages:
-                partition = msg.partition()
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        at_eof[partition] = True
+                        at_eof[topic_partition(msg)[1]] = True
                         continue
-                    raise StateError(f"reading {changelog_topic}/{partition}: {err}")
+                    raise StateError(f"reading {changelog_topic}/{msg.partition()}: {err}")
+                (_, partition), value = topic_partition(msg), msg.value()
+                if value is None:
+                    raise StateError(f"reading {changelog_topic}/{partition}: a record without a value is not a state chunk")
                 at_eof[partition] = False
                 last_record = time.monotonic()
-                header, _ = split_chunk(msg.value())
+                header, _ = split_chunk(value)
                 if header.topic != input_topic or header.partition != partition:
                     continue
                 wanted = positions[partition]
                 if wanted is not None and header.position != wanted:
                     continue
                 chunks = pending[partition].setdefault(header.snapshot_id, [])
-                chunks.append(msg.value())
+                chunks.append(value)
                 if len(chunks) == header.count:
                     latest[partition] = pending[partition].pop(header.snapshot_id)
                     pending[partition].clear()  # older incomplete snapshots can never complete
@@ -113,11 +116,11 @@ def read_latest_snapshots(
     finally:
         consumer.close()
     restored: dict[int, Restored | None] = {}
-    for partition, chunks in latest.items():
-        if chunks is None:
+    for partition, complete in latest.items():
+        if complete is None:
             restored[partition] = None
             continue
-        header, state = decode_snapshot(chunks)
+        header, state = decode_snapshot(complete)
         log.info(
             "restored state of %s/%d at offset %d from %s (%d chunk(s), %.2f s)",
             input_topic,
