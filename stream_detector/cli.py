@@ -1,4 +1,4 @@
-"""Command line: ``stream-detector run | replay | generate | demo | config``.
+"""Command line: ``stream-detector run | replay | generate | demo | evaluate | backtest | config``.
 
 Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 """
@@ -10,9 +10,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from stream_detector.errors import ConfigError, StreamDetectorError
+
+if TYPE_CHECKING:  # the config (pydantic) is imported only once a command needs it
+    from stream_detector.config import Settings
 
 log = logging.getLogger("stream_detector")
 
@@ -153,15 +156,89 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         return run_demo(settings, rate=args.rate, count=args.count, duration=args.duration, metrics_port=args.metrics_port, seed=args.seed)
     if args.command == "evaluate":
-        from stream_detector.evaluation import run_evaluate_command
-
-        return run_evaluate_command(settings, args)
+        return _evaluate(settings, args)
     if args.command == "backtest":
-        from stream_detector.runtime.backtest import run_backtest_command
-
-        return run_backtest_command(settings, args)
+        return _backtest(settings, args)
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
+
+
+def _evaluate(settings: Settings, args: argparse.Namespace, out: IO[str] | None = None) -> int:
+    """``stream-detector evaluate``: check the flags, pick the source, print (and save) the report."""
+    from stream_detector.evaluation import (
+        Labels,
+        evaluate,
+        evaluate_dataset,
+        file_events,
+        format_dataset_report,
+        format_report,
+        generated_events,
+        plot_report,
+    )
+    from stream_detector.reporting import Progress, write_json
+    from stream_detector.scoring.factory import build_pipeline, event_schema
+
+    out = out if out is not None else sys.stdout
+    if args.skip_warmup < 0:
+        raise ConfigError(f"--skip-warmup must be >= 0, got {args.skip_warmup}")
+    if args.dataset:
+        if args.plot:
+            raise ConfigError("--plot applies to sales-event evaluations, not to --dataset")
+        dataset_report = evaluate_dataset(args.dataset, settings, progress=Progress(f"evaluate {args.dataset}"))
+        print(format_dataset_report(dataset_report), file=out)
+        if args.json:
+            write_json(dataset_report.to_dict(), args.json)
+        return EXIT_OK
+    labels = Labels()
+    if args.events:
+        if not args.labels:
+            raise ConfigError("--events needs --labels")
+        labels = Labels.load(args.labels)
+        events, total = file_events(args.events)
+        source = args.events
+    else:
+        if args.labels:
+            raise ConfigError("--labels goes with --events; --generate makes its own labels")
+        events = generated_events(args.generate, args.seed, args.anomaly_rate, labels)
+        total = args.generate
+        source = f"generated: {args.generate:,} events, seed {args.seed}, anomaly rate {args.anomaly_rate}"
+    report = evaluate(
+        events,
+        labels,
+        build_pipeline(settings),
+        event_schema(settings),
+        settings.processing.batch_size,
+        skip_warmup=args.skip_warmup,
+        progress=Progress("evaluate", total=total),
+    )
+    print(format_report(report, source), file=out)
+    if args.json:
+        write_json({"source": source, **report.to_dict()}, args.json)
+    if args.plot:
+        path = plot_report(report, args.plot, title=f"stream-detector evaluate ({source})")
+        print(f"plot written to {path}", file=out)
+    return EXIT_OK
+
+
+def _backtest(settings: Settings, args: argparse.Namespace, out: IO[str] | None = None) -> int:
+    """``stream-detector backtest``; bad offsets or times raise ConfigError (exit 2)."""
+    from stream_detector.reporting import Progress, write_json
+    from stream_detector.runtime.backtest import backtest
+
+    out = out if out is not None else sys.stdout
+    progress = Progress("backtest", total=args.limit)
+    summary = backtest(
+        settings,
+        from_offset=args.from_offset,
+        from_timestamp=args.from_timestamp,
+        until_offset=args.until_offset,
+        limit=args.limit,
+        progress=lambda n: progress(n, "records"),
+    )
+    print(summary.format(), file=out)
+    if args.json:
+        write_json(summary.to_dict(), args.json)
+    return EXIT_OK
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -16,8 +16,8 @@ moves the daemon's offsets. Every partition of ``kafka.input_topic`` is read
   caught up;
 * and at most ``--limit K`` records in all.
 
-Records are consumed ``processing.batch_size`` at a time, as the daemon does, decoded with
-``decode_batch`` and scored by a freshly built pipeline (no saved model state: the first
+Records are consumed ``processing.batch_size`` at a time, as the daemon does, decoded and
+scored by ``score_batch`` with a freshly built pipeline (no saved model state: the first
 ``scoring.calibration_min_events`` events cannot raise anomalies). Nothing is produced: the
 summary says how many anomalies *would* have been raised and how often each detector fired.
 """
@@ -25,21 +25,20 @@ summary says how many anomalies *would* have been raised and how often each dete
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from stream_detector.config import Settings, librdkafka_config
 from stream_detector.errors import ConfigError, StreamDetectorError
-from stream_detector.events.decode import decode_batch
+from stream_detector.events.decode import EventSchema
+from stream_detector.scoring.batch import score_batch
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import ScoringPipeline
 
@@ -196,7 +195,8 @@ def backtest(
         start_text = f"offset {from_offset}" if from_offset is not None else f"timestamp {_iso_ms(ts_ms)}"
         summary = BacktestSummary(topic, start_text, list(ranges.values()), threshold=pipeline.threshold)
         summary.fired = dict.fromkeys(pipeline.detector_names, 0)
-        active = [TopicPartition(topic, p.partition, p.start) for p in ranges.values() if not p.done]
+        # A partition with no start is done from the outset; the None test is for the type checker.
+        active = [TopicPartition(topic, p.partition, p.start) for p in ranges.values() if not p.done and p.start is not None]
         if active:
             consumer.assign(active)
             _consume(consumer, ranges, summary, pipeline, schema, settings, ts_ms, from_offset, limit, on_batch, progress, idle_timeout_s)
@@ -241,7 +241,7 @@ def _consume(
     ranges: dict[int, PartitionRange],
     summary: BacktestSummary,
     pipeline: ScoringPipeline,
-    schema: Any,
+    schema: EventSchema,
     settings: Settings,
     ts_ms: int | None,
     from_offset: int | None,
@@ -253,7 +253,6 @@ def _consume(
     batch_size = settings.processing.batch_size
     max_wait_s = settings.processing.max_wait_ms / 1000.0
     names = pipeline.detector_names
-    k = len(names)
     reasons: Counter[str] = Counter()
     # Until a partition has given a record at or after the start time, skip earlier ones.
     reached_time = {p: ts_ms is None for p in ranges}
@@ -273,7 +272,8 @@ def _consume(
         records = []
         for msg in messages:
             err = msg.error()
-            part = ranges.get(msg.partition())
+            partition = msg.partition()  # None only on errors that concern no partition
+            part = ranges.get(partition) if partition is not None else None
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     if part is not None:
@@ -285,13 +285,16 @@ def _consume(
                 continue
             if part is None or part.done:
                 continue
-            if part.end is not None and msg.offset() >= part.end:
+            offset = msg.offset()
+            assert offset is not None  # a consumed record (not an error) always has one
+            if part.end is not None and offset >= part.end:
                 part.done = True
                 continue
-            if from_offset is not None and msg.offset() < from_offset:
+            if from_offset is not None and offset < from_offset:
                 part.skipped_before_start += 1
                 continue
-            if not reached_time[part.partition]:
+            # reached_time is False only with a start time (ts_ms), until that time is reached.
+            if ts_ms is not None and not reached_time[part.partition]:
                 _kind, ts = msg.timestamp()
                 if ts < ts_ms:
                     part.skipped_before_start += 1
@@ -299,23 +302,23 @@ def _consume(
                 reached_time[part.partition] = True
             records.append(msg)
             part.records += 1
-            part.first = msg.offset() if part.first is None else part.first
-            part.last = msg.offset()
-            if part.end is not None and msg.offset() >= part.end - 1:
+            part.first = offset if part.first is None else part.first
+            part.last = offset
+            if part.end is not None and offset >= part.end - 1:
                 part.done = True
         if not records:
             continue
-        decoded = decode_batch([m.value() for m in records], schema)
-        result = pipeline.process(decoded.features)
+        scored = score_batch(pipeline, schema, [m.value() for m in records])
+        decoded, result = scored.decoded, scored.result
         summary.records += len(records)
         summary.events += decoded.features.n
         summary.invalid += len(decoded.invalid)
         reasons.update(bad.reason for bad in decoded.invalid)
         summary.invalid_by_reason = dict(reasons)
         summary.anomalies += int(result.is_anomaly.sum())
+        fired = result.fired()
         for name in names:
-            fired = 1.0 - np.minimum(1.0, k * result.probability[name]) > result.threshold
-            summary.fired[name] += int(fired.sum())
+            summary.fired[name] += int(fired[name].sum())
         if on_batch is not None:
             on_batch(records, decoded, result)
         if progress is not None:
@@ -328,23 +331,3 @@ def _iso_ms(ms: int | None) -> str:
     if ms is None:
         return "-"
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def run_backtest_command(settings: Settings, args: Any, out: IO[str] | None = None) -> int:
-    """``stream-detector backtest``; usage errors raise ConfigError (exit 2)."""
-    from stream_detector.evaluation import Progress, write_json
-
-    out = out if out is not None else sys.stdout
-    report = Progress("backtest", total=args.limit)
-    summary = backtest(
-        settings,
-        from_offset=args.from_offset,
-        from_timestamp=args.from_timestamp,
-        until_offset=args.until_offset,
-        limit=args.limit,
-        progress=lambda n: report(n, "records"),
-    )
-    print(summary.format(), file=out)
-    if args.json:
-        write_json(summary.to_dict(), args.json)
-    return 0

@@ -14,8 +14,8 @@ from typing import IO
 import orjson
 
 from stream_detector.config import Settings
-from stream_detector.events.decode import decode_batch
 from stream_detector.records import replay_lines
+from stream_detector.scoring.batch import score_batch
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import ScoringPipeline
 
@@ -27,10 +27,9 @@ def replay(settings: Settings, src: IO[bytes], dst: IO[bytes], pipeline: Scoring
     lines_done = 0
     for chunk in _chunks(src, settings.processing.batch_size):
         values = [line.rstrip(b"\r\n") for line in chunk]
-        decoded = decode_batch(values, schema)
-        result = pipeline.process(decoded.features)
+        scored = score_batch(pipeline, schema, values)
         numbers = list(range(lines_done + 1, lines_done + len(values) + 1))
-        dst.write(b"".join(orjson.dumps(line) + b"\n" for _, line in replay_lines(decoded, result, numbers)))
+        dst.write(b"".join(orjson.dumps(line) + b"\n" for _, line in replay_lines(scored.decoded, scored.result, numbers)))
         lines_done += len(values)
     dst.flush()
     return lines_done

@@ -1,16 +1,18 @@
-"""The command line end to end (subprocess): replay, generate, run with a bad config."""
+"""The command line end to end (subprocess): replay, generate, evaluate, run with a bad config."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
 import pytest
 
 from tests.paths import REPO_ROOT
+from tests.unit.evaluation.tiny_case import event
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -48,7 +50,7 @@ def test_replay_one_line_out_per_line_in(generated, tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     out = [orjson.loads(line) for line in dst.read_bytes().splitlines()]
     assert len(out) == len(lines)
-    for number, (raw, line) in enumerate(zip(lines, out), start=1):
+    for number, (raw, line) in enumerate(zip(lines, out, strict=True), start=1):
         if number - 1 in malformed:
             assert set(line) == {"line", "error"}, line
             assert line["line"] == number
@@ -116,3 +118,32 @@ def test_run_with_invalid_yaml_exits_2(tmp_path):
     proc = cli("run", "--config", str(unknown), timeout=60)
     assert proc.returncode == 2
     assert b"scoring.threshold" in proc.stderr
+
+
+def test_cli_evaluate_generate_prints_the_table(tmp_path):
+    started = time.monotonic()
+    proc = cli("evaluate", "--generate", "5000", "--seed", "1", "--json", str(tmp_path / "report.json"), timeout=60)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    for text in ("precision", "recall", "F1", "false-positive rate", "all point kinds", "price_spike", "duplicate", "store_stopped", "no collective alerts"):
+        assert text in out, out
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert report["records"] == 5000
+    assert set(report["kinds"]) >= {"price_spike", "quantity_burst", "decimal_error", "refund_burst", "duplicate"}
+    assert report["windows"]["store_stopped"]["recall"] in (0.0, None)
+    assert elapsed < 30, f"evaluate --generate 5000 took {elapsed:.1f} s"
+
+
+def test_cli_evaluate_usage_errors(tmp_path):
+    events, labels = tmp_path / "events.jsonl", tmp_path / "labels.jsonl"
+    events.write_bytes(event(0, 1.0) + b"\n")
+    labels.write_bytes(b'{"kind": "price_spike", "event_id": "e0"}\n')
+    assert cli("evaluate", "--events", str(events)).returncode == 2  # no --labels
+    assert cli("evaluate", "--generate", "10", "--events", str(events)).returncode == 2
+    assert cli("evaluate", "--events", str(tmp_path / "missing.jsonl"), "--labels", str(labels)).returncode == 2
+    assert cli("evaluate", "--events", str(events), "--labels", str(events)).returncode == 2  # not labels
+    proc = cli("evaluate", "--events", str(events), "--labels", str(labels))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "price_spike" in proc.stdout.decode()
+    assert cli("evaluate", "--generate", "10", "--skip-warmup", "-1").returncode == 2

@@ -1,0 +1,179 @@
+"""What an evaluation reports: on labelled sale events (``EvaluationReport``) and on a public
+data set (``DatasetReport``), each with the dict written by ``--json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stream_detector.evaluation.labels import WindowMatch
+from stream_detector.records import iso_utc
+
+DOCSTRING_EVENTS = 10_000  # River's Shuttle docstring: take(10_000), RollingROCAUC(10_000)
+
+
+@dataclass
+class KindStats:
+    kind: str
+    labelled: int
+    flagged: int  # true positives
+    precision: float | None  # kind against normal events: TP_k / (TP_k + FP)
+    recall: float | None
+    f1: float | None
+    auc: float | None
+
+
+@dataclass
+class WindowStats:
+    kind: str
+    windows: int
+    detected: int
+    recall: float | None
+    delay_median_s: float | None
+    delay_mean_s: float | None
+    delay_max_s: float | None
+    note: str | None = None
+    matches: list[WindowMatch] = field(default_factory=list)
+
+
+@dataclass
+class Series:
+    """Per valid event, for plots: input position, event time, fused score, flag, kind code."""
+
+    position: np.ndarray
+    event_time: np.ndarray
+    fused: np.ndarray
+    flagged: np.ndarray
+    kind_code: np.ndarray  # 0 normal, i: kinds[i - 1]
+    kinds: list[str]
+
+
+@dataclass
+class EvaluationReport:
+    records: int  # input records, valid or not
+    invalid: int  # records that failed decoding (in the counted range)
+    skip_warmup: int
+    counted: int  # valid events counted
+    normal: int
+    labelled: int  # counted events with a point label
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+    precision: float | None
+    recall: float | None
+    f1: float | None
+    false_positive_rate: float | None
+    auc: float | None
+    kinds: dict[str, KindStats]
+    windows: dict[str, WindowStats]
+    collective_alerts: int
+    collective_false_alarms: int
+    detectors: dict[str, dict[str, Any]]  # name -> {"fired_normal", "fpr", "recall": {kind: r}}
+    labels_not_seen: int  # point labels whose event id never appeared among valid events
+    threshold: float
+    batch_size: int
+    window_grace_s: float
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    series: Series | None = None
+
+    @property
+    def events_per_second(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        def window(w: WindowStats) -> dict[str, Any]:
+            return {
+                "kind": w.kind,
+                "windows": w.windows,
+                "detected": w.detected,
+                "recall": w.recall,
+                "delay_median_s": w.delay_median_s,
+                "delay_mean_s": w.delay_mean_s,
+                "delay_max_s": w.delay_max_s,
+                "note": w.note,
+                "matches": [
+                    {
+                        "key": m.window.key,
+                        "start": iso_utc(m.window.start),
+                        "end": iso_utc(m.window.end),
+                        "detected": m.detected,
+                        "delay_s": m.delay_s,
+                    }
+                    for m in w.matches
+                ],
+            }
+
+        return {
+            "records": self.records,
+            "invalid": self.invalid,
+            "skip_warmup": self.skip_warmup,
+            "counted": self.counted,
+            "normal": self.normal,
+            "labelled": self.labelled,
+            "confusion": {"tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn},
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "false_positive_rate": self.false_positive_rate,
+            "auc": self.auc,
+            "kinds": {k: vars(s).copy() for k, s in self.kinds.items()},
+            "windows": {k: window(w) for k, w in self.windows.items()},
+            "collective_alerts": self.collective_alerts,
+            "collective_false_alarms": self.collective_false_alarms,
+            "detectors": self.detectors,
+            "labels_not_seen": self.labels_not_seen,
+            "threshold": self.threshold,
+            "batch_size": self.batch_size,
+            "window_grace_s": self.window_grace_s,
+            "seconds": self.seconds,
+            "events_per_second": self.events_per_second,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class ModelScores:
+    name: str
+    scores: np.ndarray
+    flagged: np.ndarray | None = None
+    note: str = ""
+
+
+@dataclass
+class DatasetReport:
+    dataset: str
+    n: int
+    anomalies: int | None
+    features: tuple[str, ...]
+    models: list[ModelScores]
+    auc_all: dict[str, float | None]
+    auc_first: dict[str, float | None]  # first DOCSTRING_EVENTS events
+    auc_after_warmup: dict[str, float | None]  # events after calibration_min_events
+    warmup: int
+    river_docstring_rolling_auc: float | None
+    flagged: int
+    precision: float | None
+    recall: float | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    event_time: np.ndarray | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "events": self.n,
+            "anomalies": self.anomalies,
+            "features": list(self.features),
+            "auc_all": self.auc_all,
+            f"auc_first_{DOCSTRING_EVENTS}": self.auc_first,
+            f"auc_after_{self.warmup}": self.auc_after_warmup,
+            "river_docstring_rolling_auc": self.river_docstring_rolling_auc,
+            "pipeline_at_threshold": {"flagged": self.flagged, "precision": self.precision, "recall": self.recall},
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }

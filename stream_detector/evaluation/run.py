@@ -1,0 +1,137 @@
+"""``evaluate``: labelled events through the daemon's scoring path, micro-batch by micro-batch,
+then the decisions against the labels.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import orjson
+
+from stream_detector.evaluation.labels import (
+    DEFAULT_WINDOW_GRACE_S,
+    POINT_KINDS,
+    WINDOW_KINDS,
+    CollectiveAlert,
+    CollectiveAlertsFn,
+    Labels,
+    as_alert,
+    match_windows,
+)
+from stream_detector.evaluation.measures import point_measures, window_stats
+from stream_detector.evaluation.report import EvaluationReport, Series
+from stream_detector.events.decode import EventSchema
+from stream_detector.scoring.batch import score_batch
+from stream_detector.scoring.pipeline import ScoringPipeline
+
+
+def evaluate(
+    events: Iterable[bytes | str | dict],
+    labels: Labels,
+    pipeline: ScoringPipeline,
+    schema: EventSchema,
+    batch_size: int,
+    collective_alerts_fn: CollectiveAlertsFn | None = None,
+    *,
+    skip_warmup: int = 0,
+    window_grace_s: float = DEFAULT_WINDOW_GRACE_S,
+    progress: Callable[[int], None] | None = None,
+    keep_series: bool = True,
+) -> EvaluationReport:
+    """Score ``events`` (raw JSON values, or dicts) with ``pipeline`` in micro-batches of
+    ``batch_size``, exactly as the daemon does, and compare with ``labels`` (package docstring)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    started = time.monotonic()
+    names = pipeline.detector_names
+    kind_codes: dict[str, int] = {kind: i + 1 for i, kind in enumerate(POINT_KINDS)}
+    parts: dict[str, list[np.ndarray]] = {"position": [], "time": [], "fused": [], "flagged": [], "kind": [], "fired": []}
+    alerts: list[CollectiveAlert] = []
+    seen_labelled: set[str] = set()
+    records = invalid_counted = 0
+
+    for values in _batches(events, batch_size):
+        scored = score_batch(pipeline, schema, values)
+        decoded, result = scored.decoded, scored.result
+        if collective_alerts_fn is not None:
+            alerts.extend(as_alert(a) for a in collective_alerts_fn(decoded, result))
+        else:  # the pipeline's own timers (keys that went silent)
+            alerts.extend(CollectiveAlert(a.key, a.event_time, detector="silence") for a in result.collective)
+        invalid_counted += sum(1 for bad in decoded.invalid if records + bad.index >= skip_warmup)
+        codes = np.zeros(decoded.features.n, dtype=np.int16)
+        for i, event_id in enumerate(decoded.features.event_ids.tolist()):
+            label_kind = labels.points.get(event_id)
+            if label_kind is not None:
+                seen_labelled.add(event_id)
+                codes[i] = kind_codes.setdefault(label_kind, len(kind_codes) + 1)
+        parts["position"].append(records + decoded.source_index)
+        parts["time"].append(decoded.features.event_time)
+        parts["fused"].append(result.fused)
+        parts["flagged"].append(result.is_anomaly)
+        parts["kind"].append(codes)
+        fired = result.fired()
+        parts["fired"].append(np.column_stack([fired[name] for name in names]) if names else np.zeros((decoded.features.n, 0), dtype=bool))
+        records += len(values)
+        if progress is not None:
+            progress(records)
+
+    def cat(name: str, dtype: Any, shape: tuple[int, ...] = ()) -> np.ndarray:
+        return np.concatenate(parts[name]) if parts[name] else np.zeros((0, *shape), dtype=dtype)
+
+    position = cat("position", np.int64)
+    event_time = cat("time", np.float64)
+    fused = cat("fused", np.float64)
+    flagged = cat("flagged", bool)
+    kind_code = cat("kind", np.int16)
+    fired_all = cat("fired", bool, (len(names),))
+    kinds = [name for name, _ in sorted(kind_codes.items(), key=lambda item: item[1])]
+    counted = position >= skip_warmup
+    measures = point_measures(counted, fused, flagged, kind_code, fired_all, kinds, names)
+
+    first_time = float(event_time[counted][0]) if counted.any() else math.inf
+    windows = [w for w in labels.windows if skip_warmup == 0 or w.start >= first_time]
+    counted_alerts = [a for a in alerts if skip_warmup == 0 or a.event_time >= first_time]
+    matches, unmatched = match_windows(windows, counted_alerts, window_grace_s)
+    window_kinds = list(dict.fromkeys([*WINDOW_KINDS, *(w.kind for w in labels.windows)]))
+    windows_by_kind = {wk: window_stats(wk, [m for m in matches if m.window.kind == wk], bool(alerts)) for wk in window_kinds}
+    notes = [w.note for w in windows_by_kind.values() if w.note]
+    labels_not_seen = sum(1 for event_id in labels.points if event_id not in seen_labelled)
+    if labels_not_seen:
+        notes.append(f"{labels_not_seen} point label(s) name an event id that never appeared among valid events")
+
+    return EvaluationReport(
+        records=records,
+        invalid=invalid_counted,
+        skip_warmup=skip_warmup,
+        window_grace_s=window_grace_s,
+        labels_not_seen=labels_not_seen,
+        threshold=pipeline.threshold,
+        batch_size=batch_size,
+        seconds=time.monotonic() - started,
+        windows=windows_by_kind,
+        collective_alerts=len(counted_alerts),
+        collective_false_alarms=len(unmatched),
+        notes=notes,
+        series=Series(position, event_time, fused, flagged, kind_code, kinds) if keep_series else None,
+        **measures,
+    )
+
+
+def _batches(events: Iterable[bytes | str | dict], size: int) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    for event in events:
+        if isinstance(event, dict):
+            batch.append(orjson.dumps(event))
+        elif isinstance(event, str):
+            batch.append(event.encode())
+        else:
+            batch.append(event)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

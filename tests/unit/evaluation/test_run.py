@@ -1,0 +1,116 @@
+"""evaluation.run: metrics on a hand-made case, skip-warmup, collective alerts, and agreement
+with replay on the real pipeline."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import orjson
+import pytest
+
+from stream_detector.config import load_settings
+from stream_detector.evaluation import CollectiveAlert, Labels, evaluate, format_report, generated_events
+from stream_detector.events.decode import EventSchema
+from stream_detector.runtime.replay import replay
+from stream_detector.scoring.factory import build_pipeline, event_schema
+from tests.unit.evaluation.tiny_case import T0, ThresholdPipeline, store_stopped_windows, tiny_events, tiny_labels
+
+
+def test_metrics_on_a_hand_made_case():
+    pipeline = ThresholdPipeline()
+    report = evaluate(tiny_events(), tiny_labels(), pipeline, EventSchema(), batch_size=3)
+    assert pipeline.batches == [3, 2, 3, 2]  # 11 records in batches of 3; the invalid 6th is dropped
+    assert (report.records, report.invalid, report.counted) == (11, 1, 10)
+    assert (report.labelled, report.normal) == (5, 5)
+    assert (report.tp, report.fp, report.fn, report.tn) == (3, 2, 2, 3)
+    assert report.precision == pytest.approx(0.6)
+    assert report.recall == pytest.approx(0.6)
+    assert report.f1 == pytest.approx(0.6)
+    assert report.false_positive_rate == pytest.approx(0.4)
+
+    ps, rb, dup = report.kinds["price_spike"], report.kinds["refund_burst"], report.kinds["duplicate"]
+    # price_spike against normal events: TP 1 (e1), FP 2 (e3, e9).
+    assert (ps.labelled, ps.flagged) == (2, 1)
+    assert ps.precision == pytest.approx(1 / 3)
+    assert ps.recall == pytest.approx(0.5)
+    assert ps.f1 == pytest.approx(0.4)
+    # Each event of a refund burst is matched on its own event id.
+    assert (rb.labelled, rb.flagged, rb.recall) == (2, 2, 1.0)
+    assert rb.precision == pytest.approx(0.5)
+    assert rb.f1 == pytest.approx(2 / 3)
+    assert (dup.labelled, dup.flagged, dup.precision, dup.recall, dup.f1) == (1, 0, 0.0, 0.0, 0.0)
+    assert report.kinds["quantity_burst"].labelled == 0 and report.kinds["quantity_burst"].recall is None
+    # AUC of the fused score (amount / 1000): positives 500, 20, 150, 200, 30 vs 10, 300, 5, 40, 900.
+    pos, neg = [500, 20, 150, 200, 30], [10, 300, 5, 40, 900]
+    expected = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])
+    assert report.auc == pytest.approx(expected)
+    assert report.detectors["amount"]["fired_normal"] == 2
+    assert report.detectors["amount"]["recall"]["refund_burst"] == 1.0
+    assert report.labels_not_seen == 0
+
+
+def test_skip_warmup_counts_records_from_position_n():
+    # Skip the first 4 records (e0..e3): counted e4, invalid, e5..e9.
+    report = evaluate(tiny_events(), tiny_labels(), ThresholdPipeline(), EventSchema(), batch_size=4, skip_warmup=4)
+    assert (report.counted, report.invalid) == (6, 1)
+    # Counted: e4 (normal), e5, e6 (rb, flagged), e7 (dup), e8 (normal), e9 (normal, flagged).
+    assert (report.tp, report.fp, report.fn, report.tn) == (2, 1, 1, 2)
+    assert report.kinds["price_spike"].labelled == 0
+
+
+def test_labels_never_seen_are_reported():
+    labels = tiny_labels()
+    labels.points["e-missing"] = "price_spike"
+    report = evaluate(tiny_events(), labels, ThresholdPipeline(), EventSchema(), batch_size=100)
+    assert report.labels_not_seen == 1
+    assert report.kinds["price_spike"].labelled == 2
+    assert any("never appeared" in note for note in report.notes)
+
+
+def test_evaluate_consumes_collective_alerts():
+    calls = []
+
+    def alerts_fn(decoded, result):
+        calls.append(decoded.features.n)
+        if len(calls) == 1:  # a timer detector fires while some batch is processed
+            return [CollectiveAlert("s-1", T0 + 150), ("s-9", T0 + 100)]
+        return []
+
+    report = evaluate(tiny_events(), tiny_labels(store_stopped_windows()), ThresholdPipeline(), EventSchema(), batch_size=5, collective_alerts_fn=alerts_fn)
+    assert calls == [5, 4, 1]
+    w = report.windows["store_stopped"]
+    assert (w.windows, w.detected, w.recall) == (2, 1, 0.5)
+    assert w.delay_median_s == pytest.approx(90.0) and w.delay_max_s == pytest.approx(90.0)
+    assert w.note is None
+    assert (report.collective_alerts, report.collective_false_alarms) == (2, 1)
+
+
+def test_without_collective_alerts_store_stopped_recall_is_zero_with_a_note():
+    report = evaluate(tiny_events(), tiny_labels(store_stopped_windows()), ThresholdPipeline(), EventSchema(), batch_size=5)
+    w = report.windows["store_stopped"]
+    assert (w.windows, w.detected, w.recall) == (2, 0, 0.0)
+    assert w.note and "no collective alerts" in w.note
+    table = format_report(report)
+    assert "store_stopped" in table and "no collective alerts" in table
+
+
+def test_skip_warmup_drops_windows_that_start_before_the_first_counted_event():
+    # Counted from record 3 (e3 at T0 + 180): the s-1 window (T0 + 60) is out, s-2 (T0 + 180) in.
+    report = evaluate(tiny_events(), tiny_labels(store_stopped_windows()), ThresholdPipeline(), EventSchema(), batch_size=5, skip_warmup=3)
+    assert report.windows["store_stopped"].windows == 1
+
+
+def test_evaluate_agrees_with_replay_on_the_real_pipeline():
+    """evaluate() and replay run the same pipeline: the same events are flagged."""
+    settings = load_settings(environ={})
+    labels = Labels()
+    events = list(generated_events(4000, seed=2, anomaly_rate=0.02, labels=labels))
+    report = evaluate(events, labels, build_pipeline(settings), event_schema(settings), settings.processing.batch_size)
+    out = io.BytesIO()
+    replay(settings, io.BytesIO(b"\n".join(events) + b"\n"), out)
+    replayed = np.array([orjson.loads(line)["is_anomaly"] for line in out.getvalue().splitlines()])
+    assert report.series is not None
+    assert np.array_equal(report.series.flagged, replayed)
+    assert report.tp + report.fp == int(replayed.sum()) > 0
+    assert report.labelled == len(labels.points)
