@@ -202,6 +202,16 @@ def test_cross_field_check_is_reported(tmp_path: Path) -> None:
         load_settings(path, environ={})
 
 
+def test_config_windows_are_validated_with_the_key_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("alerts:\n  windows:\n    - name: sale\n      start: 2026-11-27\n      end: 2026-11-20\n")
+    with pytest.raises(ConfigError, match=r"alerts\.windows\.0.*must be after start"):
+        load_settings(path, environ={})
+    path.write_text("alerts:\n  windows:\n    - {name: a, start: 2026-11-27, end: 2026-11-28}\n    - {name: a, start: 2026-11-27, end: 2026-11-28}\n")
+    with pytest.raises(ConfigError, match="repeated"):
+        load_settings(path, environ={})
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [("kafka: [\n", "not valid YAML"), ("- a\n- b\n", "mapping of sections")],

@@ -105,7 +105,7 @@ def test_timestamps_non_decreasing_from_start(run):
 
 def test_normal_sales_are_consistent(run):
     events, labels, _ = run
-    for e, lab in zip(events, labels):
+    for e, lab in zip(events, labels, strict=True):
         if lab is None:
             gross = e["quantity"] * e["unit_price"]
             assert 0.89 * gross - 0.01 <= e["amount"] <= gross + 0.01, e
@@ -125,7 +125,7 @@ def test_labels_point_at_their_own_unique_events(run):
     events, labels, _ = run
     labelled = [lab.event_id for lab in labels if lab is not None]
     assert len(labelled) == len(set(labelled))
-    for e, lab in zip(events, labels):
+    for e, lab in zip(events, labels, strict=True):
         if lab is not None:
             assert lab.event_id == e["event_id"]
 
@@ -140,7 +140,7 @@ def test_labels_not_in_events(run):
 def test_duplicates_copy_an_earlier_normal_event(run):
     events, labels, _ = run
     seen: dict[bytes, int] = {}
-    for i, (e, lab) in enumerate(zip(events, labels)):
+    for i, (e, lab) in enumerate(zip(events, labels, strict=True)):
         key = orjson.dumps({k: v for k, v in e.items() if k != "event_id"}, option=orjson.OPT_SORT_KEYS)
         if lab is not None and lab.kind == "duplicate":
             assert key in seen, e
@@ -154,11 +154,11 @@ def test_duplicates_copy_an_earlier_normal_event(run):
 def test_anomaly_shapes(run):
     events, labels, _ = run
     normal_price = {}
-    for e, lab in zip(events, labels):
+    for e, lab in zip(events, labels, strict=True):
         if lab is None:
             key = (e["product_id"], e["currency"])
             normal_price[key] = max(normal_price.get(key, 0.0), e["unit_price"])
-    for e, lab in zip(events, labels):
+    for e, lab in zip(events, labels, strict=True):
         kind = lab.kind if lab else None
         if kind == "price_spike":
             assert e["unit_price"] >= 3 * normal_price.get((e["product_id"], e["currency"]), 0.0)
@@ -178,7 +178,7 @@ def test_anomaly_shapes(run):
 def test_refund_bursts_cluster_by_store(run):
     events, labels, _ = run
     times = defaultdict(list)
-    for e, lab in zip(events, labels):
+    for e, lab in zip(events, labels, strict=True):
         if lab is not None and lab.kind == "refund_burst":
             times[e["store_id"]].append(_parse(e["timestamp"]))
     cut_off = _parse(events[-1]["timestamp"]) - timedelta(minutes=5)  # the count may cut a burst

@@ -1,68 +1,16 @@
-"""Alert windows, feedback rules and the policy that applies them (no broker)."""
+"""Analysts' feedback: a false positive becomes a rule that silences the same pattern of the
+same key for a while; the memory of recent anomalies and rules is bounded and restorable."""
 
 from __future__ import annotations
 
 import pickle
-from datetime import UTC, datetime
 
 import pytest
 
 from stream_detector.alerting.feedback import FeedbackMemory, Pattern, parse_feedback
 from stream_detector.alerting.policy import AlertPolicy
-from stream_detector.alerting.windows import AlertWindow, ControlError, WindowBook
-from stream_detector.config import load_settings
-from stream_detector.errors import ConfigError
-
-T0 = datetime(2026, 11, 27, tzinfo=UTC).timestamp()  # Black Friday, 00:00 UTC
-DAY = 86400.0
-
-
-def record(event_id: str, key: str, *, z: float = 9.0, feature: str = "log_amount", p_z: float = 1e-8, hst: float | None = None) -> dict:
-    detectors = {
-        "zscore": {"fired": True, "tail_probability": p_z, "feature": feature, "z": z, "warm": True},
-        "duplicates": {"fired": False, "tail_probability": 1.0},
-        "hst": {"fired": hst is not None, "tail_probability": hst if hst is not None else 0.5},
-    }
-    return {"event_id": event_id, "key": key, "detectors": detectors, "event": {"event_id": event_id, "store_id": key}}
-
-
-def test_window_covers_its_span_and_scope():
-    w = AlertWindow(name="black-friday", start="2026-11-27T00:00:00Z", end="2026-11-28T00:00:00", scope={"store_id": ["s-001"]})
-    assert w.end.tzinfo is not None  # naive means UTC
-    assert w.covers(T0, {"store_id": "s-001"})
-    assert not w.covers(T0, {"store_id": "s-002"})
-    assert not w.covers(T0 - 1, {"store_id": "s-001"})
-    assert not w.covers(T0 + DAY, {"store_id": "s-001"})  # end is exclusive
-    everywhere = AlertWindow(name="xmas", start="2026-12-25", end="2026-12-26")
-    assert everywhere.covers(T0 + 28 * DAY + 5, None)
-
-
-def test_control_records_add_replace_cancel_and_reject_bad_ones():
-    book = WindowBook()
-    promo = {"name": "promo-42", "start": "2026-11-27T00:00:00Z", "end": "2026-11-29T00:00:00Z", "action": "annotate", "scope": {"product_id": ["p-0042"]}}
-    assert book.apply_control(promo) == "added"
-    assert book.apply_control({**promo, "action": "suppress"}) == "replaced"
-    assert book.windows[0].action == "suppress"
-    assert book.active(T0 + 3600) == 1
-    assert book.apply_control({"action": "cancel", "name": "promo-42"}) == "cancelled"
-    assert book.apply_control({"action": "cancel", "name": "promo-42"}) == "unknown_window"
-    with pytest.raises(ControlError, match="end.*must be after start"):
-        book.apply_control({**promo, "end": "2026-11-26T00:00:00Z"})
-    with pytest.raises(ControlError, match="action"):
-        book.apply_control({**promo, "action": "mute"})
-    with pytest.raises(ControlError, match="not_an_object"):
-        book.apply_control(["promo"])
-    assert len(book) == 0
-
-
-def test_config_windows_are_validated_with_the_key_named(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("alerts:\n  windows:\n    - name: sale\n      start: 2026-11-27\n      end: 2026-11-20\n")
-    with pytest.raises(ConfigError, match=r"alerts\.windows\.0.*must be after start"):
-        load_settings(path, environ={})
-    path.write_text("alerts:\n  windows:\n    - {name: a, start: 2026-11-27, end: 2026-11-28}\n    - {name: a, start: 2026-11-27, end: 2026-11-28}\n")
-    with pytest.raises(ConfigError, match="repeated"):
-        load_settings(path, environ={})
+from stream_detector.alerting.windows import ControlError, WindowBook
+from tests.unit.alerting.helpers import DAY, T0, record
 
 
 def test_feedback_silences_the_same_pattern_for_the_same_key_only():
@@ -121,24 +69,6 @@ def test_parse_feedback():
         parse_feedback({"event_id": "e-1", "label": "maybe"})
 
 
-def test_windows_suppress_or_annotate_and_scope_collective_alerts():
-    book = WindowBook(
-        [
-            AlertWindow(name="closed", start="2026-11-27", end="2026-11-28", scope={"store_id": ["s-001"]}),
-            AlertWindow(name="promo", start="2026-11-27", end="2026-11-28", action="annotate", scope={"store_id": ["s-002"]}),
-        ]
-    )
-    policy = AlertPolicy(book)
-    assert policy.review(record("e-1", "s-001"), T0 + 60, None).suppressed_by == "window"
-    kept = record("e-2", "s-002")
-    verdict = policy.review(kept, T0 + 60, None)
-    assert verdict.publish and kept["annotations"] == [{"window": "promo", "action": "annotate", "note": ""}]
-    assert "annotations" not in (plain := record("e-3", "s-003")) and policy.review(plain, T0 + 60, None).publish
-    # A store that went silent while closed for the day: the key fields stand in for the event.
-    silence = {"event_id": None, "key": "s-001", "key_set": "store_id", "detectors": {"silence": {"fired": True, "tail_probability": 1e-6}}, "event": None}
-    assert policy.review(silence, T0 + 60, None).suppressed_by == "window"
-
-
 def test_expired_rules_are_dropped():
     memory = FeedbackMemory(ttl_seconds=DAY)
     memory.remember("e-1", Pattern.of(record("e-1", "s-001"), T0))
@@ -147,3 +77,49 @@ def test_expired_rules_are_dropped():
     assert len(memory) == 1
     memory.expire(T0 + DAY)
     assert len(memory) == 0 and memory.matching_rule(Pattern.of(record("e-2", "s-001"), T0 + 1)) is None
+
+
+def test_a_pattern_is_what_fired_with_its_feature_and_direction():
+    pattern = Pattern.of(record("e-1", "s-001", z=-4.0, feature="log_quantity", p_z=1e-7, hst=1e-5), T0)
+    assert pattern.key == "s-001" and pattern.event_time == T0
+    # The duplicates detector did not fire: not part of the pattern. HST has no z: direction 0.
+    assert pattern.fired == {("zscore", "log_quantity", -1), ("hst", "", 0)}
+    assert pattern.tail == (("hst", 1e-5), ("zscore", 1e-7))
+
+
+def test_a_rule_covers_no_other_detector_and_nothing_much_more_extreme():
+    """The documented match: the same key, only detectors (features, directions) that fired in
+    the marked anomaly, none with a tail probability more than ``margin`` times smaller."""
+    marked_p = 2.0**-20
+    memory = FeedbackMemory(margin=4.0, ttl_seconds=100.0)
+    memory.remember("e-1", Pattern.of(record("e-1", "s-001", p_z=marked_p, hst=2.0**-10), T0))
+    assert memory.apply("e-1", "false_positive") == "applied"
+
+    def covered(key: str = "s-001", **kw: float) -> bool:
+        return memory.matching_rule(Pattern.of(record("e-2", key, **kw), T0 + 1)) is not None
+
+    assert covered(p_z=marked_p, hst=2.0**-10)
+    assert covered(p_z=marked_p)  # fewer detectors than the marked anomaly: still the same thing
+    assert covered(p_z=marked_p / 4)  # exactly ``margin`` times smaller: still covered
+    assert not covered(p_z=marked_p / 8)
+    assert covered(p_z=marked_p, hst=2.0**-12) and not covered(p_z=marked_p, hst=2.0**-13)
+    assert not covered(p_z=marked_p, key="s-002")
+    assert memory.matching_rule(Pattern.of(record("e-3", "s-001", p_z=marked_p), T0 + 100.0)) is None  # expired at T0 + TTL
+    nothing_fired = record("e-4", "s-001")
+    nothing_fired["detectors"]["zscore"]["fired"] = False
+    assert memory.matching_rule(Pattern.of(nothing_fired, T0 + 1)) is None
+
+
+def test_remember_ignores_records_without_an_event_id_and_parse_feedback_refuses_non_objects():
+    memory = FeedbackMemory()
+    memory.remember(None, Pattern.of(record("x", "s-001"), T0))
+    memory.remember("", Pattern.of(record("x", "s-001"), T0))
+    assert not memory.knows("") and memory.state_dict()["recent"] == []
+    for message in (["e-1"], "e-1", None):
+        with pytest.raises(ControlError) as caught:
+            parse_feedback(message)
+        assert caught.value.reason == "not_an_object"
+    with pytest.raises(ControlError) as caught:
+        parse_feedback({"event_id": ""})
+    assert caught.value.reason == "invalid_feedback"
+    assert parse_feedback({"event_id": "e-1", "note": 42}) == ("e-1", "false_positive", "42")

@@ -381,7 +381,10 @@ def test_grafana_provisioning_files(dashboard: dict[str, Any]) -> None:
 
 def test_metric_name_extraction() -> None:
     """The small PromQL scanner the other tests rely on."""
-    expr = 'histogram_quantile(0.99, sum by (le, detector) (rate(stream_detector_score_bucket{detector="fused", instance=~"$instance"}[$__rate_interval]))) > bool 0.5'
+    expr = (
+        "histogram_quantile(0.99, sum by (le, detector) "
+        '(rate(stream_detector_score_bucket{detector="fused", instance=~"$instance"}[$__rate_interval]))) > bool 0.5'
+    )
     assert metric_names(expr) == {"stream_detector_score_bucket"}
     assert stream_detector_names(expr) == {"stream_detector_score_bucket"}
     assert grouping_labels(expr) == {"le", "detector"}

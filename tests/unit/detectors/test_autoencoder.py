@@ -321,6 +321,42 @@ def test_hand_written_training_step_equals_autograd_and_torch_adam(hidden):
             torch.testing.assert_close(mine, theirs.detach(), rtol=1e-10, atol=1e-13)
 
 
+def documented_mlp(n_in: int, hidden: tuple[int, ...]) -> torch.nn.Sequential:
+    """The network as the module docstring and ``_forward`` describe it, built from torch.nn
+    layers: an encoder ``n_in -> hidden...``, a mirrored decoder back to ``n_in``, and a tanh
+    after every layer but the bottleneck (the one that outputs ``hidden[-1]``) and the output."""
+    encoder = [n_in, *hidden]
+    decoder = [*reversed(hidden), n_in]
+    sizes = list(zip(encoder[:-1], encoder[1:], strict=True)) + list(zip(decoder[:-1], decoder[1:], strict=True))
+    layers: list[torch.nn.Module] = []
+    for k, (d_in, d_out) in enumerate(sizes):
+        layers.append(torch.nn.Linear(d_in, d_out, dtype=torch.float64))
+        bottleneck, output = k == len(hidden) - 1, k == len(sizes) - 1
+        if not (bottleneck or output):
+            layers.append(torch.nn.Tanh())
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("hidden", [(16, 4), (8,), (12, 6, 3)])
+def test_the_forward_is_the_documented_mlp(hidden):
+    """``_forward`` (which scores) against the same network built from torch.nn layers."""
+    from stream_detector.detectors.autoencoder import _forward, _Net
+
+    z = np.random.default_rng(5).normal(size=(9, 10))
+    net = _Net.initial(10, hidden, seed=3)
+    for _ in range(2):
+        net.train_step(torch.from_numpy(z), torch.ones(9, 10, dtype=torch.float64), lr=1e-2)
+    mlp = documented_mlp(10, hidden)
+    linears = [layer for layer in mlp if isinstance(layer, torch.nn.Linear)]
+    assert len(net.weights) == 2 * len(linears)
+    with torch.no_grad():
+        for k, layer in enumerate(linears):
+            layer.weight.copy_(net.weights[2 * k])
+            layer.bias.copy_(net.weights[2 * k + 1])
+        expected = mlp(torch.from_numpy(z))
+    torch.testing.assert_close(_forward(net.weights, torch.from_numpy(z)), expected, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("hidden", [(16, 4), (8,), (12, 6, 3)])
 def test_numpy_forward_of_explanations_equals_the_torch_forward(hidden):
     """Explanations reconstruct their few rows in numpy (``_forward_numpy``): the same network

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+import pickle
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
 from stream_detector.detectors.silence import SilenceAlert, SilenceDetector
-from stream_detector.detectors.silence_kernel import BUCKETS, HOUR
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
 
 MONDAY = 1_767_571_200.0  # 2026-01-05T00:00:00Z
+HOUR = 3600.0
+BUCKETS = 48  # hour of day x (weekday, weekend)
 
 
 def stream(stop_key: str | None, stop_from: float, stop_to: float, days: float = 2.0, seed: int = 0) -> FeatureBatch:
@@ -78,7 +81,233 @@ def test_state_round_trip_continues_identically():
     assert run(first, batch.slice(half, batch.n), 300) == run(second, batch.slice(half, batch.n), 300)
 
 
-# -- the compiled walk against the pure-Python implementation it replaced -------------------
+# -- the detector against its definition, simulated event by event ---------------------------
+#
+# ``SilenceTimerDefinition`` is written from the documented semantics (the module docstrings of
+# detectors/silence.py and detectors/silence_kernel.py, the README's ``silence`` entry), not from
+# the implementation: plain dicts and lists, one event at a time, every key checked exactly at
+# every look of the timer. It keeps no rate bound, no slots and no batches, and shares no code
+# with the detector but the ``SilenceAlert`` record it returns. The hand-worked cases below
+# check it (and the detector) on numbers computed by hand.
+
+EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
+
+
+def bucket_of(t: float) -> int:
+    """The rate bucket of event time ``t``: hour of day (UTC), plus 24 on Saturdays and Sundays."""
+    day, seconds_into_day = divmod(t, 86400.0)
+    weekday = (int(day) + EPOCH_WEEKDAY) % 7
+    return int(seconds_into_day // 3600.0) + (24 if weekday >= 5 else 0)
+
+
+def hour_pieces(start: float, end: float) -> Iterator[tuple[float, float]]:
+    """[start, end) cut at every full hour."""
+    t = start
+    while t < end:
+        piece_end = min((math.floor(t / 3600.0) + 1) * 3600.0, end)
+        yield t, piece_end
+        t = piece_end
+
+
+class SilenceTimerDefinition:
+    """What the silence timer must do, one event at a time.
+
+    * Only events with a key exist for the timer. Each is learned: its key's count in the
+      event's bucket goes up by one.
+    * The timer looks at the first event at or after each multiple of ``check_every_s`` of event
+      time: the clock moves to that event's time, the stream time since the previous look is
+      added to the covered hours of its buckets, and every key is checked.
+    * Checking a key at ``now``: a key not in an alerted silence, whose newest event is before
+      ``now``, with at least ``min_events`` events, while the stream has covered at least
+      ``min_hours``, is silent since its newest event. If the integral of its hourly rates from
+      then on reaches ``expected_events`` by ``now``, it gets one alert, stamped with the moment
+      it did.
+    * An event of a key first checks the silence it ends (reported even if the timer did not
+      look in between), then is learned; an event newer than the key's newest ends the episode.
+    * A key's rate in a bucket is its count there over the hours the stream covered of it; a
+      bucket covered for less than an hour borrows the same hour of the other day type (0 if
+      that one is not covered either).
+    * The alerts of one look come in the order the silences became unlikely, then by key.
+    """
+
+    def __init__(self, expected_events: float, min_events: int, min_hours: float, check_every_s: float) -> None:
+        self.expected_events = expected_events
+        self.min_events = min_events
+        self.min_hours = min_hours
+        self.check_every_s = check_every_s
+        self.counts: dict[str, list[float]] = {}  # key -> events per bucket
+        self.newest: dict[str, float] = {}  # key -> time of its newest event
+        self.in_alerted_silence: dict[str, bool] = {}
+        self.covered = [0.0] * BUCKETS  # stream hours covered per bucket
+        self.clock = -math.inf  # event time of the last look
+        self.next_look = -math.inf
+
+    def process(self, batch: FeatureBatch) -> list[SilenceAlert]:
+        alerts = []
+        for t, key in zip(batch.event_time.tolist(), batch.keys["store_id"].tolist(), strict=True):
+            if key is not None:
+                alerts += self.event(t, str(key))
+        return alerts
+
+    def event(self, t: float, key: str) -> list[SilenceAlert]:
+        alerts = []
+        if t >= self.next_look:
+            if self.clock > -math.inf:
+                for a, b in hour_pieces(self.clock, t):
+                    self.covered[bucket_of(a)] += (b - a) / 3600.0
+            self.clock = t
+            self.next_look = (math.floor(t / self.check_every_s) + 1) * self.check_every_s
+            looked = [alert for k in self.newest if (alert := self.check(k, t)) is not None]
+            alerts += sorted(looked, key=lambda alert: (alert.event_time, alert.key))
+        if key in self.newest and (alert := self.check(key, t)) is not None:
+            alerts.append(alert)
+        self.counts.setdefault(key, [0.0] * BUCKETS)[bucket_of(t)] += 1.0
+        if t >= self.newest.get(key, -math.inf):
+            self.newest[key] = t
+            self.in_alerted_silence[key] = False
+        return alerts
+
+    def rates(self, key: str) -> list[float]:
+        """The key's events per hour in every bucket."""
+        counts, covered = self.counts[key], self.covered
+        rates = []
+        for b in range(BUCKETS):
+            other = (b + 24) % BUCKETS
+            if covered[b] >= 1.0:
+                rates.append(counts[b] / covered[b])
+            elif covered[other] >= 1.0:
+                rates.append(counts[other] / covered[other])
+            else:
+                rates.append(0.0)
+        return rates
+
+    def check(self, key: str, now: float) -> SilenceAlert | None:
+        since = self.newest[key]
+        if self.in_alerted_silence[key] or not since < now:
+            return None
+        if math.fsum(self.covered) < self.min_hours or sum(self.counts[key]) < self.min_events:
+            return None
+        rates = self.rates(key)
+        # A shortcut that is sound on its own: the integral is at most the highest rate times
+        # the duration (the margin is far above the rounding of the sum below).
+        if max(rates) * (now - since) / 3600.0 < self.expected_events * (1.0 - 1e-9):
+            return None
+        expected = 0.0
+        for a, b in hour_pieces(since, now):
+            per_second = rates[bucket_of(a)] / 3600.0
+            if expected + per_second * (b - a) >= self.expected_events:
+                self.in_alerted_silence[key] = True
+                when = a + (self.expected_events - expected) / per_second
+                return SilenceAlert(key, when, since, self.expected_events, math.exp(-self.expected_events))
+            expected += per_second * (b - a)
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        """This state in the detector's snapshot format, claiming a rate bound of 0 for every key
+        (a restore must recompute the bound, not trust it)."""
+        keys = list(self.counts)
+        return {
+            "version": 1,
+            "keys": keys,
+            "counts": np.array([self.counts[k] for k in keys]).reshape(-1, BUCKETS),
+            "last": np.array([self.newest[k] for k in keys]),
+            "alerted": np.array([self.in_alerted_silence[k] for k in keys], dtype=bool),
+            "hours": np.array(self.covered),
+            "clock": self.clock,
+            "next_check": self.next_look,
+            "peak": np.zeros(len(keys)),
+        }
+
+
+def test_bucket_of_follows_the_calendar():
+    assert bucket_of(MONDAY) == 0
+    assert bucket_of(MONDAY + 10 * HOUR + 59 * 60) == 10
+    assert bucket_of(MONDAY + 4 * 86400 + 23 * HOUR) == 23  # Friday 23:00
+    assert bucket_of(MONDAY + 5 * 86400) == 24  # Saturday 00:00
+    assert bucket_of(MONDAY + 6 * 86400 + 13.5 * HOUR) == 37  # Sunday 13:30
+    assert bucket_of(MONDAY + 7 * 86400) == 0
+    assert bucket_of(0.0) == 0 and bucket_of(2 * 86400.0) == 24  # 1970-01-01 Thursday, then Saturday
+    assert list(hour_pieces(MONDAY + 1800.0, MONDAY + 2 * HOUR + 60.0)) == [
+        (MONDAY + 1800.0, MONDAY + HOUR),
+        (MONDAY + HOUR, MONDAY + 2 * HOUR),
+        (MONDAY + 2 * HOUR, MONDAY + 2 * HOUR + 60.0),
+    ]
+
+
+TUESDAY = MONDAY + 86400.0
+
+
+def tuesday(clock: str) -> float:
+    """Event time of ``"HH:MM"`` or ``"HH:MM:SS"`` on Tuesday 2026-01-06 (UTC)."""
+    hours, minutes, seconds = (int(part) for part in (clock + ":00")[:8].split(":"))
+    return TUESDAY + hours * HOUR + minutes * 60.0 + seconds
+
+
+def hand_made_events(until: float) -> list[tuple[float, str]]:
+    """Store ``a``: every 5 min on Monday 10:00-11:00 (12 events) and every 5 min from Tuesday
+    10:01 to 10:26 (6 events), then once at Tuesday 11:30. Store ``b`` keeps the clock moving:
+    every 15 min from Monday 00:00 until ``until``."""
+    a = [MONDAY + 10 * HOUR + 300.0 * i for i in range(12)] + [tuesday("10:01") + 300.0 * i for i in range(6)] + [tuesday("11:30")]
+    b = np.arange(MONDAY, until, 900.0).tolist()
+    return sorted([(t, "a") for t in a] + [(t, "b") for t in b])
+
+
+def as_batch(events: list[tuple[float, str]]) -> FeatureBatch:
+    return FeatureBatch(
+        event_time=np.array([t for t, _ in events]),
+        columns={},
+        keys={"store_id": np.array([k for _, k in events], dtype=object)},
+    )
+
+
+@pytest.mark.parametrize(
+    "min_events, min_hours, found_at, stamped",
+    [
+        (18, 34.75, tuesday("10:45"), tuesday("10:43:30")),  # both minimums met exactly at the look of 10:45
+        (18, 34.76, tuesday("11:00"), tuesday("10:46")),  # the stream is long enough from the 11:00 look on
+        (19, 0.0, None, None),  # a has 18 events when its silence becomes unlikely
+    ],
+)
+def test_hand_made_case_timer_looks_every_15_min(min_events, min_hours, found_at, stamped):
+    """Worked by hand. Looks every 15 min (at b's events), so covered hours grow by 0.25.
+
+    At the look of Tuesday 10:30, bucket 10 (weekday 10:00) is covered 1.5 h (Monday, and
+    Tuesday 10:00-10:30) and holds 12 + 6 = 18 events of ``a``: 12/h; ``a`` silent since 10:26
+    expects 4 min x 12/h = 0.8 events. At 10:45 the stream has covered 24 + 10.75 = 34.75 h,
+    bucket 10 1.75 h: 18 / 1.75 events per hour, so 3 expected events are reached
+    3 / (18 / 1.75) h = 17.5 min after 10:26, at 10:43:30. At 11:00 bucket 10 is covered 2 h:
+    9/h, 3 events 20 min after 10:26, at 10:46. Monday's silence of ``a`` (from 10:55) expects
+    5 min x 12/h = 1 event at most (later buckets hold no event of ``a``); ``b`` (4 per hour) is
+    never silent for more than 15 min (1 expected event). ``a``'s event at 11:30 ends the
+    episode without a second alert."""
+    params = dict(expected_events=3.0, min_events=min_events, min_hours=min_hours, check_every_s=900.0)
+    events = hand_made_events(tuesday("12:00"))
+    definition = SilenceTimerDefinition(**params)
+    raised_at = [(t, alert) for t, key in events for alert in definition.event(t, key)]
+    expected = [] if stamped is None else [SilenceAlert("a", stamped, tuesday("10:26"), 3.0, math.exp(-3.0))]
+    assert [t for t, _ in raised_at] == ([] if found_at is None else [found_at])
+    assert_same_alerts([alert for _, alert in raised_at], expected)
+    for size in (1, 7, len(events)):
+        assert_same_alerts(run(SilenceDetector(**params), as_batch(events), size), expected)
+
+
+def test_hand_made_case_a_silence_that_ended_between_looks_is_still_reported():
+    """Worked by hand. Looks every 2 h: the look of Tuesday 10:00 covers bucket 10 for the
+    Monday hour only, and the next look is at 12:00. ``a``'s event at 11:30 ends a silence
+    from 10:26: bucket 10 holds 18 events over 1 covered hour, 18/h, so 3 events were expected
+    10 min after 10:26: an alert stamped 10:36, raised by the event at 11:30."""
+    params = dict(expected_events=3.0, min_events=10, min_hours=24.0, check_every_s=7200.0)
+    events = hand_made_events(tuesday("11:45"))  # b's last event 11:30, before the 12:00 look
+    expected = SilenceAlert("a", tuesday("10:36"), tuesday("10:26"), 3.0, math.exp(-3.0))
+    definition = SilenceTimerDefinition(**params)
+    raised_at = [(t, key, alert) for t, key in events for alert in definition.event(t, key)]
+    assert [(t, key) for t, key, _ in raised_at] == [(tuesday("11:30"), "a")]
+    assert_same_alerts([raised_at[0][2]], [expected])
+    for size in (1, 7, len(events)):
+        assert_same_alerts(run(SilenceDetector(**params), as_batch(events), size), [expected])
+
+
+# -- the detector against its definition, on random streams --------------------------------
 
 
 def random_stream(rng: np.random.Generator) -> FeatureBatch:
@@ -127,18 +356,28 @@ def batch_bounds(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def assert_same_state(state: dict[str, Any], reference: dict[str, Any]) -> None:
-    assert state["version"] == reference["version"] and state["keys"] == reference["keys"]
-    for name in ("counts", "last", "alerted", "hours"):
-        assert np.array_equal(state[name], reference[name]), name
-    assert state["clock"] == reference["clock"] and state["next_check"] == reference["next_check"]
-    exact = ReferenceSilence()
-    exact.load_state_dict(state)  # recomputes the exact peak rates
-    assert np.all(state["peak"] >= exact._peak), "peak must bound the rates"
+def assert_same_alerts(got: list[SilenceAlert], expected: list[SilenceAlert]) -> None:
+    """Same keys, order, silences and parameters; times equal up to rounding (1 us)."""
+    assert [(a.key, a.since, a.expected_events, a.probability) for a in got] == [(a.key, a.since, a.expected_events, a.probability) for a in expected]
+    assert [a.event_time for a in got] == pytest.approx([a.event_time for a in expected], rel=0.0, abs=1e-6)
+
+
+def assert_same_state(state: dict[str, Any], definition: SilenceTimerDefinition) -> None:
+    """The detector's snapshot holds the definition's counts, newest events, episodes, covered
+    hours and clock, per key (in whatever slot order), and a bound of every rate."""
+    assert state["version"] == 1
+    assert sorted(state["keys"]) == sorted(definition.counts)
+    for slot, key in enumerate(state["keys"]):
+        assert state["counts"][slot].tolist() == definition.counts[key], key
+        assert state["last"][slot] == definition.newest[key], key
+        assert bool(state["alerted"][slot]) == definition.in_alerted_silence[key], key
+        assert state["peak"][slot] >= max(definition.rates(key)) * (1.0 - 1e-12), f"peak must bound the rates of {key}"
+    assert state["hours"].tolist() == pytest.approx(definition.covered, rel=1e-12, abs=1e-9)
+    assert state["clock"] == definition.clock and state["next_check"] == definition.next_look
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_alerts_and_state_match_the_reference(seed):
+def test_alerts_and_state_match_the_definition(seed):
     rng = np.random.default_rng(seed)
     batch = random_stream(rng)
     params = dict(
@@ -147,18 +386,18 @@ def test_alerts_and_state_match_the_reference(seed):
         min_hours=float(rng.choice([0.0, 6.0, 30.0])),
         check_every_s=float(rng.choice([1.0, 7.5, 60.0, 600.0, 3600.0, 14400.0])),
     )
-    detector, reference = SilenceDetector(**params), ReferenceSilence(**params)
+    detector, definition = SilenceDetector(**params), SilenceTimerDefinition(**params)
     bounds = batch_bounds(rng, batch.n)
     alerts = 0
     for i, (start, stop) in enumerate(bounds):
         part = batch.slice(start, stop)
-        expected = reference.process(part)
-        assert detector.process(part) == expected
+        expected = definition.process(part)
+        assert_same_alerts(detector.process(part), expected)
         alerts += len(expected)
-        assert_same_state(detector.state_dict(), reference.state_dict())
-        if i == len(bounds) // 2:  # a snapshot of the old implementation resumes identically
+        assert_same_state(detector.state_dict(), definition)
+        if i == len(bounds) // 2:  # a snapshot written by someone else resumes identically
             detector = SilenceDetector(**params)
-            detector.load_state_dict(reference.state_dict())
+            detector.load_state_dict(pickle.loads(pickle.dumps(definition.snapshot())))
     assert alerts > 0
 
 
@@ -171,270 +410,3 @@ def test_non_finite_event_times_are_refused():
     batch = FeatureBatch(event_time=np.array([MONDAY, np.nan]), columns={}, keys={"store_id": np.array(["s-1", "s-1"], dtype=object)})
     with pytest.raises(ValueError, match="finite"):
         SilenceDetector().process(batch)
-
-
-# Verbatim copy (names prefixed) of the pure-Python SilenceDetector (numpy per check, Python per event) that the
-# compiled walk replaced: the definition of the alerts and state above.
-
-
-def _reference_hour_bucket(t: float) -> int:
-    day = math.floor(t / 86400.0)
-    weekend = (day + 3) % 7 >= 5  # 1970-01-01 was a Thursday: Monday = 0
-    return int((t % 86400.0) // HOUR) + (24 if weekend else 0)
-
-
-def _reference_hour_buckets(t: np.ndarray) -> np.ndarray:
-    """``_reference_hour_bucket`` of every time in ``t``."""
-    day = np.floor(t / 86400.0)
-    weekend = (day + 3) % 7 >= 5
-    return ((t % 86400.0) // HOUR).astype(np.int64) + np.where(weekend, 24, 0)
-
-
-class _ReferenceKeyView:
-    """Plain-list copies of the per-key arrays for the keys of one batch (fast item access in
-    the sequential walk), written back before anything reads the arrays themselves. ``peak``
-    bounds each key's rates over the whole batch (its counts plus all its events in it)."""
-
-    def __init__(self, detector: ReferenceSilence, slots: np.ndarray, in_batch: np.ndarray) -> None:
-        self.detector, self.slots, self.in_batch = detector, slots, in_batch
-        self.last: list[float] = []
-        self.alerted: list[bool] = []
-        self.peak: list[float] = []  # events per hour
-        self.load()
-
-    def load(self) -> None:
-        # In place: the walk holds references to these lists. Counted events are in both
-        # counts and in_batch: the bound only gets looser, never too low.
-        d = self.detector
-        self.last[:] = d._last[self.slots].tolist()
-        self.alerted[:] = d._alerted[self.slots].tolist()
-        self.peak[:] = d._rates(self.slots, self.in_batch).max(axis=1).tolist()
-
-    def store(self) -> None:
-        self.detector._last[self.slots] = self.last
-        self.detector._alerted[self.slots] = self.alerted
-
-
-class ReferenceSilence:
-    """Per-key silence timer (see module docstring). One instance per key set, e.g. store_id."""
-
-    name = "silence"
-    state_version = 1
-
-    def __init__(
-        self,
-        key_set: str = "store_id",
-        expected_events: float = 8.0,
-        min_events: int = 200,
-        min_hours: float = 24.0,
-        check_every_s: float = 60.0,
-    ) -> None:
-        self.key_set = key_set
-        self.expected_events = expected_events
-        # The timer looks every this many seconds of event time (alerts keep the exact time).
-        self.check_every_s = check_every_s
-        # A key needs this many events, and the stream this many hours, before alerts.
-        self.min_events = min_events
-        self.min_hours = min_hours
-        self._keys: dict[str, int] = {}
-        self._names: list[str] = []  # by slot
-        # Per-key arrays have spare capacity (grown by doubling); rows past len(keys) are unused.
-        self._counts = np.zeros((0, BUCKETS))  # events per key and bucket
-        self._last = np.zeros(0)  # last event time per key
-        self._alerted = np.zeros(0, dtype=bool)  # in an alerted silence episode
-        # An upper bound of each key's hourly rates: exact when its counts last changed. Rates
-        # only fall as the stream's hours grow, except when a bucket becomes covered, which
-        # recomputes every bound. It only decides which keys get the exact check.
-        self._peak = np.zeros(0)
-        self._hours = np.zeros(BUCKETS)  # stream hours covered per bucket
-        self._clock = -math.inf  # newest event time at the last check
-        self._next_check = -math.inf
-
-    @property
-    def n_keys(self) -> int:
-        return len(self._names)
-
-    # -- learning and checking ---------------------------------------------------------------
-
-    def process(self, batch: FeatureBatch) -> list[SilenceAlert]:
-        """Learn the batch's events (in order) and return the silences that became unlikely.
-
-        The walk over events is sequential (an alert depends on the clock and the key's last
-        event at that moment), but it touches only plain Python lists of the keys in this
-        batch; bucket counts are added in bulk, and brought up to date before any check reads
-        them. Which keys are checked exactly is decided by an upper bound of their rates, so
-        the alerts are those of checking every key at every step.
-        """
-        keys = batch.keys.get(self.key_set)
-        if keys is None or batch.n == 0:
-            return []
-        present = np.flatnonzero(np.fromiter((k is not None for k in keys), dtype=bool, count=batch.n))
-        if not len(present):
-            return []
-        uniq, local = np.unique(keys[present].astype(str), return_inverse=True)
-        slots = self._slots(uniq.tolist())
-        times = batch.event_time[present]
-        buckets = _reference_hour_buckets(times)
-        # This batch's events per key and bucket: counts + these bound every rate the batch
-        # can reach, whatever has been counted so far.
-        in_batch = np.zeros((len(slots), BUCKETS))
-        np.add.at(in_batch, (local, buckets), 1)
-        view = _ReferenceKeyView(self, slots, in_batch)
-        alerts: list[SilenceAlert] = []
-        counted = 0  # events [0, counted) are in self._counts
-
-        def count_until(j: int) -> None:
-            nonlocal counted
-            if j > counted:
-                touched = np.unique(slots[local[counted:j]])
-                np.add.at(self._counts, (slots[local[counted:j]], buckets[counted:j]), 1)
-                self._peak[touched] = self._rates(touched).max(axis=1)
-                counted = j
-
-        limit = self.expected_events * HOUR
-        last, alerted, peak = view.last, view.alerted, view.peak
-        for j, (t, k) in enumerate(zip(times.tolist(), local.tolist())):
-            if t >= self._next_check:
-                count_until(j)
-                view.store()
-                alerts.extend(self._advance(t))
-                view.load()
-            prev = last[k]
-            # A silence that ended before the timer looked at it is still reported.
-            if prev > -math.inf and not alerted[k] and (t - prev) * peak[k] >= limit:
-                count_until(j)
-                view.store()
-                slot = int(slots[k])
-                alert = self._check(slot, t, self._rates(np.array([slot]))[0])
-                view.load()
-                if alert is not None:
-                    alerts.append(alert)
-            if t >= prev:
-                last[k] = t
-                alerted[k] = False
-        count_until(len(times))
-        view.store()
-        return alerts
-
-    def _advance(self, now: float) -> list[SilenceAlert]:
-        """Move the clock to ``now`` (checked once per ``check_every_s`` of event time)."""
-        covered_before = self._hours >= 1.0
-        if self._clock > -math.inf:
-            self._cover(self._clock, now)
-        self._clock = now
-        self._next_check = (math.floor(now / self.check_every_s) + 1) * self.check_every_s
-        n = self.n_keys
-        if not n:
-            return []
-        if not np.array_equal(covered_before, self._hours >= 1.0):  # a bucket stops borrowing
-            self._peak[:n] = self._rates(np.arange(n)).max(axis=1)
-        if self._hours.sum() < self.min_hours:
-            return []
-        # Only a key whose rate bound could have produced the limit since its last event can
-        # have crossed it: the exact integral is computed for those alone.
-        last = self._last[:n]
-        with np.errstate(invalid="ignore"):
-            maybe = (
-                ~self._alerted[:n]
-                & (last < now)
-                & (last > -math.inf)  # a key first seen in the batch being walked has no event yet
-                & ((now - last) * self._peak[:n] >= self.expected_events * HOUR)
-                & (self._counts[:n].sum(axis=1) >= self.min_events)
-            )
-        candidates = np.flatnonzero(maybe)
-        alerts = []
-        for slot, rate in zip(candidates.tolist(), self._rates(candidates)):
-            alert = self._check(slot, now, rate)
-            if alert is not None:
-                alerts.append(alert)
-        # In the order the silences became unlikely (slot order is an accident of arrival).
-        return sorted(alerts, key=lambda a: (a.event_time, a.key))
-
-    def _check(self, slot: int, now: float, rate: np.ndarray) -> SilenceAlert | None:
-        if self._hours.sum() < self.min_hours or self._counts[slot].sum() < self.min_events:
-            return None
-        crossing = self._crossing(rate, float(self._last[slot]), now)
-        if crossing is None:
-            return None
-        self._alerted[slot] = True
-        return SilenceAlert(self._names[slot], crossing, float(self._last[slot]), self.expected_events, math.exp(-self.expected_events))
-
-    def _rates(self, slots: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
-        """Events per hour for the keys ``slots`` and every bucket, (len(slots), 48), with
-        ``extra`` events added to their counts. A bucket the stream has not covered for an
-        hour yet (the first weekend) borrows the same hour of the other day type."""
-        counts = self._counts[slots] if extra is None else self._counts[slots] + extra
-        covered = self._hours >= 1.0
-        rate = np.where(covered, counts / np.maximum(self._hours, 1.0), 0.0)
-        other = np.roll(rate, 24, axis=1)  # weekday <-> weekend, same hour
-        other_covered = np.roll(covered, 24)
-        return np.where(covered, rate, np.where(other_covered, other, 0.0))
-
-    def _crossing(self, rate: np.ndarray, since: float, now: float) -> float | None:
-        """The time in (since, now] at which the expected count since ``since`` reaches the limit."""
-        expected = 0.0
-        t = since
-        while t < now:
-            edge = min((math.floor(t / HOUR) + 1) * HOUR, now)
-            step = rate[_reference_hour_bucket(t)] * (edge - t) / HOUR
-            if expected + step >= self.expected_events:
-                per_second = rate[_reference_hour_bucket(t)] / HOUR
-                return t + (self.expected_events - expected) / per_second
-            expected += step
-            t = edge
-        return None
-
-    def _cover(self, start: float, end: float) -> None:
-        t = start
-        while t < end:
-            edge = min((math.floor(t / HOUR) + 1) * HOUR, end)
-            self._hours[_reference_hour_bucket(t)] += (edge - t) / HOUR
-            t = edge
-
-    def _slots(self, keys: list[str]) -> np.ndarray:
-        """Slots of ``keys``, adding the new ones (arrays grow by doubling)."""
-        out = np.empty(len(keys), dtype=np.int64)
-        for i, key in enumerate(keys):
-            slot = self._keys.get(key)
-            if slot is None:
-                slot = self._keys[key] = len(self._names)
-                self._names.append(key)
-            out[i] = slot
-        n, capacity = len(self._names), len(self._last)
-        if n > capacity:
-            extra = max(n, 2 * capacity, 64) - capacity
-            self._counts = np.vstack([self._counts, np.zeros((extra, BUCKETS))])
-            self._last = np.concatenate([self._last, np.full(extra, -math.inf)])
-            self._alerted = np.concatenate([self._alerted, np.zeros(extra, dtype=bool)])
-            self._peak = np.concatenate([self._peak, np.zeros(extra)])
-        return out
-
-    # -- state -------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.state_version,
-            "keys": list(self._names),
-            "counts": self._counts[: self.n_keys].copy(),
-            "last": self._last[: self.n_keys].copy(),
-            "alerted": self._alerted[: self.n_keys].copy(),
-            "hours": self._hours.copy(),
-            "clock": self._clock,
-            "next_check": self._next_check,
-            "peak": self._peak[: self.n_keys].copy(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != self.state_version:
-            raise StateError(f"silence state version {state.get('version')!r}, expected {self.state_version}")
-        self._names = list(state["keys"])
-        self._keys = {k: i for i, k in enumerate(self._names)}
-        self._counts = np.array(state["counts"], dtype=np.float64).reshape(-1, BUCKETS)
-        self._last = np.array(state["last"], dtype=np.float64)
-        self._alerted = np.array(state["alerted"], dtype=bool)
-        self._hours = np.array(state["hours"], dtype=np.float64)
-        self._clock = float(state["clock"])
-        self._next_check = float(state["next_check"])
-        # Recomputed, not trusted: it must bound the current rates (see __init__).
-        n = len(self._names)
-        self._peak = self._rates(np.arange(n)).max(axis=1) if n else np.zeros(0)

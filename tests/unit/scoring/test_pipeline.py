@@ -116,12 +116,6 @@ def run_ones(settings, stream) -> Run:
     return process(settings, stream, 1, N_ONE_BY_ONE)
 
 
-def test_default_pipeline_builds():
-    pipeline = build_pipeline(load_settings(None, environ={}))
-    assert pipeline.detector_names == ["zscore", "duplicates", "hst", "autoencoder"]
-    assert 0 < pipeline.threshold < 1
-
-
 def test_fused_in_unit_interval_and_flagged_iff_above_threshold(run_2000):
     fused = run_2000.fused
     assert fused.shape == (N_EVENTS,)
