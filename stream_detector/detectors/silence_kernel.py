@@ -3,9 +3,8 @@
 Every decision of the timer depends on the moment it is taken: the clock, each key's last
 event and the counts so far. So the batch is walked event by event, as the definition goes;
 compiled, that costs about 20 ns per event in the scoring benchmark, where Python and small
-numpy calls per check cost microseconds. The arithmetic is that of the pure-Python version
-(kept as the reference in tests/unit/test_silence.py), operation for operation: same floor
-and modulo formulas, same summation order, so alert times match to the bit.
+numpy calls per check cost microseconds. tests/unit/detectors/test_silence.py checks it against
+an event-by-event simulation written from the documented rules.
 """
 
 from __future__ import annotations
