@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
@@ -265,4 +266,4 @@ def test_checkpoints_are_staggered_over_the_partitions(kafka_bootstrap, make_top
     assert not [ps for _, ps in moves if len(ps) == 3], moves
     for p in range(3):  # and every partition keeps being committed about every interval
         times = [t for t, ps in moves if p in ps]
-        assert len(times) >= 3 and max(b - a for a, b in zip(times, times[1:])) < 3.0 + 2.0, (p, moves)
+        assert len(times) >= 3 and max(b - a for a, b in itertools.pairwise(times)) < 3.0 + 2.0, (p, moves)

@@ -126,7 +126,7 @@ def _interrupt(run: Run, sig: int, times: int, rng: random.Random) -> list[dict[
         # finish the whole input before the last interruption, leaving nothing to recover.
         target = rng.randint(N_EVENTS // 20, N_EVENTS // 5)
         daemon.wait_for(
-            lambda m: metric(m, ASSIGNED) > 0 and metric(m, 'stream_detector_events_total{outcome="scored"}') >= target,
+            lambda m, target=target: metric(m, ASSIGNED) > 0 and metric(m, 'stream_detector_events_total{outcome="scored"}') >= target,
             90,
             f"{target} events scored",
         )

@@ -394,23 +394,23 @@ def test_daemon_over_tls_keeps_its_secrets(tmp_path):
     tansu_port = free_port()
     broker = AdvertisingBroker(f"tcp://{proxy}", port=tansu_port, log_path=tmp_path / "tansu-tls.log")
     socat = None
-    socat_log = open(tmp_path / "socat.log", "wb")
     daemon = None
     started = time.monotonic()
     try:
         # The proxy first: the broker's own readiness check is then answered at the address it
         # advertises (socat accepts before tansu listens and connects on each new connection).
-        socat = subprocess.Popen(
-            [
-                "socat",
-                f"OPENSSL-LISTEN:{proxy_port},bind=127.0.0.1,reuseaddr,fork,cert={cert},key={key},verify=0",
-                f"TCP:127.0.0.1:{tansu_port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=socat_log,
-            start_new_session=True,
-        )
+        with open(tmp_path / "socat.log", "wb") as socat_log:  # socat keeps its own handle
+            socat = subprocess.Popen(
+                [
+                    "socat",
+                    f"OPENSSL-LISTEN:{proxy_port},bind=127.0.0.1,reuseaddr,fork,cert={cert},key={key},verify=0",
+                    f"TCP:127.0.0.1:{tansu_port}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=socat_log,
+                start_new_session=True,
+            )
         wait_until(lambda: _listening(proxy_port) or socat.poll() is not None, 10, "socat to listen", poll=0.05)
         assert socat.poll() is None, (tmp_path / "socat.log").read_text()
         broker.start()
@@ -505,5 +505,4 @@ def test_daemon_over_tls_keeps_its_secrets(tmp_path):
             daemon.stop()
         if socat is not None:
             _stop_group(socat)
-        socat_log.close()
         broker.stop()  # safe when it never started
