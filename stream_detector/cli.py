@@ -141,7 +141,10 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     setup_logging(settings.logging.level, settings.logging.format)
     if args.command == "run":
         from stream_detector.runtime.daemon import Daemon
+        from stream_detector.runtime.preflight import check_kafka_settings
 
+        # librdkafka's verdict on the client settings now, not in the daemon's retry loop.
+        check_kafka_settings(settings)
         daemon = Daemon(settings)
         daemon.install_signal_handlers()
         return daemon.run()
@@ -181,6 +184,8 @@ def _evaluate(settings: Settings, args: argparse.Namespace, out: IO[str] | None 
     out = out if out is not None else sys.stdout
     if args.skip_warmup < 0:
         raise ConfigError(f"--skip-warmup must be >= 0, got {args.skip_warmup}")
+    if args.plot and not args.dataset:
+        _require_extra("matplotlib", "plot", "--plot")
     if args.dataset:
         if args.plot:
             raise ConfigError("--plot applies to sales-event evaluations, not to --dataset")
@@ -220,11 +225,23 @@ def _evaluate(settings: Settings, args: argparse.Namespace, out: IO[str] | None 
     return EXIT_OK
 
 
+def _require_extra(module: str, extra: str, option: str) -> None:
+    """ConfigError (exit 2) naming the extra to install when ``option`` needs a missing module."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{option} needs {module}, which is not installed: pip install 'stream-detector[{extra}]'") from None
+
+
 def _backtest(settings: Settings, args: argparse.Namespace, out: IO[str] | None = None) -> int:
     """``stream-detector backtest``; bad offsets or times raise ConfigError (exit 2)."""
     from stream_detector.reporting import Progress, write_json
     from stream_detector.runtime.backtest import backtest
+    from stream_detector.runtime.preflight import check_kafka_settings
 
+    check_kafka_settings(settings, roles=("consumer",))
     out = out if out is not None else sys.stdout
     progress = Progress("backtest", total=args.limit)
     summary = backtest(
@@ -247,11 +264,15 @@ def _config(args: argparse.Namespace) -> int:
     from stream_detector.config import load_settings, masked_dump
 
     if args.config_command == "validate":
+        from stream_detector.runtime.preflight import check_kafka_settings
         from stream_detector.scoring.factory import build_pipeline
 
         # Build the pipeline too: the detectors check their own parameters, and numba compiles
-        # (or loads) their kernels, so `make install` and the Docker build run this once.
-        build_pipeline(load_settings(args.file))
+        # (or loads) their kernels, so `make install` and the Docker build run this once. The
+        # Kafka clients are built as the daemon builds them (nothing is connected to).
+        settings = load_settings(args.file)
+        check_kafka_settings(settings)
+        build_pipeline(settings)
         print(f"{args.file}: ok")
         return EXIT_OK
     settings = load_settings(args.config)

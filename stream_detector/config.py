@@ -8,16 +8,19 @@ the key; the CLI turns that into exit code 2.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from stream_detector.alerting.windows import AlertWindow
+from stream_detector.alerting.windows import AlertWindow, check_length
 from stream_detector.errors import ConfigError
+from stream_detector.events.event_time import DEFAULT_MAX_FUTURE_SKEW_S
 from stream_detector.features import DERIVED_FEATURES
 
 ENV_PREFIX = "STREAM_DETECTOR_"
@@ -35,13 +38,49 @@ class Section(BaseModel):
 
 ClientValue = str | int | float | bool
 
+# Kafka's rule for topic names: letters, digits, '.', '_' and '-', at most 249 characters.
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]+")
+MAX_TOPIC_NAME_LENGTH = 249
+
+# librdkafka settings the daemon sets itself, refused in the pass-through sections: they would
+# silently replace a key of this file or undo the delivery guarantee.
+MANAGED_CLIENT_SETTINGS = {
+    "bootstrap.servers": "set kafka.bootstrap_servers instead",
+    "metadata.broker.list": "set kafka.bootstrap_servers instead",
+    "group.id": "set kafka.group_id instead",
+    "transactional.id": "the daemon derives it from kafka.group_id and processing.instance_id",
+    "enable.auto.commit": "the daemon commits offsets after each checkpoint",
+    "enable.auto.offset.store": "the daemon stores offsets after each checkpoint",
+}
+
+
+def topic_name_problem(name: str) -> str | None:
+    """Why Kafka would refuse ``name`` as a topic name; None if it is legal."""
+    if not name:
+        return "must not be empty"
+    if name in (".", ".."):
+        return f"{name!r} is not a legal topic name"
+    if len(name) > MAX_TOPIC_NAME_LENGTH:
+        return f"{len(name)} characters is more than the {MAX_TOPIC_NAME_LENGTH} Kafka allows"
+    if not _TOPIC_NAME.fullmatch(name):
+        bad = "".join(sorted({c for c in name if not _TOPIC_NAME.fullmatch(c)}))
+        return f"{name!r} has characters Kafka does not allow in a topic name ({bad!r}); use letters, digits, '.', '_' and '-'"
+    return None
+
+
+def _legal_topic(value: str | None) -> str | None:
+    problem = None if value is None else topic_name_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
 
 class KafkaConfig(Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     input_topic: str = "sales"
     output_topic: str = "sales-anomalies"
     dlq_topic: str = "sales-dlq"
-    group_id: str = "stream-detector"
+    group_id: str = Field(default="stream-detector", min_length=1)
     # Passed through to librdkafka for the consumer, producer and admin client alike
     # (security.protocol, sasl.*, ssl.*, ...). Values that look secret are masked when printed.
     client_config: dict[str, ClientValue] = Field(default_factory=dict)
@@ -61,6 +100,16 @@ class KafkaConfig(Section):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"expected HOST:PORT[,HOST:PORT...], got {value!r}")
+        return value
+
+    _topics_are_legal = field_validator("input_topic", "output_topic", "dlq_topic")(_legal_topic)
+
+    @field_validator("client_config", "consumer_config", "producer_config")
+    @classmethod
+    def _no_managed_settings(cls, value: dict[str, ClientValue], info: ValidationInfo) -> dict[str, ClientValue]:
+        for name in value:
+            if name.lower() in MANAGED_CLIENT_SETTINGS:
+                raise ValueError(f"{name!r} is not allowed here: {MANAGED_CLIENT_SETTINGS[name.lower()]}")
         return value
 
 
@@ -86,6 +135,13 @@ class ProcessingConfig(Section):
     max_record_bytes: int = Field(default=1_048_576, ge=256)
     # Events whose top-level "version" field is above this go to the dead-letter topic.
     max_event_version: int = Field(default=1, ge=1)
+    # Event time guard (seconds): an event dated more than this ahead of max(the partition's
+    # watermark, the wall clock) would move every event-time clock (z-score TTL, silence
+    # timers, duplicates window) with it. null: no guard.
+    max_future_skew: float | None = Field(default=DEFAULT_MAX_FUTURE_SKEW_S, gt=0, allow_inf_nan=False)
+    # Such an event goes to the dead-letter topic (reason future_timestamp), or with "clamp" is
+    # scored at the partition's watermark and its record notes the original time.
+    future_timestamps: Literal["dead_letter", "clamp"] = "dead_letter"
 
 
 class SchemaConfig(Section):
@@ -294,6 +350,12 @@ class AlertsConfig(Section):
     # Per input partition: recent anomalies remembered for feedback, and rules kept.
     feedback_max_recent: int = Field(default=50_000, ge=1)
     feedback_max_rules: int = Field(default=10_000, ge=1)
+    # The longest window accepted, from this file or the control topic (a longer control record
+    # is refused, counted as too_long and logged): whoever can write the control topic cannot
+    # silence alerts for years. Default 31 days.
+    max_window_seconds: float = Field(default=31 * 86400.0, gt=0)
+
+    _topics_are_legal = field_validator("control_topic", "feedback_topic")(_legal_topic)
 
     @field_validator("windows")
     @classmethod
@@ -304,6 +366,12 @@ class AlertsConfig(Section):
             raise ValueError(f"window names must be unique; repeated: {twice}")
         return value
 
+    @model_validator(mode="after")
+    def _windows_within_max(self) -> AlertsConfig:
+        for window in self.windows:
+            check_length(window, self.max_window_seconds)
+        return self
+
 
 class StateConfig(Section):
     # Snapshot detector state per input partition to a compacted changelog topic, restore it on
@@ -313,9 +381,20 @@ class StateConfig(Section):
     changelog_topic: str | None = None
     restore_timeout_s: float = Field(default=120.0, gt=0)
 
+    _topic_is_legal = field_validator("changelog_topic")(_legal_topic)
+    # A snapshot (or one detector's part of it) that cannot be restored: "reset" counts and logs
+    # it and starts what it held fresh from the committed offset; "fail" stops the daemon (exit 1).
+    on_unreadable: Literal["reset", "fail"] = "reset"
+    # HMAC-SHA256 key for snapshots of River models other than HalfSpaceTrees (only those are
+    # pickled). Without it their state is not saved. Set it through the environment:
+    # STREAM_DETECTOR_STATE__SIGNING_KEY.
+    signing_key: SecretStr | None = Field(default=None, min_length=16)
+
 
 class MetricsConfig(Section):
     enabled: bool = True
+    # 0.0.0.0 serves every interface (needed in containers), unauthenticated: limit who can
+    # reach the port, or use 127.0.0.1 (docs/security.md). A port in use is a ConfigError.
     host: str = "0.0.0.0"
     port: int = Field(default=9108, ge=0, le=65535)
 
@@ -364,9 +443,40 @@ class Settings(BaseSettings):
         # The YAML file arrives as init kwargs; environment variables override it.
         return (env_settings, init_settings)
 
+    @model_validator(mode="after")
+    def _topics_are_distinct(self) -> Settings:
+        check_topics(self)
+        return self
+
     @property
     def schema(self) -> SchemaConfig:  # type: ignore[override]
         return self.schema_
+
+
+def check_topics(settings: Settings) -> None:
+    """The daemon's topics are distinct: reading what it writes would loop, and a changelog
+    or control topic shared with other records cannot be read back. ValueError naming the keys."""
+    k, state, alerts = settings.kafka, settings.state, settings.alerts
+    changelog_key = "state.changelog_topic"
+    if state.enabled and state.changelog_topic is None:
+        changelog_key = "state.changelog_topic (default: kafka.group_id + '-state')"
+        problem = topic_name_problem(f"{k.group_id}-state")
+        if problem:
+            default = "the default state.changelog_topic (kafka.group_id + '-state')"
+            raise ValueError(f"kafka.group_id: {default} is not a legal topic name ({problem}); set state.changelog_topic")
+    topics = [
+        ("kafka.input_topic", k.input_topic),
+        ("kafka.output_topic", k.output_topic),
+        ("kafka.dlq_topic", k.dlq_topic),
+        (changelog_key, (state.changelog_topic or f"{k.group_id}-state") if state.enabled else None),
+        ("alerts.control_topic", alerts.control_topic),
+        ("alerts.feedback_topic", alerts.feedback_topic),
+    ]
+    for i, (key, topic) in enumerate(topics):
+        for other_key, other in topics[:i]:
+            # Anomalies and dead letters in one topic is odd but harmless; nothing else may share.
+            if topic is not None and topic == other and {key, other_key} != {"kafka.output_topic", "kafka.dlq_topic"}:
+                raise ValueError(f"{key}: {topic!r} is also {other_key}; the daemon's topics must be distinct")
 
 
 def _check_features(value: list[str]) -> list[str]:
@@ -390,6 +500,27 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: dict[str,
         return _build(data, environ)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path) if path else None, environ)) from None
+    except SettingsError as exc:
+        raise ConfigError(_explain_settings_error(exc, environ)) from None
+
+
+def _explain_settings_error(exc: SettingsError, environ: dict[str, str]) -> str:
+    """pydantic-settings names only the section when an environment value meant as JSON (a
+    list, a mapping, a whole section) does not parse: find the variable. The value itself is
+    not repeated, it may hold a secret."""
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        try:
+            _build({}, {name: environ[name]})
+        except SettingsError as own:
+            key = ".".join(name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER))
+            cause = own.__cause__ if isinstance(own.__cause__, json.JSONDecodeError) else own
+            example = '["a", "b"] or {"k": 1}'
+            return f"{name}: {key} takes JSON from an environment variable (a list or mapping such as {example}), and this value is not JSON ({cause})"
+        except ValidationError:
+            continue
+    return f"invalid configuration in the environment: {exc}"
 
 
 def _build(data: dict[str, Any], environ: dict[str, str]) -> Settings:
@@ -404,15 +535,85 @@ def _build(data: dict[str, Any], environ: dict[str, str]) -> Settings:
         os.environ.update(saved)
 
 
+# A YAML alias (*name) repeats an anchored value (&name); nested aliases multiply, so a few
+# lines can stand for billions of values ("billion laughs"). A configuration needs few: a file
+# whose aliases add more values than this once expanded, or refer to themselves, is refused.
+MAX_YAML_ALIAS_EXPANSION = 10_000
+
+
+class _AliasError(Exception):
+    """Raised while loading: the aliases at ``where`` expand too far or form a cycle."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that measures what the composed document expands to before any
+    Python object is built from it."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_alias_expansion(node)
+        return node
+
+
+def _check_alias_expansion(root: yaml.Node) -> None:
+    sizes: dict[int, int] = {}  # id(node) -> values it stands for, expanded
+    open_nodes: set[int] = set()
+
+    def children(node: yaml.Node) -> list[tuple[str, yaml.Node]]:
+        if isinstance(node, yaml.SequenceNode):
+            return [(str(i), child) for i, child in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode):
+            out = []
+            for key, value in node.value:
+                label = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+                out += [(label, key), (label, value)]
+            return out
+        return []
+
+    def size(node: yaml.Node, where: list[str]) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        if id(node) in open_nodes:
+            raise _AliasError(f"the YAML alias at {'.'.join(where)} refers to a value that contains it (anchored at line {node.start_mark.line + 1})")
+        open_nodes.add(id(node))
+        total = 1 + sum(size(child, [*where, label]) for label, child in children(node))
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    expanded = size(root, [])
+    if expanded - len(sizes) > MAX_YAML_ALIAS_EXPANSION:
+        # Name the deepest key whose value alone expands past the limit.
+        where, node = [], root
+        while isinstance(node, yaml.MappingNode) and node.value:
+            label, child = max(((str(k.value), v) for k, v in node.value), key=lambda kv: sizes[id(kv[1])])
+            if sizes[id(child)] <= MAX_YAML_ALIAS_EXPANSION:
+                break
+            where.append(label)
+            node = child
+        raise _AliasError(
+            f"YAML aliases at {'.'.join(where)} expand to {sizes[id(node)]:,} values, more than the "
+            f"{MAX_YAML_ALIAS_EXPANSION:,} aliases may add to a configuration; write the values out"
+        )
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} at position {exc.start}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    except _AliasError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: values nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -439,11 +640,16 @@ def format_validation_error(exc: ValidationError, path: str | None, environ: dic
     lines = [f"invalid configuration{f' in {path}' if path else ''}:"]
     for error in exc.errors():
         parts = [str(part) for part in error["loc"]]
-        loc = ".".join(parts) or "(top level)"
-        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        loc = ".".join(parts)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "value_error":  # our validators' own words, without "Value error, "
+            message = str(error.get("ctx", {}).get("error", message))
         env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(parts).upper()
         origin = f" (from environment variable {env_names[env_name]})" if env_name in env_names else ""
-        lines.append(f"  {loc}: {message}{origin}")
+        # Checks across sections have no location: their message starts with the keys.
+        lines.append(f"  {loc}: {message}{origin}" if loc else f"  {message}")
     return "\n".join(lines)
 
 

@@ -28,5 +28,24 @@ class DeliveryError(StreamDetectorError):
         self.kafka_error = kafka_error
 
 
+# Why a snapshot (or one part of it) was not restored: the closed label set of
+# stream_detector_state_restore_failures_total{reason}.
+STATE_FAILURE_REASONS = ("corrupt", "unsupported_format", "incompatible", "unsigned", "bad_signature")
+
+
 class StateError(StreamDetectorError):
-    """A state snapshot cannot be restored (unknown version, corrupt payload)."""
+    """A state snapshot cannot be restored. ``reason`` is one of ``STATE_FAILURE_REASONS``:
+    corrupt (unreadable bytes), unsupported_format (an unknown or a pickle format),
+    incompatible (does not fit the configured detector), unsigned / bad_signature (a pickled
+    River model without a valid HMAC)."""
+
+    def __init__(self, message: str, reason: str = "incompatible") -> None:
+        super().__init__(message)
+        if reason not in STATE_FAILURE_REASONS:
+            raise ValueError(f"unknown state failure reason {reason!r}")
+        self.reason = reason
+
+
+class UnrestorableStateError(StreamDetectorError):
+    """A snapshot could not be restored and ``state.on_unreadable`` is ``fail``: the daemon stops
+    (exit 1) rather than start any part of the partition fresh."""

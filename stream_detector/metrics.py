@@ -9,15 +9,15 @@ client_python advises: a healthy instance then shows "0 dead letters", not "No d
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterable, Sequence
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from stream_detector.errors import STATE_FAILURE_REASONS
 from stream_detector.events.decode import REASONS
 
 SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999, 1.0)
@@ -34,7 +34,7 @@ COMMIT_RESULTS = ("ok",)
 SUPPRESSED_BY = ("window", "feedback")  # alerting/policy.py
 # What the control topic's records did: WindowBook.apply_control's results and ControlError
 # reasons, and the daemon's own "not_json".
-CONTROL_OUTCOMES = ("added", "replaced", "cancelled", "unknown_window", "invalid_window", "not_an_object", "not_json")
+CONTROL_OUTCOMES = ("added", "replaced", "cancelled", "unknown_window", "invalid_window", "too_long", "not_an_object", "not_json")
 # Feedback outcomes by label (alerting/feedback.py's LABELS): FeedbackMemory.apply's for a
 # remembered event, the daemon's pending and expired for the others, and an unreadable record
 # counted as unknown/invalid.
@@ -44,6 +44,9 @@ FEEDBACK_OUTCOMES = {
     "unknown": ("invalid",),
 }
 WINDOW_STATES = ("known", "active")
+# Why the metrics endpoint dropped a connection (each explained in metrics_server.py).
+HTTP_DROP_REASONS = ("timeout", "evicted", "too_large", "bad_request", "disconnected")
+STATE_RESTORE_FAILURE_REASONS = STATE_FAILURE_REASONS  # errors.py: why a snapshot or part was refused
 
 
 class Metrics:
@@ -57,6 +60,11 @@ class Metrics:
         self.anomalies = Counter(f"{ns}_anomalies", "Anomalies published to the output topic.", registry=r)
         self.fired = Counter(f"{ns}_detector_fired", "Anomalies each detector fired on (one anomaly can count for several).", ["detector"], registry=r)
         self.dlq = Counter(f"{ns}_dlq", "Records sent to the dead-letter topic, by reason.", ["reason"], registry=r)
+        self.clamped = Counter(
+            f"{ns}_event_time_clamped",
+            "Events dated past max(watermark, clock) + processing.max_future_skew, scored at the partition's watermark (future_timestamps: clamp).",
+            registry=r,
+        )
         self.batch_seconds = Histogram(f"{ns}_batch_seconds", "Time to decode, score and publish one micro-batch.", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(f"{ns}_batch_size_events", "Records per micro-batch.", buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.latency = Histogram(
@@ -90,6 +98,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.restore_failures = Counter(
+            f"{ns}_state_restore_failures",
+            "Changelog records, snapshots and snapshot parts (a detector, calibrator, timer, feedback) not restored, by reason; "
+            "what was not restored started fresh (state.on_unreadable: reset) or the daemon stopped (fail).",
+            ["reason"],
+            registry=r,
+        )
         self.kafka_errors = Counter(f"{ns}_kafka_errors", "Errors reported by librdkafka, by code.", ["code"], registry=r)
         self.assigned = Gauge(f"{ns}_assigned_partitions", "Input partitions assigned to this instance.", registry=r)
         self.up = Gauge(f"{ns}_up", "1 while the consume loop runs.", registry=r)
@@ -108,12 +123,19 @@ class Metrics:
         self.feedback_rules = Gauge(f"{ns}_feedback_rules", "False-positive rules in force on this instance's partitions.", registry=r)
         self.control = Counter(
             f"{ns}_control_records",
-            "Control-topic records read, by outcome (added, replaced, cancelled, unknown_window, invalid_window, not_json).",
+            "Control-topic records read, by outcome (added, replaced, cancelled, unknown_window, invalid_window, too_long, not_an_object, not_json).",
             ["outcome"],
             registry=r,
         )
         self.windows = Gauge(
             f"{ns}_alert_windows", "Alert windows known (config and control topic), and those containing the latest event time.", ["state"], registry=r
+        )
+        self.http_dropped = Counter(
+            f"{ns}_metrics_connections_dropped",
+            "Connections to the metrics endpoint closed without an answer, by reason "
+            "(timeout, evicted at the connection bound, too_large, bad_request, disconnected).",
+            ["reason"],
+            registry=r,
         )
         self._declare_closed_label_sets()
 
@@ -134,6 +156,10 @@ class Metrics:
                 self.feedback.labels(label, outcome)
         for state in WINDOW_STATES:
             self.windows.labels(state).set(0)
+        for reason in HTTP_DROP_REASONS:
+            self.http_dropped.labels(reason)
+        for reason in STATE_RESTORE_FAILURE_REASONS:
+            self.restore_failures.labels(reason)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -210,55 +236,3 @@ class HistogramSeries:
         with self._lock:
             self.counts += counts
             self.total += total
-
-
-class MetricsServer:
-    """Serves /metrics, /healthz and /readyz on one port, in a daemon thread."""
-
-    def __init__(self, metrics: Metrics, host: str, port: int, ready: Callable[[], tuple[bool, str]]) -> None:
-        self.metrics = metrics
-        self._ready = ready
-        handler = self._handler()
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    def start(self) -> MetricsServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, server.metrics.exposition(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain")
-                elif path == "/readyz":
-                    ok, why = server._ready()
-                    self._send(200 if ok else 503, (why + "\n").encode(), "text/plain")
-                else:
-                    self._send(404, b"not found: try /metrics, /healthz, /readyz\n", "text/plain")
-
-            def _send(self, code: int, body: bytes, content_type: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:  # quiet: scrapes are frequent
-                return
-
-        return Handler

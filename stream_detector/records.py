@@ -55,6 +55,8 @@ def anomaly_record(
     }
     if source is not None:
         record["source"] = source
+    if i in decoded.clamped:  # processing.future_timestamps: clamp; "timestamp" is the clamped time
+        record["timestamp_clamped_from"] = iso_utc(decoded.clamped[i])
     return record
 
 
@@ -133,6 +135,8 @@ def replay_lines(decoded: DecodedBatch, result: BatchResult, line_numbers: list[
                 },
             )
         )
+        if i in decoded.clamped:
+            lines[-1][1]["timestamp_clamped_from"] = iso_utc(decoded.clamped[i])
     for bad in decoded.invalid:
         lines.append((bad.index, {"line": line_numbers[bad.index], "error": f"{bad.reason}: {bad.detail}"}))
     lines.sort(key=lambda item: item[0])

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stream_detector.alerting.windows import ControlError
+from stream_detector.errors import StateError
 
 LABELS = ("false_positive", "true_positive")
 
@@ -77,7 +78,7 @@ def parse_feedback(message: Any) -> tuple[str, str, str]:
 class FeedbackMemory:
     """Recent anomalies of one partition and the rules its feedback made. Bounded."""
 
-    state_version = 1
+    state_version = 2  # 1 held the Pattern and Rule objects themselves (pickled)
 
     def __init__(self, ttl_seconds: float = 30 * 86400.0, margin: float = 10.0, max_recent: int = 50_000, max_rules: int = 10_000) -> None:
         self.ttl_seconds = ttl_seconds
@@ -136,10 +137,47 @@ class FeedbackMemory:
     # -- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self.state_version, "recent": list(self._recent.items()), "rules": list(self._rules.values())}
+        """Plain data (lists, strings, numbers): patterns as ``_pattern_data``."""
+        return {
+            "version": self.state_version,
+            "recent": [[event_id, _pattern_data(p)] for event_id, p in self._recent.items()],
+            "rules": [[r.event_id, _pattern_data(r.pattern), r.expires_at, r.note] for r in self._rules.values()],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._recent = OrderedDict(state.get("recent", []))
+        """Restore a ``state_dict``; ``StateError`` if it is not one of this version."""
+        if state.get("version") != self.state_version:
+            raise StateError(f"feedback state version {state.get('version')!r}, expected {self.state_version}")
+        try:
+            recent = OrderedDict((_text(event_id), _pattern(p)) for event_id, p in state["recent"])
+            rules = [Rule(_text(event_id), _pattern(p), float(expires_at), _text(note)) for event_id, p, expires_at, note in state["rules"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"feedback state is malformed: {exc!r}") from None
+        self._recent = recent
         self._rules, self._by_key = OrderedDict(), {}
-        for rule in state.get("rules", []):
+        for rule in rules:
             self._add(rule)
+        while len(self._recent) > self.max_recent:
+            self._recent.popitem(last=False)
+
+
+def _pattern_data(p: Pattern) -> list[Any]:
+    return [p.key, p.event_time, sorted([list(f) for f in p.fired]), [list(t) for t in p.tail]]
+
+
+def _pattern(data: Any) -> Pattern:
+    key, event_time, fired, tail = data
+    if key is not None:
+        key = _text(key)
+    return Pattern(
+        key,
+        float(event_time),
+        frozenset((_text(d), _text(f), int(direction)) for d, f, direction in fired),
+        tuple((_text(d), float(p)) for d, p in tail),
+    )
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value

@@ -35,7 +35,12 @@ class AlertPolicy:
             pattern = Pattern.of(record, event_time)
             memory.remember(record.get("event_id"), pattern)
         windows = self.windows.matching(event_time, record.get("event") or _key_fields(record))
-        if any(w.action == "suppress" for w in windows):
+        suppressing = [w for w in windows if w.action == "suppress"]
+        if suppressing:
+            # Input data, cut short: this goes into a log line.
+            what = f"event {record['event_id']}" if record.get("event_id") else f"key {record.get('key_set')}={record.get('key')}"
+            what = what[:120]
+            self.windows.suppressing(suppressing, what)
             return Verdict(False, "window", [w.annotation() for w in windows])
         if memory is not None and pattern is not None:
             rule = memory.matching_rule(pattern)

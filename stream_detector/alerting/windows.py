@@ -9,12 +9,18 @@ same windows as the live stream did.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+log = logging.getLogger("stream_detector.alerting")
+
 Action = Literal["suppress", "annotate"]
+CONFIG_SOURCE = "config"
+# Values of one scope field shown in a log line; the rest are counted.
+SHOWN_SCOPE_VALUES = 10
 
 
 class AlertWindow(BaseModel):
@@ -52,6 +58,42 @@ class AlertWindow(BaseModel):
     def annotation(self) -> dict[str, Any]:
         return {"window": self.name, "action": self.action, "note": self.note}
 
+    @property
+    def seconds(self) -> float:
+        return (self.end - self.start).total_seconds()
+
+    def describe(self) -> str:
+        """For the log: action, scope, span, e.g. "suppress alerts of store_id in [s-1] from ... to ... (1 day)"."""
+        return f"{self.action} alerts of {describe_scope(self.scope)} from {self.start.isoformat()} to {self.end.isoformat()} ({human_span(self.seconds)})"
+
+
+def describe_scope(scope: dict[str, list[str]]) -> str:
+    if not scope:
+        return "every key"
+    parts = []
+    for field, values in scope.items():
+        shown = ", ".join(values[:SHOWN_SCOPE_VALUES])
+        more = f", ... {len(values) - SHOWN_SCOPE_VALUES} more" if len(values) > SHOWN_SCOPE_VALUES else ""
+        parts.append(f"{field} in [{shown}{more}]")
+    return " and ".join(parts)
+
+
+def human_span(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:,.1f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds:,.0f} s"
+
+
+def check_length(window: AlertWindow, max_seconds: float | None) -> None:
+    """ValueError if ``window`` spans more than ``max_seconds`` (``alerts.max_window_seconds``)."""
+    if max_seconds is not None and window.seconds > max_seconds:
+        raise ValueError(
+            f"window {window.name!r} spans {human_span(window.seconds)} ({window.start.isoformat()} to {window.end.isoformat()}), "
+            f"more than alerts.max_window_seconds ({max_seconds:,.0f} s = {human_span(max_seconds)})"
+        )
+
 
 class ControlError(ValueError):
     """A control record that cannot be applied; ``reason`` is a bounded label for metrics."""
@@ -63,10 +105,19 @@ class ControlError(ValueError):
 
 
 class WindowBook:
-    """The windows in force, by name. Not thread-safe (the consume loop owns it)."""
+    """The windows in force, by name. Not thread-safe (the consume loop owns it).
 
-    def __init__(self, windows: list[AlertWindow] | tuple[AlertWindow, ...] = ()) -> None:
+    ``max_seconds`` (``alerts.max_window_seconds``): a control record whose window is longer is
+    refused (``ControlError`` with reason ``too_long``); the configuration checks its own windows.
+    Each window remembers where it came from (``config`` or the control record's topic,
+    partition and offset) for the log lines that say when it starts suppressing alerts.
+    """
+
+    def __init__(self, windows: list[AlertWindow] | tuple[AlertWindow, ...] = (), max_seconds: float | None = None) -> None:
+        self.max_seconds = max_seconds
         self._windows: dict[str, AlertWindow] = {w.name: w for w in windows}
+        self._sources: dict[str, str] = dict.fromkeys(self._windows, CONFIG_SOURCE)
+        self._suppressing: set[str] = set()  # names whose first suppressed alert has been logged
 
     def __len__(self) -> int:
         return len(self._windows)
@@ -82,21 +133,62 @@ class WindowBook:
     def matching(self, event_time: float, event: dict[str, Any] | None) -> list[AlertWindow]:
         return [w for w in self._windows.values() if w.covers(event_time, event)]
 
-    def apply_control(self, message: dict[str, Any]) -> str:
-        """Add, replace or cancel a window from a control record; returns what was done."""
+    def source(self, name: str) -> str | None:
+        return self._sources.get(name)
+
+    def apply_control(self, message: dict[str, Any], source: str = "control topic") -> str:
+        """Add, replace or cancel a window from a control record; returns what was done.
+
+        ``source`` names the record in the log (topic, partition, offset). A window longer than
+        ``max_seconds`` is refused and leaves a window of the same name as it was.
+        """
         if not isinstance(message, dict):
             raise ControlError("not_an_object", f"expected a JSON object, got {type(message).__name__}")
         if message.get("action") == "cancel":
             name = message.get("name")
             if not isinstance(name, str) or not name:
                 raise ControlError("invalid_window", "cancel needs a window name")
-            return "cancelled" if self._windows.pop(name, None) is not None else "unknown_window"
+            if self._windows.pop(name, None) is None:
+                return "unknown_window"
+            self._sources.pop(name, None)
+            self._suppressing.discard(name)
+            log.info("alert window %r cancelled by %s", name, source, extra={"window": name, "window_source": source})
+            return "cancelled"
         try:
             window = AlertWindow.model_validate(message)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "record"
             raise ControlError("invalid_window", f"{where}: {first['msg']}") from None
-        replaced = window.name in self._windows
+        try:
+            check_length(window, self.max_seconds)
+        except ValueError as exc:
+            raise ControlError("too_long", str(exc)) from None
+        outcome = "replaced" if window.name in self._windows else "added"
         self._windows[window.name] = window
-        return "replaced" if replaced else "added"
+        self._sources[window.name] = source
+        self._suppressing.discard(window.name)
+        log.info("alert window %r %s by %s: %s", window.name, outcome, source, window.describe(), extra={"window": window.name, "window_source": source})
+        return outcome
+
+    def suppressing(self, windows: list[AlertWindow], what: str) -> None:
+        """Log, once per window (until it is replaced), that it has started suppressing alerts.
+
+        ``what`` names the first alert it suppressed (an event id or a key). A window from the
+        control topic logs at WARNING: whoever can write that topic can silence alerts, and
+        this line is the trace of it.
+        """
+        for window in windows:
+            if window.name in self._suppressing:
+                continue
+            self._suppressing.add(window.name)
+            source = self._sources.get(window.name, CONFIG_SOURCE)
+            log.log(
+                logging.INFO if source == CONFIG_SOURCE else logging.WARNING,
+                "alert window %r (from %s) started suppressing alerts, first %s: %s",
+                window.name,
+                source,
+                what,
+                window.describe(),
+                extra={"window": window.name, "window_source": source},
+            )

@@ -68,6 +68,8 @@ class Detector(ABC):
     outputs_probability: bool = False
     # Where the detector computes (a torch device name), for the metrics; None for numpy on the CPU.
     device: str | None = None
+    # False when ``state_dict`` leaves the learned state out (a River model without a signing key).
+    saves_state: bool = True
 
     @abstractmethod
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
@@ -87,7 +89,9 @@ class Detector(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """A picklable snapshot of the learned state, including ``version``."""
+        """A snapshot of the learned state, including ``version``, in plain data only (dicts,
+        lists, tuples, str, int, float, bool, None, bytes, numeric numpy arrays): what
+        ``state/codec.py`` stores. Never objects, never tensors."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -148,9 +148,13 @@ class DuplicateDetector(Detector):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != self.state_version:
             raise StateError(f"duplicates state version {state.get('version')!r}, expected {self.state_version}")
-        fingerprints, times = np.asarray(state["fingerprints"]).tolist(), np.asarray(state["times"]).tolist()
-        if len(fingerprints) != len(times):
-            raise StateError(f"duplicates state has {len(fingerprints)} fingerprints but {len(times)} times")
-        self._seen = OrderedDict(zip(fingerprints, times, strict=True))
-        self._newest = float(state["newest"])
+        try:
+            fingerprints, times = np.asarray(state["fingerprints"]), np.asarray(state["times"], dtype=np.float64)
+            newest = float(state["newest"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"duplicates state is malformed: {exc!r}") from None
+        if fingerprints.dtype != np.uint64 or fingerprints.ndim != 1 or times.shape != fingerprints.shape:
+            raise StateError(f"duplicates state has fingerprints {fingerprints.dtype}{fingerprints.shape} and times {times.shape}, expected uint64 (n,) each")
+        self._seen = OrderedDict(zip(fingerprints.tolist(), times.tolist(), strict=True))
+        self._newest = newest
         self._grouping = None

@@ -174,14 +174,27 @@ class SilenceDetector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != self.state_version:
             raise StateError(f"silence state version {state.get('version')!r}, expected {self.state_version}")
-        self._names = list(state["keys"])
-        self._keys = {k: i for i, k in enumerate(self._names)}
-        self._counts = np.array(state["counts"], dtype=np.float64).reshape(-1, BUCKETS)
-        self._last = np.array(state["last"], dtype=np.float64)
-        self._alerted = np.array(state["alerted"], dtype=bool)
-        self._hours = np.array(state["hours"], dtype=np.float64)
-        self._clock = float(state["clock"])
-        self._next_check = float(state["next_check"])
+        try:
+            names = list(state["keys"])
+            counts = np.array(state["counts"], dtype=np.float64)
+            last = np.array(state["last"], dtype=np.float64)
+            alerted = np.array(state["alerted"], dtype=bool)
+            hours = np.array(state["hours"], dtype=np.float64)
+            clock, next_check = float(state["clock"]), float(state["next_check"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"silence state is malformed: {exc!r}") from None
+        n = len(names)
+        # The numba kernels index these without bounds checks: every shape must fit.
+        if not all(isinstance(k, str) for k in names) or len(set(names)) != n:
+            raise StateError("silence state: keys must be distinct strings")
+        if counts.shape != (n, BUCKETS) or last.shape != (n,) or alerted.shape != (n,) or hours.shape != self._hours.shape:
+            raise StateError(
+                f"silence state has counts {counts.shape}, last {last.shape}, alerted {alerted.shape}, hours {hours.shape} "
+                f"for {n} keys; expected ({n}, {BUCKETS}), ({n},), ({n},), {self._hours.shape}"
+            )
+        self._names, self._keys = names, {k: i for i, k in enumerate(names)}
+        self._counts, self._last, self._alerted, self._hours = counts, last, alerted, hours
+        self._clock, self._next_check = clock, next_check
         # Recomputed, not trusted: it must bound the current rates (see __init__).
-        self._peak = np.zeros(len(self._names))
-        peak_rates(self._counts, self._hours, len(self._names), self._peak)
+        self._peak = np.zeros(n)
+        peak_rates(self._counts, self._hours, n, self._peak)

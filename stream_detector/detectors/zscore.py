@@ -559,11 +559,22 @@ class ZScoreDetector(Detector):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a snapshot; ``StateError`` if it does not fit the configured features and key
+        sets (every array's shape is checked: the kernels index them without bounds checks)."""
         version = state.get("version")
         if version not in (1, self.state_version):
             raise StateError(f"zscore state version {version!r}, expected {self.state_version}")
+        try:
+            self._state = self._restored(state, version)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise StateError(f"zscore state is malformed: {exc!r}") from None
+        self._generation += 1
+        self._round_cache.clear()
+
+    def _restored(self, state: dict, version: int) -> _State:
         if list(state["features"]) != list(self.features):
             raise StateError(f"zscore state has features {state['features']}, configured {list(self.features)}")
+        n_features = len(self.features)
         sets = {}
         for ks, name in self._state_tables():
             fi = self._fidx[ks]
@@ -573,20 +584,29 @@ class ZScoreDetector(Detector):
                 continue
             cols: np.ndarray | slice  # the stored columns this key set keeps
             if version == 1:  # every feature per table: keep the key set's own columns
-                cols = fi
+                cols, width = fi, n_features
             else:
                 stored = list(data["features"])
                 if stored != [self.features[j] for j in fi]:
                     raise StateError(f"zscore state of {name} has features {stored}, configured {[self.features[j] for j in fi]}")
-                cols = slice(None)
-            sets[name] = _KeySetState.of(
-                list(data["keys"]),
-                _Stats(np.array(data["count"])[:, cols], np.array(data["mean"])[:, cols], np.array(data["m2"])[:, cols], np.array(data["last_seen"])),
-            )
+                cols, width = slice(None), len(fi)
+            keys = list(data["keys"])
+            if not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+                raise StateError(f"zscore state of {name}: keys must be distinct strings")
+            n = len(keys)
+            count, mean, m2 = (_array(data[k], (n, width), f"{name}.{k}")[:, cols] for k in ("count", "mean", "m2"))
+            sets[name] = _KeySetState.of(keys, _Stats(count, mean, m2, _array(data["last_seen"], (n,), f"{name}.last_seen")))
         g = state["global"]
-        self._generation += 1
-        self._round_cache.clear()
-        self._state = _State(sets, _Stats(np.array(g["count"]), np.array(g["mean"]), np.array(g["m2"]), np.full(1, -np.inf)))
+        count, mean, m2 = (_array(g[k], (1, n_features), f"global.{k}") for k in ("count", "mean", "m2"))
+        return _State(sets, _Stats(count, mean, m2, np.full(1, -np.inf)))
+
+
+def _array(value: object, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A float64 copy of a stored array of exactly ``shape``; ``StateError`` otherwise."""
+    array = np.array(value, dtype=np.float64)
+    if array.shape != shape:
+        raise StateError(f"zscore state {what} has shape {array.shape}, expected {shape}")
+    return array
 
 
 def _level(key_set: str, period: str) -> str:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
 import numpy as np
 import orjson
 
+from stream_detector.events.event_time import FUTURE_TIMESTAMP, TimeLimit
 from stream_detector.features import FeatureBatch, add_derived_features
 
 # Bounded set of dead-letter reasons (metric label values).
@@ -30,6 +31,7 @@ REASONS = (
     "out_of_range",
     "invalid_timestamp",
     "unsupported_version",
+    FUTURE_TIMESTAMP,  # past max(watermark, clock) + processing.max_future_skew (events/event_time.py)
 )
 
 STRING_FIELDS = ("event_id", "store_id", "product_id", "currency", "channel", "customer_id")
@@ -54,6 +56,9 @@ class DecodedBatch:
     keys: np.ndarray  # object (n,): the record key, from schema.key_fields
     source_index: np.ndarray  # int64 (n,): position of each valid event in the raw batch
     invalid: list[InvalidRecord]
+    # Valid events whose time was clamped (processing.future_timestamps: clamp): position in
+    # the valid events -> the original event time (features.event_time holds the clamped one).
+    clamped: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,12 @@ class EventSchema:
     key_sets: tuple[tuple[str, ...], ...] = (("store_id",),)
 
 
-def decode_batch(values: Sequence[bytes | None], schema: EventSchema) -> DecodedBatch:
-    """Parse and validate ``values``; every input index ends up valid or in ``invalid``."""
+def decode_batch(values: Sequence[bytes | None], schema: EventSchema, time_limit: TimeLimit | None = None) -> DecodedBatch:
+    """Parse and validate ``values``; every input index ends up valid or in ``invalid``.
+
+    ``time_limit``: the partition's event time guard for this batch (events/event_time.py); an
+    otherwise valid event past it is invalid (``future_timestamp``) or clamped.
+    """
     invalid: list[InvalidRecord] = []
     docs = _parse_all(values, schema)
     if docs is not None:  # the common case: every record is a JSON object
@@ -89,6 +98,7 @@ def decode_batch(values: Sequence[bytes | None], schema: EventSchema) -> Decoded
     string_fields = dict.fromkeys([*STRING_FIELDS[1:], *schema.key_fields, *(f for ks in schema.key_sets for f in ks)])
     strings = {name: _string_column(docs, name, required=False, problems=problems) for name in string_fields}
     _check_versions(docs, schema.max_event_version, problems)
+    clamped = _check_future(event_time, time_limit, problems) if time_limit is not None else {}
     for j, (reason, detail) in problems.items():
         ok[j] = False
         invalid.append(InvalidRecord(doc_index[j], reason, detail))
@@ -112,7 +122,26 @@ def decode_batch(values: Sequence[bytes | None], schema: EventSchema) -> Decoded
         keys=_join_keys(key_columns, schema.key_fields),
         source_index=doc_index_arr,
         invalid=invalid,
+        clamped={int(np.searchsorted(keep, j)): original for j, original in clamped.items()},
     )
+
+
+def _check_future(event_time: np.ndarray, limit: TimeLimit, problems: dict[int, tuple[str, str]]) -> dict[int, float]:
+    """Apply the event time guard to the otherwise valid events, in order: those past the limit
+    become problems (dead_letter) or get the clamped time in ``event_time`` (clamp, in place).
+    Returns {doc position: original time} of the clamped ones."""
+    candidates = np.flatnonzero(~np.isin(np.arange(len(event_time)), list(problems))) if problems else np.arange(len(event_time))
+    found = limit.check(event_time[candidates])
+    clamped: dict[int, float] = {}
+    for k, position in enumerate(found.index.tolist()):
+        j = int(candidates[position])
+        original = float(event_time[j])
+        if limit.mode == "clamp":
+            clamped[j] = original
+            event_time[j] = found.clamped_to[k]
+        else:
+            problems[j] = (FUTURE_TIMESTAMP, found.detail(k, original, limit.max_future_skew))
+    return clamped
 
 
 def fingerprints(docs: list[dict[str, Any]]) -> np.ndarray:

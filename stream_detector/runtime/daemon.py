@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import logging
 import signal
 import socket
@@ -35,10 +36,11 @@ from stream_detector.alerting.feedback import parse_feedback
 from stream_detector.alerting.policy import AlertPolicy
 from stream_detector.alerting.windows import ControlError, WindowBook
 from stream_detector.config import Settings, librdkafka_config
-from stream_detector.errors import DeliveryError, StateError
+from stream_detector.errors import DeliveryError, StateError, UnrestorableStateError
 from stream_detector.events.decode import DecodedBatch
-from stream_detector.metrics import FUSED, Metrics, MetricsServer
-from stream_detector.records import anomaly_records, dead_letter_headers, encode_record, silence_record
+from stream_detector.metrics import FUSED, Metrics
+from stream_detector.metrics_server import MetricsServer
+from stream_detector.records import anomaly_records, dead_letter_headers, encode_record, iso_utc, silence_record
 from stream_detector.runtime.control import ControlReader
 from stream_detector.runtime.topics import ensure_topics
 from stream_detector.scoring.batch import ScoredBatch, score_batch
@@ -233,7 +235,7 @@ class Daemon:
         self._state_gauges_at = 0.0  # monotonic time they were last set
         self._tracker = _DeliveryTracker(self.metrics)
         self._pending: _PendingCheckpoint | None = None
-        self.policy = AlertPolicy(WindowBook(settings.alerts.windows))
+        self.policy = AlertPolicy(WindowBook(settings.alerts.windows, max_seconds=settings.alerts.max_window_seconds))
         self._control: ControlReader | None = None
         self._pending_feedback: dict[str, tuple[str, str]] = {}  # event_id -> (label, note)
         self._consumer: Consumer | None = None
@@ -244,6 +246,9 @@ class Daemon:
         if any("debug" in conf for conf in (settings.kafka.client_config, settings.kafka.consumer_config, settings.kafka.producer_config)):
             KAFKA_LOG.setLevel(logging.DEBUG)  # librdkafka's debug contexts were asked for: show them
         self._init_metrics()
+        for detector in self.pipeline.detectors if settings.state.enabled else []:
+            if not detector.saves_state:
+                log.warning("the state of detector %s is not saved (no state.signing_key): it restarts fresh", detector.name)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -520,9 +525,11 @@ class Daemon:
                 if rec.topic == feedback_topic:
                     self._take_feedback(*parse_feedback(rec.value))
                 else:
-                    outcome = self.policy.windows.apply_control(rec.value)
+                    # WindowBook logs what it added, replaced or cancelled, with this source.
+                    outcome = self.policy.windows.apply_control(rec.value, source=f"{rec.topic}[{rec.partition}]@{rec.offset}")
                     self.metrics.control.labels(outcome).inc()
-                    log.info("alert window %s: %s", rec.value.get("name"), outcome)
+                    if outcome == "unknown_window":
+                        log.info("alert window %s: nothing to cancel", rec.value.get("name"))
             except ControlError as exc:
                 if rec.topic == feedback_topic:
                     self.metrics.feedback.labels("unknown", "invalid").inc()
@@ -588,6 +595,10 @@ class Daemon:
                 bad.reason,
                 extra={**source._asdict(), "detail": bad.detail[:200]},
             )
+        for i, original in decoded.clamped.items():  # processing.future_timestamps: clamp
+            source = consumed.position(records[int(decoded.source_index[i])])
+            scored_at = iso_utc(float(decoded.features.event_time[i]))
+            log.warning("clamped event time %s to %s", iso_utc(original), scored_at, extra=source._asdict())
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any, on_delivery: Any, partition: int = -1) -> None:
         assert self._producer is not None
@@ -848,6 +859,7 @@ class Daemon:
                 positions,
                 # The setting bounds one partition's restore; these are read together.
                 timeout_s=self.settings.state.restore_timeout_s * len(positions),
+                on_unreadable=functools.partial(self._unreadable_state, topic),
             ).items()
         }
         if wanted:
@@ -861,7 +873,14 @@ class Daemon:
                     log.info("no saved state for %s/%d: starting from fresh models", *tp)
                 works[tp] = PartitionWork(pipeline, None)
                 continue
-            pipeline.load_state_dict(found.state)
+            try:
+                failures = pipeline.load_state_dict(found.state)
+            except StateError as exc:  # not a pipeline state at all: every part starts fresh
+                self._state_failure(tp, "snapshot", exc.reason, str(exc))
+                works[tp] = PartitionWork(copy.deepcopy(self.pipeline), None)
+                continue
+            for failure in failures:
+                self._state_failure(tp, failure.part, failure.reason, failure.message)
             work = works[tp] = PartitionWork(pipeline, found.header.position)
             if committed[tp] != work.position:
                 # At-least-once: the snapshot was delivered but the commit after it was not (a
@@ -869,6 +888,25 @@ class Daemon:
                 # even if no record arrives: otherwise the group's offset stays behind until one does.
                 work.dirty = True
         return works
+
+    def _unreadable_state(self, topic: str, partition: int, error: StateError, offset: int | None) -> None:
+        """A changelog record (``offset``) or a whole snapshot (None) of ``topic``/``partition``
+        that cannot be read: skipped (a partition left without a snapshot starts fresh)."""
+        if offset is None:
+            self._state_failure((topic, partition), "snapshot", error.reason, str(error))
+        else:
+            part = f"changelog record {self.changelog_topic}/{partition}@{offset}"
+            self._state_failure((topic, partition), part, error.reason, str(error), "skipped")
+
+    def _state_failure(self, tp: tuple[str, int], part: str, reason: str, message: str, outcome: str = "it starts fresh") -> None:
+        """Count and log a part of a partition's state that is not restored; under
+        ``state.on_unreadable: fail`` stop instead of starting it fresh."""
+        self.metrics.restore_failures.labels(reason).inc()
+        fields = {"topic": tp[0], "partition": tp[1], "part": part, "reason": reason}
+        if self.settings.state.on_unreadable == "fail":
+            log.error("state of %s/%d: %s cannot be restored (%s): %s; stopping (state.on_unreadable: fail)", *tp, part, reason, message, extra=fields)
+            raise UnrestorableStateError(f"state of {tp[0]}/{tp[1]}: {part} cannot be restored ({reason}): {message} (state.on_unreadable: fail)")
+        log.warning("state of %s/%d: %s not restored (%s): %s; %s (state.on_unreadable: reset)", *tp, part, reason, message, outcome, extra=fields)
 
     # -- metrics and callbacks ---------------------------------------------------------------
 
@@ -896,6 +934,7 @@ class Daemon:
         m.rounds.observe(scored.result.rounds)
         m.events.labels("scored").inc(scored.decoded.features.n)
         m.events.labels("invalid").inc(len(scored.decoded.invalid))
+        m.clamped.inc(len(scored.decoded.clamped))
         observe_scores(m, scored.result)
         for detector in pipeline.detectors:
             loss = detector.last_train_loss

@@ -215,6 +215,12 @@ class Calibrator:
         re-laid for this calibrator's capacity); ``StateError`` if it does not fit."""
         if state.get("version") not in self.readable_state_versions or state.get("window") != self.window:
             raise StateError("calibrator state does not match this configuration (version or window)")
+        try:
+            self._load(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"calibrator state is malformed: {exc!r}") from None
+
+    def _load(self, state: dict) -> None:
         stored = np.array(state["buffer"], dtype=np.float64)
         seen = int(state["seen"])
         if stored.ndim != 1 or len(stored) < self.window or seen < 0:
@@ -231,7 +237,11 @@ class Calibrator:
             fit = fit_tail(_ring_read(stored, max(0, fit_seen - self.window), fit_seen), self.tail_quantile)
             self._state = _CalibratorState(buffer, seen, fit, fit_seen)
             return
-        fit = TailFit(False, np.zeros(0)) if reference is None else fit_tail(np.asarray(reference), self.tail_quantile)
+        if reference is not None:
+            reference = np.array(reference, dtype=np.float64)
+            if reference.ndim != 1 or not 0 < len(reference) <= self.window:
+                raise StateError(f"calibrator state has a fit reference of shape {reference.shape}")
+        fit = TailFit(False, np.zeros(0)) if reference is None else fit_tail(reference, self.tail_quantile)
         self._state = _CalibratorState(buffer, seen, fit)
 
 

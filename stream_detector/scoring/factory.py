@@ -7,6 +7,7 @@ from stream_detector.config import Settings
 from stream_detector.detectors.base import Detector
 from stream_detector.errors import ConfigError
 from stream_detector.events.decode import EventSchema
+from stream_detector.events.event_time import EventTimeGuard
 from stream_detector.scoring.calibration import Calibrator, PassThrough, ScoreCalibrator
 from stream_detector.scoring.pipeline import ScoringPipeline
 
@@ -95,7 +96,15 @@ def _build_river(settings: Settings) -> Detector:
             return HalfSpaceTreesDetector(features=tuple(r.features), scale=r.scale, seed=r.seed, **r.params)
         from stream_detector.detectors.river_model import RiverModelDetector
 
-        return RiverModelDetector(model=r.model, params=r.params, features=tuple(r.features), scale=r.scale, seed=r.seed)
+        key = settings.state.signing_key
+        return RiverModelDetector(
+            model=r.model,
+            params=r.params,
+            features=tuple(r.features),
+            scale=r.scale,
+            seed=r.seed,
+            signing_key=None if key is None else key.get_secret_value().encode(),
+        )
     except (TypeError, ValueError) as exc:
         # river.params is free-form (the model's own arguments), so the settings models cannot
         # check it: an unknown name or a bad value is a configuration error, not a traceback.
@@ -130,7 +139,15 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
                 check_every_s=q.check_every_s,
             )
         )
-    return ScoringPipeline(detectors, calibrators, threshold=s.threshold, collective=collective, feedback=build_feedback(settings))
+    p = settings.processing
+    return ScoringPipeline(
+        detectors,
+        calibrators,
+        threshold=s.threshold,
+        collective=collective,
+        feedback=build_feedback(settings),
+        event_time=EventTimeGuard(p.max_future_skew, p.future_timestamps),
+    )
 
 
 def build_feedback(settings: Settings) -> FeedbackMemory | None:

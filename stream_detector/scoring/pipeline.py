@@ -21,12 +21,15 @@ is not scored again.
 from __future__ import annotations
 
 import bisect
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stream_detector.detectors.base import Detector, Step
+from stream_detector.errors import StateError
+from stream_detector.events.event_time import EventTimeGuard
 from stream_detector.features import FeatureBatch
 from stream_detector.scoring import fusion
 from stream_detector.scoring.calibration import ScoreCalibrator
@@ -42,6 +45,17 @@ class Segment:
     start: int
     batch: FeatureBatch
     steps: dict[str, Step]
+
+
+@dataclass(frozen=True)
+class PartFailure:
+    """A part of a snapshot that was not restored (it started fresh): ``part`` is
+    ``detector:<name>``, ``calibrator:<name>``, ``timer:<name>``, ``feedback`` or ``event_time``; ``reason`` is
+    a ``StateError`` reason (errors.STATE_FAILURE_REASONS)."""
+
+    part: str
+    reason: str
+    message: str
 
 
 @dataclass
@@ -82,6 +96,7 @@ class ScoringPipeline:
         max_rounds: int = 8,
         collective: list[SilenceDetector] | None = None,
         feedback: Any = None,
+        event_time: EventTimeGuard | None = None,
     ) -> None:
         if not detectors:
             raise ValueError("at least one detector must be enabled")
@@ -95,6 +110,10 @@ class ScoringPipeline:
         # Analysts' false-positive rules for this pipeline's keys (alerting/feedback.py): not
         # used for scoring, only kept here so they travel in the same state snapshot.
         self.feedback = feedback
+        # The partition's event time guard and watermark (events/event_time.py): applied by
+        # scoring/batch.py before decoding finishes; kept here so the watermark travels in the
+        # same state snapshot and survives a restart.
+        self.event_time = event_time if event_time is not None else EventTimeGuard()
 
     @property
     def detector_names(self) -> list[str]:
@@ -245,20 +264,76 @@ class ScoringPipeline:
             "calibrators": {name: c.state_dict() for name, c in self.calibrators.items()},
             "collective": {t.name: t.state_dict() for t in self.collective},
             "feedback": self.feedback.state_dict() if self.feedback is not None else None,
+            "event_time": self.event_time.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for detector in self.detectors:
-            if detector.name in state["detectors"]:
-                detector.load_state_dict(state["detectors"][detector.name])
+    def load_state_dict(self, state: dict[str, Any]) -> list[PartFailure]:
+        """Restore each part (detector, calibrator, timer, feedback) on its own; a part that does
+        not load (damaged, or no longer fitting the configuration) stays fresh and is returned,
+        while the others keep their state. A detector that stays fresh takes its calibrator with
+        it: the calibrator learned the scores of the model that was dropped. A part the snapshot
+        does not have (a detector enabled since) starts fresh without a failure.
+
+        ``StateError`` if the snapshot as a whole is not a pipeline state of this version.
+        """
+        if not isinstance(state, dict) or state.get("version") != 1:
+            version = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise StateError(f"pipeline state version {version!r}, this version reads 1")
+        failures: list[PartFailure] = []
+        detectors, calibrators = _section(state, "detectors"), _section(state, "calibrators")
+        timers, reset = _section(state, "collective"), set()
+        for i, detector in enumerate(self.detectors):
+            name = detector.name
+            if name in detectors:
+                loaded = _load_part(f"detector:{name}", detector, detectors[name], failures)
+                if loaded is None:
+                    reset.add(name)
+                else:
+                    self.detectors[i] = loaded
         for name, calibrator in self.calibrators.items():
-            if name in state["calibrators"]:
-                calibrator.load_state_dict(state["calibrators"][name])
-        for timer in self.collective:
-            if timer.name in state.get("collective", {}):
-                timer.load_state_dict(state["collective"][timer.name])
+            if name in reset:
+                continue  # fresh, like its detector
+            if name in calibrators:
+                loaded = _load_part(f"calibrator:{name}", calibrator, calibrators[name], failures)
+                if loaded is not None:
+                    self.calibrators[name] = loaded
+        for i, timer in enumerate(self.collective):
+            if timer.name in timers:
+                loaded = _load_part(f"timer:{timer.name}", timer, timers[timer.name], failures)
+                if loaded is not None:
+                    self.collective[i] = loaded
         if self.feedback is not None and state.get("feedback"):
-            self.feedback.load_state_dict(state["feedback"])
+            loaded = _load_part("feedback", self.feedback, state["feedback"], failures)
+            if loaded is not None:
+                self.feedback = loaded
+        if "event_time" in state:  # absent from snapshots older than the guard: no watermark yet
+            loaded = _load_part("event_time", self.event_time, state["event_time"], failures)
+            if loaded is not None:
+                self.event_time = loaded
+        return failures
+
+
+def _section(state: dict[str, Any], key: str) -> dict[str, Any]:
+    """One section of a pipeline state (parts by name); a damaged section has no parts."""
+    section = state.get(key)
+    return section if isinstance(section, dict) else {}
+
+
+def _load_part(part: str, owner: Any, state: Any, failures: list[PartFailure]) -> Any:
+    """A copy of ``owner`` with ``state`` loaded, or None (and a failure) if it does not load.
+    Loaded into a copy, so a part that fails half-way leaves nothing half-restored."""
+    candidate = copy.deepcopy(owner)
+    try:
+        if not isinstance(state, dict):
+            raise StateError(f"holds a {type(state).__name__}, not a dict", reason="corrupt")
+        candidate.load_state_dict(state)
+    except StateError as exc:
+        failures.append(PartFailure(part, exc.reason, str(exc)))
+        return None
+    except Exception as exc:  # any error restoring one part only resets that part
+        failures.append(PartFailure(part, "incompatible", f"{type(exc).__name__}: {exc}"))
+        return None
+    return candidate
 
 
 def _rejected(steps: dict[str, Step], n: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,11 @@ class Restored:
     state: dict[str, Any]
 
 
+# Told about each changelog record or snapshot that cannot be restored: (input partition, error
+# with its reason, the changelog offset or None for a whole snapshot). It may raise to stop.
+OnUnreadable = Callable[[int, StateError, int | None], None]
+
+
 def snapshot_records(topic: str, partition: int, position: int, state: dict[str, Any]) -> list[tuple[bytes, bytes]]:
     """(key, value) records of one snapshot, for changelog partition ``partition``."""
     chunks = encode_snapshot(state, topic, partition, position)
@@ -48,6 +54,7 @@ def read_latest_snapshots(
     positions: dict[int, int | None],
     idle_s: float = 0.3,
     timeout_s: float = 60.0,
+    on_unreadable: OnUnreadable | None = None,
 ) -> dict[int, Restored | None]:
     """The newest complete snapshot of each ``input_topic`` partition in ``positions``, or None
     for a partition that has none; all read by one consumer, so an assignment of n partitions
@@ -58,6 +65,11 @@ def read_latest_snapshots(
     exactly that input position qualifies. Under exactly-once the committed offset and its
     snapshot were committed together, so this also skips snapshots of aborted transactions on
     brokers that show them to read_committed readers (tansu 0.6.0 does).
+
+    Anyone who can write the changelog topic chooses its bytes. A record that is not a chunk of
+    this format (no header, a bad header, a pickle format) is skipped, and a complete snapshot
+    that does not decode leaves its partition without one (None); each is reported to
+    ``on_unreadable``, or raised as ``StateError`` when there is none.
     """
     if not positions:
         return {}
@@ -91,11 +103,15 @@ def read_latest_snapshots(
                         continue
                     raise StateError(f"reading {changelog_topic}/{msg.partition()}: {err}")
                 (_, partition), value = topic_partition(msg), msg.value()
-                if value is None:
-                    raise StateError(f"reading {changelog_topic}/{partition}: a record without a value is not a state chunk")
                 at_eof[partition] = False
                 last_record = time.monotonic()
-                header, _ = split_chunk(value)
+                try:
+                    if value is None:
+                        raise StateError("a record without a value is not a state chunk", reason="corrupt")
+                    header, _ = split_chunk(value)
+                except StateError as exc:
+                    _unreadable(on_unreadable, partition, exc, msg.offset())
+                    continue
                 if header.topic != input_topic or header.partition != partition:
                     continue
                 wanted = positions[partition]
@@ -120,7 +136,12 @@ def read_latest_snapshots(
         if complete is None:
             restored[partition] = None
             continue
-        header, state = decode_snapshot(complete)
+        try:
+            header, state = decode_snapshot(complete)
+        except StateError as exc:
+            _unreadable(on_unreadable, partition, exc, None)
+            restored[partition] = None
+            continue
         log.info(
             "restored state of %s/%d at offset %d from %s (%d chunk(s), %.2f s)",
             input_topic,
@@ -132,3 +153,9 @@ def read_latest_snapshots(
         )
         restored[partition] = Restored(header, state)
     return restored
+
+
+def _unreadable(on_unreadable: OnUnreadable | None, partition: int, error: StateError, offset: int | None) -> None:
+    if on_unreadable is None:
+        raise error
+    on_unreadable(partition, error, offset)

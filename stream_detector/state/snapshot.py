@@ -1,30 +1,34 @@
 """Versioned, chunked snapshots of one partition's pipeline state.
 
-A snapshot is the pipeline's ``state_dict()`` (numpy arrays, counters, model weights),
-pickled and cut into chunks small enough for a Kafka record. It is not compressed here: the
-producer compresses its batches (lz4) in librdkafka's own threads, while zlib here took tens of
-milliseconds per partition on the loop's thread at every checkpoint (format 1, still read). Every chunk carries a
-small JSON header: the format version, the snapshot id, its index and the chunk count, and the
-input position the state reflects. The state is only ever read back by this program from its
-own changelog topic (an internal, trusted topic), hence pickle.
+A snapshot is the pipeline's ``state_dict()`` (numpy arrays, counters, lists, strings) in the
+state encoding of ``state/codec.py`` (plain data only: decoding never runs code), cut into
+chunks small enough for a Kafka record. It is not compressed here: the producer compresses its
+batches (lz4) in librdkafka's own threads. Every chunk carries a small JSON header: the format
+version, the snapshot id, its index and the chunk count, and the input position the state
+reflects.
+
+Formats 1 (zlib-compressed pickle) and 2 (pickle) are refused, never unpickled: whoever can
+write the changelog topic would choose what the unpickling runs. A partition whose snapshot is
+refused starts fresh (see the daemon's restore).
 """
 
 from __future__ import annotations
 
-import pickle
 import uuid
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from stream_detector.errors import StateError
+from stream_detector.state import codec
 
-FORMAT_VERSION = 2
-# 1: zlib-compressed pickle; 2: plain pickle.
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+# 1: zlib-compressed pickle; 2: plain pickle (both refused, see above); 3: state/codec.py.
+READABLE_FORMATS = (3,)
+PICKLE_FORMATS = (1, 2)
 CHUNK_BYTES = 512 * 1024
+MAX_CHUNKS = 100_000  # 50 GB of state: any count above it is not one this program wrote
 _SEPARATOR = b"\n"
 
 
@@ -41,7 +45,7 @@ class SnapshotHeader:
 
 def encode_snapshot(state: dict[str, Any], topic: str, partition: int, position: int) -> list[bytes]:
     """Chunks (header line + payload) for one partition's state."""
-    payload = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = codec.encode(state)
     pieces = [payload[i : i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)] or [b""]
     snapshot_id = uuid.uuid4().hex
     out = []
@@ -52,30 +56,54 @@ def encode_snapshot(state: dict[str, Any], topic: str, partition: int, position:
 
 
 def split_chunk(value: bytes) -> tuple[SnapshotHeader, bytes]:
+    """A chunk's header and payload piece; ``StateError`` (with ``reason``) if it is not one."""
     head, sep, payload = value.partition(_SEPARATOR)
     if not sep:
-        raise StateError("state chunk without a header")
+        raise StateError("state chunk without a header", reason="corrupt")
     try:
-        header = SnapshotHeader(**orjson.loads(head))
+        fields = orjson.loads(head)
+        header = SnapshotHeader(**fields)
     except (orjson.JSONDecodeError, TypeError) as exc:
-        raise StateError(f"unreadable state chunk header: {exc}") from None
+        raise StateError(f"unreadable state chunk header: {exc}", reason="corrupt") from None
+    if not _is_int(header.format):
+        raise StateError(f"state chunk header has format {header.format!r}", reason="corrupt")
+    if header.format in PICKLE_FORMATS:
+        raise StateError(
+            f"state snapshot format {header.format} is pickle, which is refused (it could run code); this version reads {READABLE_FORMATS}",
+            reason="unsupported_format",
+        )
     if header.format not in READABLE_FORMATS:
-        raise StateError(f"state snapshot format {header.format}, this version reads {READABLE_FORMATS}")
+        raise StateError(f"state snapshot format {header.format}, this version reads {READABLE_FORMATS}", reason="unsupported_format")
+    ints = (header.index, header.count, header.partition, header.position)
+    if (
+        not all(_is_int(n) for n in ints)
+        or not isinstance(header.snapshot_id, str)
+        or not isinstance(header.topic, str)
+        or not 0 <= header.index < header.count <= MAX_CHUNKS
+        or header.partition < 0
+        or header.position < 0
+    ):
+        raise StateError(f"state chunk header out of range: {fields}", reason="corrupt")
     return header, payload
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def decode_snapshot(chunks: list[bytes]) -> tuple[SnapshotHeader, dict[str, Any]]:
-    """Reassemble one snapshot from all its chunks (any order)."""
+    """Reassemble one snapshot from all its chunks (any order); ``StateError`` with a reason."""
     parts = sorted((split_chunk(c) for c in chunks), key=lambda hp: hp[0].index)
     if not parts:
-        raise StateError("empty snapshot")
+        raise StateError("empty snapshot", reason="corrupt")
     first = parts[0][0]
     ids = {h.snapshot_id for h, _ in parts}
     if len(ids) != 1 or [h.index for h, _ in parts] != list(range(first.count)):
-        raise StateError(f"incomplete snapshot {first.snapshot_id}: have chunks {[h.index for h, _ in parts]} of {first.count}")
+        raise StateError(f"incomplete snapshot {first.snapshot_id}: have chunks {[h.index for h, _ in parts]} of {first.count}", reason="corrupt")
     try:
-        payload = b"".join(p for _, p in parts)
-        state = pickle.loads(zlib.decompress(payload) if first.format == 1 else payload)
-    except (zlib.error, pickle.UnpicklingError, EOFError) as exc:
-        raise StateError(f"corrupt snapshot {first.snapshot_id}: {exc}") from None
+        state = codec.decode(b"".join(p for _, p in parts))
+    except StateError as exc:
+        raise StateError(f"corrupt snapshot {first.snapshot_id}: {exc}", reason="corrupt") from None
+    if not isinstance(state, dict):
+        raise StateError(f"corrupt snapshot {first.snapshot_id}: holds a {type(state).__name__}, not a dict", reason="corrupt")
     return first, state

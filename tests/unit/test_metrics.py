@@ -139,7 +139,7 @@ def test_a_fresh_metrics_exposes_every_closed_label_set_at_zero() -> None:
 
 def test_the_closed_label_sets_cover_what_their_sources_give() -> None:
     assert set(FEEDBACK_OUTCOMES) == {*FEEDBACK_LABELS, "unknown"}
-    book = WindowBook()
+    book = WindowBook(max_seconds=7 * 86400)
     window = {"name": "promo", "start": "2026-11-27T00:00:00Z", "end": "2026-11-29T00:00:00Z"}
     outcomes = [
         book.apply_control(window),
@@ -147,7 +147,7 @@ def test_the_closed_label_sets_cover_what_their_sources_give() -> None:
         book.apply_control({"action": "cancel", "name": "promo"}),
         book.apply_control({"action": "cancel", "name": "promo"}),
     ]
-    for bad in (["promo"], {"action": "cancel"}, {**window, "end": "2026-11-26T00:00:00Z"}):
+    for bad in (["promo"], {"action": "cancel"}, {**window, "end": "2026-11-26T00:00:00Z"}, {**window, "end": "2162-01-01T00:00:00Z"}):
         with pytest.raises(ControlError) as raised:
             book.apply_control(bad)
         outcomes.append(raised.value.reason)

@@ -364,7 +364,8 @@ def test_dockerfile_copy_sources_exist(dockerfile: list[tuple[str, str]]) -> Non
 
 def test_dockerfile_healthcheck_command_works(dockerfile: list[tuple[str, str]]) -> None:
     """Run the HEALTHCHECK's command: exit 0 against a live /healthz, non-zero with nothing there."""
-    from stream_detector.metrics import Metrics, MetricsServer
+    from stream_detector.metrics import Metrics
+    from stream_detector.metrics_server import MetricsServer
 
     [healthcheck] = [rest for keyword, rest in final_stage(dockerfile) if keyword == "HEALTHCHECK"]
     command = json.loads(healthcheck[healthcheck.index("CMD") + 3 :].strip())

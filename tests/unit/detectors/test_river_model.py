@@ -9,7 +9,6 @@ versions) are in ``test_conformance.py``; this file covers what is specific to t
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ from river import anomaly, compose, preprocessing
 from stream_detector.detectors.river_model import RiverModelDetector, make_river_model
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
+from stream_detector.state import codec
 
 FEATURES = ("a", "b", "c")
 
@@ -156,11 +156,12 @@ def test_explain_names_the_model_and_its_score():
 def test_state_round_trip_continues_like_river_and_refuses_another_model():
     batch = make_batch(300, seed=7)
     learn = np.random.default_rng(8).random(batch.n) > 0.1
-    detector = RiverModelDetector(model="LODA", features=FEATURES, seed=7)
+    key = b"a-test-signing-key"
+    detector = RiverModelDetector(model="LODA", features=FEATURES, seed=7, signing_key=key)
     detector.learn_one_batch(batch.slice(0, 150), learn[:150])
-    state = pickle.loads(pickle.dumps(detector.state_dict()))
-    assert state["version"] == 1 and state["model"] == "LODA"
-    restored = RiverModelDetector(model="LODA", features=FEATURES, seed=99)  # the snapshot's model wins
+    state = codec.decode(codec.encode(detector.state_dict()))
+    assert state["version"] == 2 and state["model"] == "LODA"
+    restored = RiverModelDetector(model="LODA", features=FEATURES, seed=99, signing_key=key)  # the snapshot's model wins
     restored.load_state_dict(state)
     direct = preprocessing.MinMaxScaler() | anomaly.LODA(seed=7)
     river_directly(direct, batch.slice(0, 150), learn[:150])
@@ -169,4 +170,4 @@ def test_state_round_trip_continues_like_river_and_refuses_another_model():
     with pytest.raises(StateError, match="LODA"):
         RiverModelDetector(model="HalfSpaceTrees", features=FEATURES).load_state_dict(state)
     with pytest.raises(StateError):
-        RiverModelDetector(model="LODA", features=FEATURES).load_state_dict({**state, "version": 2})
+        RiverModelDetector(model="LODA", features=FEATURES, signing_key=key).load_state_dict({**state, "version": 3})

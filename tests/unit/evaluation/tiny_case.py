@@ -7,6 +7,7 @@ import numpy as np
 import orjson
 
 from stream_detector.evaluation import Labels, WindowLabel
+from stream_detector.events.event_time import EventTimeGuard
 from stream_detector.features import FeatureBatch
 from stream_detector.scoring.pipeline import BatchResult
 
@@ -21,6 +22,7 @@ class ThresholdPipeline:
 
     def __init__(self) -> None:
         self.batches: list[int] = []
+        self.event_time = EventTimeGuard()  # the real guard: score_batch asks every pipeline for it
 
     def process(self, batch: FeatureBatch) -> BatchResult:
         self.batches.append(batch.n)

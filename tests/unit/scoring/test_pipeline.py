@@ -8,7 +8,6 @@ settings keep it fast.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +21,7 @@ from stream_detector.features import FeatureBatch
 from stream_detector.generator import GeneratorConfig, SalesGenerator
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
+from stream_detector.state import codec
 
 # Enough for the calibrators to become ready (500 events) and for several refreshes and HST
 # windows and autoencoder trainings after that; 6000 would be closer to a production warm-up but
@@ -79,7 +79,7 @@ def process(settings, stream: FeatureBatch, size: int, n: int, snapshot_after: i
     snapshot = None
     for b, a in enumerate(range(start, n, size)):
         if snapshot_after is not None and b == snapshot_after:
-            snapshot = pickle.dumps(pipeline.state_dict())
+            snapshot = codec.encode(pipeline.state_dict())
         result = pipeline.process(stream.slice(a, min(n, a + size)))
         results.append(result)
         starts.append(a)
@@ -163,7 +163,7 @@ def test_flagged_and_rejected_events_are_not_learned(run_2000, stream):
 def test_state_round_trip_continues_identically(settings, stream, run_257):
     assert run_257.snapshot is not None
     restored = build_pipeline(settings)
-    restored.load_state_dict(pickle.loads(run_257.snapshot))
+    assert restored.load_state_dict(codec.decode(run_257.snapshot)) == []  # every part restored
     start = SNAPSHOT_AFTER_BATCHES * 257
     cont = process(settings, stream, 257, N_EVENTS, pipeline=restored, start=start)
     np.testing.assert_array_equal(cont.is_anomaly, run_257.is_anomaly[start:])
@@ -300,7 +300,7 @@ def test_a_regime_change_settles_and_equals_smaller_batches():
     features = decode_batch([orjson.dumps(e) for e in first + then], event_schema(settings)).features
     history = build_pipeline(settings)
     history.process(features.slice(0, 20_000))
-    snapshot = pickle.dumps(history.state_dict())
+    snapshot = codec.encode(history.state_dict())
 
     result = history.process(features.slice(20_000, 21_800))
     assert len(result.segments) == 1 and result.rounds <= history.max_rounds
@@ -308,7 +308,7 @@ def test_a_regime_change_settles_and_equals_smaller_batches():
     assert rejected is not None and rejected.sum() > 300
 
     smaller = build_pipeline(settings)
-    smaller.load_state_dict(pickle.loads(snapshot))
+    assert smaller.load_state_dict(codec.decode(snapshot)) == []
     parts = [smaller.process(features.slice(a, a + 300)) for a in range(20_000, 21_800, 300)]
     np.testing.assert_array_equal(result.is_anomaly, np.concatenate([r.is_anomaly for r in parts]))
     np.testing.assert_allclose(result.fused, np.concatenate([r.fused for r in parts]), rtol=RTOL, atol=ATOL)
