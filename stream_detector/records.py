@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -47,6 +48,8 @@ def anomaly_record(
         "warm": bool(details.get("zscore", {}).get("warm", True)),
         "timestamp": iso_utc(float(decoded.features.event_time[i])),
         "score": float(result.fused[i]),
+        # -log10 of the fused tail probability, not floored: ranks alerts whose scores tie at 1 - k * 1e-12.
+        "surprise": float(result.surprise[i]),
         "threshold": result.threshold,
         "detectors": details,
         "reasons": reasons,
@@ -101,11 +104,13 @@ def silence_record(alert: Any, key_set: str, threshold: float) -> dict[str, Any]
         "key_set": key_set,
         "timestamp": iso_utc(alert.event_time),
         "score": 1.0 - alert.probability,
+        "surprise": _silence_surprise(alert),
         "threshold": threshold,
         "detectors": {
             "silence": {
                 "score": 1.0 - alert.probability,
                 "tail_probability": alert.probability,
+                "surprise": _silence_surprise(alert),
                 "fired": True,
                 "key_set": key_set,
                 "silent_since": iso_utc(alert.since),
@@ -118,10 +123,17 @@ def silence_record(alert: Any, key_set: str, threshold: float) -> dict[str, Any]
     }
 
 
+def _silence_surprise(alert: Any) -> float:
+    """``-log10`` of a silence's probability ``exp(-expected_events)`` (detectors/silence.py),
+    from its exponent: it does not underflow to 0 for a long silence."""
+    return float(alert.expected_events) / math.log(10.0)
+
+
 def replay_lines(decoded: DecodedBatch, result: BatchResult, line_numbers: list[int]) -> list[tuple[int, dict[str, Any]]]:
     """(raw index, replay line) for each event, valid and invalid, of one batch."""
     lines: list[tuple[int, dict[str, Any]]] = []
     names = list(result.probability)
+    surprise = result.surprise
     for i, raw_index in enumerate(decoded.source_index.tolist()):
         lines.append(
             (
@@ -130,6 +142,7 @@ def replay_lines(decoded: DecodedBatch, result: BatchResult, line_numbers: list[
                     "event_id": decoded.features.event_ids[i],
                     "key": decoded.keys[i],
                     "score": float(result.fused[i]),
+                    "surprise": float(surprise[i]),
                     "is_anomaly": bool(result.is_anomaly[i]),
                     "detectors": {name: float(1.0 - result.probability[name][i]) for name in names},
                 },

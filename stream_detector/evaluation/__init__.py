@@ -19,6 +19,10 @@
 * **Per kind** *k*: recall = flagged events of kind *k* / events of kind *k*; precision and
   F1 are "kind *k* against normal events": precision_k = TP_k / (TP_k + FP), with events of
   other kinds left out. AUC is the ROC AUC of the fused score, kind *k* against normal events.
+* **Ranking**: the ROC AUC of the surprise (``-log10`` of the fused tail probability, not
+  floored: scoring/fusion.py), point anomalies against every other counted event; the ROC AUCs
+  of the fused score and of the surprise among the alerts (true against false alerts); and the
+  most counted alerts that share one fused score, and one surprise value.
 * **Window (collective) labels** such as ``store_stopped`` have a key (the store), a start and
   an end, and no event. A window is detected when a *collective alert* with the same key has an
   event time in ``[start, end + window_grace_s]`` (15 min by default); its detection delay is

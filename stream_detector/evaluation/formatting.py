@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stream_detector.evaluation.report import DOCSTRING_EVENTS, DatasetReport, EvaluationReport
+from stream_detector.evaluation.report import DOCSTRING_EVENTS, DatasetReport, EvaluationReport, RankingStats
 from stream_detector.records import iso_utc
 
 
@@ -33,6 +33,8 @@ def format_report(report: EvaluationReport, source: str = "") -> str:
     lines.append(
         f"{'normal':<18}{r.normal:>9,}{r.fp:>9,}   false-positive rate {fmt(r.false_positive_rate, 5)} (TP {r.tp:,}, FP {r.fp:,}, FN {r.fn:,}, TN {r.tn:,})"
     )
+    if r.ranking is not None:
+        lines += ["", format_ranking(r.ranking)]
     lines += ["", f"{'collective kind':<18}{'windows':>9}{'detected':>9}{'recall':>8}{'delay median':>14}{'delay max':>12}"]
     for w in r.windows.values():
         lines.append(f"{w.kind:<18}{w.windows:>9,}{w.detected:>9,}{fmt(w.recall):>8}{_fmt_delay(w.delay_median_s):>14}{_fmt_delay(w.delay_max_s):>12}")
@@ -50,6 +52,20 @@ def format_report(report: EvaluationReport, source: str = "") -> str:
     for note in r.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def format_ranking(ranking: RankingStats) -> str:
+    """Two lines on how the scores rank: the ROC AUCs of the surprise, and the alerts that share one score."""
+    g = ranking
+
+    def share(count: int) -> str:
+        return f"{count:,} ({100 * count / g.alerts:.0f} %)" if g.alerts else "0"
+
+    return (
+        f"ranking: surprise AUC {fmt(g.surprise_auc)} (point anomalies against all other events); "
+        f"true against false alerts: AUC {fmt(g.alert_score_auc)} by score, {fmt(g.alert_surprise_auc)} by surprise\n"
+        f"of {g.alerts:,} alerts, at most {share(g.top_score_alerts)} share one score, {share(g.top_surprise_alerts)} one surprise"
+    )
 
 
 def format_dataset_report(report: DatasetReport) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from stream_detector.evaluation.labels import POINT_KINDS, WindowMatch
-from stream_detector.evaluation.report import KindStats, WindowStats
+from stream_detector.evaluation.report import KindStats, RankingStats, WindowStats
 
 NO_COLLECTIVE_NOTE = "no collective alerts were produced (is silence.enabled false?), so {kind} recall is 0"
 
@@ -106,6 +106,29 @@ def point_measures(
         "kinds": per_kind,
         "detectors": detectors,
     }
+
+
+def largest_tie(values: np.ndarray) -> int:
+    """How many of ``values`` share the most common value (0 when there are none)."""
+    if values.size == 0:
+        return 0
+    return int(np.unique(values, return_counts=True)[1].max())
+
+
+def ranking_stats(counted: np.ndarray, fused: np.ndarray, surprise: np.ndarray, flagged: np.ndarray, kind: np.ndarray) -> RankingStats:
+    """The surprise's ROC AUC (point anomalies against every other counted event), the ROC AUCs
+    of the fused score and the surprise among the alerts (true against false alerts), and how
+    many counted alerts share one fused score and one surprise value."""
+    fused, surprise, flagged, kind = fused[counted], surprise[counted], flagged[counted], kind[counted]
+    true_alert = kind[flagged] > 0
+    return RankingStats(
+        surprise_auc=roc_auc(kind > 0, surprise),
+        alert_score_auc=roc_auc(true_alert, fused[flagged]),
+        alert_surprise_auc=roc_auc(true_alert, surprise[flagged]),
+        alerts=int(flagged.sum()),
+        top_score_alerts=largest_tie(fused[flagged]),
+        top_surprise_alerts=largest_tie(surprise[flagged]),
+    )
 
 
 def window_stats(kind: str, matches: list[WindowMatch], any_alerts: bool) -> WindowStats:

@@ -27,6 +27,22 @@ class KindStats:
 
 
 @dataclass
+class RankingStats:
+    """How well the scores rank: ties among alerts, and the surprise's ROC AUC."""
+
+    surprise_auc: float | None  # point anomalies against every other counted event
+    # Among the alerts only: how the fused score and the surprise put true before false alerts.
+    alert_score_auc: float | None
+    alert_surprise_auc: float | None
+    alerts: int  # counted flagged events
+    top_score_alerts: int  # the most alerts that share one fused score
+    top_surprise_alerts: int  # the most alerts that share one surprise value
+
+    def to_dict(self) -> dict[str, Any]:
+        return vars(self).copy()
+
+
+@dataclass
 class WindowStats:
     kind: str
     windows: int
@@ -80,6 +96,7 @@ class EvaluationReport:
     seconds: float
     notes: list[str] = field(default_factory=list)
     series: Series | None = None
+    ranking: RankingStats | None = None
 
     @property
     def events_per_second(self) -> float:
@@ -121,6 +138,7 @@ class EvaluationReport:
             "f1": self.f1,
             "false_positive_rate": self.false_positive_rate,
             "auc": self.auc,
+            "ranking": self.ranking.to_dict() if self.ranking is not None else None,
             "kinds": {k: vars(s).copy() for k, s in self.kinds.items()},
             "windows": {k: window(w) for k, w in self.windows.items()},
             "collective_alerts": self.collective_alerts,

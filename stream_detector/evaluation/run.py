@@ -22,7 +22,7 @@ from stream_detector.evaluation.labels import (
     as_alert,
     match_windows,
 )
-from stream_detector.evaluation.measures import point_measures, window_stats
+from stream_detector.evaluation.measures import point_measures, ranking_stats, window_stats
 from stream_detector.evaluation.report import EvaluationReport, Series
 from stream_detector.events.decode import EventSchema
 from stream_detector.scoring.batch import score_batch
@@ -49,7 +49,7 @@ def evaluate(
     started = time.monotonic()
     names = pipeline.detector_names
     kind_codes: dict[str, int] = {kind: i + 1 for i, kind in enumerate(POINT_KINDS)}
-    parts: dict[str, list[np.ndarray]] = {"position": [], "time": [], "fused": [], "flagged": [], "kind": [], "fired": []}
+    parts: dict[str, list[np.ndarray]] = {"position": [], "time": [], "fused": [], "surprise": [], "flagged": [], "kind": [], "fired": []}
     alerts: list[CollectiveAlert] = []
     seen_labelled: set[str] = set()
     records = invalid_counted = 0
@@ -71,6 +71,7 @@ def evaluate(
         parts["position"].append(records + decoded.source_index)
         parts["time"].append(decoded.features.event_time)
         parts["fused"].append(result.fused)
+        parts["surprise"].append(result.surprise)
         parts["flagged"].append(result.is_anomaly)
         parts["kind"].append(codes)
         fired = result.fired()
@@ -85,6 +86,7 @@ def evaluate(
     position = cat("position", np.int64)
     event_time = cat("time", np.float64)
     fused = cat("fused", np.float64)
+    surprise = cat("surprise", np.float64)
     flagged = cat("flagged", bool)
     kind_code = cat("kind", np.int16)
     fired_all = cat("fired", bool, (len(names),))
@@ -117,6 +119,7 @@ def evaluate(
         collective_false_alarms=len(unmatched),
         notes=notes,
         series=Series(position, event_time, fused, flagged, kind_code, kinds) if keep_series else None,
+        ranking=ranking_stats(counted, fused, surprise, flagged, kind_code),
         **measures,
     )
 

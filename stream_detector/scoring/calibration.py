@@ -5,6 +5,10 @@ body of the distribution is the empirical survival function of the window, and t
 above the ``tail_quantile`` is a generalised Pareto distribution fitted to the exceedances
 (method of moments), so probabilities far below 1/window remain meaningful.
 
+Probabilities are floored at ``MIN_PROBABILITY`` (1e-12), which is what the decisions use; their
+natural logs are not floored (``transform_with_log``): they rank events far beyond the floor, a
+6-sigma and a 60-sigma score apart, for the surprise of each record (scoring/fusion.py).
+
 Like the detectors, a calibrator is sequential and pure until committed: event ``i`` is
 calibrated with the fit of the last refresh point at or before it, counted in events, so the
 result does not depend on how the stream was cut into batches.
@@ -21,6 +25,7 @@ from stream_detector.errors import StateError
 from stream_detector.scoring import calibration_kernel
 
 # Floor for probabilities: a score beyond a bounded tail is "extremely unlikely", not impossible.
+# The decisions use floored probabilities; the log probabilities (the surprise) are not floored.
 MIN_PROBABILITY = 1e-12
 MIN_EXCEEDANCES = 10
 # Relative difference below which two raw scores are the same score.
@@ -39,9 +44,14 @@ class TailFit:
     scale: float = 1.0  # GPD sigma
 
     def survival(self, scores: np.ndarray) -> np.ndarray:
-        """P(normal raw score >= s) for each s."""
+        """P(normal raw score >= s) for each s, at least ``MIN_PROBABILITY``."""
+        return self.log_survival(scores)[0]
+
+    def log_survival(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``survival(scores)`` and its natural log, which is not floored at ``MIN_PROBABILITY``
+        (finite, and ordered like the probability: calibration_kernel.survival)."""
         if not self.ready:
-            return np.ones(len(scores))
+            return np.ones(len(scores)), np.zeros(len(scores))
         # Scores equal up to float rounding count as ties (TIE_TOLERANCE): the same event
         # scored in batches of other sizes can differ in the last bits, and must not move past
         # a tie.
@@ -100,12 +110,15 @@ class _CalibratorState:
 class ScoreCalibrator(Protocol):
     """What the pipeline needs of a detector's calibrator: ``Calibrator``, or ``PassThrough``
     for a detector whose raw scores are probabilities already. Pure until committed, like a
-    detector: ``transform`` returns the probabilities and the state ``commit`` adopts."""
+    detector: ``transform`` returns the probabilities and the state ``commit`` adopts;
+    ``transform_with_log`` also their natural logs, not floored at ``MIN_PROBABILITY``."""
 
     @property
     def ready(self) -> bool: ...
 
     def transform(self, raw: np.ndarray, learn: np.ndarray | None = None) -> tuple[np.ndarray, Any]: ...
+
+    def transform_with_log(self, raw: np.ndarray, learn: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]: ...
 
     def commit(self, state: Any) -> None: ...
 
@@ -147,12 +160,18 @@ class Calibrator:
         Only scores of events that may be learned (not flagged) enter the reference window,
         as in SPOT: alarms would otherwise fatten the fitted tail and hide the next ones.
         """
+        out, _, state = self.transform_with_log(raw, learn)
+        return out, state
+
+    def transform_with_log(self, raw: np.ndarray, learn: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, _CalibratorState]:
+        """``transform``, with the natural log of each tail probability (not floored)."""
         n = len(raw)
         learn = np.ones(n, dtype=bool) if learn is None else np.asarray(learn, dtype=bool)
         state = self._state
         buffer = state.buffer.copy()
         seen, fit, fit_seen = state.seen, state.fit, state.fit_seen
         out = np.empty(n)
+        log_out = np.empty(n)
         # Learned events counted from the batch start: refresh points fall on multiples of
         # ``refresh`` learned events, wherever the batch boundaries are.
         learned_before = np.cumsum(learn) - learn
@@ -165,7 +184,7 @@ class Calibrator:
             # The segment ends right after the learned event that completes ``refresh``.
             done = learned_before[start]
             stop = int(np.searchsorted(learned_before, done + to_refresh, side="left"))
-            out[start:stop] = fit.survival(raw[start:stop])
+            out[start:stop], log_out[start:stop] = fit.log_survival(raw[start:stop])
             taken = raw[start:stop][learn[start:stop]]
             _ring_write(buffer, seen, taken)
             seen += len(taken)
@@ -180,7 +199,7 @@ class Calibrator:
                 fit_seen = seen
             start = stop
         self._fit_cache = (state, fits)
-        return out, _CalibratorState(buffer, seen, fit, fit_seen)
+        return out, log_out, _CalibratorState(buffer, seen, fit, fit_seen)
 
     def _sorted_window(self, buffer: np.ndarray, seen: int, fit: TailFit, fit_seen: int) -> np.ndarray:
         """The window after ``seen`` scores, sorted: the last fit's sorted window slid forward by
@@ -259,12 +278,18 @@ def _ring_write(buffer: np.ndarray, seen: int, values: np.ndarray) -> None:
 
 
 class PassThrough:
-    """For detectors whose raw score is already 1 - tail probability (e.g. exact duplicates)."""
+    """For detectors whose raw score is already 1 - tail probability (e.g. exact duplicates).
+    Such a score holds no probability below float rounding, so the log is that of the floored
+    probability."""
 
     ready = True
 
     def transform(self, raw: np.ndarray, learn: np.ndarray | None = None) -> tuple[np.ndarray, None]:
         return np.clip(1.0 - raw, MIN_PROBABILITY, 1.0), None
+
+    def transform_with_log(self, raw: np.ndarray, learn: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, None]:
+        p, state = self.transform(raw, learn)
+        return p, np.log(p), state
 
     def commit(self, state: None) -> None:
         return None

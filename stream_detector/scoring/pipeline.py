@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import copy
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -60,7 +61,11 @@ class PartFailure:
 
 @dataclass
 class BatchResult:
-    """Scores and decisions for one batch, aligned with its events."""
+    """Scores and decisions for one batch, aligned with its events.
+
+    ``fused`` and ``probability`` decide (probabilities floored at 1e-12); ``log_probability``
+    and ``surprise`` rank beyond the floor (scoring/fusion.py) and decide nothing.
+    """
 
     fused: np.ndarray  # float64 (n,), in [0, 1], higher = more anomalous
     is_anomaly: np.ndarray  # bool (n,)
@@ -71,10 +76,31 @@ class BatchResult:
     rounds: int = 0
     # Collective alerts raised while this batch moved the clock (keys that went silent).
     collective: list[SilenceAlert] = field(default_factory=list)
+    # detector -> natural log of the tail probability (n,), not floored; left out: the log of
+    # ``probability`` (a result built without the calibrators' logs).
+    log_probability: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.log_probability:
+            with np.errstate(divide="ignore"):
+                self.log_probability = {name: np.log(p) for name, p in self.probability.items()}
 
     @property
     def n(self) -> int:
         return len(self.fused)
+
+    @cached_property
+    def surprise(self) -> np.ndarray:
+        """float64 (n,), 0 or more: ``-log10`` of the fused tail probability, not floored
+        (scoring/fusion.py); ordered like ``fused``, and still apart where ``fused`` saturates."""
+        return fusion.fuse_surprise(self.log_probability)
+
+    @cached_property
+    def detector_surprise(self) -> dict[str, np.ndarray]:
+        """detector -> its own adjusted surprise ``-log10(min(1, k * p_d))`` (n,); ``surprise``
+        is the largest of them."""
+        k = len(self.log_probability)
+        return {name: fusion.surprise(lp, k) for name, lp in self.log_probability.items()}
 
     def fired(self) -> dict[str, np.ndarray]:
         """For each detector, the events it fired on (scoring/fusion.py)."""
@@ -150,13 +176,13 @@ class ScoringPipeline:
         guessing = self.max_rounds >= 2
         changed = 0
         for rounds in range(1, self.max_rounds + 1):
-            steps, probs, cal_states, all_exact = self._score(batch, learn, calibrate, exact, guessing)
+            steps, probs, logs, cal_states, all_exact = self._score(batch, learn, calibrate, exact, guessing)
             guessing = False
             fused, flagged = self._decide(probs)
             new_learn = ~flagged & ~_rejected(steps, batch.n)
             if np.array_equal(new_learn, learn) and np.array_equal(~flagged, calibrate):
                 if all_exact:
-                    return self._commit(batch, offset, steps, probs, cal_states, fused, flagged, rounds)
+                    return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
                 continue  # confirm the guessed detectors with exact scores for the same masks
             if all_exact:
                 changed = int(np.flatnonzero((new_learn != learn) | (~flagged != calibrate))[0])
@@ -165,9 +191,9 @@ class ScoringPipeline:
         # Redo them alone and commit.
         prefix = max(changed, 1)
         sub = batch.slice(0, prefix)
-        steps, probs, cal_states, _ = self._score(sub, learn[:prefix], calibrate[:prefix], {}, False)
+        steps, probs, logs, cal_states, _ = self._score(sub, learn[:prefix], calibrate[:prefix], {}, False)
         fused, flagged = self._decide(probs)
-        return self._commit(sub, offset, steps, probs, cal_states, fused, flagged, self.max_rounds + 1)
+        return self._commit(sub, offset, steps, probs, logs, cal_states, fused, flagged, self.max_rounds + 1)
 
     def _score(
         self,
@@ -176,9 +202,10 @@ class ScoringPipeline:
         calibrate: np.ndarray,
         exact: dict[str, tuple[np.ndarray, Step]],
         guessing: bool,
-    ) -> tuple[dict[str, Step], dict[str, np.ndarray], dict[str, Any], bool]:
+    ) -> tuple[dict[str, Step], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any], bool]:
         steps: dict[str, Step] = {}
         probs: dict[str, np.ndarray] = {}
+        logs: dict[str, np.ndarray] = {}  # natural log of each tail probability, not floored
         cal_states: dict[str, Any] = {}
         all_exact = True
         for detector in self.detectors:
@@ -196,15 +223,15 @@ class ScoringPipeline:
                 step = detector.score(batch, learn)
                 exact[name] = (learn, step)
             steps[name] = step
-            probs[name], cal_states[name] = self.calibrators[name].transform(step.scores, calibrate)
-        return steps, probs, cal_states, all_exact
+            probs[name], logs[name], cal_states[name] = self.calibrators[name].transform_with_log(step.scores, calibrate)
+        return steps, probs, logs, cal_states, all_exact
 
     def _decide(self, probs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Fused score and flags (scoring/fusion.py)."""
         fused = fusion.fuse(probs)
         return fused, fused > self.threshold
 
-    def _commit(self, batch, offset, steps, probs, cal_states, fused, flagged, rounds) -> BatchResult:
+    def _commit(self, batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds) -> BatchResult:
         for detector in self.detectors:
             detector.commit(steps[detector.name])
             self.calibrators[detector.name].commit(cal_states[detector.name])
@@ -216,6 +243,7 @@ class ScoringPipeline:
             threshold=self.threshold,
             segments=[Segment(offset, batch, steps)],
             rounds=rounds,
+            log_probability=logs,
         )
 
     # -- explanations ----------------------------------------------------------------------
@@ -248,6 +276,7 @@ class ScoringPipeline:
                         "score": 1.0 - p,
                         "raw": float(result.raw[name][i]),
                         "tail_probability": p,
+                        "surprise": float(result.detector_surprise[name][i]),
                         "fired": fired,
                         **explanation.details,
                     }
@@ -357,4 +386,5 @@ def _concat(parts: list[BatchResult], threshold: float) -> BatchResult:
         threshold=threshold,
         segments=[s for p in parts for s in p.segments],
         rounds=max(p.rounds for p in parts),
+        log_probability={n: np.concatenate([p.log_probability[n] for p in parts]) for n in names},
     )

@@ -57,7 +57,7 @@ def test_replay_one_line_out_per_line_in(generated, tmp_path):
             assert isinstance(line["error"], str) and line["error"]
             continue
         event = orjson.loads(raw)
-        assert set(line) == {"event_id", "key", "score", "is_anomaly", "detectors"}, line
+        assert set(line) == {"event_id", "key", "score", "surprise", "is_anomaly", "detectors"}, line
         assert line["event_id"] == event["event_id"]
         assert line["key"] == event["store_id"]
         assert 0.0 <= line["score"] <= 1.0
@@ -77,7 +77,7 @@ def test_replay_stdin_stdout():
     assert proc.returncode == 0, proc.stderr.decode()
     out = [orjson.loads(line) for line in proc.stdout.splitlines()]
     assert [sorted(o) for o in out] == [
-        ["detectors", "event_id", "is_anomaly", "key", "score"],
+        ["detectors", "event_id", "is_anomaly", "key", "score", "surprise"],
         ["error", "line"],
         ["error", "line"],
     ]

@@ -5,6 +5,7 @@ are read off the events, so every number in the records can be worked out by han
 ``amount_risk`` scores ``amount / 100`` (already ``1 - tail probability``), ``quiet`` scores 0.
 With k = 2 detectors the fused score is ``1 - 2 * (1 - amount / 100)`` (README, "Fusion and
 threshold"): amount 99 -> 0.98 and 96 -> 0.92 are above the threshold 0.9, 94 -> 0.88 is not.
+The surprise is ``-log10(2 * (1 - amount / 100))``: amount 99 -> -log10(0.02) = 1.699.
 """
 
 from __future__ import annotations
@@ -112,10 +113,11 @@ def test_an_anomaly_record_has_the_documented_fields(scored):
     before = time.time()
     record = anomaly_record(pipeline, decoded, result, 1, source=SOURCES[2])
     after = time.time()
-    assert set(record) == {"event_id", "key", "warm", "timestamp", "score", "threshold", "detectors", "reasons", "event", "detected_at", "source"}
+    assert set(record) == {"event_id", "key", "warm", "timestamp", "score", "surprise", "threshold", "detectors", "reasons", "event", "detected_at", "source"}
     assert record["event_id"] == "e-2" and record["key"] == "s-2"
     assert record["timestamp"] == "2026-01-05T10:00:02.250Z"  # the event's time, not the clock's
     assert record["score"] == pytest.approx(0.98) and record["threshold"] == THRESHOLD
+    assert record["surprise"] == pytest.approx(-math.log10(0.02)) and type(record["surprise"]) is float
     assert record["event"] == EVENTS[2]  # the event as it came, extra fields included
     assert record["source"] == {"topic": "sales", "partition": 1, "offset": 102}
     assert before - 0.001 <= parse_iso(record["detected_at"]) <= after + 0.001
@@ -123,6 +125,8 @@ def test_an_anomaly_record_has_the_documented_fields(scored):
     assert risk["fired"] is True and risk["raw"] == pytest.approx(0.99) and risk["score"] == pytest.approx(0.99)
     assert risk["tail_probability"] == pytest.approx(0.01) and risk["warm"] is True
     assert quiet["fired"] is False and quiet["score"] == 0.0 and quiet["tail_probability"] == 1.0
+    # Each detector's own adjusted surprise -log10(min(1, k p)); the record's is the largest.
+    assert risk["surprise"] == pytest.approx(-math.log10(0.02)) and quiet["surprise"] == 0.0
     assert record["reasons"] == ["amount_risk read 0.99"]  # reasons of the detectors that fired only
     # Without a source, no "source" key.
     assert "source" not in anomaly_record(pipeline, decoded, result, 1)
@@ -236,11 +240,13 @@ def test_a_silent_store_gives_a_store_stopped_record_like_the_readme_says():
         "key_set": "store_id",
         "timestamp": "2026-01-05T12:12:00.000Z",
         "score": 1.0 - p,
+        "surprise": pytest.approx(-math.log10(p)),
         "threshold": 0.9999,
         "detectors": {
             "silence": {
                 "score": 1.0 - p,
                 "tail_probability": p,
+                "surprise": pytest.approx(-math.log10(p)),
                 "fired": True,
                 "key_set": "store_id",
                 "silent_since": "2026-01-05T12:00:00.000Z",
@@ -263,6 +269,13 @@ def test_a_silent_key_of_another_key_set_is_key_stopped():
     assert record["reasons"][0].startswith("product_id+currency p-0092|EUR has sent nothing for 10 min")
 
 
+def test_a_long_silence_keeps_a_finite_surprise_where_its_probability_underflows():
+    alert = SilenceAlert("s-1", MONDAY + 86_400.0, MONDAY, 800.0, math.exp(-800.0))
+    record = silence_record(alert, "store_id", 0.9999)
+    assert alert.probability == 0.0 and record["score"] == 1.0
+    assert record["surprise"] == pytest.approx(800.0 / math.log(10.0))  # -log10(exp(-800)) = 347.4
+
+
 def test_replay_lines_give_one_line_per_raw_record_in_input_order(scored):
     pipeline, decoded, result = scored
     lines = replay_lines(decoded, result, line_numbers=[11, 12, 13, 14, 15, 16])
@@ -278,9 +291,10 @@ def test_replay_lines_give_one_line_per_raw_record_in_input_order(scored):
     }
     for raw, (event_id, key, score, is_anomaly, risk) in expected.items():
         line = by_raw[raw]
-        assert set(line) == {"event_id", "key", "score", "is_anomaly", "detectors"}
+        assert set(line) == {"event_id", "key", "score", "surprise", "is_anomaly", "detectors"}
         assert (line["event_id"], line["key"], line["is_anomaly"]) == (event_id, key, is_anomaly)
         assert line["score"] == pytest.approx(score, abs=1e-12)
+        assert line["surprise"] == pytest.approx(-math.log10(min(1.0, 2 * (1 - risk))), abs=1e-12) and type(line["surprise"]) is float
         assert line["detectors"] == {"amount_risk": pytest.approx(risk, abs=1e-12), "quiet": 0.0}
         assert type(line["is_anomaly"]) is bool and type(line["score"]) is float
     orjson.dumps([line for _, line in lines])  # every line is JSON as it is

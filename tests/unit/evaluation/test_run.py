@@ -48,6 +48,19 @@ def test_metrics_on_a_hand_made_case():
     assert report.detectors["amount"]["fired_normal"] == 2
     assert report.detectors["amount"]["recall"]["refund_burst"] == 1.0
     assert report.labels_not_seen == 0
+    # Ranking: one detector, so the surprise is -log10(1 - fused) (tiny_case: p = 1 - fused), and
+    # ranks like the fused score; the five alerts (500, 300, 150, 200, 900) share no value.
+    ranking = report.ranking
+    assert ranking is not None and ranking.surprise_auc == pytest.approx(expected)
+    assert (ranking.alerts, ranking.top_score_alerts, ranking.top_surprise_alerts) == (5, 1, 1)
+    # True alerts 500, 150, 200 against false 300, 900: 1 of 6 pairs (500 > 300), by either.
+    assert ranking.alert_score_auc == pytest.approx(1 / 6) and ranking.alert_surprise_auc == pytest.approx(1 / 6)
+    assert report.to_dict()["ranking"] == ranking.to_dict()
+    lines = format_report(report).splitlines()
+    assert (
+        f"ranking: surprise AUC {expected:.3f} (point anomalies against all other events); true against false alerts: AUC 0.167 by score, 0.167 by surprise"
+    ) in lines
+    assert "of 5 alerts, at most 1 (20 %) share one score, 1 (20 %) one surprise" in lines
 
 
 def test_skip_warmup_counts_records_from_position_n():

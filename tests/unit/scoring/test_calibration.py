@@ -133,6 +133,40 @@ def test_batch_invariance(stream, schedule, masked):
     assert (p < 0.01).any() and (p == 1.0).any()
 
 
+@pytest.mark.parametrize("schedule", ["ones", "mixed"])
+def test_log_probabilities_are_batch_invariant_and_survive_a_round_trip(stream, schedule):
+    """The unfloored log probabilities follow the fit in force like the probabilities do."""
+    raw, learn = stream
+    raw, learn = raw.copy(), learn.copy()
+    raw[::97] += 1e9  # far past the floor of every fit, and not learned
+    learn[::97] = False
+
+    def logs(cal: Calibrator, lo: int, hi: int, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        p_out, log_out, start, k = [], [], lo, 0
+        while start < hi:
+            stop = min(hi, start + sizes[k % len(sizes)])
+            p, log_p, state = cal.transform_with_log(raw[start:stop], learn[start:stop])
+            cal.commit(state)
+            p_out.append(p)
+            log_out.append(log_p)
+            start, k = stop, k + 1
+        return np.concatenate(p_out), np.concatenate(log_out)
+
+    p_whole, log_whole = logs(_calibrator(), 0, len(raw), [len(raw)])
+    first = _calibrator()
+    p_head, log_head = logs(first, 0, 1234, SCHEDULES[schedule])
+    restored = _calibrator()
+    restored.load_state_dict(pickle.loads(pickle.dumps(first.state_dict())))
+    p_tail, log_tail = logs(restored, 1234, len(raw), SCHEDULES[schedule])
+    np.testing.assert_array_equal(np.r_[p_head, p_tail], p_whole)
+    np.testing.assert_array_equal(np.r_[log_head, log_tail], log_whole)
+    floored = p_whole == MIN_PROBABILITY
+    assert floored.sum() > 10 and np.all(log_whole[floored] < math.log(MIN_PROBABILITY))
+    np.testing.assert_array_equal(log_whole[~floored], np.log(p_whole[~floored]))
+    # transform is transform_with_log without the logs.
+    np.testing.assert_array_equal(run_chunks(_calibrator(), raw, learn, [333]), p_whole)
+
+
 def test_state_round_trip(stream):
     raw, learn = stream
     a = _calibrator()

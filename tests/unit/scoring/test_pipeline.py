@@ -19,6 +19,7 @@ from stream_detector.config import load_settings
 from stream_detector.events.decode import decode_batch
 from stream_detector.features import FeatureBatch
 from stream_detector.generator import GeneratorConfig, SalesGenerator
+from stream_detector.scoring.calibration import MIN_PROBABILITY
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
 from stream_detector.state import codec
@@ -144,6 +145,38 @@ def test_one_by_one_equals_batches(run_ones, run_2000, run_257):
         np.testing.assert_allclose(run_ones.fused, other.fused[:n], rtol=RTOL, atol=ATOL)
 
 
+def surprise_of(run: Run) -> np.ndarray:
+    return np.concatenate([r.surprise for r in run.results])
+
+
+def test_surprise_is_batch_invariant(run_ones, run_2000, run_257):
+    np.testing.assert_allclose(surprise_of(run_257), surprise_of(run_2000), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(surprise_of(run_ones), surprise_of(run_2000)[:N_ONE_BY_ONE], rtol=RTOL, atol=ATOL)
+
+
+def test_surprise_is_ordered_like_the_fused_score_and_breaks_its_ties(run_2000):
+    fused, surprise = run_2000.fused, surprise_of(run_2000)
+    assert surprise.shape == fused.shape and np.all(surprise >= 0) and np.all(np.isfinite(surprise))
+    order = np.lexsort((surprise, fused))
+    assert np.all(np.diff(surprise[order]) >= 0), "an event with a higher fused score has a lower surprise"
+    # Where no detector's probability is floored it is -log10(1 - fused) computed without the
+    # rounding of 1 - fused: -log10(min(1, k * min_d p_d)).
+    k = len(run_2000.pipeline.detectors)
+    p_min = np.concatenate([np.min(np.vstack(list(r.probability.values())), axis=0) for r in run_2000.results])
+    exact = p_min > MIN_PROBABILITY
+    np.testing.assert_allclose(surprise[exact], -np.log10(np.minimum(1.0, k * p_min[exact])), rtol=1e-9, atol=1e-12)
+    # The alerts that share the top fused score (a floored probability) are told apart.
+    top = run_2000.is_anomaly & (fused == fused.max())
+    assert top.sum() >= 5 and np.unique(surprise[top]).size > 0.8 * top.sum()
+    # Each event's surprise is its largest detector surprise, and detectors that fired pass
+    # the surprise of the threshold.
+    for result in run_2000.results:
+        each = np.vstack(list(result.detector_surprise.values()))
+        np.testing.assert_array_equal(result.surprise, each.max(axis=0))
+        for name, fired in result.fired().items():
+            assert np.all(result.detector_surprise[name][fired] >= -np.log10(1.0 - result.threshold) - 1e-9)
+
+
 def test_flagged_and_rejected_events_are_not_learned(run_2000, stream):
     zscore = run_2000.pipeline.detectors[run_2000.pipeline.detector_names.index("zscore")]
     state = zscore.state_dict()
@@ -168,6 +201,7 @@ def test_state_round_trip_continues_identically(settings, stream, run_257):
     cont = process(settings, stream, 257, N_EVENTS, pipeline=restored, start=start)
     np.testing.assert_array_equal(cont.is_anomaly, run_257.is_anomaly[start:])
     np.testing.assert_allclose(cont.fused, run_257.fused[start:], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(surprise_of(cont), surprise_of(run_257)[start:], rtol=1e-12, atol=1e-12)
 
 
 def test_explain_gives_reasons_for_every_flagged_event(run_2000):
