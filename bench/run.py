@@ -1,6 +1,6 @@
 """The benchmark suite of the "Speed" issue: one command, one Markdown table, bench/results.json.
 
-    python -m bench.run [--quick] [--only scoring,hst,e2e,latency,memory,gpu] [--json PATH]
+    python -m bench.run [--quick] [--only scoring,hst,e2e,latency,memory,gpu,quality] [--json PATH]
 
 Run it from the repository root, with the project's virtual environment.
 
@@ -15,6 +15,8 @@ Sections (each compares with a baseline measured in the same run; see docs/bench
    consumer that only re-produces a sample of its input (``bench_e2e.EchoProcess``).
 5. ``memory``: RSS after scoring 100,000 distinct keys vs after construction.
 6. ``gpu``: the autoencoder benchmark on CUDA vs CPU, when there is a CUDA device.
+7. ``quality``: detection quality with the stream split into input partitions, each with its own
+   pipeline (what the daemon does), vs one pipeline (``bench/quality_at_scale.py``; no broker).
 
 Every section runs in its own child process (a crash or timeout loses only that section) and
 the table is printed to stdout once all have run; progress goes to stderr. The machine these
@@ -40,7 +42,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
-SECTIONS = ("scoring", "hst", "e2e", "latency", "memory", "gpu")
+SECTIONS = ("scoring", "hst", "e2e", "latency", "memory", "gpu", "quality")
 TITLES = {
     "scoring": "1. Scoring only",
     "hst": "2. HalfSpaceTrees",
@@ -48,6 +50,7 @@ TITLES = {
     "latency": "4. Latency",
     "memory": "5. Memory",
     "gpu": "6. GPU",
+    "quality": "7. Quality at scale",
 }
 # Per-section wall-clock limits (seconds) for the child process.
 TIMEOUTS = {"quick": 420, "full": 720}
@@ -480,6 +483,53 @@ def section_gpu(quick: bool) -> dict[str, Any]:
     return {"rows": rows, "data": {"cuda": True, "device": name, "cpu": cpu, "cuda_rows": cuda}}
 
 
+# --------------------------------------------------------------------------------------------
+# 7. Quality at scale
+# --------------------------------------------------------------------------------------------
+
+
+def section_quality(quick: bool) -> dict[str, Any]:
+    """One pipeline (baseline) vs the same stream split into input partitions, each with its own
+    pipeline, and 12 partitions over 1..3 instances; then the simulated designs of issue 20."""
+    from bench import quality_at_scale as q
+
+    plan = q.QUICK if quick else q.FULL
+    r = q.run(plan.count, 5, plan.partitions, plan.instances, q.SHARING, plan.sync_every, log=say)
+    one = r["today"][1]
+
+    def figures(m: dict[str, Any]) -> str:
+        return f"{m['recall']:.3f} / {m['precision']:.3f} / {m['f1']:.3f} / {100 * m['false_positive_rate']:.3f} %"
+
+    def kinds(m: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {s['flagged']}/{s['labelled']} (one pipeline {one['kinds'][k]['flagged']})" for k, s in m["kinds"].items())
+
+    rows = [
+        row(
+            f"recall / precision / F1 / FP rate, one pipeline ({r['count']:,} generated events, seed 5)",
+            figures(r["evaluate"]),
+            figures(one),
+            "same" if r["p1_equals_evaluate"] else "DIFFERENT",
+            f"baseline = evaluation.evaluate (`stream-detector evaluate --generate {r['count']} --seed 5`); ours = 1 partition "
+            f"through the bench's per-partition path; all calibrators ready {q.calibrated_text(one)}",
+        )
+    ]
+    for label, m in q.rows(r):
+        if m is one:
+            continue
+        rows.append(
+            row(
+                f"recall / precision / F1 / FP rate, {label}",
+                figures(one),
+                figures(m),
+                f"F1 {m['f1'] / one['f1']:.2f}x" if one["f1"] and m["f1"] is not None else "n/a",
+                f"{kinds(m)}; all calibrators ready: {q.calibrated_text(m)}"
+                + (f"; partitions by instance {m['assignment']}" if "assignment" in m else "")
+                + ("; a simulation of a design, not the daemon" if "sim " in label else ""),
+            )
+        )
+    return {"rows": rows, "data": r}
+
+
 RUNNERS = {
     "scoring": section_scoring,
     "hst": section_hst,
@@ -487,6 +537,7 @@ RUNNERS = {
     "latency": section_latency,
     "memory": section_memory,
     "gpu": section_gpu,
+    "quality": section_quality,
 }
 
 
