@@ -142,6 +142,14 @@ class ProcessingConfig(Section):
     # Such an event goes to the dead-letter topic (reason future_timestamp), or with "clamp" is
     # scored at the partition's watermark and its record notes the original time.
     future_timestamps: Literal["dead_letter", "clamp"] = "dead_letter"
+    # Liveness. A failure rewinds every partition to its last checkpoint; this many rewinds in a
+    # row with no checkpoint committed in between (nor the input caught up) and the daemon
+    # exits 1 rather than redo the same records for ever. /readyz says 503 while it rewinds.
+    max_rewinds_without_progress: int = Field(default=10, ge=1, le=10_000)
+    # Seconds work may wait for progress (a checkpoint committed, a rewind finished) before the
+    # daemon exits 1: e.g. a broker replaced under it that never acknowledges its records.
+    # /readyz says 503 after max(10 s, 3 commit intervals). null: wait for ever.
+    max_stall_s: float | None = Field(default=300.0, ge=1, allow_inf_nan=False)
 
 
 class SchemaConfig(Section):

@@ -49,3 +49,9 @@ class StateError(StreamDetectorError):
 class UnrestorableStateError(StreamDetectorError):
     """A snapshot could not be restored and ``state.on_unreadable`` is ``fail``: the daemon stops
     (exit 1) rather than start any part of the partition fresh."""
+
+
+class StalledError(StreamDetectorError):
+    """The daemon makes no progress (``processing.max_rewinds_without_progress`` rewinds in a
+    row, or nothing committed for ``processing.max_stall_s`` while work waits): it exits 1 so
+    that whatever supervises it restarts it with fresh clients."""

@@ -63,6 +63,7 @@ class MetricsServer:
         port: int,
         ready: Callable[[], tuple[bool, str]],
         *,
+        alive: Callable[[], tuple[bool, str]] | None = None,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         write_timeout_s: float = WRITE_TIMEOUT_S,
@@ -71,6 +72,7 @@ class MetricsServer:
             raise ValueError("max_connections must be >= 1")
         self.metrics = metrics
         self._ready = ready
+        self._alive = alive
         self.max_connections = max_connections
         self.request_timeout_s = request_timeout_s
         self.write_timeout_s = write_timeout_s
@@ -194,7 +196,8 @@ class MetricsServer:
             if path == "/metrics":
                 return 200, self.metrics.exposition(), CONTENT_TYPE_LATEST, method == "HEAD"
             if path == "/healthz":
-                return 200, b"ok\n", "text/plain", method == "HEAD"
+                ok, why = self._alive() if self._alive is not None else (True, "ok")
+                return (200 if ok else 503), (why + "\n").encode(), "text/plain", method == "HEAD"
             if path == "/readyz":
                 ok, why = self._ready()
                 return (200 if ok else 503), (why + "\n").encode(), "text/plain", method == "HEAD"

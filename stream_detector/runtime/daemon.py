@@ -19,6 +19,7 @@ import contextlib
 import copy
 import functools
 import logging
+import os
 import signal
 import socket
 import threading
@@ -36,8 +37,9 @@ from stream_detector.alerting.feedback import parse_feedback
 from stream_detector.alerting.policy import AlertPolicy
 from stream_detector.alerting.windows import ControlError, WindowBook
 from stream_detector.config import Settings, librdkafka_config
-from stream_detector.errors import DeliveryError, StateError, UnrestorableStateError
+from stream_detector.errors import DeliveryError, StalledError, StateError, StreamDetectorError, UnrestorableStateError
 from stream_detector.events.decode import DecodedBatch
+from stream_detector.logs import RepeatFilter, librdkafka_kind
 from stream_detector.metrics import FUSED, Metrics
 from stream_detector.metrics_server import MetricsServer
 from stream_detector.records import anomaly_records, dead_letter_headers, encode_record, iso_utc, silence_record
@@ -51,6 +53,10 @@ from stream_detector.state.changelog import COMPACTED, read_latest_snapshots, sn
 log = logging.getLogger("stream_detector.daemon")
 # librdkafka's own log lines, through Python logging (structured like the rest).
 KAFKA_LOG = logging.getLogger("stream_detector.librdkafka")
+# While a broker is down every client logs the same failures many times a second: the first of
+# a kind is logged, its repeats at most once per interval with a count.
+ERROR_LOG_EVERY_S = 10.0
+KAFKA_LOG.addFilter(RepeatFilter(ERROR_LOG_EVERY_S, kind=librdkafka_kind))
 
 # A dead-letter copy larger than this is cut (the headers keep the reason and source offset),
 # so one huge record cannot make the dead-letter produce fail and stall the partition.
@@ -75,6 +81,13 @@ MAX_PENDING_FEEDBACK = 10_000
 # request) and logs that the abort is still going on.
 ABORT_ATTEMPT_S = 10.0
 ABORT_TIMEOUT_S = 30.0
+# Shutdown is bounded, so a daemon whose broker is gone never lingers: the final checkpoint
+# gives up after SHUTDOWN_FLUSH_S, and past SHUTDOWN_TIMEOUT_S after the stop the process
+# exits 1 whatever it is waiting for (the uncommitted work is redone by the next start).
+SHUTDOWN_FLUSH_S = 10.0
+SHUTDOWN_TIMEOUT_S = 30.0
+# /readyz says 503 once work has waited this long for a checkpoint (or 3 commit intervals).
+NOT_READY_AFTER_S = 10.0
 # Errors after which this producer may not go on: another instance took over.
 _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 
@@ -228,7 +241,17 @@ class Daemon:
         self.changelog_topic = settings.state.changelog_topic or f"{settings.kafka.group_id}-state"
         self._partitions: dict[tuple[str, int], PartitionWork] = {}
         self._stop = threading.Event()
-        self._last_error_log = 0.0
+        self._error_log: dict[int, tuple[float, int]] = {}  # error code -> (last logged, repeats since)
+        # Liveness: "progress" is a checkpoint committed, or nothing uncommitted with the input
+        # caught up. Rewinds and waiting work are counted from the last progress.
+        self._progress_at = time.monotonic()
+        self._rewinds_without_progress = 0
+        self._heartbeat = time.monotonic()  # the loop's last turn (or wait step)
+        self._failed: str | None = None  # why the loop stopped, if it failed
+        self._closing = False
+        self._shutdown_timer: threading.Timer | None = None
+        self._stopped_at: float | None = None  # monotonic time of the stop request
+        self._in_run = False
         self._last_checkpoint = time.monotonic()
         self._records_since_checkpoint = 0  # consumed since the last checkpoint started
         self._state_gauges_stale = False  # processed since the state gauges were last set
@@ -257,16 +280,43 @@ class Daemon:
         if not self._stop.is_set():
             log.info("stopping: finishing the current batch")
         self._stop.set()
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
+        self._arm_shutdown_deadline()
+
+    def _arm_shutdown_deadline(self) -> None:
+        """From the stop request (or the loop's failure) on, the process ends within
+        SHUTDOWN_TIMEOUT_S whatever it is blocked on."""
+        if self._shutdown_timer is None:
+            self._shutdown_timer = threading.Timer(SHUTDOWN_TIMEOUT_S, self._force_exit)
+            self._shutdown_timer.daemon = True
+            self._shutdown_timer.start()
+
+    def _force_exit(self) -> None:
+        if not self._in_run:  # finished meanwhile (or never started)
+            return
+        log.error("shutdown did not finish within %.0f s: exiting now (exit code 1); uncommitted work will be redone on restart", SHUTDOWN_TIMEOUT_S)
+        os._exit(1)  # the handlers flush every line they write
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
 
     def run(self) -> int:
+        """Serve until stopped; the exit code (1 where the loop failed or work was left uncommitted)."""
+        self._in_run = True
+        try:
+            return self._run()
+        finally:
+            self._in_run = False
+            if self._shutdown_timer is not None:
+                self._shutdown_timer.cancel()
+
+    def _run(self) -> int:
         k = self.settings.kafka
         # Health first: /healthz answers while the broker is still out of reach.
         if self.settings.metrics.enabled:
-            self._server = MetricsServer(self.metrics, self.settings.metrics.host, self.settings.metrics.port, self.readiness).start()
+            self._server = MetricsServer(self.metrics, self.settings.metrics.host, self.settings.metrics.port, self.readiness, alive=self.liveness).start()
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics.host, self._server.port)
         if not self._until_done(self._prepare_topics, "preparing topics"):
             self._close()
@@ -281,11 +331,25 @@ class Daemon:
         log.info("consuming %s as group %s from %s (%s)", k.input_topic, k.group_id, k.bootstrap_servers, self.settings.processing.guarantee)
         self._running = True
         self.metrics.up.set(1)
+        self._progress_at = self._heartbeat = time.monotonic()
         try:
             self._loop()
+        except StreamDetectorError as exc:
+            self._failed = str(exc)  # the caller logs it and exits 1
+            raise
+        except KafkaException as exc:
+            self._failed = str(exc)
+            self._exit_code = 1
+            log.error("the consume loop stopped on a Kafka error it cannot recover from: %s; exiting (exit code 1)", exc.args[0] if exc.args else exc)
+        except Exception as exc:
+            self._failed = repr(exc)
+            self._exit_code = 1
+            log.exception("the consume loop stopped: %r; exiting (exit code 1)", exc)
         finally:
             self._running = False
+            self._closing = True
             self.metrics.up.set(0)
+            self._arm_shutdown_deadline()
             self._close()
         return self._exit_code
 
@@ -328,7 +392,72 @@ class Daemon:
             return False, "not running"
         if not self._partitions:
             return False, "no partitions assigned (or state not restored) yet"
+        rewinds = self._rewinds_without_progress
+        if rewinds:
+            bound = self.settings.processing.max_rewinds_without_progress
+            return False, f"rewinding without progress: {rewinds} rewind(s) since the last checkpoint (processing.max_rewinds_without_progress: {bound})"
+        waited = time.monotonic() - self._progress_at
+        if waited > self._not_ready_after_s:
+            return False, f"no checkpoint for {waited:.0f} s: waiting for the broker"
         return True, f"ready: {len(self._partitions)} partition(s) assigned, state restored"
+
+    @property
+    def _not_ready_after_s(self) -> float:
+        """Work waiting this long for a checkpoint makes /readyz say 503: NOT_READY_AFTER_S or 3
+        commit intervals, and at most half of processing.max_stall_s (503 before the exit)."""
+        p = self.settings.processing
+        after = max(NOT_READY_AFTER_S, 3 * p.commit_interval_ms / 1000.0)
+        return after if p.max_stall_s is None else min(after, p.max_stall_s / 2)
+
+    def liveness(self) -> tuple[bool, str]:
+        """/healthz: fails once the loop has stopped on a failure, or when it has not turned for
+        processing.max_stall_s (blocked); the process then exits, or should be restarted."""
+        if self._failed is not None:
+            return False, f"the consume loop stopped: {self._failed}"
+        limit = self.settings.processing.max_stall_s
+        blocked = time.monotonic() - self._heartbeat
+        if self._running and limit is not None and blocked > limit:
+            return False, f"the consume loop has not turned for {blocked:.0f} s (processing.max_stall_s: {limit:g})"
+        return True, "ok"
+
+    def _made_progress(self) -> None:
+        self._progress_at = time.monotonic()
+        self._rewinds_without_progress = 0
+
+    def _settled(self) -> None:
+        """Nothing arrived: with nothing uncommitted and (after a rewind) the input read up to
+        its end, there is nothing left to do, which counts as progress."""
+        if self._pending is not None or any(w.dirty for w in self._partitions.values()):
+            return
+        if self._rewinds_without_progress and not self._caught_up():
+            return
+        self._made_progress()
+
+    def _caught_up(self) -> bool:
+        """Every owned partition read up to its (last known) end."""
+        assert self._consumer is not None
+        tps = [TopicPartition(t, p) for t, p in self._partitions]
+        if not tps:
+            return True
+        try:
+            positions = self._consumer.position(tps)
+            for tp in positions:
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset < 0 or high < 0 or tp.offset < high:
+                    return False
+        except KafkaException:
+            return False
+        return True
+
+    def _check_progress(self) -> None:
+        """Raise StalledError when work has waited processing.max_stall_s for progress."""
+        self._heartbeat = now = time.monotonic()
+        limit = self.settings.processing.max_stall_s
+        if limit is not None and now - self._progress_at > limit and not self._stop.is_set():
+            raise StalledError(
+                f"no progress for {now - self._progress_at:.0f} s (processing.max_stall_s: {limit:g}): "
+                "nothing committed while work waits; exiting so that a restart reconnects"
+            )
 
     def _loop(self) -> None:
         assert self._consumer is not None
@@ -355,6 +484,9 @@ class Daemon:
                 self._guarded(self._checkpoint)
             elif not messages and self._caught_up_after_burst(since, interval_s):
                 self._guarded(self._checkpoint, True)
+            if not messages:
+                self._settled()
+            self._check_progress()
         self._guarded(self._checkpoint_now)
 
     def _caught_up_after_burst(self, since_last_s: float, interval_s: float) -> bool:
@@ -415,7 +547,8 @@ class Daemon:
 
     def _close(self) -> None:
         if self._producer is not None and not self.exactly_once:
-            remaining = self._producer.flush(10)
+            # After a failure nothing more is committed: what is still queued is not waited for.
+            remaining = self._producer.flush(0 if self._exit_code or self._failed else SHUTDOWN_FLUSH_S)
             if remaining:
                 log.warning("%d records still undelivered at shutdown; their offsets were not committed", remaining)
         if self._consumer is not None:
@@ -470,7 +603,9 @@ class Daemon:
         self.metrics.kafka_errors.labels(err.name()).inc()
         if err.fatal():
             raise KafkaException(err)
-        log.warning("consume error: %s", err, extra={"topic": msg.topic(), "partition": msg.partition()})
+        repeats = self._repeats(err)
+        if repeats is not None:
+            log.warning("consume error: %s%s", err, _repeated(repeats), extra={"topic": msg.topic(), "partition": msg.partition()})
         return False
 
     def _produce_anomalies(self, pipeline: ScoringPipeline, records: list[Message], scored: ScoredBatch, consumed_at: float) -> None:
@@ -618,6 +753,9 @@ class Daemon:
             waited += 1.0
             if waited % FLUSH_LOG_EVERY_S == 0:
                 log.warning("waiting for the broker to acknowledge %d record(s) (%.0f s)", len(self._producer), waited)
+            if self._stopped_at is not None and time.monotonic() - self._stopped_at >= SHUTDOWN_FLUSH_S:
+                raise DeliveryError(f"{len(self._producer)} record(s) not acknowledged within {SHUTDOWN_FLUSH_S:.0f} s of the stop request")
+            self._check_progress()
         self._tracker.raise_failures()
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -694,6 +832,7 @@ class Daemon:
         if offsets:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         self._pending = None
+        self._made_progress()
         self.metrics.commits.labels("ok").inc()
         self.metrics.checkpoint_seconds.observe(time.monotonic() - pending.started)
 
@@ -737,6 +876,7 @@ class Daemon:
         for work in dirty.values():
             work.dirty = False
             work.checkpointed_at = self._last_checkpoint
+        self._made_progress()
         self.metrics.commits.labels("ok").inc()
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
 
@@ -758,6 +898,13 @@ class Daemon:
         (the uncommitted work is then redone by the next start).
         """
         self.metrics.recoveries.inc()
+        self._rewinds_without_progress += 1
+        bound = self.settings.processing.max_rewinds_without_progress
+        if self._rewinds_without_progress > bound:
+            raise StalledError(
+                f"{bound} rewind(s) in a row without a checkpoint committed (processing.max_rewinds_without_progress): "
+                "the same records fail every time; exiting so that a restart reconnects"
+            )
         delay = 0.5
         while True:
             try:
@@ -768,8 +915,9 @@ class Daemon:
                     log.error("recovery abandoned at shutdown: %s", exc)
                     self._exit_code = 1
                     return
+                self._check_progress()
                 log.warning("recovery failed, retrying in %.1f s: %s", delay, exc)
-                time.sleep(delay)
+                self._stop.wait(delay)
                 delay = min(delay * 2, 30.0)
 
     def _rewind(self) -> None:
@@ -966,7 +1114,11 @@ class Daemon:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Restore before the first event of these partitions is scored, then start each one
         # at the position its state reflects.
+        started = time.monotonic()
         restored = self._restore([(tp.topic, tp.partition) for tp in partitions])
+        # The time spent restoring is not a stall of the work waiting for a checkpoint.
+        self._progress_at += time.monotonic() - started
+        self._heartbeat = time.monotonic()
         for tp in partitions:
             work = restored[(tp.topic, tp.partition)]
             if work.position is not None:
@@ -981,7 +1133,9 @@ class Daemon:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Nothing is in flight between consume() calls: checkpoint, then let the partitions go.
-        self._guarded(self._checkpoint_now)
+        # Not while closing: the final checkpoint is done (or failed, and must not be retried).
+        if not self._closing:
+            self._guarded(self._checkpoint_now)
         self._forget(partitions)
         log.info("revoked %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions))
 
@@ -1004,14 +1158,25 @@ class Daemon:
     def _on_kafka_error(self, err: KafkaError) -> None:
         self.metrics.kafka_errors.labels(err.name()).inc()
         if err.fatal():
-            log.error("fatal Kafka error: %s", err)
+            log.error("fatal Kafka error: %s; stopping (exit code 1)", err)
+            self._exit_code = 1
             self.stop()
             return
+        # Broker-down errors repeat every few ms: each code at most once per ERROR_LOG_EVERY_S.
+        repeats = self._repeats(err)
+        if repeats is not None:
+            log.warning("Kafka: %s (librdkafka keeps retrying)%s", err, _repeated(repeats))
+
+    def _repeats(self, err: KafkaError) -> int | None:
+        """None to leave this error out of the log (its code was logged less than
+        ERROR_LOG_EVERY_S ago), else how many were left out since it was last logged."""
         now = time.monotonic()
-        # Broker-down errors repeat every few ms; log them at most every 10 s.
-        if now - self._last_error_log > 10.0:
-            self._last_error_log = now
-            log.warning("Kafka: %s (librdkafka keeps retrying)", err)
+        last, repeats = self._error_log.get(err.code(), (float("-inf"), 0))
+        if now - last < ERROR_LOG_EVERY_S:
+            self._error_log[err.code()] = (last, repeats + 1)
+            return None
+        self._error_log[err.code()] = (now, 0)
+        return repeats
 
     def _on_stats(self, stats_json: str) -> None:
         stats = orjson.loads(stats_json)
@@ -1022,6 +1187,10 @@ class Daemon:
                 lag = p.get("consumer_lag", -1)
                 if lag >= 0:
                     self.metrics.lag.labels(topic, pid).set(lag)
+
+
+def _repeated(repeats: int) -> str:
+    return f" ({repeats} more like it since the previous line)" if repeats else ""
 
 
 def input_partition_count(bootstrap: str, topic: str, client_config: dict[str, Any]) -> int:

@@ -141,3 +141,15 @@ def test_stop_closes_the_port(metrics: Metrics) -> None:
     held.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_healthz_follows_the_liveness_callback(metrics: Metrics) -> None:
+    state = {"alive": (True, "ok")}
+    srv = MetricsServer(metrics, "127.0.0.1", 0, lambda: (True, "ready"), alive=lambda: state["alive"]).start()
+    try:
+        assert get(srv.port, "/healthz") == (200, b"ok\n")
+        state["alive"] = (False, "the consume loop stopped: boom")
+        assert get(srv.port, "/healthz") == (503, b"the consume loop stopped: boom\n")
+        assert get(srv.port, "/readyz") == (200, b"ready\n")
+    finally:
+        srv.stop()
