@@ -111,7 +111,10 @@ def _print_anomalies(settings: Settings, stop: threading.Event) -> None:
 
 def format_anomaly(record: dict) -> str:
     reasons = "; ".join(record.get("reasons") or []) or "combined detector scores"
-    return f"ANOMALY {record['timestamp']} key={record['key']} score={record['score']:.5f} event={record['event_id']}: {reasons}"
+    # The score saturates at 1.00000 for most alerts; the surprise (-log10 of the fused tail
+    # probability, unbounded) tells a 6-sd event from a 60-sd one.
+    surprise = f" surprise={record['surprise']:.1f}" if record.get("surprise") is not None else ""
+    return f"ANOMALY {record['timestamp']} key={record['key']} score={record['score']:.5f}{surprise} event={record['event_id']}: {reasons}"
 
 
 def _say(text: str) -> None:
