@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--bootstrap-servers", help="produce to Kafka at HOST:PORT instead (needs --topic)")
     gen.add_argument("--topic", help="topic to produce to, with --bootstrap-servers")
     gen.add_argument("--labels", help="write labels (event_id -> kind, and store-stopped windows) to this JSON-lines file")
+    _drift_args(gen)
 
     demo = sub.add_parser("demo", help="embedded broker + synthetic stream + detector, anomalies printed")
     _config_arg(demo)
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", help="JSON-lines labels for --events (as written by generate --labels)")
     evaluate.add_argument("--seed", type=int, default=0, help="generator seed, with --generate (default 0)")
     evaluate.add_argument("--anomaly-rate", type=_fraction, default=0.01, help="share of injected point anomalies, with --generate (default 0.01)")
+    _drift_args(evaluate, " with --generate")
     evaluate.add_argument("--skip-warmup", type=int, default=0, metavar="N", help="score but do not count the first N records (default 0)")
     evaluate.add_argument("--plot", metavar="FILE.png", help="save a plot of the fused score and recall by kind")
     evaluate.add_argument("--json", metavar="FILE", help="write the report as JSON")
@@ -82,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     validate = config_sub.add_parser("validate", help="check a configuration file (and build the pipeline it describes)")
     validate.add_argument("file")
     return parser
+
+
+def _drift_args(parser: argparse.ArgumentParser, scope: str = "") -> None:
+    parser.add_argument(
+        "--drift",
+        action="store_true",
+        help=f"add lasting changes (re-priced best sellers, a new store, a new product, a store changing format), labelled as change points{scope}",
+    )
+    parser.add_argument("--drift-at", type=int, metavar="N", help=f"the changes start at event N (implies --drift; default: half the events){scope}")
+
+
+def _drift_at(args: argparse.Namespace, count: int) -> int | None:
+    """The drift start position from --drift / --drift-at, or None without drift."""
+    if args.drift_at is not None:
+        if args.drift_at < 0:
+            raise ConfigError(f"--drift-at must be >= 0, got {args.drift_at}")
+        return int(args.drift_at)
+    return count // 2 if args.drift else None
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +206,8 @@ def _evaluate(settings: Settings, args: argparse.Namespace, out: IO[str] | None 
         raise ConfigError(f"--skip-warmup must be >= 0, got {args.skip_warmup}")
     if args.plot and not args.dataset:
         _require_extra("matplotlib", "plot", "--plot")
+    if (args.drift or args.drift_at is not None) and not args.generate:
+        raise ConfigError("--drift and --drift-at go with --generate (a --labels file carries its own change labels)")
     if args.dataset:
         if args.plot:
             raise ConfigError("--plot applies to sales-event evaluations, not to --dataset")
@@ -204,9 +226,12 @@ def _evaluate(settings: Settings, args: argparse.Namespace, out: IO[str] | None 
     else:
         if args.labels:
             raise ConfigError("--labels goes with --events; --generate makes its own labels")
-        events = generated_events(args.generate, args.seed, args.anomaly_rate, labels)
+        drift_at = _drift_at(args, args.generate)
+        events = generated_events(args.generate, args.seed, args.anomaly_rate, labels, drift_at=drift_at)
         total = args.generate
         source = f"generated: {args.generate:,} events, seed {args.seed}, anomaly rate {args.anomaly_rate}"
+        if drift_at is not None:
+            source += f", drift from event {drift_at:,}"
     report = evaluate(
         events,
         labels,
@@ -285,7 +310,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.bootstrap_servers and not args.topic:
         parser.error("--bootstrap-servers needs --topic")
-    generator = SalesGenerator(GeneratorConfig(seed=args.seed, anomaly_rate=args.anomaly_rate))
+    generator = SalesGenerator(GeneratorConfig(seed=args.seed, anomaly_rate=args.anomaly_rate, drift_at=_drift_at(args, args.count)))
     labels = []
 
     def events():
@@ -301,7 +326,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         produce_to_kafka(events(), args.bootstrap_servers, args.topic, rate=args.rate, log=log)
     if args.labels:
-        write_labels([*labels, *generator.window_labels], args.labels)
+        write_labels([*labels, *generator.window_labels, *generator.change_labels], args.labels)
     return EXIT_OK
 
 

@@ -60,6 +60,17 @@ _WEEKLY = np.array(  # Monday..Sunday volume multipliers per channel
 _MEAN_BURST = 10  # refund bursts have 5..15 events
 _MIN_STOP_RATE = 1.0  # expected events/minute a store must keep up through a stop window
 
+# Drift scenarios (GeneratorConfig.drift_at): lasting changes, labelled as change points.
+CHANGE_KIND = "level_shift"
+DRIFT_SCENARIOS: tuple[str, ...] = ("price_change", "new_store", "new_product", "store_format")
+_PRICE_CHANGE_PRODUCTS = 3  # the best-selling products are re-priced ...
+_PRICE_CHANGE_FACTOR = 2.5  # ... at 2.5x their old price, for good
+_NEW_STORE_FACTOR = 30.0  # a new store's baskets: quantity and amount x30
+_NEW_STORE_SHARE = 0.3  # it copies this share of the USD stores' normal sales of unchanged keys (~1 in 10 of all)
+_NEW_PRODUCT_FACTOR = 10.0  # a new product priced at 10x the dearest catalogue price ...
+_NEW_PRODUCT_SHARE = 1 / 50  # ... replaces this share of the normal sales
+_FORMAT_FACTOR = 3.0  # the busiest store changes format: quantity and amount x3
+
 
 @dataclass(frozen=True)
 class GeneratorConfig:
@@ -69,6 +80,8 @@ class GeneratorConfig:
     n_products: int = 500
     events_per_day: int = 40_000  # all stores together, averaged over a week
     start: datetime = datetime(2026, 1, 5, tzinfo=UTC)  # naive means UTC
+    # Drift scenarios (DRIFT_SCENARIOS) from the event at this position on; None: no drift.
+    drift_at: int | None = None
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -78,6 +91,8 @@ class GeneratorConfig:
         for name in ("n_stores", "n_products", "events_per_day"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.drift_at is not None and self.drift_at < 0:
+            raise ValueError(f"drift_at must be >= 0, got {self.drift_at}")
 
 
 @dataclass(frozen=True)
@@ -85,8 +100,15 @@ class Label:
     kind: str
     event_id: str | None = None
     store_id: str | None = None
-    start: str | None = None  # ISO-8601 UTC, for window labels
+    start: str | None = None  # ISO-8601 UTC, for window and change labels
     end: str | None = None
+    # Change labels (kind CHANGE_KIND): the events whose ``key_set`` field equals ``key`` from
+    # ``start`` on are changed for good; ``feature`` moved by ``factor`` (see DRIFT_SCENARIOS).
+    scenario: str | None = None
+    key_set: str | None = None
+    key: str | None = None
+    feature: str | None = None
+    factor: float | None = None
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -139,6 +161,7 @@ class SalesGenerator:
     def __init__(self, config: GeneratorConfig) -> None:
         self.config = config
         self.window_labels: list[Label] = []
+        self.change_labels: list[Label] = []  # filled when the drift starts (drift_at)
         start = config.start if config.start.tzinfo else config.start.replace(tzinfo=UTC)
         self._t0_ms = int(start.timestamp() * 1000)
         world = np.random.default_rng([config.seed, 0])
@@ -153,6 +176,9 @@ class SalesGenerator:
         self._stops: list[_Stop] = []
         self._promos: list[_Promo] = []
         self._planned_days = 0
+        self._drift_ms: int | None = None  # event time from which the drift applies
+        if config.drift_at is not None:
+            self._build_drift()
 
     # ----- world -----
 
@@ -199,6 +225,19 @@ class SalesGenerator:
         self._promo_weights = promo_weight / promo_weight.sum()
         # Chance a line is a single item: cheap items are bought several at a time.
         self._single_prob = np.clip(0.5 + 0.12 * np.log10(usd), 0.5, 0.92)
+
+    def _build_drift(self) -> None:
+        """The keys the drift scenarios change; new keys get the next store and product index."""
+        n_stores, n_products = self.config.n_stores, self.config.n_products
+        self._repriced = np.argsort(-self._popularity, kind="stable")[: min(_PRICE_CHANGE_PRODUCTS, n_products)]
+        self._new_store, self._new_product = n_stores, n_products
+        self._format_store = int(np.argmax(self._store_rates.sum(axis=1)))
+        self._store_ids = np.append(self._store_ids, f"s-{n_stores:03d}")
+        self._store_currency = np.append(self._store_currency, 0)  # the new store sells in USD
+        self._currency_names = np.append(self._currency_names, CURRENCIES[0])
+        self._product_ids = np.append(self._product_ids, f"p-{n_products:04d}")
+        dearest = self._prices.max(axis=1, keepdims=True)
+        self._prices = np.hstack([self._prices, _shelf_price(dearest * _NEW_PRODUCT_FACTOR)])
 
     # ----- plans per simulated day -----
 
@@ -362,13 +401,21 @@ class SalesGenerator:
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         self.window_labels = []
+        self.change_labels = []
+        self._drift_ms = None
         return self._run(count)
 
     def _run(self, count: int) -> Iterator[tuple[dict, Label | None]]:
         emitted, index, carry = 0, 0, None
         last_ms = self._t0_ms
+        drift_at = self.config.drift_at
         while emitted < count:
             rows, carry = self._chunk(index, carry)
+            if drift_at is not None:
+                if self._drift_ms is None and emitted + len(rows) > drift_at:
+                    self._start_drift(int(rows.t[max(drift_at - emitted, 0)]))
+                if self._drift_ms is not None:
+                    rows = self._drift(np.random.default_rng([self.config.seed, 3, index]), rows)
             index += 1
             n = min(len(rows), count - emitted)
             if n:
@@ -376,6 +423,54 @@ class SalesGenerator:
                 emitted += n
                 last_ms = int(rows.t[n - 1])
         self.window_labels = self._window_labels(last_ms)
+
+    # ----- drift -----
+
+    def _start_drift(self, start_ms: int) -> None:
+        self._drift_ms = start_ms
+        start = _iso_one(start_ms)
+
+        def change(scenario: str, key_set: str, key: str, feature: str, factor: float) -> Label:
+            return Label(CHANGE_KIND, start=start, scenario=scenario, key_set=key_set, key=key, feature=feature, factor=factor)
+
+        self.change_labels = [
+            *(change("price_change", "product_id", self._product_ids[p], "unit_price", _PRICE_CHANGE_FACTOR) for p in self._repriced),
+            change("new_store", "store_id", self._store_ids[self._new_store], "amount", _NEW_STORE_FACTOR),
+            change("new_product", "product_id", self._product_ids[self._new_product], "unit_price", _NEW_PRODUCT_FACTOR),
+            change("store_format", "store_id", self._store_ids[self._format_store], "amount", _FORMAT_FACTOR),
+        ]
+
+    def _drift(self, rng: np.random.Generator, rows: _Rows) -> _Rows:
+        """Apply the drift scenarios to the rows at or after the drift start (in place, plus the
+        new store's copies, each right after its original)."""
+        after = rows.t >= (self._drift_ms or 0)
+        normal = after & (rows.kind == 0)
+        # A new product, priced at another scale, replaces some normal sales.
+        new = np.flatnonzero(normal & (rng.random(len(rows)) < _NEW_PRODUCT_SHARE))
+        rows.product[new] = self._new_product
+        rows.unit_price[new] = self._prices[self._store_currency[rows.store[new]], self._new_product]
+        rows.quantity[new] = rng.geometric(0.9, new.size)
+        rows.amount[new] = np.round(rows.quantity[new] * rows.unit_price[new], 2)
+        # The best sellers cost 2.5x from now on (their injected anomalies too).
+        repriced = np.flatnonzero(after & np.isin(rows.product, self._repriced))
+        rows.unit_price[repriced] = np.round(rows.unit_price[repriced] * _PRICE_CHANGE_FACTOR, 2)
+        rows.amount[repriced] = np.round(rows.amount[repriced] * _PRICE_CHANGE_FACTOR, 2)
+        # The busiest store changes format: three times the basket.
+        bigger = np.flatnonzero(after & (rows.store == self._format_store))
+        rows.quantity[bigger] = rows.quantity[bigger] * int(_FORMAT_FACTOR)
+        rows.amount[bigger] = np.round(rows.amount[bigger] * _FORMAT_FACTOR, 2)
+        # A new store opens: anonymous copies of some USD stores' sales of unchanged keys, x30.
+        unchanged = normal & (rows.store != self._format_store) & ~np.isin(rows.product, [*self._repriced, self._new_product])
+        source = unchanged & (self._store_currency[rows.store] == 0) & (rng.random(len(rows)) < _NEW_STORE_SHARE)
+        order = np.repeat(np.arange(len(rows)), 1 + source)
+        rows = rows.take(order)
+        copy = np.r_[False, order[1:] == order[:-1]]
+        rows.store[copy] = self._new_store
+        rows.channel[copy] = 0
+        rows.customer[copy] = -1
+        rows.quantity[copy] = rows.quantity[copy] * int(_NEW_STORE_FACTOR)
+        rows.amount[copy] = np.round(rows.amount[copy] * _NEW_STORE_FACTOR, 2)
+        return rows
 
     def _events(self, rows: _Rows, first_seq: int) -> Iterator[tuple[dict, Label | None]]:
         # Map index columns to strings with numpy object arrays: per-event work stays a dict build.

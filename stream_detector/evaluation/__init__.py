@@ -31,6 +31,15 @@
   never detects a window. Collective alerts that match no counted window are collective false
   alarms. With ``skip_warmup`` > 0, windows that start before the first counted event are left
   out.
+* **Change labels** (kind ``level_shift``, from ``generate --drift``) are lasting changes, not
+  anomalies: ``{"kind": "level_shift", "key_set": field, "key": value, "start": ISO, ...}``
+  names the events whose ``field`` equals ``value`` at or after ``start`` (a new key starts
+  there). Those counted events are left out of every point metric and the ranking, and
+  reported per change: how many there are, how many were flagged (the alerts the change cost),
+  and when the key is *normal again*: the number of its events since the change before the first
+  ``NORMAL_RUN`` (50) of its events in a row that raise no alert (0 if the first 50 raise none;
+  "never" if no such run ends before the stream does). An event that two changes name (a
+  re-priced product sold in a re-formatted store) counts for both.
 
 ``evaluate_dataset`` runs public labelled data (River's Shuttle and WaterFlow) through our
 detectors and reports ROC AUCs next to River's own HalfSpaceTrees recipe.
@@ -44,9 +53,11 @@ One module per concern: ``labels`` (labels, collective alerts, window matching),
 from stream_detector.evaluation.datasets import DATASETS, LoadedDataset, dataset_pipeline, evaluate_dataset, load_dataset
 from stream_detector.evaluation.formatting import format_dataset_report, format_report
 from stream_detector.evaluation.labels import (
+    CHANGE_KINDS,
     DEFAULT_WINDOW_GRACE_S,
     POINT_KINDS,
     WINDOW_KINDS,
+    ChangeLabel,
     CollectiveAlert,
     CollectiveAlertsFn,
     Labels,
@@ -54,18 +65,33 @@ from stream_detector.evaluation.labels import (
     WindowMatch,
     match_windows,
 )
-from stream_detector.evaluation.measures import roc_auc
+from stream_detector.evaluation.measures import NORMAL_RUN, normal_after, roc_auc
 from stream_detector.evaluation.plot import plot_report
-from stream_detector.evaluation.report import DOCSTRING_EVENTS, DatasetReport, EvaluationReport, KindStats, ModelScores, Series, WindowStats
+from stream_detector.evaluation.report import (
+    DOCSTRING_EVENTS,
+    ChangeStats,
+    ChangeSummary,
+    DatasetReport,
+    EvaluationReport,
+    KindStats,
+    ModelScores,
+    Series,
+    WindowStats,
+)
 from stream_detector.evaluation.run import evaluate
 from stream_detector.evaluation.sources import file_events, generated_events
 
 __all__ = [
+    "CHANGE_KINDS",
     "DATASETS",
     "DEFAULT_WINDOW_GRACE_S",
     "DOCSTRING_EVENTS",
+    "NORMAL_RUN",
     "POINT_KINDS",
     "WINDOW_KINDS",
+    "ChangeLabel",
+    "ChangeStats",
+    "ChangeSummary",
     "CollectiveAlert",
     "CollectiveAlertsFn",
     "DatasetReport",
@@ -87,6 +113,7 @@ __all__ = [
     "generated_events",
     "load_dataset",
     "match_windows",
+    "normal_after",
     "plot_report",
     "roc_auc",
 ]

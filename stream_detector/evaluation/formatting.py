@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stream_detector.evaluation.report import DOCSTRING_EVENTS, DatasetReport, EvaluationReport, RankingStats
+from stream_detector.evaluation.report import DOCSTRING_EVENTS, ChangeStats, ChangeSummary, DatasetReport, EvaluationReport, RankingStats
 from stream_detector.records import iso_utc
 
 
@@ -35,6 +35,8 @@ def format_report(report: EvaluationReport, source: str = "") -> str:
     )
     if r.ranking is not None:
         lines += ["", format_ranking(r.ranking)]
+    if r.changes is not None:
+        lines += ["", format_changes(r.changes)]
     lines += ["", f"{'collective kind':<18}{'windows':>9}{'detected':>9}{'recall':>8}{'delay median':>14}{'delay max':>12}"]
     for w in r.windows.values():
         lines.append(f"{w.kind:<18}{w.windows:>9,}{w.detected:>9,}{fmt(w.recall):>8}{_fmt_delay(w.delay_median_s):>14}{_fmt_delay(w.delay_max_s):>12}")
@@ -52,6 +54,45 @@ def format_report(report: EvaluationReport, source: str = "") -> str:
     for note in r.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def format_changes(summary: ChangeSummary) -> str:
+    """The per-change table: what each lasting change cost, and a summary line."""
+    g = summary
+    lines = [
+        f"lasting changes (labelled as change points, not anomalies; their keys' {g.changed_events:,} events from the change on, "
+        f"{g.changed_labelled:,} of them point-labelled, are left out of the point metrics above):",
+        f"{'change':<22}{'key':<22}{'from':<19}{'events':>8}{'alerts':>8}{'flagged':>9}{'normal again after':>20}{'last alert':>12}",
+    ]
+    for c in g.changes:
+        lines.append(_change_line(c))
+    normal = [c.normal_after for c in g.changes if c.normal_after is not None]
+    within = sum(1 for n in normal if n <= g.normal_run)
+    lines.append(
+        f"changes: {len(g.changes)}; alerts per change median {_count(g.alerts_median)}, max {_count(g.alerts_max)}; "
+        f"normal again within {g.normal_run} events: {within} of {len(g.changes)}; never normal again: {g.never_normal} "
+        f"({fmt(100 * g.never_normal / len(g.changes) if g.changes else None, 0)} %)"
+    )
+    lines.append(
+        f"(normal again after n: the key's events since the change before the first {g.normal_run} in a row without an alert; "
+        f"never: no such run to the end of the stream)"
+    )
+    return "\n".join(lines)
+
+
+def _count(value: float | None) -> str:
+    """A count, or a median of counts (which may end in .5), with thousands separators."""
+    return "-" if value is None else f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
+
+
+def _change_line(c: ChangeStats) -> str:
+    change = c.change
+    name = change.name + (f" x{change.factor:g}" if change.factor is not None else "")
+    key = f"{change.key_set}={change.key}"
+    share = f"{100 * c.alerts / c.events:.1f} %" if c.events else "-"
+    normal = "never" if c.normal_after is None else f"{c.normal_after:,}"
+    last = "-" if c.last_alert is None else f"{c.last_alert:,}"
+    return f"{name:<22}{key:<22}{iso_utc(change.start)[:16] + 'Z':<19}{c.events:>8,}{c.alerts:>8,}{share:>9}{normal:>20}{last:>12}"
 
 
 def format_ranking(ranking: RankingStats) -> str:

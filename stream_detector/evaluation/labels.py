@@ -1,5 +1,6 @@
 """What the evaluation compares against: point labels by event id, window labels by key and
-time span, the collective alerts that detect windows, and the rule that matches the two.
+time span, change labels (lasting changes of a key from a point in time on), the collective
+alerts that detect windows, and the rule that matches the two.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from stream_detector.scoring.pipeline import BatchResult
 
 POINT_KINDS: tuple[str, ...] = ("price_spike", "quantity_burst", "decimal_error", "refund_burst", "duplicate")
 WINDOW_KINDS: tuple[str, ...] = ("store_stopped",)
+CHANGE_KINDS: tuple[str, ...] = ("level_shift",)
 DEFAULT_WINDOW_GRACE_S = 15 * 60.0
 
 
@@ -31,6 +33,24 @@ class WindowLabel:
     end: float
 
 
+@dataclass(frozen=True)
+class ChangeLabel:
+    """A lasting change, not an anomaly: the events whose field ``key_set`` equals ``key`` with
+    an event time at or after ``start`` are changed for good (a new key starts there)."""
+
+    kind: str
+    key_set: str  # the event field that holds the key, e.g. store_id
+    key: str
+    start: float  # epoch seconds
+    scenario: str = ""
+    feature: str = ""
+    factor: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.scenario or self.kind
+
+
 @dataclass
 class Labels:
     """Point labels by event id and window labels. Read lazily by ``evaluate``: a point label
@@ -39,6 +59,7 @@ class Labels:
 
     points: dict[str, str] = field(default_factory=dict)
     windows: list[WindowLabel] = field(default_factory=list)
+    changes: list[ChangeLabel] = field(default_factory=list)
 
     def add(self, label: Any) -> None:
         """Add a ``generator.Label`` or a label dict (the JSON-lines format of --labels)."""
@@ -48,6 +69,9 @@ class Labels:
             raise ValueError("a label needs a 'kind'")
         if record.get("event_id") is not None:
             self.points[str(record["event_id"])] = kind
+            return
+        if kind in CHANGE_KINDS:
+            self.changes.append(_change(kind, record))
             return
         key = record.get("store_id", record.get("key"))
         if key is None or record.get("start") is None or record.get("end") is None:
@@ -80,6 +104,22 @@ class Labels:
         except OSError as exc:
             raise ConfigError(f"--labels {path}: {exc.strerror}") from None
         return labels
+
+
+def _change(kind: str, record: dict[str, Any]) -> ChangeLabel:
+    key_set, key, start = record.get("key_set"), record.get("key"), record.get("start")
+    if not isinstance(key_set, str) or not key_set or key is None or start is None:
+        raise ValueError(f"a {kind} label needs a 'key_set' (an event field), a 'key' and a 'start'")
+    factor = record.get("factor")
+    return ChangeLabel(
+        kind,
+        key_set,
+        str(key),
+        _epoch_seconds(start),
+        str(record.get("scenario") or ""),
+        str(record.get("feature") or ""),
+        None if factor is None else float(factor),
+    )
 
 
 def _epoch_seconds(value: Any) -> float:

@@ -8,8 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from stream_detector.evaluation.labels import POINT_KINDS, WindowMatch
-from stream_detector.evaluation.report import KindStats, RankingStats, WindowStats
+from stream_detector.evaluation.labels import POINT_KINDS, ChangeLabel, WindowMatch
+from stream_detector.evaluation.report import ChangeStats, KindStats, RankingStats, WindowStats
+
+#: A changed key is normal again once this many of its events in a row raise no alert.
+NORMAL_RUN = 50
 
 NO_COLLECTIVE_NOTE = "no collective alerts were produced (is silence.enabled false?), so {kind} recall is 0"
 
@@ -153,4 +156,29 @@ def window_stats(kind: str, matches: list[WindowMatch], any_alerts: bool) -> Win
         delay_max_s=float(delays.max()) if detected else None,
         note=note,
         matches=matches,
+    )
+
+
+def normal_after(flags: np.ndarray, run: int = NORMAL_RUN) -> int | None:
+    """The first index from which ``run`` events in a row are unflagged (0 when the first
+    ``run`` are); None when no such run fits before the end."""
+    f = np.asarray(flags, dtype=np.int64)
+    if f.size < run:
+        return None
+    totals = np.r_[0, np.cumsum(f)]
+    quiet = np.flatnonzero(totals[run:] - totals[:-run] == 0)
+    return int(quiet[0]) if quiet.size else None
+
+
+def change_stats(change: ChangeLabel, flagged: np.ndarray, labelled: np.ndarray, run: int = NORMAL_RUN) -> ChangeStats:
+    """One change's cost from the flags (and point-label marks) of its key's counted events
+    from the change on, in stream order."""
+    alerts = np.flatnonzero(flagged)
+    return ChangeStats(
+        change=change,
+        events=int(flagged.size),
+        alerts=int(alerts.size),
+        normal_after=normal_after(flagged, run),
+        last_alert=int(alerts[-1]) if alerts.size else None,
+        labelled=int(np.count_nonzero(labelled)),
     )

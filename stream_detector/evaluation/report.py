@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_detector.evaluation.labels import WindowMatch
+from stream_detector.evaluation.labels import ChangeLabel, WindowMatch
 from stream_detector.records import iso_utc
 
 DOCSTRING_EVENTS = 10_000  # River's Shuttle docstring: take(10_000), RollingROCAUC(10_000)
@@ -56,6 +56,70 @@ class WindowStats:
 
 
 @dataclass
+class ChangeStats:
+    """What one lasting change cost: its key's counted events from the change on, in order."""
+
+    change: ChangeLabel
+    events: int  # counted events of the key at or after the change
+    alerts: int  # how many of them were flagged
+    # Events of the key since the change before the first run of NORMAL_RUN events without an
+    # alert begins (0: it never alerted); None: never normal again (no such run to the end).
+    normal_after: int | None
+    last_alert: int | None  # the key's own event index (0 = first after the change) of its last alert
+    labelled: int  # of its events, how many carry a point label (left out of the point metrics)
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.change
+        return {
+            "kind": c.kind,
+            "scenario": c.scenario,
+            "key_set": c.key_set,
+            "key": c.key,
+            "feature": c.feature,
+            "factor": c.factor,
+            "start": iso_utc(c.start),
+            "events": self.events,
+            "alerts": self.alerts,
+            "normal_after": self.normal_after,
+            "last_alert": self.last_alert,
+            "labelled": self.labelled,
+        }
+
+
+@dataclass
+class ChangeSummary:
+    """Over all change labels: the alerts each cost and how many became normal again."""
+
+    changes: list[ChangeStats]
+    normal_run: int  # events without an alert that make a key normal again
+    changed_events: int  # counted events of changed keys after their change (left out of the point metrics)
+    changed_labelled: int  # of them, events with a point label
+
+    @property
+    def alerts_median(self) -> float | None:
+        return float(np.median([c.alerts for c in self.changes])) if self.changes else None
+
+    @property
+    def alerts_max(self) -> int | None:
+        return max(c.alerts for c in self.changes) if self.changes else None
+
+    @property
+    def never_normal(self) -> int:
+        return sum(1 for c in self.changes if c.normal_after is None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "normal_run": self.normal_run,
+            "changed_events": self.changed_events,
+            "changed_labelled": self.changed_labelled,
+            "alerts_median": self.alerts_median,
+            "alerts_max": self.alerts_max,
+            "never_normal": self.never_normal,
+            "changes": [c.to_dict() for c in self.changes],
+        }
+
+
+@dataclass
 class Series:
     """Per valid event, for plots: input position, event time, fused score, flag, kind code."""
 
@@ -97,12 +161,19 @@ class EvaluationReport:
     notes: list[str] = field(default_factory=list)
     series: Series | None = None
     ranking: RankingStats | None = None
+    changes: ChangeSummary | None = None  # only when the labels have change labels
 
     @property
     def events_per_second(self) -> float:
         return self.records / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        report = self._to_dict()
+        if self.changes is not None:
+            report["changes"] = self.changes.to_dict()
+        return report
+
+    def _to_dict(self) -> dict[str, Any]:
         def window(w: WindowStats) -> dict[str, Any]:
             return {
                 "kind": w.kind,

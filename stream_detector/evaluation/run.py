@@ -22,9 +22,9 @@ from stream_detector.evaluation.labels import (
     as_alert,
     match_windows,
 )
-from stream_detector.evaluation.measures import point_measures, ranking_stats, window_stats
-from stream_detector.evaluation.report import EvaluationReport, Series
-from stream_detector.events.decode import EventSchema
+from stream_detector.evaluation.measures import NORMAL_RUN, change_stats, point_measures, ranking_stats, window_stats
+from stream_detector.evaluation.report import ChangeSummary, EvaluationReport, Series
+from stream_detector.events.decode import DecodedBatch, EventSchema
 from stream_detector.scoring.batch import score_batch
 from stream_detector.scoring.pipeline import ScoringPipeline
 
@@ -52,7 +52,9 @@ def evaluate(
     parts: dict[str, list[np.ndarray]] = {"position": [], "time": [], "fused": [], "surprise": [], "flagged": [], "kind": [], "fired": []}
     alerts: list[CollectiveAlert] = []
     seen_labelled: set[str] = set()
-    records = invalid_counted = 0
+    records = invalid_counted = valid = 0
+    # Per change label (by index in labels.changes): the valid events of its key from its start on.
+    changed_parts: dict[int, list[np.ndarray]] = {}
 
     for values in _batches(events, batch_size):
         scored = score_batch(pipeline, schema, values)
@@ -68,6 +70,9 @@ def evaluate(
             if label_kind is not None:
                 seen_labelled.add(event_id)
                 codes[i] = kind_codes.setdefault(label_kind, len(kind_codes) + 1)
+        for c, hits in _changed_events(labels, decoded).items():
+            changed_parts.setdefault(c, []).append(valid + hits)
+        valid += decoded.features.n
         parts["position"].append(records + decoded.source_index)
         parts["time"].append(decoded.features.event_time)
         parts["fused"].append(result.fused)
@@ -92,7 +97,23 @@ def evaluate(
     fired_all = cat("fired", bool, (len(names),))
     kinds = [name for name, _ in sorted(kind_codes.items(), key=lambda item: item[1])]
     counted = position >= skip_warmup
-    measures = point_measures(counted, fused, flagged, kind_code, fired_all, kinds, names)
+    changes = None
+    if labels.changes:
+        # Events of a changed key after its change are not point anomalies nor normal events:
+        # they are measured per change, and left out of the point metrics.
+        changed = np.zeros(position.size, dtype=bool)
+        stats = []
+        for c, change in enumerate(labels.changes):
+            idx = np.concatenate(changed_parts.get(c, [np.zeros(0, dtype=np.int64)]))
+            idx = idx[counted[idx]]
+            changed[idx] = True
+            stats.append(change_stats(change, flagged[idx], kind_code[idx] > 0))
+        in_changes = counted & changed
+        changes = ChangeSummary(stats, NORMAL_RUN, int(in_changes.sum()), int((in_changes & (kind_code > 0)).sum()))
+        point_counted = counted & ~changed
+    else:
+        point_counted = counted
+    measures = point_measures(point_counted, fused, flagged, kind_code, fired_all, kinds, names)
 
     first_time = float(event_time[counted][0]) if counted.any() else math.inf
     windows = [w for w in labels.windows if skip_warmup == 0 or w.start >= first_time]
@@ -119,9 +140,28 @@ def evaluate(
         collective_false_alarms=len(unmatched),
         notes=notes,
         series=Series(position, event_time, fused, flagged, kind_code, kinds) if keep_series else None,
-        ranking=ranking_stats(counted, fused, surprise, flagged, kind_code),
+        ranking=ranking_stats(point_counted, fused, surprise, flagged, kind_code),
+        changes=changes,
         **measures,
     )
+
+
+def _changed_events(labels: Labels, decoded: DecodedBatch) -> dict[int, np.ndarray]:
+    """For each change label known now, the valid events of this batch (their index in it) whose
+    key it names, at or after its start. A generator adds a change label before it yields the
+    first changed event, so every changed event is matched."""
+    if not labels.changes or not decoded.events:
+        return {}
+    event_time = decoded.features.event_time
+    values: dict[str, np.ndarray] = {}
+    hits = {}
+    for c, change in enumerate(labels.changes):
+        if change.key_set not in values:
+            values[change.key_set] = np.array([None if (v := e.get(change.key_set)) is None else str(v) for e in decoded.events], dtype=object)
+        mine = np.flatnonzero((values[change.key_set] == change.key) & (event_time >= change.start))
+        if mine.size:
+            hits[c] = mine
+    return hits
 
 
 def _batches(events: Iterable[bytes | str | dict], size: int) -> Iterator[list[bytes]]:

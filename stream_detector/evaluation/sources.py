@@ -11,13 +11,20 @@ from stream_detector.errors import ConfigError
 from stream_detector.evaluation.labels import Labels
 
 
-def generated_events(count: int, seed: int, anomaly_rate: float, labels: Labels) -> Iterator[bytes]:
+def generated_events(count: int, seed: int, anomaly_rate: float, labels: Labels, drift_at: int | None = None) -> Iterator[bytes]:
     """The synthetic stream of ``stream-detector generate`` as raw JSON values, labels added
-    to ``labels`` as their events are yielded (store-stopped windows at the end)."""
+    to ``labels`` as their events are yielded (store-stopped windows at the end). With
+    ``drift_at``, the drift scenarios start at that position; their change labels are added
+    before the first changed event is yielded."""
     from stream_detector.generator import GeneratorConfig, SalesGenerator
 
-    generator = SalesGenerator(GeneratorConfig(seed=seed, anomaly_rate=anomaly_rate))
+    generator = SalesGenerator(GeneratorConfig(seed=seed, anomaly_rate=anomaly_rate, drift_at=drift_at))
+    changes_added = False
     for event, label in generator.generate(count):
+        if not changes_added and generator.change_labels:
+            for change in generator.change_labels:
+                labels.add(change)
+            changes_added = True
         if label is not None:
             labels.add(label)
         yield orjson.dumps(event)

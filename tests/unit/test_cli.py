@@ -147,3 +147,32 @@ def test_cli_evaluate_usage_errors(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     assert "price_spike" in proc.stdout.decode()
     assert cli("evaluate", "--generate", "10", "--skip-warmup", "-1").returncode == 2
+
+
+def test_generate_drift_writes_change_labels(tmp_path):
+    events, labels = tmp_path / "events.jsonl", tmp_path / "labels.jsonl"
+    proc = cli("generate", "--count", "2000", "--seed", "3", "--drift", "--output", str(events), "--labels", str(labels))
+    assert proc.returncode == 0, proc.stderr.decode()
+    rows = [orjson.loads(line) for line in labels.read_bytes().splitlines()]
+    changes = [r for r in rows if r["kind"] == "level_shift"]
+    assert [c["scenario"] for c in changes] == ["price_change"] * 3 + ["new_store", "new_product", "store_format"]
+    lines = events.read_bytes().splitlines()
+    assert len(lines) == 2000 and orjson.loads(lines[1000])["timestamp"] == changes[0]["start"]  # --drift: from the middle
+    plain = cli("generate", "--count", "2000", "--seed", "3", "--output", "-").stdout.splitlines()
+    assert plain[:1000] == lines[:1000] and plain != lines
+    assert cli("generate", "--count", "10", "--drift-at", "-1", "--output", "-").returncode == 2
+
+
+def test_cli_evaluate_drift_prints_the_change_table(tmp_path):
+    proc = cli("evaluate", "--generate", "4000", "--seed", "2", "--drift-at", "2500", "--json", str(tmp_path / "report.json"), timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    for text in ("drift from event 2,500", "lasting changes (labelled as change points, not anomalies", "new_store x30", "all point kinds", "changes: 6;"):
+        assert text in out, out
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert len(report["changes"]["changes"]) == 6 and report["changes"]["normal_run"] == 50
+    events, labels = tmp_path / "events.jsonl", tmp_path / "labels.jsonl"
+    events.write_bytes(event(0, 1.0) + b"\n")
+    labels.write_bytes(b'{"kind": "price_spike", "event_id": "e0"}\n')
+    proc = cli("evaluate", "--events", str(events), "--labels", str(labels), "--drift")
+    assert proc.returncode == 2 and b"--drift" in proc.stderr

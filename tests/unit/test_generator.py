@@ -319,3 +319,87 @@ def test_produce_gives_up_when_broker_is_down():
             flush_timeout=5,
         )
     assert time.monotonic() - started < 6
+
+
+# ----- drift scenarios (issue 18's measurement harness) -----
+
+
+@pytest.fixture(scope="module")
+def drifted():
+    generator = SalesGenerator(GeneratorConfig(seed=5, drift_at=4_000))
+    events = [e for e, _ in generator.generate(9_000)]
+    return generator, events, [c.to_dict() for c in generator.change_labels]
+
+
+def test_drift_is_off_by_default_and_changes_nothing_before_its_start(drifted):
+    generator, events, changes = drifted
+    plain = SalesGenerator(GeneratorConfig(seed=5))
+    before = [e for e, _ in plain.generate(9_000)]
+    assert plain.change_labels == []
+    assert len(events) == 9_000
+    start = changes[0]["start"]
+    assert events[4_000]["timestamp"] == start
+    unchanged = [e for e in events if e["timestamp"] < start]
+    assert len(unchanged) >= 3_990 and unchanged == before[: len(unchanged)]
+    assert before[4_000:] != events[4_000:]
+    # A drift start past the end changes nothing and labels nothing.
+    late = SalesGenerator(GeneratorConfig(seed=5, drift_at=50_000))
+    assert [e for e, _ in late.generate(3_000)] == before[:3_000]
+    assert late.change_labels == []
+    with pytest.raises(ValueError, match="drift_at"):
+        GeneratorConfig(drift_at=-1)
+
+
+def test_drift_labels_are_change_points(drifted):
+    _, events, changes = drifted
+    assert [c["scenario"] for c in changes] == ["price_change"] * 3 + ["new_store", "new_product", "store_format"]
+    assert {c["kind"] for c in changes} == {"level_shift"}
+    assert all(c["start"] == changes[0]["start"] and "event_id" not in c for c in changes)
+    assert [c["factor"] for c in changes] == [2.5, 2.5, 2.5, 30.0, 10.0, 3.0]
+    # The re-priced products are the three best sellers before the change.
+    start = changes[0]["start"]
+    sold = Counter(e["product_id"] for e in events if e["timestamp"] < start)
+    assert {c["key"] for c in changes[:3]} == {p for p, _ in sold.most_common(3)}
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def test_drift_scenarios_change_their_keys_for_good(drifted):
+    _, events, changes = drifted
+    start = changes[0]["start"]
+    before = [e for e in events if e["timestamp"] < start]
+    after = [e for e in events if e["timestamp"] >= start]
+    by = {c["scenario"] if c["scenario"] != "price_change" else c["key"]: c for c in changes}
+    for change in changes[:3]:  # x2.5 unit price, for good: the median USD price before and after
+        price = [e["unit_price"] for e in before if e["product_id"] == change["key"] and e["currency"] == "USD"]
+        later = [e["unit_price"] for e in after if e["product_id"] == change["key"] and e["currency"] == "USD"]
+        assert later[-len(later) // 4 :]  # still at the new price at the end
+        assert _median(later) / _median(price) == pytest.approx(2.5, rel=0.02)
+    store = by["new_store"]["key"]
+    assert store not in {e["store_id"] for e in before}
+    new_store = [e for e in after if e["store_id"] == store]
+    assert len(new_store) > 0.05 * len(after)
+    assert all(e["quantity"] % 30 == 0 and e["currency"] == "USD" and "customer_id" not in e for e in new_store)
+    product = by["new_product"]["key"]
+    assert product not in {e["product_id"] for e in before}
+    dearest = max(e["unit_price"] for e in before if e["currency"] == "USD")
+    assert min(e["unit_price"] for e in after if e["product_id"] == product and e["currency"] == "USD") > 5 * dearest
+    fmt_store = by["store_format"]["key"]
+    changed = [e for e in after if e["store_id"] == fmt_store]
+    assert changed and all(e["quantity"] % 3 == 0 for e in changed)
+    assert any(e["quantity"] % 3 for e in before if e["store_id"] == fmt_store)
+
+
+def test_drift_is_deterministic_and_writes_change_labels(tmp_path):
+    a = SalesGenerator(GeneratorConfig(seed=2, drift_at=1_000))
+    b = SalesGenerator(GeneratorConfig(seed=2, drift_at=1_000))
+    assert [e for e, _ in a.generate(3_000)] == [e for e, _ in b.generate(3_000)]
+    path = tmp_path / "labels.jsonl"
+    write_labels(a.change_labels, path)
+    rows = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert rows[0]["kind"] == "level_shift" and rows[0]["key_set"] == "product_id" and rows[0]["feature"] == "unit_price"
+    # Labels without drift fields keep their old JSON form.
+    assert Label("store_stopped", store_id="s-1", start="a", end="b").to_dict() == {"kind": "store_stopped", "store_id": "s-1", "start": "a", "end": "b"}

@@ -39,3 +39,21 @@ def test_labels_load_reads_generate_output(tmp_path):
     path.write_bytes(b'{"kind":"store_stopped","store_id":"s-1"}\n')
     with pytest.raises(ConfigError, match="line 1"):
         Labels.load(path)
+
+
+def test_change_labels_are_read_as_change_points(tmp_path):
+    from stream_detector.evaluation import ChangeLabel
+
+    path = tmp_path / "labels.jsonl"
+    path.write_bytes(
+        b'{"kind": "price_spike", "event_id": "e1"}\n'
+        b'{"kind": "level_shift", "start": "2026-01-05T00:01:00.000Z", "scenario": "price_change", '
+        b'"key_set": "product_id", "key": "p-0001", "feature": "unit_price", "factor": 2.5}\n'
+    )
+    labels = Labels.load(path)
+    assert labels.points == {"e1": "price_spike"} and labels.windows == []
+    assert labels.changes == [ChangeLabel("level_shift", "product_id", "p-0001", 1_767_571_260.0, "price_change", "unit_price", 2.5)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"kind": "level_shift", "key": "s-1", "start": "2026-01-05T00:00:00Z"}\n')
+    with pytest.raises(ConfigError, match="line 1: a level_shift label needs a 'key_set'"):
+        Labels.load(bad)

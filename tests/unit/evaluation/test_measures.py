@@ -41,3 +41,22 @@ def test_ranking_stats_count_the_alerts_that_share_one_value():
         "top_score_alerts": 4,
         "top_surprise_alerts": 2,
     }
+
+
+def test_normal_after_is_the_start_of_the_first_quiet_run():
+    from stream_detector.evaluation import NORMAL_RUN, normal_after
+
+    assert NORMAL_RUN == 50
+    assert normal_after(np.zeros(50, dtype=bool)) == 0  # never alerted
+    assert normal_after(np.zeros(49, dtype=bool)) is None  # too few events to tell
+    flags = np.zeros(100, dtype=bool)
+    flags[[0, 3, 7]] = True
+    assert normal_after(flags) == 8  # events 8..57 raise no alert
+    flags[60] = True  # a later alert does not undo it
+    assert normal_after(flags) == 8
+    flags = np.zeros(100, dtype=bool)
+    flags[[0, 50]] = True
+    assert normal_after(flags) is None  # 1..49 and 51..99 are both short of 50 quiet events
+    flags[50] = False
+    assert normal_after(flags) == 1
+    assert normal_after(np.array([1, 0, 0, 0], dtype=bool), run=3) == 1

@@ -14,7 +14,7 @@ from stream_detector.evaluation import CollectiveAlert, Labels, evaluate, format
 from stream_detector.events.decode import EventSchema
 from stream_detector.runtime.replay import replay
 from stream_detector.scoring.factory import build_pipeline, event_schema
-from tests.unit.evaluation.tiny_case import T0, ThresholdPipeline, store_stopped_windows, tiny_events, tiny_labels
+from tests.unit.evaluation.tiny_case import AMOUNTS, T0, ThresholdPipeline, event, store_stopped_windows, tiny_events, tiny_labels
 
 
 def test_metrics_on_a_hand_made_case():
@@ -127,3 +127,65 @@ def test_evaluate_agrees_with_replay_on_the_real_pipeline():
     assert np.array_equal(report.series.flagged, replayed)
     assert report.tp + report.fp == int(replayed.sum()) > 0
     assert report.labelled == len(labels.points)
+
+
+def _drift_case() -> tuple[list[bytes], Labels]:
+    """Store s-1 as in the tiny case; store s-2 sells at 50 for 10 events, then changes (from
+    minute 20 on) for 70 events, of which the threshold pipeline flags the first 5 (amount
+    500, then it sells at 50 again) and one more later (event 60 of the change)."""
+    from stream_detector.evaluation import ChangeLabel
+
+    events = [event(i, a) for i, a in enumerate(AMOUNTS)]
+    amounts = [50.0] * 10 + [500.0] * 5 + [50.0] * 55 + [500.0] + [50.0] * 9
+    events += [event(10 + i, a, store="s-2") for i, a in enumerate(amounts)]
+    labels = tiny_labels()
+    labels.points["e23"] = "price_spike"  # a point label on the changed key, after the change
+    labels.changes.append(ChangeLabel("level_shift", "store_id", "s-2", T0 + 60 * 20, "store_format", "amount", 10.0))
+    return events, labels
+
+
+def test_changes_are_measured_per_change_and_left_out_of_the_point_metrics():
+    events, labels = _drift_case()
+    report = evaluate(events, labels, ThresholdPipeline(), EventSchema(), batch_size=7)
+    # The point metrics are those of s-1's ten events and s-2's ten before the change.
+    assert (report.counted, report.labelled, report.normal) == (20, 5, 15)
+    assert (report.tp, report.fp, report.fn, report.tn) == (3, 2, 2, 13)
+    changes = report.changes
+    assert changes is not None and (changes.changed_events, changes.changed_labelled, changes.normal_run) == (70, 1, 50)
+    (stats,) = changes.changes
+    assert (stats.events, stats.alerts, stats.normal_after, stats.last_alert, stats.labelled) == (70, 6, 5, 60, 1)
+    assert (changes.alerts_median, changes.alerts_max, changes.never_normal) == (6.0, 6, 0)
+    text = format_report(report)
+    assert "lasting changes (labelled as change points, not anomalies; their keys' 70 events" in text
+    assert "store_format x10" in text and "store_id=s-2" in text
+    assert "changes: 1; alerts per change median 6, max 6; normal again within 50 events: 1 of 1; never normal again: 0 (0 %)" in text
+    as_dict = report.to_dict()["changes"]
+    assert as_dict["changes"][0]["normal_after"] == 5 and as_dict["changes"][0]["start"] == "2026-01-05T00:20:00.000Z"
+
+
+def test_a_change_never_normal_again_and_skip_warmup():
+    events, labels = _drift_case()
+    events += [event(90 + i, 500.0, store="s-2") for i in range(30)]  # s-2 alerts again to the end
+    report = evaluate(events, labels, ThresholdPipeline(), EventSchema(), batch_size=4, skip_warmup=60)
+    # Counted from record 60 (event e60): the change's events 40..99, its alerts 60 and 70..99.
+    (stats,) = report.changes.changes
+    assert (stats.events, stats.alerts, stats.normal_after, stats.last_alert) == (60, 31, None, 59)
+    assert "never" in format_report(report)
+
+
+def test_without_change_labels_the_report_has_no_change_section():
+    report = evaluate(tiny_events(), tiny_labels(), ThresholdPipeline(), EventSchema(), batch_size=3)
+    assert report.changes is None
+    assert "lasting changes" not in format_report(report)
+    assert "changes" not in report.to_dict()
+
+
+def test_generated_drift_labels_come_before_the_changed_events():
+    labels = Labels()
+    known_when_seen = []
+    for raw in generated_events(3_000, seed=4, anomaly_rate=0.01, labels=labels, drift_at=1_000):
+        record = orjson.loads(raw)
+        if record["store_id"] == "s-024":  # the new store opens with the drift
+            known_when_seen.append(len(labels.changes))
+    assert known_when_seen and set(known_when_seen) == {6}
+    assert [c.scenario for c in labels.changes] == ["price_change"] * 3 + ["new_store", "new_product", "store_format"]
