@@ -2,7 +2,7 @@
 
 No broker and no Grafana: the dashboard JSON and the provisioning files are parsed and
 cross-checked; the set of exported metric names comes from ``Metrics().exposition()`` after
-the label setters the daemon calls (``Daemon._init_metrics``, ``Daemon._observe`` and the
+the label setters the daemon calls (``observe.init_metrics``, ``observe.observe_batch`` and the
 Kafka callbacks) have run on one real batch. When ``promtool`` is installed every dashboard
 expression is also parsed by Prometheus' own parser. tests/integration/test_observability.py
 checks the same names against a live daemon and a real Prometheus server.
@@ -216,7 +216,7 @@ def exported_samples() -> dict[str, set[tuple[tuple[str, str], ...]]]:
 
     - ``Daemon._init_metrics``: threshold, detector_enabled / calibrated / fired per detector,
       the autoencoder's device;
-    - ``Daemon._observe``: batch seconds and size, rounds, events by outcome, the score
+    - ``observe.observe_batch``: batch seconds and size, rounds, events by outcome, the score
       histograms (``observe_scores``), calibrated, keys and learning keys per key set, the
       autoencoder's loss and steps;
     - the Kafka side: anomalies and fired (``_produce_anomalies``), dead letters by reason,
@@ -247,7 +247,7 @@ def exported_samples() -> dict[str, set[tuple[tuple[str, str], ...]]]:
         if device is not None:
             m.device.info({"device": str(device)})
 
-    # one real batch, then Daemon._observe
+    # one real batch, then observe.observe_batch
     records = [orjson.dumps(event) for event, _ in SalesGenerator(GeneratorConfig(seed=3)).generate(600)]
     records.append(b"{not json")
     decoded = decode_batch(records, event_schema(settings))

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from stream_detector.alerting.policy import AlertPolicy
 from stream_detector.alerting.windows import AlertWindow, WindowBook
 from stream_detector.config import load_settings
+from stream_detector.runtime import checkpoint as checkpoint_module
 from stream_detector.runtime import daemon as daemon_module
 from stream_detector.runtime.daemon import Daemon, PartitionWork
 
@@ -70,7 +71,7 @@ def test_a_producer_that_cannot_abort_is_replaced_at_once(daemon, replacements):
 
 
 def test_an_abort_that_never_finishes_is_given_up_after_the_timeout(daemon, replacements, monkeypatch):
-    monkeypatch.setattr(daemon_module, "ABORT_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(checkpoint_module, "ABORT_TIMEOUT_S", 0.2)
     producer = daemon._producer = ScriptedProducer([], forever=TIMED_OUT)
     started = time.monotonic()
     daemon._abort_transaction()
