@@ -456,6 +456,8 @@ class Settings(BaseSettings):
         check_topics(self)
         return self
 
+    # The config section is called "schema", which BaseModel also names a (deprecated) class
+    # method; this property deliberately shadows it, so mypy's override check is wrong here.
     @property
     def schema(self) -> SchemaConfig:  # type: ignore[override]
         return self.schema_
@@ -615,7 +617,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} at position {exc.start}") from None
     try:
-        data = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(text, Loader=_ConfigLoader)  # _ConfigLoader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     except _AliasError as exc:
