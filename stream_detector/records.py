@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
 
 from stream_detector.events.decode import DecodedBatch, InvalidRecord
+from stream_detector.events.event_time import iso_utc
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
 
 # Below librdkafka's default message.max.bytes (1,000,000) with room for headers.
@@ -21,10 +21,6 @@ class Sources(Protocol):
     something that builds them only for the records asked for."""
 
     def __getitem__(self, j: int, /) -> dict[str, Any]: ...
-
-
-def iso_utc(epoch_seconds: float) -> str:
-    return datetime.fromtimestamp(epoch_seconds, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def anomaly_record(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from stream_detector.evaluation.report import DOCSTRING_EVENTS, ChangeStats, ChangeSummary, DatasetReport, EvaluationReport, RankingStats
-from stream_detector.records import iso_utc
+from stream_detector.events.event_time import iso_utc
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

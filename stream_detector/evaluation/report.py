@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from stream_detector.evaluation.labels import ChangeLabel, WindowMatch
-from stream_detector.records import iso_utc
+from stream_detector.events.event_time import iso_utc
 
 DOCSTRING_EVENTS = 10_000  # River's Shuttle docstring: take(10_000), RollingROCAUC(10_000)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -139,7 +140,8 @@ class EventTimeGuard:
 
 
 def iso_utc(epoch_seconds: float) -> str:
-    """'2026-01-05T10:00:00.000Z' (millisecond precision, UTC)."""
+    """'2026-01-05T10:00:00.000Z' (UTC, milliseconds): how every record, log line and report
+    writes an event time."""
     if not math.isfinite(epoch_seconds):
         return str(epoch_seconds)
-    return f"{np.datetime_as_string(np.datetime64(round(epoch_seconds * 1000), 'ms'), unit='ms')}Z"
+    return datetime.fromtimestamp(epoch_seconds, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

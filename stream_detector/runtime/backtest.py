@@ -38,6 +38,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from stream_detector.config import Settings, librdkafka_config
 from stream_detector.errors import ConfigError, StreamDetectorError
 from stream_detector.events.decode import EventSchema
+from stream_detector.events.event_time import iso_utc
 from stream_detector.scoring.batch import score_batch
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import ScoringPipeline
@@ -330,4 +331,4 @@ def _consume(
 def _iso_ms(ms: int | None) -> str:
     if ms is None:
         return "-"
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(ms / 1000)

@@ -12,8 +12,9 @@ from stream_detector import consumed
 from stream_detector.alerting.policy import AlertPolicy
 from stream_detector.config import Settings
 from stream_detector.events.decode import DecodedBatch
+from stream_detector.events.event_time import iso_utc
 from stream_detector.metrics import Metrics
-from stream_detector.records import anomaly_records, dead_letter_headers, encode_record, iso_utc, silence_record
+from stream_detector.records import anomaly_records, dead_letter_headers, encode_record, silence_record
 from stream_detector.runtime.delivery import DeliveryTracker, Producing, produce
 from stream_detector.scoring.batch import ScoredBatch
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
