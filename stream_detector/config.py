@@ -397,6 +397,10 @@ class StateConfig(Section):
     # pickled). Without it their state is not saved. Set it through the environment:
     # STREAM_DETECTOR_STATE__SIGNING_KEY.
     signing_key: SecretStr | None = Field(default=None, min_length=16)
+    # Bytes the per-key state of this process may hold (z-score statistics, silence timers,
+    # duplicate fingerprints; an estimate), shared by the partitions it owns. Over it, the least
+    # recently seen keys are forgotten. null: bounded by the key counts only. >= 1 MiB.
+    max_bytes: int | None = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
 
 
 class MetricsConfig(Section):

@@ -30,14 +30,15 @@ class DeliveryError(StreamDetectorError):
 
 # Why a snapshot (or one part of it) was not restored: the closed label set of
 # stream_detector_state_restore_failures_total{reason}.
-STATE_FAILURE_REASONS = ("corrupt", "unsupported_format", "incompatible", "unsigned", "bad_signature")
+STATE_FAILURE_REASONS = ("corrupt", "unsupported_format", "incompatible", "unsigned", "bad_signature", "incomplete")
 
 
 class StateError(StreamDetectorError):
     """A state snapshot cannot be restored. ``reason`` is one of ``STATE_FAILURE_REASONS``:
     corrupt (unreadable bytes), unsupported_format (an unknown or a pickle format),
     incompatible (does not fit the configured detector), unsigned / bad_signature (a pickled
-    River model without a valid HMAC)."""
+    River model without a valid HMAC), incomplete (a shard of keys the checkpoint names is not
+    in the changelog)."""
 
     def __init__(self, message: str, reason: str = "incompatible") -> None:
         super().__init__(message)

@@ -105,6 +105,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.state_bytes = Gauge(
+            f"{ns}_state_bytes",
+            "Estimated bytes held by the per-key state of this instance's partitions (z-score statistics, silence timers, duplicate "
+            "fingerprints), bounded by state.max_bytes.",
+            registry=r,
+        )
+        self.keys_forgotten = Counter(
+            f"{ns}_state_keys_forgotten", "Keys forgotten (least recently seen first) to keep the per-key state within state.max_bytes.", registry=r
+        )
+        self.changelog_bytes = Counter(
+            f"{ns}_changelog_bytes",
+            "Bytes of state records written to the changelog by checkpoints: the shards of keys that changed and each partition's snapshot of the rest.",
+            registry=r,
+        )
         self.kafka_errors = Counter(f"{ns}_kafka_errors", "Errors reported by librdkafka, by code.", ["code"], registry=r)
         self.assigned = Gauge(f"{ns}_assigned_partitions", "Input partitions assigned to this instance.", registry=r)
         self.up = Gauge(f"{ns}_up", "1 while the consume loop runs.", registry=r)

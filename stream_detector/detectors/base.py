@@ -20,9 +20,11 @@ scoring a batch equals scoring its events one at a time.
 ``state_dict()``/``load_state_dict()`` carry a ``version`` so snapshots can be checked on restore.
 
 Optional hooks have a default here, so callers use them on any detector without asking
-whether it has them: ``guess`` (a cheap first-round proposal for the pipeline), and what the
+whether it has them: ``guess`` (a cheap first-round proposal for the pipeline), what the
 daemon exports as metrics (``n_keys``/``learning_keys`` per key set, ``device``,
-``last_train_loss``/``train_steps_total``). A detector overrides the ones it has.
+``last_train_loss``/``train_steps_total``), and the keyed-state hooks of ``KeyedState`` (state
+bounded in bytes, checkpoints that write only the shards of keys that changed). A detector
+overrides the ones it has.
 """
 
 from __future__ import annotations
@@ -59,7 +61,45 @@ class Explanation:
     reasons: list[str]
 
 
-class Detector(ABC):
+class KeyedState:
+    """Hooks of a part whose state grows with its keys (per-key statistics, per-store timers).
+
+    Bounded in bytes: ``state_bytes`` estimates what its keys hold in memory and ``shrink``
+    forgets keys, the least valuable first, to free a number of bytes (the pipeline shares
+    ``state.max_bytes`` between its parts). Written as it changes: ``state_shards`` hands the
+    changelog the shards of keys changed since the last checkpoint (``state/shards.py``),
+    ``base_state_dict`` is ``state_dict`` without them, and ``merge_shards`` puts the two back
+    together into what ``load_state_dict`` reads. The defaults: no keys, one unsharded state.
+    """
+
+    def state_bytes(self) -> int:
+        """Estimated bytes of the per-key state (0 when there is none)."""
+        return 0
+
+    def shrink(self, free_bytes: int) -> int:
+        """Forget keys, the least valuable first, to free about ``free_bytes`` of
+        ``state_bytes()`` (allocated rows are kept for the next keys); the number forgotten."""
+        return 0
+
+    def state_shards(self, changed_only: bool) -> dict[str, Any]:
+        """Shards by name (all of them, or those changed since the last call when
+        ``changed_only``): each is written as its own changelog record."""
+        return {}
+
+    def base_state_dict(self) -> dict[str, Any]:
+        """``state_dict`` without what ``state_shards`` holds."""
+        return self.state_dict()
+
+    def merge_shards(self, base: dict[str, Any], shards: dict[str, Any]) -> dict[str, Any]:
+        """The ``state_dict`` made of a ``base_state_dict`` and every shard it names;
+        ``StateError`` when a shard is missing or malformed."""
+        return base
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Detector(KeyedState, ABC):
     """Base class for detectors. Subclasses keep hyperparameters as same-named attributes."""
 
     name: str = "detector"

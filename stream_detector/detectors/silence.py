@@ -27,9 +27,12 @@ from typing import Any
 import numpy as np
 
 from stream_detector.detectors import silence_kernel
+from stream_detector.detectors.base import KeyedState
 from stream_detector.detectors.silence_kernel import BUCKETS, peak_rates, walk
+from stream_detector.detectors.zscore_kernel import factorize
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
+from stream_detector.state import shards
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,12 @@ class SilenceAlert:
         )
 
 
-class SilenceDetector:
-    """Per-key silence timer (see module docstring). One instance per key set, e.g. store_id."""
+class SilenceDetector(KeyedState):
+    """Per-key silence timer (see module docstring). One instance per key set, e.g. store_id.
+
+    A forgotten key (``shrink``) frees its slot, with zero counts, so it never alerts; the next
+    new key reuses the slot.
+    """
 
     name = "silence"
     state_version = 1
@@ -70,7 +77,10 @@ class SilenceDetector:
         self.min_events = min_events
         self.min_hours = min_hours
         self._keys: dict[str, int] = {}
-        self._names: list[str] = []  # by slot
+        self._names: list[str | None] = []  # by slot; None: free
+        self._free: list[int] = []
+        self._changed = shards.ChangedShards()
+        self._key_chars = 0
         # Per-key arrays have spare capacity (grown by doubling); rows past len(keys) are unused.
         self._counts = np.zeros((0, BUCKETS))  # events per key and bucket
         self._last = np.zeros(0)  # last event time per key
@@ -85,6 +95,10 @@ class SilenceDetector:
 
     @property
     def n_keys(self) -> int:
+        return len(self._keys)
+
+    @property
+    def _allocated(self) -> int:
         return len(self._names)
 
     # -- learning and checking ---------------------------------------------------------------
@@ -114,13 +128,15 @@ class SilenceDetector:
             self._hours,
             float(self._clock),
             float(self._next_check),
-            self.n_keys,
+            self._allocated,
             float(self.expected_events),
             float(self.min_events),
             float(self.min_hours),
             float(self.check_every_s),
         )
-        names = [self._names[s] for s in slot.tolist()]
+        self._changed.mark(slots)
+        self._changed.mark(slot)  # alerted
+        names = [str(self._names[s]) for s in slot.tolist()]  # a free slot never alerts (no events)
         # The alerts of one clock step in the order the silences became unlikely (slot order is
         # an accident of arrival); steps and per-event alerts in the order raised.
         raised = sorted(zip(check.tolist(), when.tolist(), names, since.tolist(), strict=True))
@@ -134,9 +150,10 @@ class SilenceDetector:
         except (KeyError, TypeError):  # a new key, or none
             pass
         present = np.flatnonzero(np.fromiter((k is not None for k in keys), dtype=bool, count=len(keys)))
-        # New keys get slots in sorted order (state snapshots list keys by slot).
-        uniq, local = np.unique(keys[present].astype(str), return_inverse=True)
-        return present, self._slots(uniq.tolist())[local.reshape(-1)]
+        # New keys get slots in arrival order. A dict walk, not a sort: sorting a batch of long
+        # ids (a flood of new 200-character keys) as a unicode array cost a tenth of the batch.
+        local, distinct = factorize(keys[present].tolist())
+        return present, self._slots([str(k) for k in distinct])[local]
 
     def _slots(self, keys: list[str]) -> np.ndarray:
         """Slots of ``keys``, adding the new ones (arrays grow by doubling)."""
@@ -144,8 +161,14 @@ class SilenceDetector:
         for i, key in enumerate(keys):
             slot = self._keys.get(key)
             if slot is None:
-                slot = self._keys[key] = len(self._names)
-                self._names.append(key)
+                if self._free:
+                    slot = self._free.pop()
+                    self._names[slot] = key
+                else:
+                    slot = len(self._names)
+                    self._names.append(key)
+                self._keys[key] = slot
+                self._key_chars += len(key)
             out[i] = slot
         n, capacity = len(self._names), len(self._last)
         if n > capacity:
@@ -159,17 +182,66 @@ class SilenceDetector:
     # -- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        used = [i for i, name in enumerate(self._names) if name is not None]
         return {
-            "version": self.state_version,
-            "keys": list(self._names),
-            "counts": self._counts[: self.n_keys].copy(),
-            "last": self._last[: self.n_keys].copy(),
-            "alerted": self._alerted[: self.n_keys].copy(),
-            "hours": self._hours.copy(),
-            "clock": self._clock,
-            "next_check": self._next_check,
-            "peak": self._peak[: self.n_keys].copy(),
+            **self._base(),
+            "keys": [self._names[i] for i in used],
+            "counts": self._counts[used],
+            "last": self._last[used],
+            "alerted": self._alerted[used],
+            "peak": self._peak[used],  # not read back: recomputed (see load_state_dict)
         }
+
+    def _base(self) -> dict[str, Any]:
+        return {"version": self.state_version, "hours": self._hours.copy(), "clock": self._clock, "next_check": self._next_check}
+
+    # -- keyed state: bytes and shards (see detectors/base.py KeyedState) --------------------
+
+    def _row_bytes(self) -> int:
+        return self._counts.itemsize * BUCKETS + self._last.itemsize + self._alerted.itemsize + self._peak.itemsize
+
+    def state_bytes(self) -> int:
+        return self.n_keys * shards.KEY_OVERHEAD_BYTES + self._key_chars + len(self._last) * self._row_bytes()
+
+    def shrink(self, free_bytes: int) -> int:
+        """Forget keys (their slots are freed for new keys): those with fewer than
+        ``min_events`` events first, which cannot alert yet, then those silent for longest."""
+        freeable = self.n_keys * shards.KEY_OVERHEAD_BYTES + self._key_chars
+        n = int(self.n_keys * min(1.0, free_bytes / freeable)) if freeable else 0
+        if n <= 0:
+            return 0
+        used = np.array(sorted(self._keys.values()), dtype=np.int64)
+        ready = self._counts[used].sum(axis=1) >= self.min_events
+        dropped = used[np.lexsort((self._last[used], ready))][:n]
+        for slot in dropped.tolist():
+            name = self._names[slot]
+            assert name is not None
+            del self._keys[name]
+            self._key_chars -= len(name)
+            self._names[slot] = None
+            self._free.append(slot)
+        self._counts[dropped], self._last[dropped], self._alerted[dropped], self._peak[dropped] = 0.0, -math.inf, False, 0.0
+        self._changed.mark(dropped)
+        return len(dropped)
+
+    def state_shards(self, changed_only: bool) -> dict[str, Any]:
+        rows = {"counts": self._counts, "last": self._last, "alerted": self._alerted}
+        return {str(i): shards.cut(self._names, rows, i) for i in self._changed.take(self._allocated, changed_only)}
+
+    def base_state_dict(self) -> dict[str, Any]:
+        return {**self._base(), "shards": shards.shard_count(self._allocated)}
+
+    def merge_shards(self, base: dict[str, Any], shard_states: dict[str, Any]) -> dict[str, Any]:
+        n = base.get("shards")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise StateError(f"silence state has {n!r} shards", reason="corrupt")
+        missing = [i for i in range(n) if str(i) not in shard_states]
+        if missing:
+            raise StateError(f"silence state: shards {missing[:5]} of {n} not found", reason="incomplete")
+        keys, rows = shards.join((shard_states[str(i)] for i in range(n)), ("counts", "last", "alerted"), "silence state")
+        if not n:
+            rows = {"counts": np.zeros((0, BUCKETS)), "last": np.zeros(0), "alerted": np.zeros(0, dtype=bool)}
+        return {key: value for key, value in base.items() if key != "shards"} | {"keys": keys, **rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != self.state_version:
@@ -192,7 +264,8 @@ class SilenceDetector:
                 f"silence state has counts {counts.shape}, last {last.shape}, alerted {alerted.shape}, hours {hours.shape} "
                 f"for {n} keys; expected ({n}, {BUCKETS}), ({n},), ({n},), {self._hours.shape}"
             )
-        self._names, self._keys = names, {k: i for i, k in enumerate(names)}
+        self._names, self._keys, self._free = list(names), {k: i for i, k in enumerate(names)}, []
+        self._key_chars, self._changed = sum(map(len, names)), shards.ChangedShards()
         self._counts, self._last, self._alerted, self._hours = counts, last, alerted, hours
         self._clock, self._next_check = clock, next_check
         # Recomputed, not trusted: it must bound the current rates (see __init__).

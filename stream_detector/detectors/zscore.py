@@ -28,6 +28,7 @@ from stream_detector.detectors.base import Detector, Explanation, Step
 from stream_detector.detectors.zscore_kernel import factorize, global_scores, key_set_scores, max_abs
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
+from stream_detector.state import shards
 
 # Explanations give the expected range as the baseline's mean +- this many sd.
 EXPECTED_SD = 3.0
@@ -97,6 +98,9 @@ class _KeySetState:
     stats: _Stats
     keys: list[str | None] = field(default_factory=list)  # by slot; None: free
     free: list[int] = field(default_factory=list)
+    # Shards changed since the last checkpoint, and the characters of the keys held (bytes).
+    changed: shards.ChangedShards = field(default_factory=shards.ChangedShards)
+    key_chars: int = 0
     # Bounds on the keys' last_seen, so a batch need not scan every slot for idle keys: no key
     # was seen before ``oldest`` (a lower bound) and ``newest`` is the latest time of any key.
     # None: not known (a fresh or restored table), the next eviction scans.
@@ -116,7 +120,33 @@ class _KeySetState:
 
     @classmethod
     def of(cls, keys: list[str], stats: _Stats) -> _KeySetState:
-        return cls({key: i for i, key in enumerate(keys)}, stats, list(keys))
+        return cls({key: i for i, key in enumerate(keys)}, stats, list(keys), key_chars=sum(map(len, keys)))
+
+    def _row_bytes(self) -> int:
+        st = self.stats
+        return st.count.itemsize * 3 * st.count.shape[1] + st.last_seen.itemsize
+
+    def state_bytes(self) -> int:
+        """Estimated memory of the table: its keys (see state/shards.py) and its allocated rows."""
+        return len(self.slots) * shards.KEY_OVERHEAD_BYTES + self.key_chars + self.stats.count.shape[0] * self._row_bytes()
+
+    def key_bytes(self) -> int:
+        """The part of ``state_bytes`` that forgetting keys frees (rows stay allocated)."""
+        return len(self.slots) * shards.KEY_OVERHEAD_BYTES + self.key_chars
+
+    def forget(self, n: int, warmup: float) -> int:
+        """Drop ``n`` keys: those still warming up (fewer than ``warmup`` events) first, then
+        the least recently seen, so a flood of one-off keys displaces itself before the keys
+        with a baseline. The number dropped."""
+        used = np.fromiter(self.slots.values(), dtype=np.int64, count=len(self.slots))  # C speed; order is set below
+        n = min(n, len(used))
+        if n <= 0:
+            return 0
+        warm = self.stats.count[used].max(axis=1, initial=0.0) >= warmup
+        order = used[np.lexsort((self.stats.last_seen[used], warm))]
+        self.drop(order[:n])
+        self.oldest = self.newest = None  # not known any more: the next eviction scans
+        return n
 
     @property
     def allocated(self) -> int:
@@ -128,21 +158,28 @@ class _KeySetState:
         return reused + list(range(self.allocated, self.allocated + n - len(reused)))
 
     def add(self, new_keys: list[str]) -> None:
-        for key in new_keys:
-            if self.free:
-                slot = self.free.pop()
-                self.keys[slot] = key
-            else:
-                slot = len(self.keys)
-                self.keys.append(key)
-            self.slots[key] = slot
+        """Give the new keys slots in ``new_slots`` order: freed ones first, then new rows."""
+        slots = self.new_slots(len(new_keys))
+        reused = min(len(self.free), len(new_keys))
+        del self.free[len(self.free) - reused :]
+        for slot, key in zip(slots[:reused], new_keys, strict=False):
+            self.keys[slot] = key
+        self.keys.extend(new_keys[reused:])
+        self.slots.update(zip(new_keys, slots, strict=True))
+        self.changed.mark(slots)
+        self.key_chars += sum(map(len, new_keys))
         self.stats.ensure_capacity(self.allocated)
 
     def drop(self, slots: np.ndarray) -> None:
-        for slot in slots.tolist():
-            del self.slots[self.keys[slot]]
+        dropped = slots.tolist()
+        keys = [self.keys[slot] for slot in dropped]
+        for key in keys:
+            del self.slots[key]  # KeyError: a free slot (None) dropped
+        self.key_chars -= sum(map(len, keys))
+        for slot in dropped:
             self.keys[slot] = None
-            self.free.append(slot)
+        self.free.extend(dropped)
+        self.changed.mark(slots)
         st = self.stats
         st.count[slots], st.mean[slots], st.m2[slots], st.last_seen[slots] = 0.0, 0.0, 0.0, -np.inf
 
@@ -164,6 +201,7 @@ class _Update:
 
     def apply(self, state: _KeySetState) -> None:
         state.add(self.new_keys)
+        state.changed.mark(self.touched)
         st = state.stats
         st.count[self.touched] = self.count
         st.mean[self.touched] = self.mean
@@ -550,6 +588,9 @@ class ZScoreDetector(Detector):
                 "m2": st.m2[used],
                 "last_seen": st.last_seen[used],
             }
+        return self._with_tables(sets)
+
+    def _with_tables(self, sets: dict[str, dict]) -> dict:
         g = self._state.global_stats
         return {
             "version": self.state_version,
@@ -557,6 +598,57 @@ class ZScoreDetector(Detector):
             "key_sets": sets,
             "global": {"count": g.count.copy(), "mean": g.mean.copy(), "m2": g.m2.copy()},
         }
+
+    # -- keyed state: bytes and shards (see detectors/base.py KeyedState) --------------------
+
+    def state_bytes(self) -> int:
+        return sum(state.state_bytes() for state in self._state.key_sets.values())
+
+    def shrink(self, free_bytes: int) -> int:
+        """The same fraction of every table's keys (``_KeySetState.forget``)."""
+        freeable = sum(state.key_bytes() for state in self._state.key_sets.values())
+        if free_bytes <= 0 or not freeable:
+            return 0
+        fraction = min(1.0, free_bytes / freeable)
+        forgotten = sum(state.forget(int(len(state.slots) * fraction), self.warmup) for state in self._state.key_sets.values())
+        self._generation += 1
+        self._round_cache.clear()
+        return forgotten
+
+    def state_shards(self, changed_only: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for _, name in self._state_tables():
+            state = self._state.key_sets[name]
+            st = state.stats
+            rows = {"count": st.count, "mean": st.mean, "m2": st.m2, "last_seen": st.last_seen}
+            for i in state.changed.take(state.allocated, changed_only):
+                out[f"{name}/{i}"] = shards.cut(state.keys, rows, i)
+        return out
+
+    def base_state_dict(self) -> dict:
+        sets = {}
+        for ks, name in self._state_tables():
+            sets[name] = {"features": [self.features[j] for j in self._fidx[ks]], "shards": shards.shard_count(self._state.key_sets[name].allocated)}
+        return self._with_tables(sets)
+
+    def merge_shards(self, base: dict, shard_states: dict[str, Any]) -> dict:
+        try:
+            tables = dict(base["key_sets"])
+            for name, table in tables.items():
+                n = table["shards"]
+                if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                    raise StateError(f"zscore state of {name} has {n!r} shards", reason="corrupt")
+                missing = [i for i in range(n) if f"{name}/{i}" not in shard_states]
+                if missing:
+                    raise StateError(f"zscore state of {name}: shards {missing[:5]} of {n} not found", reason="incomplete")
+                width = len(table["features"])
+                keys, rows = shards.join((shard_states[f"{name}/{i}"] for i in range(n)), ("count", "mean", "m2", "last_seen"), f"zscore state of {name}")
+                if not n:
+                    rows = {k: np.zeros((0, width)) for k in ("count", "mean", "m2")} | {"last_seen": np.zeros(0)}
+                tables[name] = {"keys": keys, "features": table["features"], **rows}
+        except (KeyError, TypeError) as exc:
+            raise StateError(f"zscore state is malformed: {exc!r}", reason="corrupt") from None
+        return {**base, "key_sets": tables}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a snapshot; ``StateError`` if it does not fit the configured features and key

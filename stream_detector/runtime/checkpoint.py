@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from confluent_kafka import KafkaException, TopicPartition
 
 from stream_detector.runtime.delivery import FLUSH_LOG_EVERY_S, DeliveryTracker, Producing, flush, produce
-from stream_detector.state.changelog import snapshot_records
+from stream_detector.state.changelog import checkpoint_records
 
 if TYPE_CHECKING:
     from stream_detector.runtime.partitions import PartitionWork
@@ -78,6 +78,14 @@ class PendingCheckpoint:
     last_log: float = 0.0
 
 
+def state_records(topic: str, partition: int, work: PartitionWork) -> list[tuple[bytes, bytes]]:
+    """The changelog records of one partition's checkpoint: the shards of keys changed since
+    its previous one, then the snapshot of the rest (state/changelog.py)."""
+    assert work.position is not None
+    base, shards = work.pipeline.changelog_state(changed_only=True)
+    return checkpoint_records(topic, partition, work.position, base, shards, work.versions)
+
+
 def offsets(parts: Partitions) -> list[TopicPartition]:
     """The offsets to commit for checkpointed partitions (only those with a position are dirty)."""
     found = []
@@ -104,8 +112,10 @@ class Checkpoint:
         stopped_at: Callable[[], float | None] = lambda: None,
         check: Callable[[], None] = lambda: None,
         stopping: Callable[[], bool] = lambda: False,
+        on_state_written: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.tracker = tracker
+        self.on_state_written = on_state_written  # told the bytes of each checkpoint's state records
         self.changelog_topic = changelog_topic
         self.state_enabled = state_enabled
         self.stopped_at = stopped_at
@@ -124,8 +134,13 @@ class Checkpoint:
             return
         for (topic, partition), work in parts.items():
             assert work.position is not None
-            for key, value in snapshot_records(topic, partition, work.position, work.pipeline.state_dict()):
+            for key, value in self._state_records(topic, partition, work):
                 produce(producer, self.changelog_topic, key, value, None, self.tracker.callback(0.0, False), partition=partition)
+
+    def _state_records(self, topic: str, partition: int, work: PartitionWork) -> list[tuple[bytes, bytes]]:
+        records = state_records(topic, partition, work)
+        self.on_state_written(sum(len(key) + len(value) for key, value in records))
+        return records
 
     def begin(self, producer: CheckpointProducer) -> None:
         """Open the checkpoint interval (exactly-once: the transaction)."""
@@ -169,7 +184,7 @@ class AtLeastOnceCheckpoint(Checkpoint):
             for (topic, partition), work in parts.items():
                 assert work.position is not None
                 # Encoded now: the models keep learning while the records wait their turn.
-                records = snapshot_records(topic, partition, work.position, work.pipeline.state_dict())
+                records = self._state_records(topic, partition, work)
                 snapshots.extend((partition, key, value) for key, value in records)
         committed = offsets(parts)
         captured_at = time.monotonic()

@@ -151,7 +151,13 @@ class Daemon:
         self._tracker = DeliveryTracker(self.metrics)
         checkpoint = ExactlyOnceCheckpoint if self.exactly_once else AtLeastOnceCheckpoint
         self._checkpoints = checkpoint(
-            self._tracker, self.changelog_topic, settings.state.enabled, lambda: self._stopped_at, self._check_progress, self._stop.is_set
+            self._tracker,
+            self.changelog_topic,
+            settings.state.enabled,
+            lambda: self._stopped_at,
+            self._check_progress,
+            self._stop.is_set,
+            self.metrics.changelog_bytes.inc,
         )
         self._pending: PendingCheckpoint | None = None
         self._restorer = Restorer(settings, self.pipeline, self.metrics, self.changelog_topic)
@@ -468,11 +474,14 @@ class Daemon:
             if msg.error() is None or self._is_record(msg):
                 by_partition.setdefault((msg.topic(), msg.partition()), []).append(msg)
         batch_size = self.settings.processing.batch_size
+        budget = self.settings.state.max_bytes
         for (topic, partition), all_records in by_partition.items():
             assert topic is not None and partition is not None, "a consumed record without a topic or partition"
             work = self._partitions.get((topic, partition))
             if work is None:  # fetched before a revocation; the new owner reads it again
                 continue
+            # The process's state budget, shared by the partitions it owns now.
+            work.pipeline.max_state_bytes = None if budget is None else budget // len(self._partitions)
             for start in range(0, len(all_records), batch_size):
                 records = all_records[start : start + batch_size]
                 started = time.perf_counter()

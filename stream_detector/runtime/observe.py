@@ -46,6 +46,7 @@ def observe_batch(m: Metrics, pipeline: ScoringPipeline, scored: ScoredBatch, se
     m.events.labels("scored").inc(scored.decoded.features.n)
     m.events.labels("invalid").inc(len(scored.decoded.invalid))
     m.clamped.inc(len(scored.decoded.clamped))
+    m.keys_forgotten.inc(scored.result.forgotten_keys)
     observe_scores(m, scored.result)
     for detector in pipeline.detectors:
         loss = detector.last_train_loss
@@ -71,6 +72,7 @@ def observe_state(m: Metrics, detector_names: list[str], partitions: Partitions)
     for name in detector_names:
         ready = all(w.pipeline.calibrators[name].ready for w in works)
         m.calibrated.labels(name).set(1 if ready else 0)
+    m.state_bytes.set(sum(work.pipeline.state_bytes() for work in works))
     for work in works:
         for detector in work.pipeline.detectors:
             for ks, n in detector.n_keys().items():

@@ -20,6 +20,7 @@ from stream_detector.errors import StateError, UnrestorableStateError
 from stream_detector.metrics import Metrics
 from stream_detector.scoring.pipeline import ScoringPipeline
 from stream_detector.state.changelog import read_latest_snapshots
+from stream_detector.state.snapshot import Versions
 
 log = logging.getLogger("stream_detector.daemon")
 
@@ -39,6 +40,9 @@ class PartitionWork:
     # Monotonic time of its last checkpoint capture (or of its assignment): staggered
     # checkpoints take the partitions longest without one first.
     checkpointed_at: float = field(default_factory=time.monotonic)
+    # Which checkpoint wrote each of its state shards (state/changelog.py). Empty for new work:
+    # its pipeline is fresh or restored, so its first checkpoint writes every shard.
+    versions: Versions = field(default_factory=dict)
 
 
 class OffsetReader(Protocol):
@@ -141,7 +145,7 @@ class Restorer:
                 works[tp] = PartitionWork(pipeline, None)
                 continue
             try:
-                failures = pipeline.load_state_dict(found.state)
+                failures = pipeline.load_state_dict(found.state, found.shards)
             except StateError as exc:  # not a pipeline state at all: every part starts fresh
                 self.state_failure(tp, "snapshot", exc.reason, str(exc))
                 works[tp] = PartitionWork(copy.deepcopy(self.pipeline), None)

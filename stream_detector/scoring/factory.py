@@ -140,7 +140,7 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
             )
         )
     p = settings.processing
-    return ScoringPipeline(
+    pipeline = ScoringPipeline(
         detectors,
         calibrators,
         threshold=s.threshold,
@@ -148,6 +148,9 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
         feedback=build_feedback(settings),
         event_time=EventTimeGuard(p.max_future_skew, p.future_timestamps),
     )
+    # One pipeline holds the whole budget; the daemon shares it between its partitions.
+    pipeline.max_state_bytes = settings.state.max_bytes
+    return pipeline
 
 
 def build_feedback(settings: Settings) -> FeedbackMemory | None:

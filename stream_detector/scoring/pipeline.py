@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stream_detector.detectors.base import Detector, Step
+from stream_detector.detectors.base import Detector, KeyedState, Step
 from stream_detector.errors import StateError
 from stream_detector.events.event_time import EventTimeGuard
 from stream_detector.features import FeatureBatch
@@ -79,6 +79,8 @@ class BatchResult:
     # detector -> natural log of the tail probability (n,), not floored; left out: the log of
     # ``probability`` (a result built without the calibrators' logs).
     log_probability: dict[str, np.ndarray] = field(default_factory=dict)
+    # Keys forgotten after this batch to keep the state within ``max_state_bytes``.
+    forgotten_keys: int = 0
 
     def __post_init__(self) -> None:
         if not self.log_probability:
@@ -140,6 +142,11 @@ class ScoringPipeline:
         # scoring/batch.py before decoding finishes; kept here so the watermark travels in the
         # same state snapshot and survives a restart.
         self.event_time = event_time if event_time is not None else EventTimeGuard()
+        # Bytes the per-key state may hold (None: no bound). After each batch, the parts over
+        # it forget their least recently seen keys down to 90 % of it, in proportion to their
+        # size, so a flood of new keys costs a bounded amount of memory (the daemon sets it
+        # from state.max_bytes, shared by the partitions it owns).
+        self.max_state_bytes: int | None = None
 
     @property
     def detector_names(self) -> list[str]:
@@ -160,7 +167,34 @@ class ScoringPipeline:
         result = _concat(parts, self.threshold)
         for timer in self.collective:
             result.collective.extend(timer.process(batch))
+        result.forgotten_keys = self.shrink_to(self.max_state_bytes)
         return result
+
+    # -- keyed state (detectors/base.py KeyedState) ------------------------------------------
+
+    def _keyed_parts(self) -> dict[str, KeyedState]:
+        return {f"detector:{d.name}": d for d in self.detectors} | {f"timer:{t.name}": t for t in self.collective}
+
+    def state_bytes(self) -> int:
+        """Estimated bytes of the per-key state of every part."""
+        return sum(part.state_bytes() for part in self._keyed_parts().values())
+
+    def shrink_to(self, max_bytes: int | None) -> int:
+        """Over ``max_bytes``, the keyed parts forget keys to come down to 90 % of it (the
+        margin spares a scan after every batch), each in proportion to its size; keys forgotten."""
+        total = self.state_bytes()
+        if max_bytes is None or total <= max_bytes:
+            return 0
+        excess = total - 0.9 * max_bytes
+        return sum(part.shrink(int(excess * part.state_bytes() / total)) for part in self._keyed_parts().values())
+
+    def changelog_state(self, changed_only: bool) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """What a checkpoint writes: ``state_dict`` without the keyed parts' shards, and those
+        shards by part (all, or only those changed since the last call when ``changed_only``).
+        ``load_state_dict(base, shards)`` reads them back."""
+        base = self.state_dict(sharded=True)
+        shards = {name: found for name, part in self._keyed_parts().items() if (found := part.state_shards(changed_only))}
+        return base, shards
 
     def _process_settled_prefix(self, batch: FeatureBatch, offset: int) -> BatchResult:
         # learn: what the detectors learn (not flagged, not rejected as a gross outlier);
@@ -286,22 +320,28 @@ class ScoringPipeline:
 
     # -- state -----------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, sharded: bool = False) -> dict[str, Any]:
+        """Every part's state; ``sharded``: the keyed parts' base states only (see
+        ``changelog_state``)."""
         return {
             "version": 1,
-            "detectors": {d.name: d.state_dict() for d in self.detectors},
+            "detectors": {d.name: d.base_state_dict() if sharded else d.state_dict() for d in self.detectors},
             "calibrators": {name: c.state_dict() for name, c in self.calibrators.items()},
-            "collective": {t.name: t.state_dict() for t in self.collective},
+            "collective": {t.name: t.base_state_dict() if sharded else t.state_dict() for t in self.collective},
             "feedback": self.feedback.state_dict() if self.feedback is not None else None,
             "event_time": self.event_time.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> list[PartFailure]:
+    def load_state_dict(self, state: dict[str, Any], shards: dict[str, dict[str, Any]] | None = None) -> list[PartFailure]:
         """Restore each part (detector, calibrator, timer, feedback) on its own; a part that does
         not load (damaged, or no longer fitting the configuration) stays fresh and is returned,
         while the others keep their state. A detector that stays fresh takes its calibrator with
         it: the calibrator learned the scores of the model that was dropped. A part the snapshot
         does not have (a detector enabled since) starts fresh without a failure.
+
+        ``shards``: a ``changelog_state`` was saved, ``state`` is its base and these are the
+        keyed parts' shards (by part name, ``detector:zscore``): each keyed part is merged from
+        the two; one whose shards are missing stays fresh (reason ``incomplete``).
 
         ``StateError`` if the snapshot as a whole is not a pipeline state of this version.
         """
@@ -314,7 +354,7 @@ class ScoringPipeline:
         for i, detector in enumerate(self.detectors):
             name = detector.name
             if name in detectors:
-                loaded = _load_part(f"detector:{name}", detector, detectors[name], failures)
+                loaded = _load_part(f"detector:{name}", detector, detectors[name], failures, shards)
                 if loaded is None:
                     reset.add(name)
                 else:
@@ -328,7 +368,7 @@ class ScoringPipeline:
                     self.calibrators[name] = loaded
         for i, timer in enumerate(self.collective):
             if timer.name in timers:
-                loaded = _load_part(f"timer:{timer.name}", timer, timers[timer.name], failures)
+                loaded = _load_part(f"timer:{timer.name}", timer, timers[timer.name], failures, shards)
                 if loaded is not None:
                     self.collective[i] = loaded
         if self.feedback is not None and state.get("feedback"):
@@ -348,13 +388,16 @@ def _section(state: dict[str, Any], key: str) -> dict[str, Any]:
     return section if isinstance(section, dict) else {}
 
 
-def _load_part(part: str, owner: Any, state: Any, failures: list[PartFailure]) -> Any:
-    """A copy of ``owner`` with ``state`` loaded, or None (and a failure) if it does not load.
-    Loaded into a copy, so a part that fails half-way leaves nothing half-restored."""
+def _load_part(part: str, owner: Any, state: Any, failures: list[PartFailure], shards: dict[str, dict[str, Any]] | None = None) -> Any:
+    """A copy of ``owner`` with ``state`` loaded (merged with its ``shards`` first, when the
+    state was saved sharded), or None (and a failure) if it does not load. Loaded into a copy,
+    so a part that fails half-way leaves nothing half-restored."""
     candidate = copy.deepcopy(owner)
     try:
         if not isinstance(state, dict):
             raise StateError(f"holds a {type(state).__name__}, not a dict", reason="corrupt")
+        if shards is not None:
+            state = candidate.merge_shards(state, shards.get(part, {}))
         candidate.load_state_dict(state)
     except StateError as exc:
         failures.append(PartFailure(part, exc.reason, str(exc)))

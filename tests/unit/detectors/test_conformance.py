@@ -11,7 +11,10 @@ Each detector the factory can build runs through the same checks of the contract
   the state encoding (``state/codec.py``, which holds no objects), and a snapshot of another
   version is refused with ``StateError``;
 - an empty batch scores to nothing and changes nothing; an event with missing features is
-  scored without error.
+  scored without error;
+- keyed state written as checkpoints write it (a base plus only the shards changed since the
+  previous checkpoint, ``KeyedState``) restores to the same detector, and ``shrink`` frees
+  about the bytes asked for.
 
 A new detector is added to ``DETECTORS`` below; its own test file covers what is specific to it.
 """
@@ -31,7 +34,7 @@ from stream_detector.events.decode import decode_batch
 from stream_detector.features import FeatureBatch
 from stream_detector.generator import GeneratorConfig, SalesGenerator
 from stream_detector.scoring.factory import build_autoencoder, event_schema
-from stream_detector.state import codec
+from stream_detector.state import codec, shards
 
 
 def _zscore() -> Detector:
@@ -155,6 +158,34 @@ def test_state_round_trip_continues_identically(make: Callable[[], Detector], st
     restored.load_state_dict(codec.decode(codec.encode(original.state_dict())))
     rest = stream.slice(400, stream.n)
     np.testing.assert_allclose(_scores_in_chunks(restored, rest, [50]), _scores_in_chunks(original, rest, [50]), rtol=RTOL, atol=ATOL)
+
+
+def test_state_from_changed_shards_continues_identically(make: Callable[[], Detector], stream: FeatureBatch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the changelog holds after several checkpoints (the newest copy of every shard,
+    each written only when it changed) restores the detector: a change that is not marked
+    leaves a stale shard, and the scores after the restore differ."""
+    monkeypatch.setattr(shards, "SHARD_SLOTS", 4)  # many shards from the stream's few keys
+    original = make()
+    latest: dict = {}
+    for start in range(0, 400, 80):
+        _scores_in_chunks(original, stream.slice(start, start + 80), [80])
+        latest.update(codec.decode(codec.encode(original.state_shards(changed_only=True))))
+    base = codec.decode(codec.encode(original.base_state_dict()))
+    restored = make()
+    restored.load_state_dict(restored.merge_shards(base, latest))
+    rest = stream.slice(400, stream.n)
+    np.testing.assert_allclose(_scores_in_chunks(restored, rest, [50]), _scores_in_chunks(original, rest, [50]), rtol=RTOL, atol=ATOL)
+
+
+def test_shrink_frees_about_the_bytes_asked_for(make: Callable[[], Detector], stream: FeatureBatch) -> None:
+    detector = make()
+    _scores_in_chunks(detector, stream.slice(0, 400), [100])
+    held = detector.state_bytes()
+    forgotten = detector.shrink(held // 2)
+    assert (forgotten > 0) == (held > 0)
+    assert detector.state_bytes() <= held - 0.3 * held  # allocated rows stay: not all of it
+    scores = _scores_in_chunks(detector, stream.slice(400, stream.n), [50])  # and it goes on
+    assert scores.shape == (stream.n - 400,)
 
 
 def test_foreign_state_version_is_refused(make: Callable[[], Detector], stream: FeatureBatch) -> None:

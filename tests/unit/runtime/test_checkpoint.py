@@ -96,7 +96,9 @@ class FakeConsumer:
 
 
 def _work(position: int) -> PartitionWork:
-    pipeline: Any = SimpleNamespace(state_dict=lambda: {"seen": position})
+    # A base state and one shard of keys (state/changelog.py), both written by a checkpoint.
+    shards = {"detector:zscore": {"store_id/0": {"keys": ["s1"]}}}
+    pipeline: Any = SimpleNamespace(changelog_state=lambda changed_only: ({"seen": position}, shards))
     return PartitionWork(pipeline, position, dirty=True)
 
 

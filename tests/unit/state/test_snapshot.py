@@ -24,7 +24,9 @@ def test_round_trip_over_several_chunks_in_any_order():
     state = big_state()
     chunks = encode_snapshot(state, "sales", 2, 1234)
     assert len(chunks) > 1 and all(len(c) <= snapshot.CHUNK_BYTES + 512 for c in chunks)
-    header, restored = decode_snapshot(list(reversed(chunks)))
+    found = decode_snapshot(list(reversed(chunks)))
+    header, restored = found.header, found.state
+    assert found.versions is None
     assert (header.format, header.topic, header.partition, header.position) == (snapshot.FORMAT_VERSION, "sales", 2, 1234)
     np.testing.assert_array_equal(restored["detectors"]["zscore"]["mean"], state["detectors"]["zscore"]["mean"])
     assert restored["n"] == 7
