@@ -26,8 +26,7 @@ import pytest
 
 from stream_detector.generator import GeneratorConfig, SalesGenerator
 from stream_detector.runtime.topics import ensure_topics
-from stream_detector.state.changelog import snapshot_records
-from stream_detector.state.snapshot import decode_snapshot, split_chunk
+from stream_detector.state.snapshot import Snapshot, SnapshotHeader, decode_snapshot, encode_snapshot, split_record
 from tests.daemon_helpers import DaemonProcess, child_env, metric, write_config
 from tests.kafka_helpers import produce_all, read_all, unique_name
 
@@ -101,10 +100,13 @@ def warm(kafka_bootstrap, tmp_path_factory) -> Warm:
     records = [(m.key(), m.value()) for m in read_all(kafka_bootstrap, f"{group}-state", idle=1.0)]
     by_snapshot: dict[str, list[bytes]] = {}
     for _, value in records:
-        by_snapshot.setdefault(split_chunk(value)[0].snapshot_id, []).append(value)
-    latest = by_snapshot[split_chunk(records[-1][1])[0].snapshot_id]
-    header, _ = decode_snapshot(latest)
-    assert header.position == WARM
+        header, _ = split_record(value)
+        if isinstance(header, SnapshotHeader):  # not a shard of keys
+            by_snapshot.setdefault(header.snapshot_id, []).append(value)
+    last, _ = split_record(records[-1][1])  # a checkpoint ends with its snapshot
+    assert isinstance(last, SnapshotHeader)
+    latest = by_snapshot[last.snapshot_id]
+    assert decode_snapshot(latest).header.position == WARM
     return Warm(kafka_bootstrap, input_topic, output_topic, dlq_topic, records, latest, WARM, tmp)
 
 
@@ -116,6 +118,12 @@ def _scores_more(warm: Warm, daemon: DaemonProcess, seed: int, fresh: bool = Fal
     scored = daemon.wait_for(lambda m: metric(m, SCORED) >= expected, 30, f"{expected} events scored after the restore")
     assert metric(scored, SCORED) == expected
     return scored
+
+
+def _rewritten(warm: Warm, snapshot: Snapshot) -> list[bytes]:
+    """The warm snapshot again, with its state as the test changed it: a newer snapshot that
+    names the same shards of keys."""
+    return encode_snapshot(snapshot.state, warm.input_topic, 0, snapshot.header.position, snapshot.versions)
 
 
 def _restored(daemon: DaemonProcess) -> dict[str, float]:
@@ -160,9 +168,9 @@ def test_a_river_model_pickle_with_a_bad_signature_runs_nothing(warm, tmp_path):
     state.signing_key (here from the environment). A snapshot whose model part is a crafted
     pickle with a made-up signature: the part is refused before unpickling, the rest restored."""
     marker = tmp_path / "pwned"
-    header, state = decode_snapshot(warm.latest)
-    state["detectors"]["river"] = {"version": 2, "model": "LODA", "pickle": pickle.dumps(_Marker(marker)), "hmac": "00" * 32}
-    crafted = [value for _, value in snapshot_records(warm.input_topic, 0, header.position, state)]
+    snapshot = decode_snapshot(warm.latest)
+    snapshot.state["detectors"]["river"] = {"version": 2, "model": "LODA", "pickle": pickle.dumps(_Marker(marker)), "hmac": "00" * 32}
+    crafted = _rewritten(warm, snapshot)
     key = {"STREAM_DETECTOR_STATE__SIGNING_KEY": "integration-test-signing-key"}
     daemon, _ = warm.restart(crafted, "river-pickle", env=key, river={"model": "LODA", "params": {}})
     try:
@@ -196,10 +204,10 @@ def test_headerless_records_are_skipped_and_a_corrupt_snapshot_starts_the_partit
 
 
 def test_a_part_of_the_wrong_shape_starts_fresh_and_the_other_detectors_keep_their_state(warm):
-    header, state = decode_snapshot(warm.latest)
-    engine = state["detectors"]["hst"]["engine"]
+    snapshot = decode_snapshot(warm.latest)
+    engine = snapshot.state["detectors"]["hst"]["engine"]
     engine["l_leaves"] = engine["l_leaves"][:, :-1]  # a leaf short in every tree
-    wrong = [value for _, value in snapshot_records(warm.input_topic, 0, header.position, state)]
+    wrong = _rewritten(warm, snapshot)
     daemon, _ = warm.restart(wrong, "shape")
     try:
         restored = _restored(daemon)
