@@ -1,6 +1,6 @@
 """The benchmark suite of the "Speed" issue: one command, one Markdown table, bench/results.json.
 
-    python -m bench.run [--quick] [--only scoring,hst,e2e,latency,memory,gpu,quality] [--json PATH]
+    python -m bench.run [--quick] [--only scoring,hst,e2e,latency,memory,gpu,quality,flood] [--json PATH]
 
 Run it from the repository root, with the project's virtual environment.
 
@@ -17,6 +17,9 @@ Sections (each compares with a baseline measured in the same run; see docs/bench
 6. ``gpu``: the autoencoder benchmark on CUDA vs CPU, when there is a CUDA device.
 7. ``quality``: detection quality with the stream split into input partitions, each with its own
    pipeline (what the daemon does), vs one pipeline (``bench/quality_at_scale.py``; no broker).
+8. ``flood``: the daemon draining generated events, then as many with three new 200-character ids
+   each (issue 19's key flood): throughput, RSS and checkpoint cost, vs the daemon of the commit
+   before bounded state (``bench/bench_flood.py``).
 
 Every section runs in its own child process (a crash or timeout loses only that section) and
 the table is printed to stdout once all have run; progress goes to stderr. The machine these
@@ -42,7 +45,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
-SECTIONS = ("scoring", "hst", "e2e", "latency", "memory", "gpu", "quality")
+SECTIONS = ("scoring", "hst", "e2e", "latency", "memory", "gpu", "quality", "flood")
 TITLES = {
     "scoring": "1. Scoring only",
     "hst": "2. HalfSpaceTrees",
@@ -51,6 +54,7 @@ TITLES = {
     "memory": "5. Memory",
     "gpu": "6. GPU",
     "quality": "7. Quality at scale",
+    "flood": "8. Key flood",
 }
 # Per-section wall-clock limits (seconds) for the child process.
 TIMEOUTS = {"quick": 420, "full": 720}
@@ -530,6 +534,82 @@ def section_quality(quick: bool) -> dict[str, Any]:
     return {"rows": rows, "data": r}
 
 
+# --------------------------------------------------------------------------------------------
+# 8. Key flood
+# --------------------------------------------------------------------------------------------
+
+
+def section_flood(quick: bool) -> dict[str, Any]:
+    """Issue 19's key flood: each tree drains a backlog of N generated events, then N with new
+    store, product and customer ids (``bench/bench_flood.py``)."""
+    from bench.bench_flood import ratio, run_flood
+
+    n = 30_000 if quick else 150_000
+    # A budget the flood passes (its keys would take about 2.3 KB an event), so that bounding
+    # the state in bytes is what is measured, not the key counts (zscore.max_keys).
+    r = run_flood(n, log=say, timeout=180.0 if quick else 540.0, max_bytes=(16 if quick else 64) * 1024 * 1024)
+    b, o = r["baseline"], r["ours"]
+    mib = 1024.0**2
+
+    def both(tree: dict[str, Any], key: str, scale: float = 1.0, digits: int = 0) -> str:
+        values = (tree[phase][key] for phase in ("normal", "flood"))
+        return " / ".join(num(None if v is None else v * scale, digits) for v in values)
+
+    def flood_ratio(key: str) -> str:
+        return times(ratio(o["flood"][key], b["flood"][key]))
+
+    budget = "none" if r["max_bytes"] is None else f"{r['max_bytes'] / mib:,.0f} MiB"
+    held = ", ".join(f"{ks} {k:,.0f}" for ks, k in o["flood"]["keys"].items())
+    rows = [
+        row(
+            f"events/s, {n:,} generated events (normal)",
+            rate(b["normal"]["events_per_s"]),
+            rate(o["normal"]["events_per_s"]),
+            times(ratio(o["normal"]["events_per_s"], b["normal"]["events_per_s"])),
+            f"baseline: the daemon of {r['base_rev']} (before bounded state); a backlog of 2 x {n:,} events on one input "
+            f"partition, default settings; rate between scrapes inside the phase",
+        ),
+        row(
+            f"events/s, the next {n:,} events with new {r['flood_id_chars']}-character store, product and customer ids (flood)",
+            rate(b["flood"]["events_per_s"]),
+            rate(o["flood"]["events_per_s"]),
+            flood_ratio("events_per_s"),
+            f"flood / normal: baseline {times(b['flood_vs_normal'])}, ours {times(o['flood_vs_normal'])} (issue 19 wants at least 0.5)",
+        ),
+        row(
+            "daemon RSS (MiB) after normal / after flood",
+            both(b, "rss_mib"),
+            both(o, "rss_mib"),
+            flood_ratio("rss_mib"),
+            f"peak: baseline {num(b['peak_rss_mib'])}, ours {num(o['peak_rss_mib'])} MiB; state.max_bytes {budget}; ours' "
+            f"stream_detector_state_bytes after normal / flood {both(o, 'state_bytes', 1 / mib)} MiB",
+        ),
+        row(
+            "changelog MB per checkpoint, normal / flood",
+            both(b, "changelog_bytes_per_checkpoint", 1e-6, 2),
+            both(o, "changelog_bytes_per_checkpoint", 1e-6, 2),
+            "-",
+            f"checkpoints normal / flood: baseline {both(b, 'checkpoints')}, ours {both(o, 'checkpoints')}; "
+            f"the baseline has no stream_detector_changelog_bytes_total",
+        ),
+        row(
+            "checkpoint duration p50 (ms), normal / flood",
+            both(b, "checkpoint_p50_s", 1000),
+            both(o, "checkpoint_p50_s", 1000),
+            flood_ratio("checkpoint_p50_s"),
+            f"bucket-interpolated; mean normal / flood: baseline {both(b, 'checkpoint_mean_s', 1000)}, ours {both(o, 'checkpoint_mean_s', 1000)} ms",
+        ),
+        row(
+            "keys forgotten (after flood)",
+            num(b["flood"]["keys_forgotten"]),
+            num(o["flood"]["keys_forgotten"]),
+            "-",
+            f"ours holds after the flood: {held or 'n/a'}; invalid events: baseline {b['invalid']:.0f}, ours {o['invalid']:.0f}",
+        ),
+    ]
+    return {"rows": rows, "data": r}
+
+
 RUNNERS = {
     "scoring": section_scoring,
     "hst": section_hst,
@@ -538,6 +618,7 @@ RUNNERS = {
     "memory": section_memory,
     "gpu": section_gpu,
     "quality": section_quality,
+    "flood": section_flood,
 }
 
 
