@@ -212,8 +212,10 @@ def test_a_part_of_the_wrong_shape_starts_fresh_and_the_other_detectors_keep_the
     try:
         restored = _restored(daemon)
         assert failures(restored, "incompatible") == 1
-        # The half-space trees and their calibrator start fresh; the others are restored.
-        assert calibrated(restored, "hst") == 0 and calibrated(restored, "duplicates") == 1
+        # The half-space trees and their calibrator start fresh (the log line below; their
+        # calibrated gauge is no proof: the events earlier tests added are scored at once after
+        # the restore, and 200 of them make the fresh calibrator ready); the others are restored.
+        assert calibrated(restored, "duplicates") == 1
         _scores_more(warm, daemon, seed=33)
     finally:
         assert daemon.stop() == 0, daemon.log_tail()
@@ -226,11 +228,12 @@ def test_a_changed_detector_setting_over_a_snapshot_resets_that_detector_only(wa
     try:
         restored = _restored(daemon)
         assert failures(restored, "incompatible") == 1
-        assert calibrated(restored, "hst") == 0 and calibrated(restored, "duplicates") == 1
+        assert calibrated(restored, "duplicates") == 1  # hst: see the test above
         _scores_more(warm, daemon, seed=34)
     finally:
         assert daemon.stop(signal.SIGTERM) == 0, daemon.log_tail()
-    assert "n_trees" in daemon.log_path.read_text()
+    text = daemon.log_path.read_text()
+    assert "n_trees" in text and "detector:hst not restored (incompatible)" in text
 
 
 def test_on_unreadable_fail_stops_with_one_clear_error(warm):
