@@ -17,13 +17,17 @@ moves the daemon's offsets. Every partition of ``kafka.input_topic`` is read
 * and at most ``--limit K`` records in all.
 
 Records are consumed ``processing.batch_size`` at a time, as the daemon does, decoded and
-scored by ``score_batch`` with a freshly built pipeline (no saved model state: the first
-``scoring.calibration_min_events`` events cannot raise anomalies). Nothing is produced: the
-summary says how many anomalies *would* have been raised and how often each detector fired.
+scored by ``score_batch`` with a freshly built pipeline per input partition, as the daemon
+keeps one per partition it owns (with ``state.max_bytes`` shared between them), so a backtest
+raises what a daemon that started from the same offsets with no saved state would raise (no
+saved model state: the first ``scoring.calibration_min_events`` events of each partition
+cannot raise anomalies). Nothing is produced: the summary says how many anomalies *would*
+have been raised and how often each detector fired.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
@@ -173,7 +177,9 @@ def backtest(
     """Score ``kafka.input_topic`` from an offset or a time (module docstring); produce nothing.
 
     ``on_batch(records, decoded, result)`` is called after each scored batch (for tests and
-    tools). ``from_timestamp`` is an ISO string or epoch milliseconds.
+    tools); a batch holds one partition's records. ``pipeline``: the fresh pipeline each
+    partition starts from (default: built from ``settings``). ``from_timestamp`` is an ISO
+    string or epoch milliseconds.
     """
     if (from_offset is None) == (from_timestamp is None):
         raise ConfigError("give exactly one of --from-offset and --from-timestamp")
@@ -200,11 +206,22 @@ def backtest(
         active = [TopicPartition(topic, p.partition, p.start) for p in ranges.values() if not p.done and p.start is not None]
         if active:
             consumer.assign(active)
-            _consume(consumer, ranges, summary, pipeline, schema, settings, ts_ms, from_offset, limit, on_batch, progress, idle_timeout_s)
+            pipelines = _per_partition(pipeline, ranges, settings.state.max_bytes)
+            _consume(consumer, ranges, summary, pipelines, schema, settings, ts_ms, from_offset, limit, on_batch, progress, idle_timeout_s)
     finally:
         consumer.close()
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _per_partition(fresh: ScoringPipeline, ranges: dict[int, PartitionRange], max_bytes: int | None) -> dict[int, ScoringPipeline]:
+    """A copy of ``fresh`` for every partition, with the daemon's share of the state budget
+    (an instance that owns all of them)."""
+    pipelines = {}
+    for partition in ranges:
+        pipelines[partition] = pipeline = copy.deepcopy(fresh)
+        pipeline.max_state_bytes = None if max_bytes is None else max_bytes // len(ranges)
+    return pipelines
 
 
 def _plan(consumer: Consumer, topic: str, from_offset: int | None, ts_ms: int | None, until: int | None) -> dict[int, PartitionRange]:
@@ -241,7 +258,7 @@ def _consume(
     consumer: Consumer,
     ranges: dict[int, PartitionRange],
     summary: BacktestSummary,
-    pipeline: ScoringPipeline,
+    pipelines: dict[int, ScoringPipeline],
     schema: EventSchema,
     settings: Settings,
     ts_ms: int | None,
@@ -253,7 +270,7 @@ def _consume(
 ) -> None:
     batch_size = settings.processing.batch_size
     max_wait_s = settings.processing.max_wait_ms / 1000.0
-    names = pipeline.detector_names
+    names = next(iter(pipelines.values())).detector_names
     reasons: Counter[str] = Counter()
     # Until a partition has given a record at or after the start time, skip earlier ones.
     reached_time = {p: ts_ms is None for p in ranges}
@@ -270,7 +287,7 @@ def _consume(
             log.warning("nothing received for %.0f s; stopping before the end of %s", idle_timeout_s, [p.partition for p in ranges.values() if not p.done])
             summary.stopped_by = "idle"
             return
-        records = []
+        records: dict[int, list[Message]] = {}
         for msg in messages:
             err = msg.error()
             partition = msg.partition()  # None only on errors that concern no partition
@@ -301,28 +318,27 @@ def _consume(
                     part.skipped_before_start += 1
                     continue
                 reached_time[part.partition] = True
-            records.append(msg)
+            records.setdefault(part.partition, []).append(msg)
             part.records += 1
             part.first = offset if part.first is None else part.first
             part.last = offset
             if part.end is not None and offset >= part.end - 1:
                 part.done = True
-        if not records:
-            continue
-        scored = score_batch(pipeline, schema, [m.value() for m in records])
-        decoded, result = scored.decoded, scored.result
-        summary.records += len(records)
-        summary.events += decoded.features.n
-        summary.invalid += len(decoded.invalid)
-        reasons.update(bad.reason for bad in decoded.invalid)
-        summary.invalid_by_reason = dict(reasons)
-        summary.anomalies += int(result.is_anomaly.sum())
-        fired = result.fired()
-        for name in names:
-            summary.fired[name] += int(fired[name].sum())
-        if on_batch is not None:
-            on_batch(records, decoded, result)
-        if progress is not None:
+        for partition, batch in records.items():
+            scored = score_batch(pipelines[partition], schema, [m.value() for m in batch])
+            decoded, result = scored.decoded, scored.result
+            summary.records += len(batch)
+            summary.events += decoded.features.n
+            summary.invalid += len(decoded.invalid)
+            reasons.update(bad.reason for bad in decoded.invalid)
+            summary.invalid_by_reason = dict(reasons)
+            summary.anomalies += int(result.is_anomaly.sum())
+            fired = result.fired()
+            for name in names:
+                summary.fired[name] += int(fired[name].sum())
+            if on_batch is not None:
+                on_batch(batch, decoded, result)
+        if records and progress is not None:
             progress(summary.records)
     if limit is not None and summary.records >= limit:
         summary.stopped_by = "limit"

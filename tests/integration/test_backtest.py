@@ -18,7 +18,8 @@ from stream_detector.config import load_settings
 from stream_detector.generator import GeneratorConfig, SalesGenerator
 from stream_detector.runtime.backtest import backtest
 from stream_detector.runtime.replay import replay
-from tests.kafka_helpers import produce_all, unique_name
+from tests.daemon_helpers import DaemonProcess, metric, write_config
+from tests.kafka_helpers import produce_all, read_all, unique_name
 from tests.paths import REPO_ROOT
 
 INVALID = [b"{not json", b'{"event_id": "x-1", "amount": 1.0}', b"[1, 2]"]  # invalid_json, missing_field, not_an_object
@@ -96,6 +97,32 @@ def test_same_decisions_as_replay_on_one_partition(kafka_bootstrap, make_topics,
     assert summary.events == len(events)
     assert flagged == replayed
     assert len(flagged) > 0
+
+
+def test_raises_what_the_daemon_raises_over_several_partitions(kafka_bootstrap, make_topics, tmp_path):
+    """The daemon keeps a pipeline per input partition; so does a backtest, which therefore
+    flags the same events as a daemon that read the same topic from the start (one pipeline
+    for all partitions, as before, flagged others: the models saw another mix of events)."""
+    topic = make_topics(partitions=3, prefix="bt-daemon")[0]
+    output_topic, dlq_topic = make_topics(partitions=1, n=2, prefix="bt-out")
+    events = _events(4500, seed=15)
+    produce_all(kafka_bootstrap, topic, ((e["store_id"].encode(), orjson.dumps(e)) for e in events))
+    sections = {
+        "scoring": {"calibration_window": 500, "calibration_min_events": 200, "calibration_refresh": 100},
+        "autoencoder": {"enabled": False},  # no torch import: a faster start
+    }
+    config = write_config(tmp_path / "daemon.yaml", kafka_bootstrap, topic, output_topic, dlq_topic, unique_name("g"), **sections)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        daemon.wait_for(lambda m: metric(m, 'stream_detector_events_total{outcome="scored"}') >= len(events), 90, "every event scored")
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()
+    raised = {r["event_id"] for r in map(orjson.loads, (m.value() for m in read_all(kafka_bootstrap, output_topic, idle=2.0))) if r["event_id"]}
+
+    flagged: list[str] = []
+    backtest(_settings(config), from_offset=0, on_batch=lambda *a: _anomalous_ids(*a, into=flagged))
+    assert len(raised) > 20
+    assert set(flagged) == raised and len(flagged) == len(raised)
 
 
 def test_offset_range_and_limit(kafka_bootstrap, make_topics, tmp_path):
