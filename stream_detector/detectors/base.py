@@ -110,6 +110,9 @@ class Detector(KeyedState, ABC):
     device: str | None = None
     # False when ``state_dict`` leaves the learned state out (a River model without a signing key).
     saves_state: bool = True
+    # True when an event is scored against every key's events (no per-key baseline): after a
+    # level shift such a detector may not flag the shifted key alone (scoring/level_shift.py).
+    population: bool = False
 
     @abstractmethod
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
@@ -151,6 +154,15 @@ class Detector(KeyedState, ABC):
     def learning_keys(self) -> dict[str, int]:
         """Keys per key set still warming up (scored by a global baseline meanwhile)."""
         return {}
+
+    def relearn(self, key_set: str, key: str, mean: np.ndarray, var: np.ndarray, event_time: float) -> tuple[np.ndarray, np.ndarray, Any] | None:
+        """Move ``key``'s baseline in ``key_set`` to a new level (the mean and variance of a run
+        of its values, over the key set's features): (old means, new means, what
+        ``restore_rows`` needs to undo it). None: the detector has no per-key baseline."""
+        return None
+
+    def restore_rows(self, key_set: str, key: str, rows: Any) -> None:
+        """Undo a ``relearn`` (an analyst rejected the level shift)."""
 
     @property
     def last_train_loss(self) -> float | None:

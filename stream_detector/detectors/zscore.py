@@ -499,6 +499,75 @@ class ZScoreDetector(Detector):
         state.oldest, state.newest = (float(remaining.min()), float(remaining.max())) if remaining.size else (np.inf, -np.inf)
         return state
 
+    # -- level shifts (scoring/level_shift.py) ---------------------------------------------
+
+    def relearn(self, key_set: str, key: str, mean: np.ndarray, var: np.ndarray, event_time: float) -> tuple[np.ndarray, np.ndarray, Any]:
+        """Move ``key``'s baseline to the level of a run of its values (``mean``, ``var`` over
+        the key set's features). A warm key keeps its spread and its seasonal shape: the key
+        row and its seasonal rows move by the change of level on each feature that moved by at
+        least one sd. A key still learning takes the run's statistics as a warm baseline."""
+        fi = self._fidx[key_set]
+        state = self._state.key_sets[key_set]
+        if key not in state.slots:
+            state.add([key])
+        slot = state.slots[key]
+        st = state.stats
+        undo = self._rows_of(key_set, key)
+        old = st.mean[slot].copy()
+        if st.count[slot].max(initial=0.0) >= self.warmup:
+            moved = np.abs(mean - old) >= self._std(st.count[slot], st.m2[slot], self._min_std[fi])
+            delta = np.where(moved, mean - old, 0.0)
+            st.mean[slot] += delta
+        else:
+            delta = np.where(st.count[slot] > 0, mean - old, 0.0)
+            st.count[slot], st.mean[slot], st.m2[slot] = float(self.warmup), mean, var * (self.warmup - 1)
+        st.last_seen[slot] = max(st.last_seen[slot], event_time)
+        state.changed.mark(np.array([slot]))
+        for name, slots in self._seasonal_slots(key_set, key):
+            table = self._state.key_sets[name]
+            table.stats.mean[slots] += np.where(table.stats.count[slots] > 0, delta, 0.0)
+            table.changed.mark(slots)
+        self._generation += 1
+        self._round_cache.clear()
+        return old, st.mean[slot].copy(), undo
+
+    def restore_rows(self, key_set: str, key: str, rows: Any) -> None:
+        """Put back the rows ``relearn`` replaced (its ``undo``): the key's old baseline."""
+        for name, names, count, mean, m2, last_seen in rows:
+            state = self._state.key_sets[name]
+            new = [k for k in names if k not in state.slots]
+            if new:
+                state.add(new)
+            slots = np.array([state.slots[k] for k in names], dtype=np.int64)
+            st = state.stats
+            st.count[slots], st.mean[slots], st.m2[slots] = count, mean, m2
+            st.last_seen[slots] = np.maximum(st.last_seen[slots], last_seen)
+            state.changed.mark(slots)
+        self._generation += 1
+        self._round_cache.clear()
+
+    def _seasonal_slots(self, key_set: str, key: str) -> list[tuple[str, np.ndarray]]:
+        """(table, slots) of the key's rows in each seasonal table of its key set."""
+        out = []
+        for period in self.key_set_seasonality[key_set]:
+            name = _level(key_set, period)
+            slots = self._state.key_sets[name].slots
+            found = [s for label in seasons.labels(period) if (s := slots.get(key + label)) is not None]
+            out.append((name, np.array(found, dtype=np.int64)))
+        return out
+
+    def _rows_of(self, key_set: str, key: str) -> list[tuple[str, list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """The key's rows in every table of its key set, as plain data (what ``restore_rows`` reads)."""
+        state = self._state.key_sets[key_set]
+        tables = [(key_set, np.array([state.slots[key]], dtype=np.int64))] + self._seasonal_slots(key_set, key)
+        out = []
+        for name, slots in tables:
+            table = self._state.key_sets[name]
+            st = table.stats
+            names = [str(table.keys[s]) for s in slots.tolist()]
+            out.append((name, names, st.count[slots].copy(), st.mean[slots].copy(), st.m2[slots].copy(), st.last_seen[slots].copy()))
+        return out
+
     # -- introspection ---------------------------------------------------------------------
 
     def n_keys(self) -> dict[str, int]:

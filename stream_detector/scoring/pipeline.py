@@ -34,6 +34,7 @@ from stream_detector.events.event_time import EventTimeGuard
 from stream_detector.features import FeatureBatch
 from stream_detector.scoring import fusion
 from stream_detector.scoring.calibration import ScoreCalibrator
+from stream_detector.scoring.level_shift import LevelShift, LevelShiftTracker
 
 if TYPE_CHECKING:  # numba-compiled at import: loaded by the factory only when silence is enabled
     from stream_detector.detectors.silence import SilenceAlert, SilenceDetector
@@ -51,7 +52,7 @@ class Segment:
 @dataclass(frozen=True)
 class PartFailure:
     """A part of a snapshot that was not restored (it started fresh): ``part`` is
-    ``detector:<name>``, ``calibrator:<name>``, ``timer:<name>``, ``feedback`` or ``event_time``; ``reason`` is
+    ``detector:<name>``, ``calibrator:<name>``, ``timer:<name>``, ``feedback``, ``level_shifts`` or ``event_time``; ``reason`` is
     a ``StateError`` reason (errors.STATE_FAILURE_REASONS)."""
 
     part: str
@@ -81,6 +82,8 @@ class BatchResult:
     log_probability: dict[str, np.ndarray] = field(default_factory=dict)
     # Keys forgotten after this batch to keep the state within ``max_state_bytes``.
     forgotten_keys: int = 0
+    # Level shifts declared in this batch, in order (scoring/level_shift.py).
+    level_shifts: list[LevelShift] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.log_probability:
@@ -125,6 +128,7 @@ class ScoringPipeline:
         collective: list[SilenceDetector] | None = None,
         feedback: Any = None,
         event_time: EventTimeGuard | None = None,
+        level_shifts: LevelShiftTracker | None = None,
     ) -> None:
         if not detectors:
             raise ValueError("at least one detector must be enabled")
@@ -142,6 +146,9 @@ class ScoringPipeline:
         # scoring/batch.py before decoding finishes; kept here so the watermark travels in the
         # same state snapshot and survives a restart.
         self.event_time = event_time if event_time is not None else EventTimeGuard()
+        # Lasting changes of a key's level (scoring/level_shift.py): declared at the event that
+        # completes the run, where the batch is cut so the rest sees the re-learned key.
+        self.level_shifts = level_shifts
         # Bytes the per-key state may hold (None: no bound). After each batch, the parts over
         # it forget their least recently seen keys down to 90 % of it, in proportion to their
         # size, so a flood of new keys costs a bounded amount of memory (the daemon sets it
@@ -201,6 +208,8 @@ class ScoringPipeline:
         # calibrate: what enters the calibrators' reference windows (not flagged).
         learn = np.ones(batch.n, dtype=bool)
         calibrate = np.ones(batch.n, dtype=bool)
+        # Events of keys adapting to a level shift: the population models may not flag them alone.
+        adapting = self.level_shifts.adapting_mask(batch) if self.level_shifts is not None else None
         # Exact steps by detector, with the learn mask they were scored with: a round whose mask
         # a detector already scored (only the calibrate mask changed, or a guess is confirmed)
         # reuses the step instead of scoring the batch again.
@@ -212,11 +221,11 @@ class ScoringPipeline:
         for rounds in range(1, self.max_rounds + 1):
             steps, probs, logs, cal_states, all_exact = self._score(batch, learn, calibrate, exact, guessing)
             guessing = False
-            fused, flagged = self._decide(probs)
+            fused, flagged = self._decide(probs, adapting)
             new_learn = ~flagged & ~_rejected(steps, batch.n)
             if np.array_equal(new_learn, learn) and np.array_equal(~flagged, calibrate):
                 if all_exact:
-                    return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
+                    return self._commit_until_shift(batch, offset, learn, calibrate, adapting, (steps, probs, logs, cal_states), fused, flagged, rounds)
                 continue  # confirm the guessed detectors with exact scores for the same masks
             if all_exact:
                 changed = int(np.flatnonzero((new_learn != learn) | (~flagged != calibrate))[0])
@@ -225,9 +234,40 @@ class ScoringPipeline:
         # Redo them alone and commit.
         prefix = max(changed, 1)
         sub = batch.slice(0, prefix)
-        steps, probs, logs, cal_states, _ = self._score(sub, learn[:prefix], calibrate[:prefix], {}, False)
-        fused, flagged = self._decide(probs)
-        return self._commit(sub, offset, steps, probs, logs, cal_states, fused, flagged, self.max_rounds + 1)
+        scored = self._score(sub, learn[:prefix], calibrate[:prefix], {}, False)[:4]
+        sub_adapting = adapting[:prefix] if adapting is not None else None
+        fused, flagged = self._decide(scored[1], sub_adapting)
+        return self._commit_until_shift(sub, offset, learn[:prefix], calibrate[:prefix], sub_adapting, scored, fused, flagged, self.max_rounds + 1)
+
+    def _commit_until_shift(self, batch, offset, learn, calibrate, adapting, scored, fused, flagged, rounds) -> BatchResult:
+        """Commit a settled segment, or only its events up to the first that declares a level
+        shift (scored again alone: the same scores, by the sequential semantics), then apply the
+        shift so the events after it see the re-learned key."""
+        tracker = self.level_shifts
+        steps, probs, logs, cal_states = scored
+        relearner = next((d for d in self.detectors if tracker is not None and d.name == tracker.detector), None)
+        if tracker is None or relearner is None:
+            return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
+        scan = tracker.scan(batch, steps[relearner.name].details["z"])
+        if scan.declared is None:
+            tracker.adopt(scan, batch)
+            return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
+        end = scan.declared + 1
+        if end < batch.n:
+            batch = batch.slice(0, end)
+            learn, calibrate = learn[:end], calibrate[:end]
+            adapting = adapting[:end] if adapting is not None else None
+            steps, probs, logs, cal_states, _ = self._score(batch, learn, calibrate, {}, False)
+            fused, flagged = self._decide(probs, adapting)
+        result = self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
+        tracker.adopt(scan, batch)
+        assert scan.run is not None and scan.where is not None
+        _, mean, var = tracker.run_statistics(scan.run)
+        ks, key, _ = scan.where
+        relearned = relearner.relearn(ks, key, mean, var, float(batch.event_time[-1]))
+        if relearned is not None:
+            result.level_shifts.append(tracker.declared(scan, batch, *relearned))
+        return result
 
     def _score(
         self,
@@ -260,10 +300,20 @@ class ScoringPipeline:
             probs[name], logs[name], cal_states[name] = self.calibrators[name].transform_with_log(step.scores, calibrate)
         return steps, probs, logs, cal_states, all_exact
 
-    def _decide(self, probs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Fused score and flags (scoring/fusion.py)."""
+    def _decide(self, probs: dict[str, np.ndarray], adapting: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Fused score and flags (scoring/fusion.py). An ``adapting`` event (its key adapts to
+        a level shift) is flagged only if a detector with a per-key view fires on it, so the
+        population models learn the key's new kind of event instead of flagging it for ever."""
         fused = fusion.fuse(probs)
-        return fused, fused > self.threshold
+        flagged = fused > self.threshold
+        if adapting is not None and adapting.any():
+            fired = fusion.fired(probs, self.threshold)
+            keyed = np.zeros(len(fused), dtype=bool)
+            for detector in self.detectors:
+                if not detector.population:
+                    keyed |= fired[detector.name]
+            flagged &= ~adapting | keyed
+        return fused, flagged
 
     def _commit(self, batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds) -> BatchResult:
         for detector in self.detectors:
@@ -330,6 +380,7 @@ class ScoringPipeline:
             "collective": {t.name: t.base_state_dict() if sharded else t.state_dict() for t in self.collective},
             "feedback": self.feedback.state_dict() if self.feedback is not None else None,
             "event_time": self.event_time.state_dict(),
+            "level_shifts": self.level_shifts.state_dict() if self.level_shifts is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any], shards: dict[str, dict[str, Any]] | None = None) -> list[PartFailure]:
@@ -375,6 +426,10 @@ class ScoringPipeline:
             loaded = _load_part("feedback", self.feedback, state["feedback"], failures)
             if loaded is not None:
                 self.feedback = loaded
+        if self.level_shifts is not None and state.get("level_shifts"):  # absent: none tracked yet
+            loaded = _load_part("level_shifts", self.level_shifts, state["level_shifts"], failures)
+            if loaded is not None:
+                self.level_shifts = loaded
         if "event_time" in state:  # absent from snapshots older than the guard: no watermark yet
             loaded = _load_part("event_time", self.event_time, state["event_time"], failures)
             if loaded is not None:
@@ -430,4 +485,5 @@ def _concat(parts: list[BatchResult], threshold: float) -> BatchResult:
         segments=[s for p in parts for s in p.segments],
         rounds=max(p.rounds for p in parts),
         log_probability={n: np.concatenate([p.log_probability[n] for p in parts]) for n in names},
+        level_shifts=[shift for p in parts for shift in p.level_shifts],
     )

@@ -1,0 +1,256 @@
+"""Level shifts: a key whose events keep deviating from its baseline in one direction.
+
+The detectors learn only the events the pipeline does not flag, so a key whose level moves for
+good (a price change, a store that changes format, a new store at another scale) would be
+flagged for ever. The tracker watches, per z-score key set, key and feature, the run of the
+key's latest events whose z-score points the same way, each at least ``min_z`` sd off and on
+average ``mean_z`` sd. When a run reaches ``lasting`` events the pipeline declares a level
+shift at that event: one change record, the z-score detector re-learns the key from the run's
+values (``Detector.relearn``), and for the key's next ``adapt_events`` events the population
+models (``Detector.population``) may not flag it alone, so they learn the new kind of event too.
+
+Short anomalies stay anomalies: on the generator (60,000 events, seed 5, with and without
+drift) the longest such run of an injected short anomaly is 5 events (a refund burst in one
+store) and no run of normal events reaches 8, so ``lasting`` defaults to 8.
+
+The tracker is sequential like the detectors: whether event ``i`` declares a shift depends only
+on the events before it and on its own z-scores. ``scan`` reads a settled segment without
+changing anything; ``adopt`` makes what it found current.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stream_detector.errors import StateError
+from stream_detector.features import FeatureBatch
+
+STATE_VERSION = 1
+# Declared shifts remembered so that feedback can reject one (the oldest go first).
+MAX_REMEMBERED = 1000
+
+
+@dataclass(frozen=True)
+class LevelShift:
+    """One declared shift: ``feature`` of ``key`` (in ``key_set``) moved from ``old_level`` to
+    ``new_level`` (the feature's units, e.g. log amount) over ``events`` events since ``began``."""
+
+    shift_id: str
+    key_set: str
+    key: str
+    feature: str
+    old_level: float
+    new_level: float
+    began: float  # event time of the run's first event
+    event_time: float  # event time of the event that declared it
+    events: int
+    event_id: str
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A key's current run on one feature: its direction, length, summed |z|, first event time,
+    and the sums of the key set's features over its events (to re-learn the key from)."""
+
+    direction: int
+    length: int
+    total_z: float
+    began: float
+    count: np.ndarray  # (F,) observed values per feature of the key set
+    total: np.ndarray
+    total_sq: np.ndarray
+
+
+@dataclass
+class Scan:
+    """What ``scan`` found in a segment: the runs after its events (up to and including the
+    first declaration), the declaring event (None: none) and its run."""
+
+    runs: dict[tuple[str, str, str], _Run]
+    declared: int | None = None
+    run: _Run | None = None
+    where: tuple[str, str, str] | None = None
+
+
+@dataclass
+class LevelShiftTracker:
+    """Runs per (key set, key, feature) over a z-score detector's scores (module docstring).
+
+    ``key_sets``: the detector's key sets in order, each with the names of its features (the
+    columns of its ``details["z"]`` are the detector's ``features``)."""
+
+    key_sets: dict[str, tuple[str, ...]]
+    features: tuple[str, ...]
+    lasting: int = 8
+    min_z: float = 2.0
+    mean_z: float = 3.0
+    adapt_events: int = 1000
+    detector: str = "zscore"
+    runs: dict[tuple[str, str, str], _Run] = field(default_factory=dict)
+    # (key set, key) -> events of the key still to come before the population models may flag
+    # it alone again.
+    adapting: dict[tuple[str, str], int] = field(default_factory=dict)
+    # shift id -> (key set, key, the rows ``relearn`` replaced), for a rejection.
+    undo: dict[str, tuple[str, str, Any]] = field(default_factory=dict)
+
+    # -- scanning ------------------------------------------------------------------------------
+
+    def scan(self, batch: FeatureBatch, z: np.ndarray) -> Scan:
+        """The runs after ``batch`` given its z-scores (n, key sets, features), up to and
+        including the first event that declares a shift (the first column wins a tie)."""
+        runs = dict(self.runs)
+        hits = [hit for column in self._columns(batch, z) if (hit := self._walk(*column, runs, declare=True)) is not None]
+        if not hits:
+            return Scan(runs)
+        index, where, run = min(hits, key=lambda hit: hit[0])
+        # Each column stopped at its own first declaration: walk them again up to ``index``.
+        runs = dict(self.runs)
+        for keys, ks, feature, zf, values, event_time in self._columns(batch, z):
+            self._walk(keys[: index + 1], ks, feature, zf[: index + 1], values[: index + 1], event_time[: index + 1], runs, declare=False)
+        for stale in [r for r in runs if r[:2] == where[:2]]:
+            del runs[stale]  # the key re-learns: every feature's run starts again
+        return Scan(runs, index, run, where)
+
+    def _columns(self, batch: FeatureBatch, z: np.ndarray) -> list[tuple[np.ndarray, str, str, np.ndarray, np.ndarray, np.ndarray]]:
+        """(keys, key set, feature, z of the feature, the key set's values, event times) per column."""
+        out = []
+        for k, (ks, names) in enumerate(self.key_sets.items()):
+            keys = batch.keys.get(ks)
+            if keys is None:
+                continue
+            values = batch.matrix(names)
+            out += [(keys, ks, feature, z[:, k, self.features.index(feature)], values, batch.event_time) for feature in names]
+        return out
+
+    def _walk(
+        self,
+        keys: np.ndarray,
+        ks: str,
+        feature: str,
+        z: np.ndarray,
+        values: np.ndarray,
+        event_time: np.ndarray,
+        runs: dict[tuple[str, str, str], _Run],
+        declare: bool,
+    ) -> tuple[int, tuple[str, str, str], _Run] | None:
+        """Walk one feature's events in order, updating ``runs``; with ``declare``, stop at the
+        first declaration and return (index, run key, run). Only the events of keys that have or
+        start a run are visited."""
+        with np.errstate(invalid="ignore"):
+            deviating = np.abs(z) >= self.min_z
+        # Every event of a key that has or starts a run: a non-deviating one ends the run.
+        watched = {key for (k2, key, f2) in runs if k2 == ks and f2 == feature} | set(keys[deviating].tolist())
+        if not watched:
+            return None
+        visit = np.isin(keys, list(watched))
+        for i in np.flatnonzero(visit).tolist():
+            key, zi = keys[i], float(z[i])
+            if key is None or np.isnan(zi):
+                continue
+            where = (ks, key, feature)
+            if abs(zi) < self.min_z:
+                runs.pop(where, None)
+                continue
+            run = runs.get(where)
+            direction = 1 if zi > 0 else -1
+            seen = ~np.isnan(values[i])
+            row = np.where(seen, values[i], 0.0)
+            if run is None or run.direction != direction:
+                run = _Run(direction, 1, abs(zi), float(event_time[i]), seen.astype(np.float64), row, row * row)
+            else:
+                run = _Run(direction, run.length + 1, run.total_z + abs(zi), run.began, run.count + seen, run.total + row, run.total_sq + row * row)
+            runs[where] = run
+            if declare and run.length >= self.lasting and run.total_z / run.length >= self.mean_z:
+                return i, where, run
+        return None
+
+    # -- adopting --------------------------------------------------------------------------------
+
+    def adopt(self, scan: Scan, batch: FeatureBatch) -> None:
+        """Make a scan's runs current and count the segment's events against the adapting keys
+        (``batch``: the segment, up to and including a declaration)."""
+        self.runs = scan.runs
+        if not self.adapting:
+            return
+        for (ks, key), left in list(self.adapting.items()):
+            keys = batch.keys.get(ks)
+            seen = int(np.count_nonzero(keys == key)) if keys is not None else 0
+            if seen >= left:
+                del self.adapting[(ks, key)]
+            else:
+                self.adapting[(ks, key)] = left - seen
+
+    def declared(self, scan: Scan, batch: FeatureBatch, old: np.ndarray, new: np.ndarray, undo: Any) -> LevelShift:
+        """Record the shift ``scan`` declared (after ``adopt``): the key adapts from now on."""
+        assert scan.declared is not None and scan.run is not None and scan.where is not None
+        ks, key, feature = scan.where
+        names = self.key_sets[ks]
+        j = names.index(feature)
+        i = scan.declared
+        event_id = str(batch.event_ids[i]) if len(batch.event_ids) else str(i)
+        shift = LevelShift(
+            shift_id=f"level_shift:{ks}:{key}:{feature}:{event_id}",
+            key_set=ks,
+            key=key,
+            feature=feature,
+            old_level=float(old[j]),
+            new_level=float(new[j]),
+            began=scan.run.began,
+            event_time=float(batch.event_time[i]),
+            events=scan.run.length,
+            event_id=event_id,
+        )
+        self.adapting[(ks, key)] = self.adapt_events
+        self.undo[shift.shift_id] = (ks, key, undo)
+        while len(self.undo) > MAX_REMEMBERED:
+            del self.undo[next(iter(self.undo))]
+        return shift
+
+    def adapting_mask(self, batch: FeatureBatch) -> np.ndarray:
+        """bool (n,): events of keys that adapt to a shift (within ``adapt_events`` of it)."""
+        mask = np.zeros(batch.n, dtype=bool)
+        for (ks, key), left in self.adapting.items():
+            keys = batch.keys.get(ks)
+            if keys is None:
+                continue
+            mine = np.flatnonzero(keys == key)
+            mask[mine[:left]] = True
+        return mask
+
+    @staticmethod
+    def run_statistics(run: _Run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(count, mean, variance) of the key set's features over a run's events."""
+        count = np.maximum(run.count, 1.0)
+        mean = run.total / count
+        var = np.maximum(run.total_sq / count - mean * mean, 0.0) * count / np.maximum(count - 1.0, 1.0)
+        return run.count, mean, var
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "runs": [[ks, key, f, r.direction, r.length, r.total_z, r.began, r.count, r.total, r.total_sq] for (ks, key, f), r in self.runs.items()],
+            "adapting": [[ks, key, left] for (ks, key), left in self.adapting.items()],
+            "undo": [[shift_id, ks, key, rows] for shift_id, (ks, key, rows) in self.undo.items()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise StateError(f"level shift state version {state.get('version')!r}, expected {STATE_VERSION}")
+        try:
+            runs = {}
+            for ks, key, f, direction, length, total_z, began, count, total, total_sq in state["runs"]:
+                width = len(self.key_sets[ks])
+                arrays = [np.asarray(a, dtype=np.float64) for a in (count, total, total_sq)]
+                if f not in self.key_sets[ks] or any(a.shape != (width,) for a in arrays):
+                    raise StateError(f"level shift run of {ks} {f} does not fit the key set")
+                runs[(str(ks), str(key), str(f))] = _Run(int(direction), int(length), float(total_z), float(began), *arrays)
+            adapting = {(str(ks), str(key)): int(left) for ks, key, left in state["adapting"]}
+            undo = {str(shift_id): (str(ks), str(key), rows) for shift_id, ks, key, rows in state["undo"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"level shift state is malformed: {exc!r}", reason="corrupt") from None
+        self.runs, self.adapting, self.undo = runs, adapting, undo
