@@ -27,7 +27,7 @@ from stream_detector.detectors import seasons, zscore_kernel
 from stream_detector.detectors.base import Detector, Explanation, Step
 from stream_detector.detectors.zscore_kernel import factorize, global_scores, key_set_scores, max_abs
 from stream_detector.errors import StateError
-from stream_detector.features import FeatureBatch
+from stream_detector.features import FeatureBatch, original_value
 from stream_detector.state import shards
 
 # Explanations give the expected range as the baseline's mean +- this many sd.
@@ -611,7 +611,7 @@ class ZScoreDetector(Detector):
         scope = f"the mean of {scope}"
         field, shown, typical = _in_original_units(feature, value, mean)
         direction = "above" if zf > 0 else "below"
-        low, high = (_original_value(feature, mean + sign * EXPECTED_SD * std) for sign in (-1, 1))
+        low, high = (original_value(feature, mean + sign * EXPECTED_SD * std) for sign in (-1, 1))
         reason = f"{field} {shown} is {abs(zf):.1f} sd {direction} {scope}, {typical}; expected {low:,.4g} to {high:,.4g}"
         if feature.startswith("log_"):
             reason += " (log scale)"
@@ -790,15 +790,6 @@ def _stack(groupings: list[_Grouping]) -> tuple[np.ndarray, _Prior, list[int]]:
         return np.ascontiguousarray(np.concatenate([g.prior[j] for g in groupings]))
 
     return groups, (stacked(0), stacked(1), stacked(2)), offsets
-
-
-def _original_value(feature: str, value: float) -> float:
-    """A feature value back in the event's units (log features are sign * log1p(|x|))."""
-    if feature == "log_price_ratio":
-        return float(np.exp(value))
-    if feature.startswith("log_"):
-        return float(np.sign(value) * np.expm1(abs(value)))
-    return float(value)
 
 
 def _in_original_units(feature: str, value: float, mean: float) -> tuple[str, str, str]:
