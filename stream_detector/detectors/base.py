@@ -161,6 +161,12 @@ class Detector(KeyedState, ABC):
         ``restore_rows`` needs to undo it). None: the detector has no per-key baseline."""
         return None
 
+    def focus(self, step: Step, key_sets: dict[str, np.ndarray]) -> np.ndarray | None:
+        """``step``'s scores with the events marked in ``key_sets`` (key set -> bool (n,))
+        judged by those key sets alone: a key adapting to its level shift is judged by its own
+        baseline, not by the other key sets its new level also moved. None: no such view."""
+        return None
+
     def restore_rows(self, key_set: str, key: str, rows: Any) -> None:
         """Undo a ``relearn`` (an analyst rejected the level shift)."""
 

@@ -531,6 +531,22 @@ class ZScoreDetector(Detector):
         self._round_cache.clear()
         return old, st.mean[slot].copy(), undo
 
+    def focus(self, step: Step, key_sets: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The scores with each marked event judged by its marked key sets only: the largest
+        |z| over them (0 where every one is missing)."""
+        marked = [(k, key_sets[ks]) for k, ks in enumerate(self.key_sets) if ks in key_sets]
+        if not marked:
+            return None
+        z = step.details["z"]
+        scores = step.scores.copy()
+        own = np.zeros(len(scores), dtype=bool)
+        best = np.zeros(len(scores))
+        for k, mask in marked:
+            best = np.where(mask, np.maximum(best, max_abs(np.ascontiguousarray(z[:, k : k + 1, :]))), best)
+            own |= mask
+        scores[own] = best[own]
+        return scores
+
     def restore_rows(self, key_set: str, key: str, rows: Any) -> None:
         """Put back the rows ``relearn`` replaced (its ``undo``): the key's old baseline."""
         for name, names, count, mean, m2, last_seen in rows:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -209,7 +210,7 @@ class ScoringPipeline:
         learn = np.ones(batch.n, dtype=bool)
         calibrate = np.ones(batch.n, dtype=bool)
         # Events of keys adapting to a level shift: the population models may not flag them alone.
-        adapting = self.level_shifts.adapting_mask(batch) if self.level_shifts is not None else None
+        adapting = self.level_shifts.adapting_masks(batch) if self.level_shifts is not None else {}
         # Exact steps by detector, with the learn mask they were scored with: a round whose mask
         # a detector already scored (only the calibrate mask changed, or a guess is confirmed)
         # reuses the step instead of scoring the batch again.
@@ -219,7 +220,7 @@ class ScoringPipeline:
         guessing = self.max_rounds >= 2
         changed = 0
         for rounds in range(1, self.max_rounds + 1):
-            steps, probs, logs, cal_states, all_exact = self._score(batch, learn, calibrate, exact, guessing)
+            steps, probs, logs, cal_states, all_exact = self._score(batch, learn, calibrate, exact, guessing, adapting)
             guessing = False
             fused, flagged = self._decide(probs, adapting)
             new_learn = ~flagged & ~_rejected(steps, batch.n)
@@ -234,8 +235,8 @@ class ScoringPipeline:
         # Redo them alone and commit.
         prefix = max(changed, 1)
         sub = batch.slice(0, prefix)
-        scored = self._score(sub, learn[:prefix], calibrate[:prefix], {}, False)[:4]
-        sub_adapting = adapting[:prefix] if adapting is not None else None
+        sub_adapting = {ks: mask[:prefix] for ks, mask in adapting.items()}
+        scored = self._score(sub, learn[:prefix], calibrate[:prefix], {}, False, sub_adapting)[:4]
         fused, flagged = self._decide(scored[1], sub_adapting)
         return self._commit_until_shift(sub, offset, learn[:prefix], calibrate[:prefix], sub_adapting, scored, fused, flagged, self.max_rounds + 1)
 
@@ -256,8 +257,8 @@ class ScoringPipeline:
         if end < batch.n:
             batch = batch.slice(0, end)
             learn, calibrate = learn[:end], calibrate[:end]
-            adapting = adapting[:end] if adapting is not None else None
-            steps, probs, logs, cal_states, _ = self._score(batch, learn, calibrate, {}, False)
+            adapting = {ks: mask[:end] for ks, mask in adapting.items()}
+            steps, probs, logs, cal_states, _ = self._score(batch, learn, calibrate, {}, False, adapting)
             fused, flagged = self._decide(probs, adapting)
         result = self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
         tracker.adopt(scan, batch)
@@ -276,6 +277,7 @@ class ScoringPipeline:
         calibrate: np.ndarray,
         exact: dict[str, tuple[np.ndarray, Step]],
         guessing: bool,
+        adapting: dict[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, Step], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any], bool]:
         steps: dict[str, Step] = {}
         probs: dict[str, np.ndarray] = {}
@@ -296,23 +298,29 @@ class ScoringPipeline:
             else:
                 step = detector.score(batch, learn)
                 exact[name] = (learn, step)
+            if adapting and guess is None:
+                # Events of keys adapting to a level shift are judged by their own key set.
+                focused = detector.focus(step, adapting)
+                if focused is not None:
+                    step = dataclasses.replace(step, scores=focused)
             steps[name] = step
             probs[name], logs[name], cal_states[name] = self.calibrators[name].transform_with_log(step.scores, calibrate)
         return steps, probs, logs, cal_states, all_exact
 
-    def _decide(self, probs: dict[str, np.ndarray], adapting: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _decide(self, probs: dict[str, np.ndarray], adapting: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Fused score and flags (scoring/fusion.py). An ``adapting`` event (its key adapts to
         a level shift) is flagged only if a detector with a per-key view fires on it, so the
         population models learn the key's new kind of event instead of flagging it for ever."""
         fused = fusion.fuse(probs)
         flagged = fused > self.threshold
-        if adapting is not None and adapting.any():
+        if adapting:
+            mine = np.logical_or.reduce(list(adapting.values()))
             fired = fusion.fired(probs, self.threshold)
             keyed = np.zeros(len(fused), dtype=bool)
             for detector in self.detectors:
                 if not detector.population:
                     keyed |= fired[detector.name]
-            flagged &= ~adapting | keyed
+            flagged &= ~mine | keyed
         return fused, flagged
 
     def _commit(self, batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds) -> BatchResult:
