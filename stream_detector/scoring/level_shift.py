@@ -56,12 +56,14 @@ class LevelShift:
 @dataclass(frozen=True)
 class _Run:
     """A key's current run on one feature: its direction, length, summed |z|, first event time,
-    and the sums of the key set's features over its events (to re-learn the key from)."""
+    summed baselines, and the sums of the key set's features over its events (to re-learn the
+    key from)."""
 
     direction: int
     length: int
     total_z: float
     began: float
+    baseline: float  # summed baseline means the run's z-scores were measured against
     count: np.ndarray  # (F,) observed values per feature of the key set
     total: np.ndarray
     total_sq: np.ndarray
@@ -101,31 +103,38 @@ class LevelShiftTracker:
 
     # -- scanning ------------------------------------------------------------------------------
 
-    def scan(self, batch: FeatureBatch, z: np.ndarray) -> Scan:
-        """The runs after ``batch`` given its z-scores (n, key sets, features), up to and
-        including the first event that declares a shift (the first column wins a tie)."""
+    def scan(self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray) -> Scan:
+        """The runs after ``batch`` given its z-scores and the baseline means they were measured
+        against (both (n, key sets, features)), up to and including the first event that
+        declares a shift (the first column wins a tie)."""
         runs = dict(self.runs)
-        hits = [hit for column in self._columns(batch, z) if (hit := self._walk(*column, runs, declare=True)) is not None]
+        hits = [hit for column in self._columns(batch, z, baseline) if (hit := self._walk(*column, runs, declare=True)) is not None]
         if not hits:
             return Scan(runs)
         index, where, run = min(hits, key=lambda hit: hit[0])
         # Each column stopped at its own first declaration: walk them again up to ``index``.
         runs = dict(self.runs)
-        for keys, ks, feature, zf, values, event_time in self._columns(batch, z):
-            self._walk(keys[: index + 1], ks, feature, zf[: index + 1], values[: index + 1], event_time[: index + 1], runs, declare=False)
+        for keys, ks, feature, zf, bf, values, event_time in self._columns(batch, z, baseline):
+            end = index + 1
+            self._walk(keys[:end], ks, feature, zf[:end], bf[:end], values[:end], event_time[:end], runs, declare=False)
         for stale in [r for r in runs if r[:2] == where[:2]]:
             del runs[stale]  # the key re-learns: every feature's run starts again
         return Scan(runs, index, run, where)
 
-    def _columns(self, batch: FeatureBatch, z: np.ndarray) -> list[tuple[np.ndarray, str, str, np.ndarray, np.ndarray, np.ndarray]]:
-        """(keys, key set, feature, z of the feature, the key set's values, event times) per column."""
+    def _columns(
+        self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray
+    ) -> list[tuple[np.ndarray, str, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(keys, key set, feature, its z, its baseline, the key set's values, event times) per column."""
         out = []
         for k, (ks, names) in enumerate(self.key_sets.items()):
             keys = batch.keys.get(ks)
             if keys is None:
                 continue
             values = batch.matrix(names)
-            out += [(keys, ks, feature, z[:, k, self.features.index(feature)], values, batch.event_time) for feature in names]
+            out += [
+                (keys, ks, feature, z[:, k, j], baseline[:, k, j], values, batch.event_time)
+                for feature, j in zip(names, map(self.features.index, names), strict=True)
+            ]
         return out
 
     def _walk(
@@ -134,6 +143,7 @@ class LevelShiftTracker:
         ks: str,
         feature: str,
         z: np.ndarray,
+        baseline: np.ndarray,
         values: np.ndarray,
         event_time: np.ndarray,
         runs: dict[tuple[str, str, str], _Run],
@@ -141,9 +151,14 @@ class LevelShiftTracker:
     ) -> tuple[int, tuple[str, str, str], _Run] | None:
         """Walk one feature's events in order, updating ``runs``; with ``declare``, stop at the
         first declaration and return (index, run key, run). Only the events of keys that have or
-        start a run are visited."""
+        start a run are visited.
+
+        An event whose value has not the sign of its baseline does not extend a run: the log
+        features are sign * log1p(|x|), so that is a refund or a zero among sales, another kind
+        of event rather than a new level (a refund burst at a quiet hour is 8-15 in a row)."""
+        column = values[:, self.key_sets[ks].index(feature)]
         with np.errstate(invalid="ignore"):
-            deviating = np.abs(z) >= self.min_z
+            deviating = (np.abs(z) >= self.min_z) & (column * baseline > 0)
         # Every event of a key that has or starts a run: a non-deviating one ends the run.
         watched = {key for (k2, key, f2) in runs if k2 == ks and f2 == feature} | set(keys[deviating].tolist())
         if not watched:
@@ -154,7 +169,7 @@ class LevelShiftTracker:
             if key is None or np.isnan(zi):
                 continue
             where = (ks, key, feature)
-            if abs(zi) < self.min_z:
+            if not deviating[i]:
                 runs.pop(where, None)
                 continue
             run = runs.get(where)
@@ -162,9 +177,18 @@ class LevelShiftTracker:
             seen = ~np.isnan(values[i])
             row = np.where(seen, values[i], 0.0)
             if run is None or run.direction != direction:
-                run = _Run(direction, 1, abs(zi), float(event_time[i]), seen.astype(np.float64), row, row * row)
+                run = _Run(direction, 1, abs(zi), float(event_time[i]), float(baseline[i]), seen.astype(np.float64), row, row * row)
             else:
-                run = _Run(direction, run.length + 1, run.total_z + abs(zi), run.began, run.count + seen, run.total + row, run.total_sq + row * row)
+                run = _Run(
+                    direction,
+                    run.length + 1,
+                    run.total_z + abs(zi),
+                    run.began,
+                    run.baseline + float(baseline[i]),
+                    run.count + seen,
+                    run.total + row,
+                    run.total_sq + row * row,
+                )
             runs[where] = run
             if declare and run.length >= self.lasting and run.total_z / run.length >= self.mean_z:
                 return i, where, run
@@ -186,8 +210,10 @@ class LevelShiftTracker:
             else:
                 self.adapting[(ks, key)] = left - seen
 
-    def declared(self, scan: Scan, batch: FeatureBatch, old: np.ndarray, new: np.ndarray, undo: Any) -> LevelShift:
-        """Record the shift ``scan`` declared (after ``adopt``): the key adapts from now on."""
+    def declared(self, scan: Scan, batch: FeatureBatch, new: np.ndarray, undo: Any) -> LevelShift:
+        """Record the shift ``scan`` declared (after ``adopt``): the key adapts from now on. Its
+        old level is the baseline the run was measured against (a key still learning is
+        measured against every key's events), its new level the key's after ``relearn``."""
         assert scan.declared is not None and scan.run is not None and scan.where is not None
         ks, key, feature = scan.where
         names = self.key_sets[ks]
@@ -199,7 +225,7 @@ class LevelShiftTracker:
             key_set=ks,
             key=key,
             feature=feature,
-            old_level=float(old[j]),
+            old_level=scan.run.baseline / scan.run.length,
             new_level=float(new[j]),
             began=scan.run.began,
             event_time=float(batch.event_time[i]),
@@ -238,7 +264,9 @@ class LevelShiftTracker:
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
-            "runs": [[ks, key, f, r.direction, r.length, r.total_z, r.began, r.count, r.total, r.total_sq] for (ks, key, f), r in self.runs.items()],
+            "runs": [
+                [ks, key, f, r.direction, r.length, r.total_z, r.began, r.baseline, r.count, r.total, r.total_sq] for (ks, key, f), r in self.runs.items()
+            ],
             "adapting": [[ks, key, left] for (ks, key), left in self.adapting.items()],
             "undo": [[shift_id, ks, key, rows] for shift_id, (ks, key, rows) in self.undo.items()],
         }
@@ -248,12 +276,12 @@ class LevelShiftTracker:
             raise StateError(f"level shift state version {state.get('version')!r}, expected {STATE_VERSION}")
         try:
             runs = {}
-            for ks, key, f, direction, length, total_z, began, count, total, total_sq in state["runs"]:
+            for ks, key, f, direction, length, total_z, began, baseline, count, total, total_sq in state["runs"]:
                 width = len(self.key_sets[ks])
                 arrays = [np.asarray(a, dtype=np.float64) for a in (count, total, total_sq)]
                 if f not in self.key_sets[ks] or any(a.shape != (width,) for a in arrays):
                     raise StateError(f"level shift run of {ks} {f} does not fit the key set")
-                runs[(str(ks), str(key), str(f))] = _Run(int(direction), int(length), float(total_z), float(began), *arrays)
+                runs[(str(ks), str(key), str(f))] = _Run(int(direction), int(length), float(total_z), float(began), float(baseline), *arrays)
             adapting = {(str(ks), str(key)): int(left) for ks, key, left in state["adapting"]}
             undo = {str(shift_id): (str(ks), str(key), rows) for shift_id, ks, key, rows in state["undo"]}
         except (KeyError, TypeError, ValueError) as exc:

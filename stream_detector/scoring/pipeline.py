@@ -249,7 +249,8 @@ class ScoringPipeline:
         relearner = next((d for d in self.detectors if tracker is not None and d.name == tracker.detector), None)
         if tracker is None or relearner is None:
             return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
-        scan = tracker.scan(batch, steps[relearner.name].details["z"])
+        details = steps[relearner.name].details
+        scan = tracker.scan(batch, details["z"], details["mean"])
         if scan.declared is None:
             tracker.adopt(scan, batch)
             return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
@@ -267,7 +268,8 @@ class ScoringPipeline:
         ks, key, _ = scan.where
         relearned = relearner.relearn(ks, key, mean, var, float(batch.event_time[-1]))
         if relearned is not None:
-            result.level_shifts.append(tracker.declared(scan, batch, *relearned))
+            _, new, undo = relearned
+            result.level_shifts.append(tracker.declared(scan, batch, new, undo))
         return result
 
     def _score(
