@@ -505,23 +505,28 @@ class ZScoreDetector(Detector):
         """Move ``key``'s baseline to the level of a run of its values (``mean``, ``var`` over
         the key set's features). A warm key keeps its spread and its seasonal shape: the key
         row and its seasonal rows move by the change of level on each feature that moved by at
-        least one sd. A key still learning takes the run's statistics as a warm baseline."""
+        least one sd. A key still learning takes the run's statistics as a warm baseline.
+        Features the run never saw (NaN) keep their statistics."""
         fi = self._fidx[key_set]
+        seen = ~np.isnan(mean)
         state = self._state.key_sets[key_set]
-        if key not in state.slots:
+        if key not in state.slots:  # every event of it was flagged: it starts from the run
             state.add([key])
+            state.stats.last_seen[state.slots[key]] = event_time
         slot = state.slots[key]
         st = state.stats
         undo = self._rows_of(key_set, key)
         old = st.mean[slot].copy()
         if st.count[slot].max(initial=0.0) >= self.warmup:
-            moved = np.abs(mean - old) >= self._std(st.count[slot], st.m2[slot], self._min_std[fi])
+            with np.errstate(invalid="ignore"):
+                moved = seen & (np.abs(mean - old) >= self._std(st.count[slot], st.m2[slot], self._min_std[fi]))
             delta = np.where(moved, mean - old, 0.0)
             st.mean[slot] += delta
         else:
-            delta = np.where(st.count[slot] > 0, mean - old, 0.0)
-            st.count[slot], st.mean[slot], st.m2[slot] = float(self.warmup), mean, var * (self.warmup - 1)
-        st.last_seen[slot] = max(st.last_seen[slot], event_time)
+            delta = np.where(seen & (st.count[slot] > 0), mean - old, 0.0)
+            st.count[slot] = np.where(seen, float(self.warmup), st.count[slot])
+            st.mean[slot] = np.where(seen, mean, st.mean[slot])
+            st.m2[slot] = np.where(seen, var * (self.warmup - 1), st.m2[slot])
         state.changed.mark(np.array([slot]))
         for name, slots in self._seasonal_slots(key_set, key):
             table = self._state.key_sets[name]

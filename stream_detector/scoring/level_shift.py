@@ -23,6 +23,7 @@ changing anything; ``adopt`` makes what it found current.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ from stream_detector.features import FeatureBatch
 STATE_VERSION = 1
 # Declared shifts remembered so that feedback can reject one (the oldest go first).
 MAX_REMEMBERED = 1000
+# Feedback labels that reject a shift (alerting/feedback.py LABELS): the old baseline returns.
+REJECT_LABELS = ("reject", "false_positive")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class LevelShift:
 @dataclass(frozen=True)
 class _Run:
     """A key's current run on one feature: its direction, length, summed |z|, first event time,
-    summed baselines, and the sums of the key set's features over its events (to re-learn the
+    summed baselines, and the key set's values at its last ``lasting`` events (to re-learn the
     key from)."""
 
     direction: int
@@ -64,9 +67,7 @@ class _Run:
     total_z: float
     began: float
     baseline: float  # summed baseline means the run's z-scores were measured against
-    count: np.ndarray  # (F,) observed values per feature of the key set
-    total: np.ndarray
-    total_sq: np.ndarray
+    values: np.ndarray  # (m, F), m <= lasting: the key set's features at the run's last events
 
 
 @dataclass
@@ -98,8 +99,13 @@ class LevelShiftTracker:
     # (key set, key) -> events of the key still to come before the population models may flag
     # it alone again.
     adapting: dict[tuple[str, str], int] = field(default_factory=dict)
-    # shift id -> (key set, key, the rows ``relearn`` replaced), for a rejection.
-    undo: dict[str, tuple[str, str, Any]] = field(default_factory=dict)
+    # shift id -> (key set, key, feature, the rows ``relearn`` replaced), for a rejection.
+    undo: dict[str, tuple[str, str, str, Any]] = field(default_factory=dict)
+    # Shifts an analyst rejected: (key set, key, feature) -> shift id. Their runs declare no
+    # shift again: the new level keeps alerting.
+    rejected: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    # Shift ids with feedback taken, and its label (a second feedback is a duplicate).
+    decided: dict[str, str] = field(default_factory=dict)
 
     # -- scanning ------------------------------------------------------------------------------
 
@@ -174,23 +180,14 @@ class LevelShiftTracker:
                 continue
             run = runs.get(where)
             direction = 1 if zi > 0 else -1
-            seen = ~np.isnan(values[i])
-            row = np.where(seen, values[i], 0.0)
+            row = values[i : i + 1]
             if run is None or run.direction != direction:
-                run = _Run(direction, 1, abs(zi), float(event_time[i]), float(baseline[i]), seen.astype(np.float64), row, row * row)
+                run = _Run(direction, 1, abs(zi), float(event_time[i]), float(baseline[i]), row.copy())
             else:
-                run = _Run(
-                    direction,
-                    run.length + 1,
-                    run.total_z + abs(zi),
-                    run.began,
-                    run.baseline + float(baseline[i]),
-                    run.count + seen,
-                    run.total + row,
-                    run.total_sq + row * row,
-                )
+                kept = np.vstack([run.values[1 - self.lasting :] if self.lasting > 1 else run.values[:0], row])
+                run = _Run(direction, run.length + 1, run.total_z + abs(zi), run.began, run.baseline + float(baseline[i]), kept)
             runs[where] = run
-            if declare and run.length >= self.lasting and run.total_z / run.length >= self.mean_z:
+            if declare and run.length >= self.lasting and run.total_z / run.length >= self.mean_z and where not in self.rejected:
                 return i, where, run
         return None
 
@@ -233,10 +230,37 @@ class LevelShiftTracker:
             event_id=event_id,
         )
         self.adapting[(ks, key)] = self.adapt_events
-        self.undo[shift.shift_id] = (ks, key, undo)
-        while len(self.undo) > MAX_REMEMBERED:
-            del self.undo[next(iter(self.undo))]
+        self.undo[shift.shift_id] = (ks, key, feature, undo)
+        _bound(self.undo)
         return shift
+
+    # -- feedback --------------------------------------------------------------------------------
+
+    def knows(self, shift_id: str) -> bool:
+        return shift_id in self.undo or shift_id in self.decided
+
+    def feedback(self, shift_id: str, label: str) -> tuple[str, tuple[str, str, Any] | None]:
+        """Take an analyst's verdict on a shift: (outcome, what to restore). ``reject`` (or
+        ``false_positive``) gives (applied, (key set, key, rows)): the caller puts the rows back;
+        the key adapts no more and its run on that feature declares no shift again. ``accept``
+        (or ``true_positive``) keeps the new level: (recorded, None). A second verdict:
+        (duplicate, None); an unknown id: (unknown_event, None)."""
+        if shift_id in self.decided:
+            return "duplicate", None
+        entry = self.undo.pop(shift_id, None)
+        if entry is None:
+            return "unknown_event", None
+        ks, key, feature, rows = entry
+        self.decided[shift_id] = label
+        _bound(self.decided)
+        if label not in REJECT_LABELS:
+            return "recorded", None
+        self.adapting.pop((ks, key), None)
+        for stale in [r for r in self.runs if r[:2] == (ks, key)]:
+            del self.runs[stale]
+        self.rejected[(ks, key, feature)] = shift_id
+        _bound(self.rejected)
+        return "applied", (ks, key, rows)
 
     def adapting_masks(self, batch: FeatureBatch) -> dict[str, np.ndarray]:
         """key set -> bool (n,): the batch's events of keys that adapt to a shift (within
@@ -252,23 +276,26 @@ class LevelShiftTracker:
         return masks
 
     @staticmethod
-    def run_statistics(run: _Run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(count, mean, variance) of the key set's features over a run's events."""
-        count = np.maximum(run.count, 1.0)
-        mean = run.total / count
-        var = np.maximum(run.total_sq / count - mean * mean, 0.0) * count / np.maximum(count - 1.0, 1.0)
-        return run.count, mean, var
+    def run_statistics(run: _Run) -> tuple[np.ndarray, np.ndarray]:
+        """(level, variance) of the key set's features over a run's last events, robust to a
+        point anomaly among them (a price error in the run of a re-priced product): the median,
+        and the squared scaled median absolute deviation (NaN where a feature was never seen)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, by design
+            level = np.nanmedian(run.values, axis=0)
+            spread = 1.4826 * np.nanmedian(np.abs(run.values - level), axis=0)
+        return level, spread * spread
 
     # -- state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
-            "runs": [
-                [ks, key, f, r.direction, r.length, r.total_z, r.began, r.baseline, r.count, r.total, r.total_sq] for (ks, key, f), r in self.runs.items()
-            ],
+            "runs": [[ks, key, f, r.direction, r.length, r.total_z, r.began, r.baseline, r.values] for (ks, key, f), r in self.runs.items()],
             "adapting": [[ks, key, left] for (ks, key), left in self.adapting.items()],
-            "undo": [[shift_id, ks, key, rows] for shift_id, (ks, key, rows) in self.undo.items()],
+            "undo": [[shift_id, ks, key, f, rows] for shift_id, (ks, key, f, rows) in self.undo.items()],
+            "rejected": [[ks, key, f, shift_id] for (ks, key, f), shift_id in self.rejected.items()],
+            "decided": [[shift_id, label] for shift_id, label in self.decided.items()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -276,14 +303,21 @@ class LevelShiftTracker:
             raise StateError(f"level shift state version {state.get('version')!r}, expected {STATE_VERSION}")
         try:
             runs = {}
-            for ks, key, f, direction, length, total_z, began, baseline, count, total, total_sq in state["runs"]:
-                width = len(self.key_sets[ks])
-                arrays = [np.asarray(a, dtype=np.float64) for a in (count, total, total_sq)]
-                if f not in self.key_sets[ks] or any(a.shape != (width,) for a in arrays):
-                    raise StateError(f"level shift run of {ks} {f} does not fit the key set")
-                runs[(str(ks), str(key), str(f))] = _Run(int(direction), int(length), float(total_z), float(began), float(baseline), *arrays)
+            for ks, key, f, direction, length, total_z, began, baseline, values in state["runs"]:
+                kept = np.asarray(values, dtype=np.float64)
+                if f not in self.key_sets[ks] or kept.ndim != 2 or kept.shape[1] != len(self.key_sets[ks]) or not 0 < len(kept) <= self.lasting:
+                    raise StateError(f"level shift run of {ks} {f} does not fit the key set", reason="incompatible")
+                runs[(str(ks), str(key), str(f))] = _Run(int(direction), int(length), float(total_z), float(began), float(baseline), kept)
             adapting = {(str(ks), str(key)): int(left) for ks, key, left in state["adapting"]}
-            undo = {str(shift_id): (str(ks), str(key), rows) for shift_id, ks, key, rows in state["undo"]}
+            undo = {str(shift_id): (str(ks), str(key), str(f), rows) for shift_id, ks, key, f, rows in state["undo"]}
+            rejected = {(str(ks), str(key), str(f)): str(shift_id) for ks, key, f, shift_id in state["rejected"]}
+            decided = {str(shift_id): str(label) for shift_id, label in state["decided"]}
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"level shift state is malformed: {exc!r}", reason="corrupt") from None
-        self.runs, self.adapting, self.undo = runs, adapting, undo
+        self.runs, self.adapting, self.undo, self.rejected, self.decided = runs, adapting, undo, rejected, decided
+
+
+def _bound(remembered: dict[Any, Any]) -> None:
+    """Forget the oldest entries past ``MAX_REMEMBERED``."""
+    while len(remembered) > MAX_REMEMBERED:
+        del remembered[next(iter(remembered))]

@@ -264,7 +264,7 @@ class ScoringPipeline:
         result = self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
         tracker.adopt(scan, batch)
         assert scan.run is not None and scan.where is not None
-        _, mean, var = tracker.run_statistics(scan.run)
+        mean, var = tracker.run_statistics(scan.run)
         ks, key, _ = scan.where
         relearned = relearner.relearn(ks, key, mean, var, float(batch.event_time[-1]))
         if relearned is not None:
@@ -339,6 +339,18 @@ class ScoringPipeline:
             rounds=rounds,
             log_probability=logs,
         )
+
+    def level_shift_feedback(self, shift_id: str, label: str) -> str:
+        """An analyst's verdict on a level shift this pipeline declared (``LevelShiftTracker.feedback``):
+        a rejection puts the key's old baseline back. The outcome, as for FeedbackMemory.apply."""
+        if self.level_shifts is None:
+            return "unknown_event"
+        outcome, restore = self.level_shifts.feedback(shift_id, label)
+        if restore is not None:
+            for detector in self.detectors:
+                if detector.name == self.level_shifts.detector:
+                    detector.restore_rows(*restore)
+        return outcome
 
     # -- explanations ----------------------------------------------------------------------
 
