@@ -143,8 +143,11 @@ def level_shift_record(shift: LevelShift, threshold: float) -> dict[str, Any]:
         "events_since": shift.events,
         "timestamp": iso_utc(shift.event_time),
         "declared_at_event": shift.event_id,
+        # 1 - the chance of such a run without a change (floored like the other records' scores).
+        "score": 1.0 - max(10.0**-shift.surprise, 1e-12),
+        "surprise": shift.surprise,
         "threshold": threshold,
-        "detectors": {"level_shift": {"fired": True, "feature": shift.feature, "z": 1.0 if new >= old else -1.0}},
+        "detectors": {"level_shift": {"fired": True, "feature": shift.feature, "z": 1.0 if new >= old else -1.0, "surprise": shift.surprise}},
         "reasons": [reason],
         "event": None,
         "detected_at": iso_utc(time.time()),

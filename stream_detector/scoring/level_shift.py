@@ -23,6 +23,7 @@ changing anything; ``adopt`` makes what it found current.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,9 @@ class LevelShift:
     event_time: float  # event time of the event that declared it
     events: int
     event_id: str
+    # -log10 of the chance that ``events`` normal events in a row each lie ``min_z`` sd or more
+    # off the same way (2 * P(Z > min_z) ** events): what the record's score and surprise say.
+    surprise: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,7 @@ class LevelShiftTracker:
             event_time=float(batch.event_time[i]),
             events=scan.run.length,
             event_id=event_id,
+            surprise=-(math.log10(2.0) + scan.run.length * math.log10(0.5 * math.erfc(self.min_z / math.sqrt(2.0)))),
         )
         self.adapting[(ks, key)] = self.adapt_events
         self.undo[shift.shift_id] = (ks, key, feature, undo)

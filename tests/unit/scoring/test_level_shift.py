@@ -177,6 +177,7 @@ def test_the_record_names_the_change(whole):
     assert record["kind"] == "level_shift" and record["event_id"] == shift.shift_id and record["event"] is None
     assert record["key"] == shift.key and record["feature"] == shift.feature and record["events_since"] == 8
     assert record["new_level"] > record["old_level"] > 0 and "new level" in record["reasons"][0]
+    assert record["surprise"] > 12 and record["score"] > record["threshold"]  # 8 events beyond 2 sd one way: about 1e-13
 
 
 @pytest.mark.parametrize("label", ["reject", "accept"])
