@@ -171,15 +171,20 @@ class LevelShiftTracker:
             deviating = (np.abs(z) >= self.min_z) & (column * baseline > 0)
         # Every event of a key that has or starts a run: a non-deviating one ends the run.
         watched = {key for (k2, key, f2) in runs if k2 == ks and f2 == feature} | set(keys[deviating].tolist())
+        watched.discard(None)
         if not watched:
             return None
-        visit = np.isin(keys, list(watched))
-        for i in np.flatnonzero(visit).tolist():
-            key, zi = keys[i], float(z[i])
-            if key is None or np.isnan(zi):
+        # Plain lists: the loop is per event, where numpy scalars (and np.isin on objects) cost
+        # more than the work.
+        z_list, dev_list = z.tolist(), deviating.tolist()
+        for i, key in enumerate(keys.tolist()):
+            if key not in watched:
+                continue
+            zi = z_list[i]
+            if zi != zi:  # NaN: not scored on this feature
                 continue
             where = (ks, key, feature)
-            if not deviating[i]:
+            if not dev_list[i]:
                 runs.pop(where, None)
                 continue
             run = runs.get(where)
