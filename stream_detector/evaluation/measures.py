@@ -182,4 +182,5 @@ def change_stats(change: ChangeLabel, flagged: np.ndarray, labelled: np.ndarray,
         last_alert=int(alerts[-1]) if alerts.size else None,
         labelled=int(np.count_nonzero(labelled)),
         shifts=shifts,
+        labelled_alerts=int(np.count_nonzero(flagged & labelled)),
     )

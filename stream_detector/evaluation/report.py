@@ -68,6 +68,7 @@ class ChangeStats:
     last_alert: int | None  # the key's own event index (0 = first after the change) of its last alert
     labelled: int  # of its events, how many carry a point label (left out of the point metrics)
     shifts: int = 0  # level_shift records for its key (one per key of a key set that holds it)
+    labelled_alerts: int = 0  # of its alerts, those on point-labelled events (found anomalies)
 
     def to_dict(self) -> dict[str, Any]:
         c = self.change
@@ -85,6 +86,7 @@ class ChangeStats:
             "last_alert": self.last_alert,
             "labelled": self.labelled,
             "shifts": self.shifts,
+            "labelled_alerts": self.labelled_alerts,
         }
 
 
