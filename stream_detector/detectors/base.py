@@ -19,6 +19,9 @@ scoring a batch equals scoring its events one at a time.
 
 ``state_dict()``/``load_state_dict()`` carry a ``version`` so snapshots can be checked on restore.
 
+Collective detectors (alerts about keys, not events: a store that stops) follow the smaller
+``CollectiveDetector`` contract at the end of this module.
+
 Optional hooks have a default here, so callers use them on any detector without asking
 whether it has them: ``guess`` (a cheap first-round proposal for the pipeline), what the
 daemon exports as metrics (``n_keys``/``learning_keys`` per key set, ``device``,
@@ -32,7 +35,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -187,3 +190,42 @@ class Detector(KeyedState, ABC):
         step = self.score(batch, learn)
         self.commit(step)
         return step.scores
+
+
+class KeyAlert(Protocol):
+    """A collective alert: about a key at a moment of event time, not about an event."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def event_time(self) -> float: ...
+
+    def reason(self, key_set: str) -> str:
+        """What happened, in words, for the record."""
+        ...
+
+
+class CollectiveDetector(KeyedState, ABC):
+    """Base class for detectors of collective anomalies (e.g. detectors/silence.py: a store
+    whose sales stop): no event carries them, so they raise alerts about the keys of
+    ``key_set`` instead of scoring events. ``process`` learns every event of a batch in order
+    (nothing is masked: a flagged sale still shows its store is alive) and returns the alerts
+    that became due while the batch moved the clock. The pipeline calls it after the point
+    detectors, on the whole batch. State as for ``Detector``: plain data with a ``version``."""
+
+    name: str = "collective"
+    state_version: int = 1
+    key_set: str
+
+    @abstractmethod
+    def process(self, batch: FeatureBatch) -> Sequence[KeyAlert]:
+        """Learn ``batch`` and return the alerts it made due, in event-time order."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot of the learned state, including ``version``, in plain data only."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a snapshot made by ``state_dict``; raise ``StateError`` if incompatible."""

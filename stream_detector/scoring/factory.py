@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stream_detector.alerting.feedback import FeedbackMemory
 from stream_detector.config import Settings
-from stream_detector.detectors.base import Detector
+from stream_detector.detectors.base import CollectiveDetector, Detector
 from stream_detector.errors import ConfigError
 from stream_detector.events.decode import EventSchema
 from stream_detector.events.event_time import EventTimeGuard
@@ -126,7 +126,7 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
         )
         for d in detectors
     }
-    collective = []
+    collective: list[CollectiveDetector] = []
     if settings.silence.enabled:
         from stream_detector.detectors.silence import SilenceDetector
 

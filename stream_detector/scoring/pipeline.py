@@ -25,20 +25,17 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from stream_detector.detectors.base import Detector, KeyedState, Step
+from stream_detector.detectors.base import CollectiveDetector, Detector, KeyAlert, KeyedState, Step
 from stream_detector.errors import StateError
 from stream_detector.events.event_time import EventTimeGuard
 from stream_detector.features import FeatureBatch
 from stream_detector.scoring import fusion
 from stream_detector.scoring.calibration import ScoreCalibrator
 from stream_detector.scoring.level_shift import LevelShift, LevelShiftTracker
-
-if TYPE_CHECKING:  # numba-compiled at import: loaded by the factory only when silence is enabled
-    from stream_detector.detectors.silence import SilenceAlert, SilenceDetector
 
 
 @dataclass
@@ -77,7 +74,7 @@ class BatchResult:
     segments: list[Segment] = field(default_factory=list)
     rounds: int = 0
     # Collective alerts raised while this batch moved the clock (keys that went silent).
-    collective: list[SilenceAlert] = field(default_factory=list)
+    collective: list[KeyAlert] = field(default_factory=list)
     # detector -> natural log of the tail probability (n,), not floored; left out: the log of
     # ``probability`` (a result built without the calibrators' logs).
     log_probability: dict[str, np.ndarray] = field(default_factory=dict)
@@ -126,7 +123,7 @@ class ScoringPipeline:
         calibrators: dict[str, ScoreCalibrator],
         threshold: float,
         max_rounds: int = 8,
-        collective: list[SilenceDetector] | None = None,
+        collective: list[CollectiveDetector] | None = None,
         feedback: Any = None,
         event_time: EventTimeGuard | None = None,
         level_shifts: LevelShiftTracker | None = None,
