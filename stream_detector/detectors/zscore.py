@@ -506,7 +506,9 @@ class ZScoreDetector(Detector):
         the key set's features). A warm key keeps its spread and its seasonal shape: the key
         row and its seasonal rows move by the change of level on each feature that moved by at
         least one sd. A key still learning takes the run's statistics as a warm baseline.
-        Features the run never saw (NaN) keep their statistics."""
+        Features the run never saw (NaN) keep their statistics. The undo is small (the key's
+        old row and the change of level), since it travels in every checkpoint until feedback
+        on the shift is taken or forgotten."""
         fi = self._fidx[key_set]
         seen = ~np.isnan(mean)
         state = self._state.key_sets[key_set]
@@ -515,8 +517,8 @@ class ZScoreDetector(Detector):
             state.stats.last_seen[state.slots[key]] = event_time
         slot = state.slots[key]
         st = state.stats
-        undo = self._rows_of(key_set, key)
         old = st.mean[slot].copy()
+        before = (st.count[slot].copy(), old, st.m2[slot].copy())
         if st.count[slot].max(initial=0.0) >= self.warmup:
             with np.errstate(invalid="ignore"):
                 moved = seen & (np.abs(mean - old) >= self._std(st.count[slot], st.m2[slot], self._min_std[fi]))
@@ -534,7 +536,7 @@ class ZScoreDetector(Detector):
             table.changed.mark(slots)
         self._generation += 1
         self._round_cache.clear()
-        return old, st.mean[slot].copy(), undo
+        return old, st.mean[slot].copy(), [*before, delta]
 
     def focus(self, step: Step, key_sets: dict[str, np.ndarray]) -> np.ndarray | None:
         """The scores with each marked event judged by its marked key sets only: the largest
@@ -553,17 +555,20 @@ class ZScoreDetector(Detector):
         return scores
 
     def restore_rows(self, key_set: str, key: str, rows: Any) -> None:
-        """Put back the rows ``relearn`` replaced (its ``undo``): the key's old baseline."""
-        for name, names, count, mean, m2, last_seen in rows:
-            state = self._state.key_sets[name]
-            new = [k for k in names if k not in state.slots]
-            if new:
-                state.add(new)
-            slots = np.array([state.slots[k] for k in names], dtype=np.int64)
-            st = state.stats
-            st.count[slots], st.mean[slots], st.m2[slots] = count, mean, m2
-            st.last_seen[slots] = np.maximum(st.last_seen[slots], last_seen)
-            state.changed.mark(slots)
+        """Undo a ``relearn`` (its ``undo``: the key's old row and the change of level): the key
+        row as it was, and its seasonal rows moved back, also those learned since."""
+        count, mean, m2, delta = (np.asarray(a, dtype=np.float64) for a in rows)
+        state = self._state.key_sets[key_set]
+        if key not in state.slots:  # forgotten since: it comes back with its old baseline
+            state.add([key])
+        slot = state.slots[key]
+        st = state.stats
+        st.count[slot], st.mean[slot], st.m2[slot] = count, mean, m2
+        state.changed.mark(np.array([slot]))
+        for name, slots in self._seasonal_slots(key_set, key):
+            table = self._state.key_sets[name]
+            table.stats.mean[slots] -= np.where(table.stats.count[slots] > 0, delta, 0.0)
+            table.changed.mark(slots)
         self._generation += 1
         self._round_cache.clear()
 
@@ -575,18 +580,6 @@ class ZScoreDetector(Detector):
             slots = self._state.key_sets[name].slots
             found = [s for label in seasons.labels(period) if (s := slots.get(key + label)) is not None]
             out.append((name, np.array(found, dtype=np.int64)))
-        return out
-
-    def _rows_of(self, key_set: str, key: str) -> list[tuple[str, list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """The key's rows in every table of its key set, as plain data (what ``restore_rows`` reads)."""
-        state = self._state.key_sets[key_set]
-        tables = [(key_set, np.array([state.slots[key]], dtype=np.int64))] + self._seasonal_slots(key_set, key)
-        out = []
-        for name, slots in tables:
-            table = self._state.key_sets[name]
-            st = table.stats
-            names = [str(table.keys[s]) for s in slots.tolist()]
-            out.append((name, names, st.count[slots].copy(), st.mean[slots].copy(), st.m2[slots].copy(), st.last_seen[slots].copy()))
         return out
 
     # -- introspection ---------------------------------------------------------------------

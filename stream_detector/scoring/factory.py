@@ -151,6 +151,7 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
             # A key set's features in the detector's column order (Detector.relearn reads them so).
             key_sets={ks.name: tuple(f for f in features if f in ks.features) for ks in z.key_sets if ks.fields},
             features=features,
+            axis={ks.name: k for k, ks in enumerate(z.key_sets)},
             lasting=shifts.lasting,
             min_z=shifts.min_z,
             mean_z=shifts.mean_z,

@@ -89,11 +89,13 @@ class Scan:
 class LevelShiftTracker:
     """Runs per (key set, key, feature) over a z-score detector's scores (module docstring).
 
-    ``key_sets``: the detector's key sets in order, each with the names of its features (the
-    columns of its ``details["z"]`` are the detector's ``features``)."""
+    ``key_sets``: the key sets tracked, each with the names of its features in the detector's
+    column order; ``axis``: each one's position among the detector's key sets (the second axis
+    of its ``details["z"]``, whose last axis is the detector's ``features``)."""
 
     key_sets: dict[str, tuple[str, ...]]
     features: tuple[str, ...]
+    axis: dict[str, int]
     lasting: int = 8
     min_z: float = 2.0
     mean_z: float = 3.0
@@ -136,10 +138,11 @@ class LevelShiftTracker:
     ) -> list[tuple[np.ndarray, str, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """(keys, key set, feature, its z, its baseline, the key set's values, event times) per column."""
         out = []
-        for k, (ks, names) in enumerate(self.key_sets.items()):
+        for ks, names in self.key_sets.items():
             keys = batch.keys.get(ks)
             if keys is None:
                 continue
+            k = self.axis[ks]
             values = batch.matrix(names)
             out += [
                 (keys, ks, feature, z[:, k, j], baseline[:, k, j], values, batch.event_time)

@@ -22,7 +22,7 @@ class Pipeline:
 
     def __init__(self) -> None:
         self.feedback = None
-        self.level_shifts = LevelShiftTracker(key_sets={"store_id": ("log_amount",)}, features=("log_amount",))
+        self.level_shifts = LevelShiftTracker(key_sets={"store_id": ("log_amount",)}, features=("log_amount",), axis={"store_id": 0})
         self.level_shifts.undo[SHIFT_ID] = ("store_id", "s-1", "log_amount", [])
         self.restored: list[Any] = []
 

@@ -24,7 +24,7 @@ from stream_detector.state import codec
 
 
 def tracker(**kw) -> LevelShiftTracker:
-    return LevelShiftTracker(key_sets={"store_id": ("log_amount",)}, features=("log_amount",), **kw)
+    return LevelShiftTracker(key_sets={"store_id": ("log_amount",)}, features=("log_amount",), axis={"store_id": 0}, **kw)
 
 
 def batch(keys: list[str], values: list[float]) -> FeatureBatch:
@@ -206,3 +206,15 @@ def test_reject_restores_the_old_baseline_and_accept_keeps_the_new(settings, str
     else:
         assert (np.abs(z[mine]) < 3).mean() > 0.95
         assert np.concatenate([r.is_anomaly for r in rest])[mine].mean() < 0.05
+
+
+def test_the_tracker_reads_each_key_set_at_its_place_in_the_z_scores(tmp_path):
+    """A keyless key set is not tracked, wherever it is listed: the others are read at their own
+    place among the z-score's key sets."""
+    path = tmp_path / "keyless-first.yaml"
+    key_sets = [{"fields": [], "features": ["log_price_ratio"]}, {"fields": ["store_id"], "features": ["log_amount", "log_quantity"]}]
+    path.write_text(yaml.safe_dump({"zscore": {"key_sets": key_sets}}))
+    pipeline = build_pipeline(load_settings(path, environ={}))
+    assert pipeline.level_shifts is not None
+    assert pipeline.level_shifts.key_sets == {"store_id": ("log_amount", "log_quantity")}
+    assert pipeline.level_shifts.axis == {"global": 0, "store_id": 1}
