@@ -11,6 +11,14 @@ e.g. a 10-sigma value while a key is still warming up) by the same rule: the dec
 ``i`` depends only on the events before it. Almost every batch settles in two rounds; if one does not within ``max_rounds``, the settled
 prefix is committed and the rest is processed as a batch of its own.
 
+Level shifts (scoring/level_shift.py) keep this meaning: a settled segment is read by the
+tracker, and if one of its events completes a lasting run, only the events up to it are
+committed (scored again alone: the same scores, by the sequential semantics), the shift is
+applied (the key re-learned) and the rest is processed as a segment of its own, so the event
+after the shift sees the new level whatever the batch size. While a key adapts to its shift,
+the masks that judge its events are fixed per segment (they depend on the key's events, not
+on flags).
+
 Cost: every round scores the whole batch, so the pipeline keeps rounds cheap. A detector may
 offer a cheap ``guess(batch, learn)`` for the first round (the autoencoder scores with its committed network
 instead of training clones); guesses only propose the masks, and a batch settles only on a
