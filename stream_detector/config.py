@@ -205,6 +205,21 @@ def _default_key_sets() -> list[KeySetConfig]:
     ]
 
 
+class LevelShiftConfig(Section):
+    # A key whose events keep deviating in one direction on a feature has changed for good:
+    # after ``lasting`` such events in a row (each at least min_z sd off, on average mean_z)
+    # one level_shift record is published, the key re-learns from the new level and, for its
+    # next adapt_events events, it is judged by its own key set only (neither the population
+    # models nor the other key sets, whose baselines its new level also moved, flag it alone).
+    enabled: bool = True
+    # Longer than the short anomalies must last (a refund burst: 5 in a row on the generator),
+    # so they keep alerting; every extra event is one more alert a lasting change costs.
+    lasting: int = Field(default=8, ge=2)
+    min_z: float = Field(default=2.0, gt=0)
+    mean_z: float = Field(default=3.0, gt=0)
+    adapt_events: int = Field(default=5000, ge=0)
+
+
 class ZScoreConfig(Section):
     enabled: bool = True
     # Each key set keeps its own statistics per key and feature.
@@ -229,6 +244,8 @@ class ZScoreConfig(Section):
     # A key not seen for this long (event time) is forgotten and restarts from the global
     # statistics. Null keeps keys until max_keys pushes them out.
     key_ttl_seconds: float | None = Field(default=7 * 24 * 3600.0, gt=0)
+    # Lasting changes of a key's level (scoring/level_shift.py).
+    level_shift: LevelShiftConfig = Field(default_factory=LevelShiftConfig)
 
 
 class DuplicateConfig(Section):

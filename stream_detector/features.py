@@ -94,3 +94,12 @@ def add_derived_features(columns: dict[str, np.ndarray], event_time: np.ndarray)
     out["dow_sin"] = np.sin(2 * np.pi * (dow + hour / 24.0) / 7.0)
     out["dow_cos"] = np.cos(2 * np.pi * (dow + hour / 24.0) / 7.0)
     return out
+
+
+def original_value(feature: str, value: float) -> float:
+    """A feature value back in the event's units (log features are sign * log1p(|x|))."""
+    if feature == "log_price_ratio":
+        return float(np.exp(value))
+    if feature.startswith("log_"):
+        return float(np.sign(value) * np.expm1(abs(value)))
+    return float(value)

@@ -41,6 +41,9 @@ CONTROL_OUTCOMES = ("added", "replaced", "cancelled", "unknown_window", "invalid
 FEEDBACK_OUTCOMES = {
     "false_positive": ("applied", "duplicate", "pending", "expired"),
     "true_positive": ("recorded", "duplicate", "pending", "expired"),
+    # level_shift records (scoring/level_shift.py); on an anomaly, recorded like a true positive
+    "accept": ("recorded", "duplicate", "pending", "expired"),
+    "reject": ("applied", "recorded", "duplicate", "pending", "expired"),
     "unknown": ("invalid",),
 }
 WINDOW_STATES = ("known", "active")

@@ -10,6 +10,8 @@ import orjson
 
 from stream_detector.events.decode import DecodedBatch, InvalidRecord
 from stream_detector.events.event_time import iso_utc
+from stream_detector.features import original_value
+from stream_detector.scoring.level_shift import LevelShift
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
 
 # Below librdkafka's default message.max.bytes (1,000,000) with room for headers.
@@ -114,6 +116,39 @@ def silence_record(alert: Any, key_set: str, threshold: float) -> dict[str, Any]
             }
         },
         "reasons": [alert.reason(key_set)],
+        "event": None,
+        "detected_at": iso_utc(time.time()),
+    }
+
+
+def level_shift_record(shift: LevelShift, threshold: float) -> dict[str, Any]:
+    """The output-topic record for a declared level shift (scoring/level_shift.py): one per
+    lasting change. Its ``event_id`` is the shift's own id, the one feedback names (``accept``
+    keeps the new level, ``reject`` restores the old baseline)."""
+    old, new = original_value(shift.feature, shift.old_level), original_value(shift.feature, shift.new_level)
+    field = shift.feature.removeprefix("log_")
+    reason = (
+        f"{field} of {shift.key_set} {shift.key} moved from about {old:,.4g} to about {new:,.4g} "
+        f"for {shift.events} events in a row since {iso_utc(shift.began)}: learned as its new level"
+    )
+    return {
+        "event_id": shift.shift_id,
+        "kind": "level_shift",
+        "key": shift.key,
+        "key_set": shift.key_set,
+        "feature": shift.feature,
+        "old_level": old,
+        "new_level": new,
+        "began": iso_utc(shift.began),
+        "events_since": shift.events,
+        "timestamp": iso_utc(shift.event_time),
+        "declared_at_event": shift.event_id,
+        # 1 - the chance of such a run without a change (floored like the other records' scores).
+        "score": 1.0 - max(10.0**-shift.surprise, 1e-12),
+        "surprise": shift.surprise,
+        "threshold": threshold,
+        "detectors": {"level_shift": {"fired": True, "feature": shift.feature, "z": 1.0 if new >= old else -1.0, "surprise": shift.surprise}},
+        "reasons": [reason],
         "event": None,
         "detected_at": iso_utc(time.time()),
     }

@@ -22,7 +22,9 @@ from typing import Any
 from stream_detector.alerting.windows import ControlError
 from stream_detector.errors import StateError
 
-LABELS = ("false_positive", "true_positive")
+# accept and reject answer a level_shift record (scoring/level_shift.py): keep the new level, or
+# put the old baseline back. On an anomaly they are recorded like a true positive.
+LABELS = ("false_positive", "true_positive", "accept", "reject")
 
 
 @dataclass(frozen=True)

@@ -393,6 +393,7 @@ class AutoencoderDetector(Detector):
     """Reconstruction error of an online-trained MLP autoencoder (see module docstring)."""
 
     name = "autoencoder"
+    population = True
     state_version = STATE_VERSION
 
     def __init__(

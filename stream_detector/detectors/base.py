@@ -19,6 +19,9 @@ scoring a batch equals scoring its events one at a time.
 
 ``state_dict()``/``load_state_dict()`` carry a ``version`` so snapshots can be checked on restore.
 
+Collective detectors (alerts about keys, not events: a store that stops) follow the smaller
+``CollectiveDetector`` contract at the end of this module.
+
 Optional hooks have a default here, so callers use them on any detector without asking
 whether it has them: ``guess`` (a cheap first-round proposal for the pipeline), what the
 daemon exports as metrics (``n_keys``/``learning_keys`` per key set, ``device``,
@@ -32,7 +35,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -110,6 +113,9 @@ class Detector(KeyedState, ABC):
     device: str | None = None
     # False when ``state_dict`` leaves the learned state out (a River model without a signing key).
     saves_state: bool = True
+    # True when an event is scored against every key's events (no per-key baseline): after a
+    # level shift such a detector may not flag the shifted key alone (scoring/level_shift.py).
+    population: bool = False
 
     @abstractmethod
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
@@ -152,6 +158,21 @@ class Detector(KeyedState, ABC):
         """Keys per key set still warming up (scored by a global baseline meanwhile)."""
         return {}
 
+    def relearn(self, key_set: str, key: str, mean: np.ndarray, var: np.ndarray, event_time: float) -> tuple[np.ndarray, np.ndarray, Any] | None:
+        """Move ``key``'s baseline in ``key_set`` to a new level (the mean and variance of a run
+        of its values, over the key set's features): (old means, new means, what
+        ``restore_rows`` needs to undo it). None: the detector has no per-key baseline."""
+        return None
+
+    def focus(self, step: Step, key_sets: dict[str, np.ndarray]) -> np.ndarray | None:
+        """``step``'s scores with the events marked in ``key_sets`` (key set -> bool (n,))
+        judged by those key sets alone: a key adapting to its level shift is judged by its own
+        baseline, not by the other key sets its new level also moved. None: no such view."""
+        return None
+
+    def restore_rows(self, key_set: str, key: str, rows: Any) -> None:
+        """Undo a ``relearn`` (an analyst rejected the level shift)."""
+
     @property
     def last_train_loss(self) -> float | None:
         """Loss of the last training step of a trained model; None for one that does not train."""
@@ -169,3 +190,42 @@ class Detector(KeyedState, ABC):
         step = self.score(batch, learn)
         self.commit(step)
         return step.scores
+
+
+class KeyAlert(Protocol):
+    """A collective alert: about a key at a moment of event time, not about an event."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def event_time(self) -> float: ...
+
+    def reason(self, key_set: str) -> str:
+        """What happened, in words, for the record."""
+        ...
+
+
+class CollectiveDetector(KeyedState, ABC):
+    """Base class for detectors of collective anomalies (e.g. detectors/silence.py: a store
+    whose sales stop): no event carries them, so they raise alerts about the keys of
+    ``key_set`` instead of scoring events. ``process`` learns every event of a batch in order
+    (nothing is masked: a flagged sale still shows its store is alive) and returns the alerts
+    that became due while the batch moved the clock. The pipeline calls it after the point
+    detectors, on the whole batch. State as for ``Detector``: plain data with a ``version``."""
+
+    name: str = "collective"
+    state_version: int = 1
+    key_set: str
+
+    @abstractmethod
+    def process(self, batch: FeatureBatch) -> Sequence[KeyAlert]:
+        """Learn ``batch`` and return the alerts it made due, in event-time order."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot of the learned state, including ``version``, in plain data only."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a snapshot made by ``state_dict``; raise ``StateError`` if incompatible."""

@@ -49,6 +49,7 @@ class HalfSpaceTreesDetector(Detector):
     """Multivariate point anomalies: events the half-space trees isolate in few splits."""
 
     name = "hst"
+    population = True
     state_version = 1
 
     def __init__(

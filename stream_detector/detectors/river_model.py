@@ -49,6 +49,7 @@ class RiverModelDetector(Detector):
     """Wraps a River anomaly detector; raw score = the model's own score."""
 
     name = "river"
+    population = True
     # 1: an unsigned pickle (refused); 2: a pickle with its HMAC, or no model when unsigned.
     state_version = 2
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from stream_detector.detectors import silence_kernel
-from stream_detector.detectors.base import KeyedState
+from stream_detector.detectors.base import CollectiveDetector
 from stream_detector.detectors.silence_kernel import BUCKETS, peak_rates, walk
 from stream_detector.detectors.zscore_kernel import factorize
 from stream_detector.errors import StateError
@@ -51,7 +51,7 @@ class SilenceAlert:
         )
 
 
-class SilenceDetector(KeyedState):
+class SilenceDetector(CollectiveDetector):
     """Per-key silence timer (see module docstring). One instance per key set, e.g. store_id.
 
     A forgotten key (``shrink``) frees its slot, with zero counts, so it never alerts; the next

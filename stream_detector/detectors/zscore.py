@@ -27,7 +27,7 @@ from stream_detector.detectors import seasons, zscore_kernel
 from stream_detector.detectors.base import Detector, Explanation, Step
 from stream_detector.detectors.zscore_kernel import factorize, global_scores, key_set_scores, max_abs
 from stream_detector.errors import StateError
-from stream_detector.features import FeatureBatch
+from stream_detector.features import FeatureBatch, original_value
 from stream_detector.state import shards
 
 # Explanations give the expected range as the baseline's mean +- this many sd.
@@ -499,6 +499,89 @@ class ZScoreDetector(Detector):
         state.oldest, state.newest = (float(remaining.min()), float(remaining.max())) if remaining.size else (np.inf, -np.inf)
         return state
 
+    # -- level shifts (scoring/level_shift.py) ---------------------------------------------
+
+    def relearn(self, key_set: str, key: str, mean: np.ndarray, var: np.ndarray, event_time: float) -> tuple[np.ndarray, np.ndarray, Any]:
+        """Move ``key``'s baseline to the level of a run of its values (``mean``, ``var`` over
+        the key set's features). A warm key keeps its spread and its seasonal shape: the key
+        row and its seasonal rows move by the change of level on each feature that moved by at
+        least one sd. A key still learning takes the run's statistics as a warm baseline.
+        Features the run never saw (NaN) keep their statistics. The undo is small (the key's
+        old row and the change of level), since it travels in every checkpoint until feedback
+        on the shift is taken or forgotten."""
+        fi = self._fidx[key_set]
+        seen = ~np.isnan(mean)
+        state = self._state.key_sets[key_set]
+        if key not in state.slots:  # every event of it was flagged: it starts from the run
+            state.add([key])
+            state.stats.last_seen[state.slots[key]] = event_time
+        slot = state.slots[key]
+        st = state.stats
+        old = st.mean[slot].copy()
+        before = (st.count[slot].copy(), old, st.m2[slot].copy())
+        if st.count[slot].max(initial=0.0) >= self.warmup:
+            with np.errstate(invalid="ignore"):
+                moved = seen & (np.abs(mean - old) >= self._std(st.count[slot], st.m2[slot], self._min_std[fi]))
+            delta = np.where(moved, mean - old, 0.0)
+            st.mean[slot] += delta
+        else:
+            delta = np.where(seen & (st.count[slot] > 0), mean - old, 0.0)
+            st.count[slot] = np.where(seen, float(self.warmup), st.count[slot])
+            st.mean[slot] = np.where(seen, mean, st.mean[slot])
+            st.m2[slot] = np.where(seen, var * (self.warmup - 1), st.m2[slot])
+        state.changed.mark(np.array([slot]))
+        for name, slots in self._seasonal_slots(key_set, key):
+            table = self._state.key_sets[name]
+            table.stats.mean[slots] += np.where(table.stats.count[slots] > 0, delta, 0.0)
+            table.changed.mark(slots)
+        self._generation += 1
+        self._round_cache.clear()
+        return old, st.mean[slot].copy(), [*before, delta]
+
+    def focus(self, step: Step, key_sets: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The scores with each marked event judged by its marked key sets only: the largest
+        |z| over them (0 where every one is missing)."""
+        marked = [(k, key_sets[ks]) for k, ks in enumerate(self.key_sets) if ks in key_sets]
+        if not marked:
+            return None
+        z = step.details["z"]
+        scores = step.scores.copy()
+        own = np.zeros(len(scores), dtype=bool)
+        best = np.zeros(len(scores))
+        for k, mask in marked:
+            best = np.where(mask, np.maximum(best, max_abs(np.ascontiguousarray(z[:, k : k + 1, :]))), best)
+            own |= mask
+        scores[own] = best[own]
+        return scores
+
+    def restore_rows(self, key_set: str, key: str, rows: Any) -> None:
+        """Undo a ``relearn`` (its ``undo``: the key's old row and the change of level): the key
+        row as it was, and its seasonal rows moved back, also those learned since."""
+        count, mean, m2, delta = (np.asarray(a, dtype=np.float64) for a in rows)
+        state = self._state.key_sets[key_set]
+        if key not in state.slots:  # forgotten since: it comes back with its old baseline
+            state.add([key])
+        slot = state.slots[key]
+        st = state.stats
+        st.count[slot], st.mean[slot], st.m2[slot] = count, mean, m2
+        state.changed.mark(np.array([slot]))
+        for name, slots in self._seasonal_slots(key_set, key):
+            table = self._state.key_sets[name]
+            table.stats.mean[slots] -= np.where(table.stats.count[slots] > 0, delta, 0.0)
+            table.changed.mark(slots)
+        self._generation += 1
+        self._round_cache.clear()
+
+    def _seasonal_slots(self, key_set: str, key: str) -> list[tuple[str, np.ndarray]]:
+        """(table, slots) of the key's rows in each seasonal table of its key set."""
+        out = []
+        for period in self.key_set_seasonality[key_set]:
+            name = _level(key_set, period)
+            slots = self._state.key_sets[name].slots
+            found = [s for label in seasons.labels(period) if (s := slots.get(key + label)) is not None]
+            out.append((name, np.array(found, dtype=np.int64)))
+        return out
+
     # -- introspection ---------------------------------------------------------------------
 
     def n_keys(self) -> dict[str, int]:
@@ -542,7 +625,7 @@ class ZScoreDetector(Detector):
         scope = f"the mean of {scope}"
         field, shown, typical = _in_original_units(feature, value, mean)
         direction = "above" if zf > 0 else "below"
-        low, high = (_original_value(feature, mean + sign * EXPECTED_SD * std) for sign in (-1, 1))
+        low, high = (original_value(feature, mean + sign * EXPECTED_SD * std) for sign in (-1, 1))
         reason = f"{field} {shown} is {abs(zf):.1f} sd {direction} {scope}, {typical}; expected {low:,.4g} to {high:,.4g}"
         if feature.startswith("log_"):
             reason += " (log scale)"
@@ -721,15 +804,6 @@ def _stack(groupings: list[_Grouping]) -> tuple[np.ndarray, _Prior, list[int]]:
         return np.ascontiguousarray(np.concatenate([g.prior[j] for g in groupings]))
 
     return groups, (stacked(0), stacked(1), stacked(2)), offsets
-
-
-def _original_value(feature: str, value: float) -> float:
-    """A feature value back in the event's units (log features are sign * log1p(|x|))."""
-    if feature == "log_price_ratio":
-        return float(np.exp(value))
-    if feature.startswith("log_"):
-        return float(np.sign(value) * np.expm1(abs(value)))
-    return float(value)
 
 
 def _in_original_units(feature: str, value: float, mean: float) -> tuple[str, str, str]:

@@ -37,6 +37,7 @@ def format_report(report: EvaluationReport, source: str = "") -> str:
         lines += ["", format_ranking(r.ranking)]
     if r.changes is not None:
         lines += ["", format_changes(r.changes)]
+    lines += ["", f"level shift records: {r.level_shifts:,}, matching no change: {r.level_shifts_unmatched:,}"]
     lines += ["", f"{'collective kind':<18}{'windows':>9}{'detected':>9}{'recall':>8}{'delay median':>14}{'delay max':>12}"]
     for w in r.windows.values():
         lines.append(f"{w.kind:<18}{w.windows:>9,}{w.detected:>9,}{fmt(w.recall):>8}{_fmt_delay(w.delay_median_s):>14}{_fmt_delay(w.delay_max_s):>12}")
@@ -62,7 +63,8 @@ def format_changes(summary: ChangeSummary) -> str:
     lines = [
         f"lasting changes (labelled as change points, not anomalies; their keys' {g.changed_events:,} events from the change on, "
         f"{g.changed_labelled:,} of them point-labelled, are left out of the point metrics above):",
-        f"{'change':<22}{'key':<22}{'from':<19}{'events':>8}{'alerts':>8}{'flagged':>9}{'normal again after':>20}{'last alert':>12}",
+        f"{'change':<22}{'key':<22}{'from':<19}{'events':>8}{'alerts':>8}{'labelled':>10}{'flagged':>9}"
+        f"{'normal again after':>20}{'last alert':>12}{'shifts':>8}",
     ]
     for c in g.changes:
         lines.append(_change_line(c))
@@ -75,7 +77,7 @@ def format_changes(summary: ChangeSummary) -> str:
     )
     lines.append(
         f"(normal again after n: the key's events since the change before the first {g.normal_run} in a row without an alert; "
-        f"never: no such run to the end of the stream)"
+        f"never: no such run to the end of the stream; labelled: alerts on point anomalies injected into the key; shifts: its level_shift records)"
     )
     return "\n".join(lines)
 
@@ -92,7 +94,8 @@ def _change_line(c: ChangeStats) -> str:
     share = f"{100 * c.alerts / c.events:.1f} %" if c.events else "-"
     normal = "never" if c.normal_after is None else f"{c.normal_after:,}"
     last = "-" if c.last_alert is None else f"{c.last_alert:,}"
-    return f"{name:<22}{key:<22}{iso_utc(change.start)[:16] + 'Z':<19}{c.events:>8,}{c.alerts:>8,}{share:>9}{normal:>20}{last:>12}"
+    start = iso_utc(change.start)[:16] + "Z"
+    return f"{name:<22}{key:<22}{start:<19}{c.events:>8,}{c.alerts:>8,}{c.labelled_alerts:>10,}{share:>9}{normal:>20}{last:>12}{c.shifts:>8,}"
 
 
 def format_ranking(ranking: RankingStats) -> str:

@@ -170,9 +170,9 @@ def normal_after(flags: np.ndarray, run: int = NORMAL_RUN) -> int | None:
     return int(quiet[0]) if quiet.size else None
 
 
-def change_stats(change: ChangeLabel, flagged: np.ndarray, labelled: np.ndarray, run: int = NORMAL_RUN) -> ChangeStats:
+def change_stats(change: ChangeLabel, flagged: np.ndarray, labelled: np.ndarray, run: int = NORMAL_RUN, shifts: int = 0) -> ChangeStats:
     """One change's cost from the flags (and point-label marks) of its key's counted events
-    from the change on, in stream order."""
+    from the change on, in stream order, and its ``shifts`` (level_shift records)."""
     alerts = np.flatnonzero(flagged)
     return ChangeStats(
         change=change,
@@ -181,4 +181,6 @@ def change_stats(change: ChangeLabel, flagged: np.ndarray, labelled: np.ndarray,
         normal_after=normal_after(flagged, run),
         last_alert=int(alerts[-1]) if alerts.size else None,
         labelled=int(np.count_nonzero(labelled)),
+        shifts=shifts,
+        labelled_alerts=int(np.count_nonzero(flagged & labelled)),
     )

@@ -67,6 +67,8 @@ class ChangeStats:
     normal_after: int | None
     last_alert: int | None  # the key's own event index (0 = first after the change) of its last alert
     labelled: int  # of its events, how many carry a point label (left out of the point metrics)
+    shifts: int = 0  # level_shift records for its key (one per key of a key set that holds it)
+    labelled_alerts: int = 0  # of its alerts, those on point-labelled events (found anomalies)
 
     def to_dict(self) -> dict[str, Any]:
         c = self.change
@@ -83,6 +85,8 @@ class ChangeStats:
             "normal_after": self.normal_after,
             "last_alert": self.last_alert,
             "labelled": self.labelled,
+            "shifts": self.shifts,
+            "labelled_alerts": self.labelled_alerts,
         }
 
 
@@ -162,6 +166,8 @@ class EvaluationReport:
     series: Series | None = None
     ranking: RankingStats | None = None
     changes: ChangeSummary | None = None  # only when the labels have change labels
+    level_shifts: int = 0  # level_shift records (scoring/level_shift.py)
+    level_shifts_unmatched: int = 0  # of them, records matching no change label
 
     @property
     def events_per_second(self) -> float:

@@ -16,6 +16,7 @@ from stream_detector.evaluation.labels import (
     DEFAULT_WINDOW_GRACE_S,
     POINT_KINDS,
     WINDOW_KINDS,
+    ChangeLabel,
     CollectiveAlert,
     CollectiveAlertsFn,
     Labels,
@@ -26,6 +27,7 @@ from stream_detector.evaluation.measures import NORMAL_RUN, change_stats, point_
 from stream_detector.evaluation.report import ChangeSummary, EvaluationReport, Series
 from stream_detector.events.decode import DecodedBatch, EventSchema
 from stream_detector.scoring.batch import score_batch
+from stream_detector.scoring.level_shift import LevelShift
 from stream_detector.scoring.pipeline import ScoringPipeline
 
 
@@ -55,6 +57,7 @@ def evaluate(
     records = invalid_counted = valid = 0
     # Per change label (by index in labels.changes): the valid events of its key from its start on.
     changed_parts: dict[int, list[np.ndarray]] = {}
+    shifts: list[LevelShift] = []
 
     for values in _batches(events, batch_size):
         scored = score_batch(pipeline, schema, values)
@@ -63,6 +66,7 @@ def evaluate(
             alerts.extend(as_alert(a) for a in collective_alerts_fn(decoded, result))
         else:  # the pipeline's own timers (keys that went silent)
             alerts.extend(CollectiveAlert(a.key, a.event_time, detector="silence") for a in result.collective)
+        shifts += result.level_shifts
         invalid_counted += sum(1 for bad in decoded.invalid if records + bad.index >= skip_warmup)
         codes = np.zeros(decoded.features.n, dtype=np.int16)
         for i, event_id in enumerate(decoded.features.event_ids.tolist()):
@@ -107,7 +111,8 @@ def evaluate(
             idx = np.concatenate(changed_parts.get(c, [np.zeros(0, dtype=np.int64)]))
             idx = idx[counted[idx]]
             changed[idx] = True
-            stats.append(change_stats(change, flagged[idx], kind_code[idx] > 0))
+            found = sum(1 for shift in shifts if _names(shift, change))
+            stats.append(change_stats(change, flagged[idx], kind_code[idx] > 0, shifts=found))
         in_changes = counted & changed
         changes = ChangeSummary(stats, NORMAL_RUN, int(in_changes.sum()), int((in_changes & (kind_code > 0)).sum()))
         point_counted = counted & ~changed
@@ -142,8 +147,19 @@ def evaluate(
         series=Series(position, event_time, fused, flagged, kind_code, kinds) if keep_series else None,
         ranking=ranking_stats(point_counted, fused, surprise, flagged, kind_code),
         changes=changes,
+        level_shifts=len(shifts),
+        level_shifts_unmatched=sum(1 for shift in shifts if not any(_names(shift, change) for change in labels.changes)),
         **measures,
     )
+
+
+def _names(shift: LevelShift, change: ChangeLabel) -> bool:
+    """Whether a level shift is of the change's key: its key set holds the change's field (a
+    product's change shows in product_id+currency once per currency) with the same value."""
+    fields = shift.key_set.split("+")
+    if change.key_set not in fields:
+        return False
+    return shift.key.split("|")[fields.index(change.key_set)] == change.key
 
 
 def _changed_events(labels: Labels, decoded: DecodedBatch) -> dict[int, np.ndarray]:

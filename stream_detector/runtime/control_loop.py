@@ -13,6 +13,7 @@ from stream_detector.config import Settings
 from stream_detector.metrics import Metrics
 from stream_detector.runtime.control import ControlReader
 from stream_detector.runtime.partitions import PartitionWork
+from stream_detector.scoring.pipeline import ScoringPipeline
 
 log = logging.getLogger("stream_detector.daemon")
 
@@ -61,6 +62,14 @@ class ControlTopics:
     def take_feedback(self, partitions: Partitions, event_id: str, label: str, note: str) -> None:
         """Apply feedback in the partition that remembers the event, or keep it pending."""
         for work in partitions.values():
+            shifts = work.pipeline.level_shifts
+            if shifts is not None and shifts.knows(event_id):  # a level_shift record's id
+                outcome = work.pipeline.level_shift_feedback(event_id, label)
+                self.metrics.feedback.labels(label, outcome).inc()
+                work.dirty = True  # the restored baseline goes into the next snapshot
+                self.pending_feedback.pop(event_id, None)
+                log.info("feedback %s on %s: %s", label, event_id, outcome)
+                return
             memory = work.pipeline.feedback
             if memory is not None and memory.knows(event_id):
                 outcome = memory.apply(event_id, label, note)
@@ -79,5 +88,11 @@ class ControlTopics:
 
     def retry_pending_feedback(self, partitions: Partitions) -> None:
         for event_id, (label, note) in list(self.pending_feedback.items()):
-            if any(w.pipeline.feedback is not None and w.pipeline.feedback.knows(event_id) for w in partitions.values()):
+            if any(_knows(w.pipeline, event_id) for w in partitions.values()):
                 self.take_feedback(partitions, event_id, label, note)
+
+
+def _knows(pipeline: ScoringPipeline, event_id: str) -> bool:
+    """Whether the pipeline remembers the anomaly or the level shift that ``event_id`` names."""
+    shifts, memory = pipeline.level_shifts, pipeline.feedback
+    return (shifts is not None and shifts.knows(event_id)) or (memory is not None and memory.knows(event_id))

@@ -488,6 +488,7 @@ class Daemon:
                 scored = score_batch(work.pipeline, self.schema, [m.value() for m in records])
                 publish.anomalies(producer, work.pipeline, records, scored, consumed_at)
                 publish.silences(producer, work.pipeline, scored.result, consumed_at)
+                publish.level_shifts(producer, work.pipeline, scored.result, consumed_at)
                 publish.dead_letters(producer, records, scored.decoded, consumed_at)
                 if work.position is None and work.origin is None:
                     work.origin = consumed.offset(records[0])

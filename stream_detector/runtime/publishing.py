@@ -1,5 +1,6 @@
 """Publishing what a batch produced: anomaly records (reviewed by the alert policy first),
-silence records of the collective timers, and dead-letter copies of invalid input."""
+silence records of the collective timers, level shift records, and dead-letter copies of
+invalid input."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from stream_detector.config import Settings
 from stream_detector.events.decode import DecodedBatch
 from stream_detector.events.event_time import iso_utc
 from stream_detector.metrics import Metrics
-from stream_detector.records import anomaly_records, dead_letter_headers, encode_record, silence_record
+from stream_detector.records import anomaly_records, dead_letter_headers, encode_record, level_shift_record, silence_record
 from stream_detector.runtime.delivery import DeliveryTracker, Producing, produce
 from stream_detector.scoring.batch import ScoredBatch
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
@@ -74,6 +75,17 @@ class Publisher:
                 self.metrics.anomalies.inc()
                 self.metrics.fired.labels(timer.name).inc()
                 log.info("%s", record["reasons"][0])
+
+    def level_shifts(self, producer: Producing, pipeline: ScoringPipeline, result: BatchResult, consumed_at: float) -> None:
+        for shift in result.level_shifts:
+            record = level_shift_record(shift, pipeline.threshold)
+            if not self.publishable(record, shift.event_time, pipeline):
+                continue
+            key, value = encode_record(record)
+            produce(producer, self.settings.kafka.output_topic, key, value, None, self.tracker.callback(consumed_at, True))
+            self.metrics.anomalies.inc()
+            self.metrics.fired.labels("level_shift").inc()
+            log.info("%s", record["reasons"][0])
 
     def publishable(self, record: dict[str, Any], event_time: float, pipeline: ScoringPipeline) -> bool:
         """Windows and feedback decide whether an anomaly is published (and annotate it)."""

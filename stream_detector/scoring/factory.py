@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from stream_detector.alerting.feedback import FeedbackMemory
 from stream_detector.config import Settings
-from stream_detector.detectors.base import Detector
+from stream_detector.detectors.base import CollectiveDetector, Detector
 from stream_detector.errors import ConfigError
 from stream_detector.events.decode import EventSchema
 from stream_detector.events.event_time import EventTimeGuard
 from stream_detector.scoring.calibration import Calibrator, PassThrough, ScoreCalibrator
+from stream_detector.scoring.level_shift import LevelShiftTracker
 from stream_detector.scoring.pipeline import ScoringPipeline
 
 
@@ -125,7 +126,7 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
         )
         for d in detectors
     }
-    collective = []
+    collective: list[CollectiveDetector] = []
     if settings.silence.enabled:
         from stream_detector.detectors.silence import SilenceDetector
 
@@ -140,6 +141,22 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
             )
         )
     p = settings.processing
+    z, shifts = settings.zscore, settings.zscore.level_shift
+    tracker = None
+    if z.enabled and shifts.enabled:
+        features = tuple(dict.fromkeys(f for ks in z.key_sets for f in ks.features))
+        tracker = LevelShiftTracker(
+            # Keyed sets only: the events of the keyless set in a row are many keys' events, and
+            # one store's refund burst at a quiet hour would read as a shift of the whole stream.
+            # A key set's features in the detector's column order (Detector.relearn reads them so).
+            key_sets={ks.name: tuple(f for f in features if f in ks.features) for ks in z.key_sets if ks.fields},
+            features=features,
+            axis={ks.name: k for k, ks in enumerate(z.key_sets)},
+            lasting=shifts.lasting,
+            min_z=shifts.min_z,
+            mean_z=shifts.mean_z,
+            adapt_events=shifts.adapt_events,
+        )
     pipeline = ScoringPipeline(
         detectors,
         calibrators,
@@ -147,6 +164,7 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
         collective=collective,
         feedback=build_feedback(settings),
         event_time=EventTimeGuard(p.max_future_skew, p.future_timestamps),
+        level_shifts=tracker,
     )
     # One pipeline holds the whole budget; the daemon shares it between its partitions.
     pipeline.max_state_bytes = settings.state.max_bytes

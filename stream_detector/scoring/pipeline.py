@@ -11,6 +11,14 @@ e.g. a 10-sigma value while a key is still warming up) by the same rule: the dec
 ``i`` depends only on the events before it. Almost every batch settles in two rounds; if one does not within ``max_rounds``, the settled
 prefix is committed and the rest is processed as a batch of its own.
 
+Level shifts (scoring/level_shift.py) keep this meaning: a settled segment is read by the
+tracker, and if one of its events completes a lasting run, only the events up to it are
+committed (scored again alone: the same scores, by the sequential semantics), the shift is
+applied (the key re-learned) and the rest is processed as a segment of its own, so the event
+after the shift sees the new level whatever the batch size. While a key adapts to its shift,
+the masks that judge its events are fixed per segment (they depend on the key's events, not
+on flags).
+
 Cost: every round scores the whole batch, so the pipeline keeps rounds cheap. A detector may
 offer a cheap ``guess(batch, learn)`` for the first round (the autoencoder scores with its committed network
 instead of training clones); guesses only propose the masks, and a batch settles only on a
@@ -22,21 +30,20 @@ from __future__ import annotations
 
 import bisect
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from stream_detector.detectors.base import Detector, KeyedState, Step
+from stream_detector.detectors.base import CollectiveDetector, Detector, KeyAlert, KeyedState, Step
 from stream_detector.errors import StateError
 from stream_detector.events.event_time import EventTimeGuard
 from stream_detector.features import FeatureBatch
 from stream_detector.scoring import fusion
 from stream_detector.scoring.calibration import ScoreCalibrator
-
-if TYPE_CHECKING:  # numba-compiled at import: loaded by the factory only when silence is enabled
-    from stream_detector.detectors.silence import SilenceAlert, SilenceDetector
+from stream_detector.scoring.level_shift import LevelShift, LevelShiftTracker
 
 
 @dataclass
@@ -51,7 +58,7 @@ class Segment:
 @dataclass(frozen=True)
 class PartFailure:
     """A part of a snapshot that was not restored (it started fresh): ``part`` is
-    ``detector:<name>``, ``calibrator:<name>``, ``timer:<name>``, ``feedback`` or ``event_time``; ``reason`` is
+    ``detector:<name>``, ``calibrator:<name>``, ``timer:<name>``, ``feedback``, ``level_shifts`` or ``event_time``; ``reason`` is
     a ``StateError`` reason (errors.STATE_FAILURE_REASONS)."""
 
     part: str
@@ -75,12 +82,14 @@ class BatchResult:
     segments: list[Segment] = field(default_factory=list)
     rounds: int = 0
     # Collective alerts raised while this batch moved the clock (keys that went silent).
-    collective: list[SilenceAlert] = field(default_factory=list)
+    collective: list[KeyAlert] = field(default_factory=list)
     # detector -> natural log of the tail probability (n,), not floored; left out: the log of
     # ``probability`` (a result built without the calibrators' logs).
     log_probability: dict[str, np.ndarray] = field(default_factory=dict)
     # Keys forgotten after this batch to keep the state within ``max_state_bytes``.
     forgotten_keys: int = 0
+    # Level shifts declared in this batch, in order (scoring/level_shift.py).
+    level_shifts: list[LevelShift] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.log_probability:
@@ -122,9 +131,10 @@ class ScoringPipeline:
         calibrators: dict[str, ScoreCalibrator],
         threshold: float,
         max_rounds: int = 8,
-        collective: list[SilenceDetector] | None = None,
+        collective: list[CollectiveDetector] | None = None,
         feedback: Any = None,
         event_time: EventTimeGuard | None = None,
+        level_shifts: LevelShiftTracker | None = None,
     ) -> None:
         if not detectors:
             raise ValueError("at least one detector must be enabled")
@@ -142,6 +152,9 @@ class ScoringPipeline:
         # scoring/batch.py before decoding finishes; kept here so the watermark travels in the
         # same state snapshot and survives a restart.
         self.event_time = event_time if event_time is not None else EventTimeGuard()
+        # Lasting changes of a key's level (scoring/level_shift.py): declared at the event that
+        # completes the run, where the batch is cut so the rest sees the re-learned key.
+        self.level_shifts = level_shifts
         # Bytes the per-key state may hold (None: no bound). After each batch, the parts over
         # it forget their least recently seen keys down to 90 % of it, in proportion to their
         # size, so a flood of new keys costs a bounded amount of memory (the daemon sets it
@@ -201,6 +214,8 @@ class ScoringPipeline:
         # calibrate: what enters the calibrators' reference windows (not flagged).
         learn = np.ones(batch.n, dtype=bool)
         calibrate = np.ones(batch.n, dtype=bool)
+        # Events of keys adapting to a level shift: the population models may not flag them alone.
+        adapting = self.level_shifts.adapting_masks(batch) if self.level_shifts is not None else {}
         # Exact steps by detector, with the learn mask they were scored with: a round whose mask
         # a detector already scored (only the calibrate mask changed, or a guess is confirmed)
         # reuses the step instead of scoring the batch again.
@@ -210,13 +225,13 @@ class ScoringPipeline:
         guessing = self.max_rounds >= 2
         changed = 0
         for rounds in range(1, self.max_rounds + 1):
-            steps, probs, logs, cal_states, all_exact = self._score(batch, learn, calibrate, exact, guessing)
+            steps, probs, logs, cal_states, all_exact = self._score(batch, learn, calibrate, exact, guessing, adapting)
             guessing = False
-            fused, flagged = self._decide(probs)
+            fused, flagged = self._decide(probs, adapting)
             new_learn = ~flagged & ~_rejected(steps, batch.n)
             if np.array_equal(new_learn, learn) and np.array_equal(~flagged, calibrate):
                 if all_exact:
-                    return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
+                    return self._commit_until_shift(batch, offset, learn, calibrate, adapting, (steps, probs, logs, cal_states), fused, flagged, rounds)
                 continue  # confirm the guessed detectors with exact scores for the same masks
             if all_exact:
                 changed = int(np.flatnonzero((new_learn != learn) | (~flagged != calibrate))[0])
@@ -225,9 +240,42 @@ class ScoringPipeline:
         # Redo them alone and commit.
         prefix = max(changed, 1)
         sub = batch.slice(0, prefix)
-        steps, probs, logs, cal_states, _ = self._score(sub, learn[:prefix], calibrate[:prefix], {}, False)
-        fused, flagged = self._decide(probs)
-        return self._commit(sub, offset, steps, probs, logs, cal_states, fused, flagged, self.max_rounds + 1)
+        sub_adapting = {ks: mask[:prefix] for ks, mask in adapting.items()}
+        scored = self._score(sub, learn[:prefix], calibrate[:prefix], {}, False, sub_adapting)[:4]
+        fused, flagged = self._decide(scored[1], sub_adapting)
+        return self._commit_until_shift(sub, offset, learn[:prefix], calibrate[:prefix], sub_adapting, scored, fused, flagged, self.max_rounds + 1)
+
+    def _commit_until_shift(self, batch, offset, learn, calibrate, adapting, scored, fused, flagged, rounds) -> BatchResult:
+        """Commit a settled segment, or only its events up to the first that declares a level
+        shift (scored again alone: the same scores, by the sequential semantics), then apply the
+        shift so the events after it see the re-learned key."""
+        tracker = self.level_shifts
+        steps, probs, logs, cal_states = scored
+        relearner = next((d for d in self.detectors if tracker is not None and d.name == tracker.detector), None)
+        if tracker is None or relearner is None:
+            return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
+        details = steps[relearner.name].details
+        scan = tracker.scan(batch, details["z"], details["mean"])
+        if scan.declared is None:
+            tracker.adopt(scan, batch)
+            return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
+        end = scan.declared + 1
+        if end < batch.n:
+            batch = batch.slice(0, end)
+            learn, calibrate = learn[:end], calibrate[:end]
+            adapting = {ks: mask[:end] for ks, mask in adapting.items()}
+            steps, probs, logs, cal_states, _ = self._score(batch, learn, calibrate, {}, False, adapting)
+            fused, flagged = self._decide(probs, adapting)
+        result = self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
+        tracker.adopt(scan, batch)
+        assert scan.run is not None and scan.where is not None
+        mean, var = tracker.run_statistics(scan.run)
+        ks, key, _ = scan.where
+        relearned = relearner.relearn(ks, key, mean, var, float(batch.event_time[-1]))
+        if relearned is not None:
+            _, new, undo = relearned
+            result.level_shifts.append(tracker.declared(scan, batch, new, undo))
+        return result
 
     def _score(
         self,
@@ -236,6 +284,7 @@ class ScoringPipeline:
         calibrate: np.ndarray,
         exact: dict[str, tuple[np.ndarray, Step]],
         guessing: bool,
+        adapting: dict[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, Step], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any], bool]:
         steps: dict[str, Step] = {}
         probs: dict[str, np.ndarray] = {}
@@ -256,14 +305,30 @@ class ScoringPipeline:
             else:
                 step = detector.score(batch, learn)
                 exact[name] = (learn, step)
+            if adapting and guess is None:
+                # Events of keys adapting to a level shift are judged by their own key set.
+                focused = detector.focus(step, adapting)
+                if focused is not None:
+                    step = dataclasses.replace(step, scores=focused)
             steps[name] = step
             probs[name], logs[name], cal_states[name] = self.calibrators[name].transform_with_log(step.scores, calibrate)
         return steps, probs, logs, cal_states, all_exact
 
-    def _decide(self, probs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Fused score and flags (scoring/fusion.py)."""
+    def _decide(self, probs: dict[str, np.ndarray], adapting: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Fused score and flags (scoring/fusion.py). An ``adapting`` event (its key adapts to
+        a level shift) is flagged only if a detector with a per-key view fires on it, so the
+        population models learn the key's new kind of event instead of flagging it for ever."""
         fused = fusion.fuse(probs)
-        return fused, fused > self.threshold
+        flagged = fused > self.threshold
+        if adapting:
+            mine = np.logical_or.reduce(list(adapting.values()))
+            fired = fusion.fired(probs, self.threshold)
+            keyed = np.zeros(len(fused), dtype=bool)
+            for detector in self.detectors:
+                if not detector.population:
+                    keyed |= fired[detector.name]
+            flagged &= ~mine | keyed
+        return fused, flagged
 
     def _commit(self, batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds) -> BatchResult:
         for detector in self.detectors:
@@ -279,6 +344,18 @@ class ScoringPipeline:
             rounds=rounds,
             log_probability=logs,
         )
+
+    def level_shift_feedback(self, shift_id: str, label: str) -> str:
+        """An analyst's verdict on a level shift this pipeline declared (``LevelShiftTracker.feedback``):
+        a rejection puts the key's old baseline back. The outcome, as for FeedbackMemory.apply."""
+        if self.level_shifts is None:
+            return "unknown_event"
+        outcome, restore = self.level_shifts.feedback(shift_id, label)
+        if restore is not None:
+            for detector in self.detectors:
+                if detector.name == self.level_shifts.detector:
+                    detector.restore_rows(*restore)
+        return outcome
 
     # -- explanations ----------------------------------------------------------------------
 
@@ -330,6 +407,7 @@ class ScoringPipeline:
             "collective": {t.name: t.base_state_dict() if sharded else t.state_dict() for t in self.collective},
             "feedback": self.feedback.state_dict() if self.feedback is not None else None,
             "event_time": self.event_time.state_dict(),
+            "level_shifts": self.level_shifts.state_dict() if self.level_shifts is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any], shards: dict[str, dict[str, Any]] | None = None) -> list[PartFailure]:
@@ -375,6 +453,10 @@ class ScoringPipeline:
             loaded = _load_part("feedback", self.feedback, state["feedback"], failures)
             if loaded is not None:
                 self.feedback = loaded
+        if self.level_shifts is not None and state.get("level_shifts"):  # absent: none tracked yet
+            loaded = _load_part("level_shifts", self.level_shifts, state["level_shifts"], failures)
+            if loaded is not None:
+                self.level_shifts = loaded
         if "event_time" in state:  # absent from snapshots older than the guard: no watermark yet
             loaded = _load_part("event_time", self.event_time, state["event_time"], failures)
             if loaded is not None:
@@ -430,4 +512,5 @@ def _concat(parts: list[BatchResult], threshold: float) -> BatchResult:
         segments=[s for p in parts for s in p.segments],
         rounds=max(p.rounds for p in parts),
         log_probability={n: np.concatenate([p.log_probability[n] for p in parts]) for n in names},
+        level_shifts=[shift for p in parts for shift in p.level_shifts],
     )

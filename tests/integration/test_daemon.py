@@ -58,9 +58,11 @@ def test_labelled_stream_yields_anomalies_metrics_and_commits(kafka_bootstrap, m
     assert code == 0, daemon.log_tail()
 
     records = [orjson.loads(m.value()) for m in read_all(kafka_bootstrap, output_topic, idle=3.0)]
-    # Alerts about events, and collective ones (a store that went silent) with no event.
-    anomalies = [r for r in records if r["event_id"] is not None]
+    # Alerts about events, collective ones (a store that went silent) with no event, and
+    # level_shift records (a key whose level changed for good), with no event either.
+    anomalies = [r for r in records if r.get("kind") is None]
     silences = [r for r in records if r["event_id"] is None]
+    assert all(r["kind"] == "level_shift" for r in records if r.get("kind") is not None and r["event_id"] is not None)
     for record in silences:
         assert record["kind"] == "store_stopped" and record["reasons"] and record["event"] is None
     by_id = {a["event_id"]: a for a in anomalies}

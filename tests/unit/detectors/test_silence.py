@@ -410,3 +410,13 @@ def test_non_finite_event_times_are_refused():
     batch = FeatureBatch(event_time=np.array([MONDAY, np.nan]), columns={}, keys={"store_id": np.array(["s-1", "s-1"], dtype=object)})
     with pytest.raises(ValueError, match="finite"):
         SilenceDetector().process(batch)
+
+
+def test_the_timer_is_a_collective_detector_and_its_alerts_are_key_alerts():
+    """The pipeline holds timers as ``CollectiveDetector`` and their alerts as ``KeyAlert``."""
+    from stream_detector.detectors.base import CollectiveDetector
+
+    detector = SilenceDetector(key_set="store_id")
+    assert isinstance(detector, CollectiveDetector) and detector.key_set == "store_id"
+    alert = SilenceAlert(key="s-1", event_time=7200.0, since=0.0, expected_events=12.0, probability=math.exp(-12.0))
+    assert (alert.key, alert.event_time) == ("s-1", 7200.0) and "s-1" in alert.reason("store_id")

@@ -1,0 +1,336 @@
+"""Level shifts: a key whose events keep deviating from its baseline in one direction.
+
+The detectors learn only the events the pipeline does not flag, so a key whose level moves for
+good (a price change, a store that changes format, a new store at another scale) would be
+flagged for ever. The tracker watches, per z-score key set, key and feature, the run of the
+key's latest events whose z-score points the same way, each at least ``min_z`` sd off and on
+average ``mean_z`` sd. When a run reaches ``lasting`` events the pipeline declares a level
+shift at that event: one change record, the z-score detector re-learns the key from the run's
+values (``Detector.relearn``), and for the key's next ``adapt_events`` events it is judged by
+its own key set only (``Detector.focus``): neither the population models
+(``Detector.population``) nor the z-score's other key sets, whose baselines the new level also
+moved (a store at 30x moves every product's quantities), may flag it alone, and what they do
+not flag they learn.
+
+Short anomalies stay anomalies: on the generator (60,000 events, seed 5, with and without
+drift) the longest such run of an injected short anomaly is 5 events (a refund burst in one
+store) and no run of normal events reaches 8, so ``lasting`` defaults to 8.
+
+The tracker is sequential like the detectors: whether event ``i`` declares a shift depends only
+on the events before it and on its own z-scores. ``scan`` reads a settled segment without
+changing anything; ``adopt`` makes what it found current.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stream_detector.errors import StateError
+from stream_detector.features import FeatureBatch
+
+STATE_VERSION = 1
+# Declared shifts remembered so that feedback can reject one (the oldest go first).
+MAX_REMEMBERED = 1000
+# Feedback labels that reject a shift (alerting/feedback.py LABELS): the old baseline returns.
+REJECT_LABELS = ("reject", "false_positive")
+
+
+@dataclass(frozen=True)
+class LevelShift:
+    """One declared shift: ``feature`` of ``key`` (in ``key_set``) moved from ``old_level`` to
+    ``new_level`` (the feature's units, e.g. log amount) over ``events`` events since ``began``."""
+
+    shift_id: str
+    key_set: str
+    key: str
+    feature: str
+    old_level: float
+    new_level: float
+    began: float  # event time of the run's first event
+    event_time: float  # event time of the event that declared it
+    events: int
+    event_id: str
+    # -log10 of the chance that ``events`` normal events in a row each lie ``min_z`` sd or more
+    # off the same way (2 * P(Z > min_z) ** events): what the record's score and surprise say.
+    surprise: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A key's current run on one feature: its direction, length, summed |z|, first event time,
+    summed baselines, and the key set's values at its last ``lasting`` events (to re-learn the
+    key from)."""
+
+    direction: int
+    length: int
+    total_z: float
+    began: float
+    baseline: float  # summed baseline means the run's z-scores were measured against
+    values: np.ndarray  # (m, F), m <= lasting: the key set's features at the run's last events
+
+
+@dataclass
+class Scan:
+    """What ``scan`` found in a segment: the runs after its events (up to and including the
+    first declaration), the declaring event (None: none) and its run."""
+
+    runs: dict[tuple[str, str, str], _Run]
+    declared: int | None = None
+    run: _Run | None = None
+    where: tuple[str, str, str] | None = None
+
+
+@dataclass
+class LevelShiftTracker:
+    """Runs per (key set, key, feature) over a z-score detector's scores (module docstring).
+
+    ``key_sets``: the key sets tracked, each with the names of its features in the detector's
+    column order; ``axis``: each one's position among the detector's key sets (the second axis
+    of its ``details["z"]``, whose last axis is the detector's ``features``)."""
+
+    key_sets: dict[str, tuple[str, ...]]
+    features: tuple[str, ...]
+    axis: dict[str, int]
+    lasting: int = 8
+    min_z: float = 2.0
+    mean_z: float = 3.0
+    adapt_events: int = 5000
+    detector: str = "zscore"
+    runs: dict[tuple[str, str, str], _Run] = field(default_factory=dict)
+    # (key set, key) -> events of the key still to come before the population models may flag
+    # it alone again.
+    adapting: dict[tuple[str, str], int] = field(default_factory=dict)
+    # shift id -> (key set, key, feature, the rows ``relearn`` replaced), for a rejection.
+    undo: dict[str, tuple[str, str, str, Any]] = field(default_factory=dict)
+    # Shifts an analyst rejected: (key set, key, feature) -> shift id. Their runs declare no
+    # shift again: the new level keeps alerting.
+    rejected: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    # Shift ids with feedback taken, and its label (a second feedback is a duplicate).
+    decided: dict[str, str] = field(default_factory=dict)
+
+    # -- scanning ------------------------------------------------------------------------------
+
+    def scan(self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray) -> Scan:
+        """The runs after ``batch`` given its z-scores and the baseline means they were measured
+        against (both (n, key sets, features)), up to and including the first event that
+        declares a shift (the first column wins a tie)."""
+        runs = dict(self.runs)
+        hits = [hit for column in self._columns(batch, z, baseline) if (hit := self._walk(*column, runs, declare=True)) is not None]
+        if not hits:
+            return Scan(runs)
+        index, where, run = min(hits, key=lambda hit: hit[0])
+        # Each column stopped at its own first declaration: walk them again up to ``index``.
+        runs = dict(self.runs)
+        for keys, ks, feature, zf, bf, values, event_time in self._columns(batch, z, baseline):
+            end = index + 1
+            self._walk(keys[:end], ks, feature, zf[:end], bf[:end], values[:end], event_time[:end], runs, declare=False)
+        for stale in [r for r in runs if r[:2] == where[:2]]:
+            del runs[stale]  # the key re-learns: every feature's run starts again
+        return Scan(runs, index, run, where)
+
+    def _columns(
+        self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray
+    ) -> list[tuple[np.ndarray, str, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(keys, key set, feature, its z, its baseline, the key set's values, event times) per column."""
+        out = []
+        for ks, names in self.key_sets.items():
+            keys = batch.keys.get(ks)
+            if keys is None:
+                continue
+            k = self.axis[ks]
+            values = batch.matrix(names)
+            out += [
+                (keys, ks, feature, z[:, k, j], baseline[:, k, j], values, batch.event_time)
+                for feature, j in zip(names, map(self.features.index, names), strict=True)
+            ]
+        return out
+
+    def _walk(
+        self,
+        keys: np.ndarray,
+        ks: str,
+        feature: str,
+        z: np.ndarray,
+        baseline: np.ndarray,
+        values: np.ndarray,
+        event_time: np.ndarray,
+        runs: dict[tuple[str, str, str], _Run],
+        declare: bool,
+    ) -> tuple[int, tuple[str, str, str], _Run] | None:
+        """Walk one feature's events in order, updating ``runs``; with ``declare``, stop at the
+        first declaration and return (index, run key, run). Only the events of keys that have or
+        start a run are visited.
+
+        An event whose value has not the sign of its baseline does not extend a run: the log
+        features are sign * log1p(|x|), so that is a refund or a zero among sales, another kind
+        of event rather than a new level (a refund burst at a quiet hour is 8-15 in a row)."""
+        column = values[:, self.key_sets[ks].index(feature)]
+        with np.errstate(invalid="ignore"):
+            deviating = (np.abs(z) >= self.min_z) & (column * baseline > 0)
+        # Every event of a key that has or starts a run: a non-deviating one ends the run.
+        watched = {key for (k2, key, f2) in runs if k2 == ks and f2 == feature} | set(keys[deviating].tolist())
+        watched.discard(None)
+        if not watched:
+            return None
+        # Plain lists: the loop is per event, where numpy scalars (and np.isin on objects) cost
+        # more than the work.
+        z_list, dev_list = z.tolist(), deviating.tolist()
+        for i, key in enumerate(keys.tolist()):
+            if key not in watched:
+                continue
+            zi = z_list[i]
+            if zi != zi:  # NaN: not scored on this feature
+                continue
+            where = (ks, key, feature)
+            if not dev_list[i]:
+                runs.pop(where, None)
+                continue
+            run = runs.get(where)
+            direction = 1 if zi > 0 else -1
+            row = values[i : i + 1]
+            if run is None or run.direction != direction:
+                run = _Run(direction, 1, abs(zi), float(event_time[i]), float(baseline[i]), row.copy())
+            else:
+                kept = np.vstack([run.values[1 - self.lasting :] if self.lasting > 1 else run.values[:0], row])
+                run = _Run(direction, run.length + 1, run.total_z + abs(zi), run.began, run.baseline + float(baseline[i]), kept)
+            runs[where] = run
+            if declare and run.length >= self.lasting and run.total_z / run.length >= self.mean_z and where not in self.rejected:
+                return i, where, run
+        return None
+
+    # -- adopting --------------------------------------------------------------------------------
+
+    def adopt(self, scan: Scan, batch: FeatureBatch) -> None:
+        """Make a scan's runs current and count the segment's events against the adapting keys
+        (``batch``: the segment, up to and including a declaration)."""
+        self.runs = scan.runs
+        if not self.adapting:
+            return
+        for (ks, key), left in list(self.adapting.items()):
+            keys = batch.keys.get(ks)
+            seen = int(np.count_nonzero(keys == key)) if keys is not None else 0
+            if seen >= left:
+                del self.adapting[(ks, key)]
+            else:
+                self.adapting[(ks, key)] = left - seen
+
+    def declared(self, scan: Scan, batch: FeatureBatch, new: np.ndarray, undo: Any) -> LevelShift:
+        """Record the shift ``scan`` declared (after ``adopt``): the key adapts from now on. Its
+        old level is the baseline the run was measured against (a key still learning is
+        measured against every key's events), its new level the key's after ``relearn``."""
+        assert scan.declared is not None and scan.run is not None and scan.where is not None
+        ks, key, feature = scan.where
+        names = self.key_sets[ks]
+        j = names.index(feature)
+        i = scan.declared
+        event_id = str(batch.event_ids[i]) if len(batch.event_ids) else str(i)
+        shift = LevelShift(
+            shift_id=f"level_shift:{ks}:{key}:{feature}:{event_id}",
+            key_set=ks,
+            key=key,
+            feature=feature,
+            old_level=scan.run.baseline / scan.run.length,
+            new_level=float(new[j]),
+            began=scan.run.began,
+            event_time=float(batch.event_time[i]),
+            events=scan.run.length,
+            event_id=event_id,
+            surprise=-(math.log10(2.0) + scan.run.length * math.log10(0.5 * math.erfc(self.min_z / math.sqrt(2.0)))),
+        )
+        self.adapting[(ks, key)] = self.adapt_events
+        self.undo[shift.shift_id] = (ks, key, feature, undo)
+        _bound(self.undo)
+        return shift
+
+    # -- feedback --------------------------------------------------------------------------------
+
+    def knows(self, shift_id: str) -> bool:
+        return shift_id in self.undo or shift_id in self.decided
+
+    def feedback(self, shift_id: str, label: str) -> tuple[str, tuple[str, str, Any] | None]:
+        """Take an analyst's verdict on a shift: (outcome, what to restore). ``reject`` (or
+        ``false_positive``) gives (applied, (key set, key, rows)): the caller puts the rows back;
+        the key adapts no more and its run on that feature declares no shift again. ``accept``
+        (or ``true_positive``) keeps the new level: (recorded, None). A second verdict:
+        (duplicate, None); an unknown id: (unknown_event, None)."""
+        if shift_id in self.decided:
+            return "duplicate", None
+        entry = self.undo.pop(shift_id, None)
+        if entry is None:
+            return "unknown_event", None
+        ks, key, feature, rows = entry
+        self.decided[shift_id] = label
+        _bound(self.decided)
+        if label not in REJECT_LABELS:
+            return "recorded", None
+        self.adapting.pop((ks, key), None)
+        for stale in [r for r in self.runs if r[:2] == (ks, key)]:
+            del self.runs[stale]
+        self.rejected[(ks, key, feature)] = shift_id
+        _bound(self.rejected)
+        return "applied", (ks, key, rows)
+
+    def adapting_masks(self, batch: FeatureBatch) -> dict[str, np.ndarray]:
+        """key set -> bool (n,): the batch's events of keys that adapt to a shift (within
+        ``adapt_events`` of it); key sets without such events are left out."""
+        masks: dict[str, np.ndarray] = {}
+        for (ks, key), left in self.adapting.items():
+            keys = batch.keys.get(ks)
+            if keys is None:
+                continue
+            mine = np.flatnonzero(keys == key)[:left]
+            if mine.size:
+                masks.setdefault(ks, np.zeros(batch.n, dtype=bool))[mine] = True
+        return masks
+
+    @staticmethod
+    def run_statistics(run: _Run) -> tuple[np.ndarray, np.ndarray]:
+        """(level, variance) of the key set's features over a run's last events, robust to a
+        point anomaly among them (a price error in the run of a re-priced product): the median,
+        and the squared scaled median absolute deviation (NaN where a feature was never seen)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, by design
+            level = np.nanmedian(run.values, axis=0)
+            spread = 1.4826 * np.nanmedian(np.abs(run.values - level), axis=0)
+        return level, spread * spread
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "runs": [[ks, key, f, r.direction, r.length, r.total_z, r.began, r.baseline, r.values] for (ks, key, f), r in self.runs.items()],
+            "adapting": [[ks, key, left] for (ks, key), left in self.adapting.items()],
+            "undo": [[shift_id, ks, key, f, rows] for shift_id, (ks, key, f, rows) in self.undo.items()],
+            "rejected": [[ks, key, f, shift_id] for (ks, key, f), shift_id in self.rejected.items()],
+            "decided": [[shift_id, label] for shift_id, label in self.decided.items()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise StateError(f"level shift state version {state.get('version')!r}, expected {STATE_VERSION}")
+        try:
+            runs = {}
+            for ks, key, f, direction, length, total_z, began, baseline, values in state["runs"]:
+                kept = np.asarray(values, dtype=np.float64)
+                if f not in self.key_sets[ks] or kept.ndim != 2 or kept.shape[1] != len(self.key_sets[ks]) or not 0 < len(kept) <= self.lasting:
+                    raise StateError(f"level shift run of {ks} {f} does not fit the key set", reason="incompatible")
+                runs[(str(ks), str(key), str(f))] = _Run(int(direction), int(length), float(total_z), float(began), float(baseline), kept)
+            adapting = {(str(ks), str(key)): int(left) for ks, key, left in state["adapting"]}
+            undo = {str(shift_id): (str(ks), str(key), str(f), rows) for shift_id, ks, key, f, rows in state["undo"]}
+            rejected = {(str(ks), str(key), str(f)): str(shift_id) for ks, key, f, shift_id in state["rejected"]}
+            decided = {str(shift_id): str(label) for shift_id, label in state["decided"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"level shift state is malformed: {exc!r}", reason="corrupt") from None
+        self.runs, self.adapting, self.undo, self.rejected, self.decided = runs, adapting, undo, rejected, decided
+
+
+def _bound(remembered: dict[Any, Any]) -> None:
+    """Forget the oldest entries past ``MAX_REMEMBERED``."""
+    while len(remembered) > MAX_REMEMBERED:
+        del remembered[next(iter(remembered))]

@@ -1,0 +1,220 @@
+"""Level shifts: the tracker's runs on hand-made z-scores, and recovery after a lasting change
+through the pipeline (one shift, then the new level is normal), batch equal to smaller batches,
+the state round trip, and an analyst's reject or accept."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+import yaml
+
+from stream_detector.config import load_settings
+from stream_detector.errors import StateError
+from stream_detector.events.decode import decode_batch
+from stream_detector.features import FeatureBatch
+from stream_detector.generator import GeneratorConfig, SalesGenerator
+from stream_detector.records import level_shift_record
+from stream_detector.scoring.factory import build_pipeline, event_schema
+from stream_detector.scoring.level_shift import LevelShiftTracker
+from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
+from stream_detector.state import codec
+
+# -- the tracker alone -------------------------------------------------------------------------
+
+
+def tracker(**kw) -> LevelShiftTracker:
+    return LevelShiftTracker(key_sets={"store_id": ("log_amount",)}, features=("log_amount",), axis={"store_id": 0}, **kw)
+
+
+def batch(keys: list[str], values: list[float]) -> FeatureBatch:
+    n = len(keys)
+    return FeatureBatch(
+        event_time=np.arange(n, dtype=np.float64),
+        columns={"log_amount": np.array(values, dtype=np.float64)},
+        keys={"store_id": np.array(keys, dtype=object)},
+        event_ids=np.array([f"e{i}" for i in range(n)], dtype=object),
+    )
+
+
+def zs(values: list[float]) -> np.ndarray:
+    return np.array(values, dtype=np.float64).reshape(-1, 1, 1)
+
+
+def test_a_run_of_lasting_deviating_events_declares_at_its_last_event():
+    t = tracker(lasting=4)
+    b = batch(["a", "b", "a", "a", "a", "a"], [5.0] * 6)
+    scan = t.scan(b, zs([3.0, 9.0, 3.5, 4.0, 3.2, 3.1]), zs([2.0] * 6))
+    assert scan.declared == 4 and scan.where == ("store_id", "a", "log_amount")
+    assert scan.run is not None and scan.run.length == 4 and scan.run.began == 0.0
+    assert ("store_id", "a", "log_amount") not in scan.runs  # the key starts afresh
+    assert scan.runs[("store_id", "b", "log_amount")].length == 1
+
+
+@pytest.mark.parametrize(
+    ("z", "values", "why"),
+    [
+        ([3.0, 3.0, 1.0, 3.0, 3.0], [5.0] * 5, "an event within min_z ends the run"),
+        ([3.0, 3.0, -3.0, 3.0, 3.0], [5.0] * 5, "an event the other way starts another run"),
+        ([3.0, 3.0, 3.0, 3.0, 3.0], [5.0, 5.0, -5.0, 5.0, 5.0], "a refund among sales is another kind of event"),
+        ([2.1, 2.1, 2.1, 2.1, 2.1], [5.0] * 5, "on average the run is under mean_z"),
+    ],
+)
+def test_no_shift_without_a_lasting_run(z, values, why):
+    t = tracker(lasting=4)
+    scan = t.scan(batch(["a"] * 5, values), zs(z), zs([2.0] * 5))
+    assert scan.declared is None, why
+
+
+def test_scanning_changes_nothing_and_adopting_counts_the_adapting_events():
+    t = tracker(lasting=2, adapt_events=3)
+    b = batch(["a", "a", "a", "a"], [5.0, 5.0, 5.0, 5.0])
+    scan = t.scan(b, zs([3.0] * 4), zs([2.0] * 4))
+    assert t.runs == {} and scan.declared == 1
+    t.adopt(scan, b.slice(0, 2))
+    t.declared(scan, b.slice(0, 2), np.array([5.0]), undo=[])
+    assert t.adapting == {("store_id", "a"): 3}
+    np.testing.assert_array_equal(t.adapting_masks(b.slice(2, 4))["store_id"], [True, True])
+    t.adopt(t.scan(b.slice(2, 4), zs([0.0, 0.0]), zs([5.0, 5.0])), b.slice(2, 4))
+    assert t.adapting == {("store_id", "a"): 1}
+
+
+def test_tracker_state_round_trip_and_foreign_version():
+    t = tracker(lasting=3)
+    b = batch(["a", "a"], [5.0, 5.0])
+    t.adopt(t.scan(b, zs([3.0, 3.0]), zs([2.0, 2.0])), b)
+    other = tracker(lasting=3)
+    other.load_state_dict(codec.decode(codec.encode(t.state_dict())))
+    nxt = batch(["a"], [5.0])
+    assert other.scan(nxt, zs([3.0]), zs([2.0])).declared == t.scan(nxt, zs([3.0]), zs([2.0])).declared == 0
+    with pytest.raises(StateError):
+        other.load_state_dict({**t.state_dict(), "version": 99})
+
+
+# -- through the pipeline: recovery after a lasting shift --------------------------------------
+
+N_EVENTS = 6000
+DRIFT_AT = 3000
+# Small calibration so the detectors alert early; no autoencoder, to stay fast.
+SMALL = {
+    "scoring": {"calibration_window": 2000, "calibration_min_events": 500, "calibration_refresh": 100},
+    "autoencoder": {"enabled": False},
+    "river": {"params": {"n_trees": 10, "height": 8, "window_size": 100}},
+}
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "small.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    return load_settings(path, environ={})
+
+
+@pytest.fixture(scope="module")
+def stream(settings) -> tuple[FeatureBatch, list]:
+    """The generator's stream with its lasting changes from event DRIFT_AT on."""
+    generator = SalesGenerator(GeneratorConfig(seed=7, drift_at=DRIFT_AT))
+    values = [orjson.dumps(event) for event, _ in generator.generate(N_EVENTS)]
+    decoded = decode_batch(values, event_schema(settings))
+    assert not decoded.invalid
+    return decoded.features, generator.change_labels
+
+
+def run(pipeline: ScoringPipeline, features: FeatureBatch, size: int, start: int = 0, stop: int | None = None) -> list[BatchResult]:
+    stop = features.n if stop is None else stop
+    return [pipeline.process(features.slice(a, min(a + size, stop))) for a in range(start, stop, size)]
+
+
+@pytest.fixture(scope="module")
+def whole(settings, stream) -> tuple[ScoringPipeline, list[BatchResult]]:
+    pipeline = build_pipeline(settings)
+    return pipeline, run(pipeline, stream[0], 2000)
+
+
+def test_a_repriced_product_is_declared_once_per_key_then_is_normal(stream, whole):
+    features, changes = stream
+    _, results = whole
+    shifts = [s for r in results for s in r.level_shifts]
+    repriced = {c.key for c in changes if c.scenario == "price_change"}
+    mine = [s for s in shifts if s.key.split("|")[0] in repriced]
+    assert mine and all(s.feature == "log_unit_price" and s.new_level > s.old_level for s in mine)
+    assert len({(s.key, s.feature) for s in mine}) == len(mine)  # one shift per key and feature
+    flagged = np.concatenate([r.is_anomaly for r in results])
+    keys = features.keys["product_id+currency"]
+    ids = features.event_ids.tolist()
+    for shift in mine:
+        after = np.flatnonzero(keys == shift.key)
+        after = after[after > ids.index(shift.event_id)]
+        # The run's events alerted; after the shift the new price is the key's normal.
+        assert after.size >= 20 and flagged[after].mean() < 0.05, shift
+
+
+def test_the_shift_takes_effect_at_its_event_and_batches_do_not_matter(settings, stream, whole):
+    _, results = whole
+    smaller = run(build_pipeline(settings), stream[0], 333)
+    assert [s.shift_id for r in results for s in r.level_shifts] == [s.shift_id for r in smaller for s in r.level_shifts]
+    np.testing.assert_array_equal(np.concatenate([r.is_anomaly for r in results]), np.concatenate([r.is_anomaly for r in smaller]))
+    np.testing.assert_allclose(np.concatenate([r.fused for r in results]), np.concatenate([r.fused for r in smaller]), rtol=1e-6, atol=1e-9)
+
+
+def test_the_tracker_survives_a_snapshot_mid_change(settings, stream, whole):
+    features, _ = stream
+    _, results = whole
+    first = build_pipeline(settings)
+    run(first, features, 2000, stop=DRIFT_AT + 500)
+    restored = build_pipeline(settings)
+    assert restored.load_state_dict(codec.decode(codec.encode(first.state_dict()))) == []
+    assert restored.level_shifts is not None and restored.level_shifts.state_dict()["runs"]
+    rest = run(restored, features, 2000, start=DRIFT_AT + 500)
+    expected = np.concatenate([r.is_anomaly for r in results])[DRIFT_AT + 500 :]
+    np.testing.assert_array_equal(np.concatenate([r.is_anomaly for r in rest]), expected)
+
+
+def test_the_record_names_the_change(whole):
+    _, results = whole
+    shift = next(s for r in results for s in r.level_shifts)
+    record = level_shift_record(shift, 0.9999)
+    assert record["kind"] == "level_shift" and record["event_id"] == shift.shift_id and record["event"] is None
+    assert record["key"] == shift.key and record["feature"] == shift.feature and record["events_since"] == 8
+    assert record["new_level"] > record["old_level"] > 0 and "new level" in record["reasons"][0]
+    assert record["surprise"] > 12 and record["score"] > record["threshold"]  # 8 events beyond 2 sd one way: about 1e-13
+
+
+@pytest.mark.parametrize("label", ["reject", "accept"])
+def test_reject_restores_the_old_baseline_and_accept_keeps_the_new(settings, stream, label):
+    features, _ = stream
+    pipeline = build_pipeline(settings)
+    results: list[BatchResult] = []
+    a = 0
+    repriced = [s for r in results for s in r.level_shifts if s.key_set == "product_id+currency"]
+    while not repriced:  # a re-priced product: its new price is far beyond its old one
+        results.append(pipeline.process(features.slice(a, a + 250)))
+        repriced = [s for s in results[-1].level_shifts if s.key_set == "product_id+currency"]
+        a += 250
+    shift = repriced[0]
+    assert pipeline.level_shift_feedback(shift.shift_id, label) == ("applied" if label == "reject" else "recorded")
+    assert pipeline.level_shift_feedback(shift.shift_id, label) == "duplicate"
+    rest = run(pipeline, features, 1000, start=a)
+    zscore = pipeline.detectors[0]
+    k, j = zscore.key_sets.index(shift.key_set), zscore.features.index(shift.feature)
+    z = np.concatenate([seg.steps["zscore"].details["z"][:, k, j] for r in rest for seg in r.segments])
+    mine = features.keys[shift.key_set][a:] == shift.key
+    again = [s for r in rest for s in r.level_shifts if (s.key, s.feature) == (shift.key, shift.feature)]
+    assert not again  # rejected: never declared again; accepted: learned
+    if label == "reject":
+        assert (z[mine][:5] > 4).all()  # measured against the old price again
+    else:
+        assert (np.abs(z[mine]) < 3).mean() > 0.95
+        assert np.concatenate([r.is_anomaly for r in rest])[mine].mean() < 0.05
+
+
+def test_the_tracker_reads_each_key_set_at_its_place_in_the_z_scores(tmp_path):
+    """A keyless key set is not tracked, wherever it is listed: the others are read at their own
+    place among the z-score's key sets."""
+    path = tmp_path / "keyless-first.yaml"
+    key_sets = [{"fields": [], "features": ["log_price_ratio"]}, {"fields": ["store_id"], "features": ["log_amount", "log_quantity"]}]
+    path.write_text(yaml.safe_dump({"zscore": {"key_sets": key_sets}}))
+    pipeline = build_pipeline(load_settings(path, environ={}))
+    assert pipeline.level_shifts is not None
+    assert pipeline.level_shifts.key_sets == {"store_id": ("log_amount", "log_quantity")}
+    assert pipeline.level_shifts.axis == {"global": 0, "store_id": 1}
