@@ -36,6 +36,10 @@ from stream_detector.features import FeatureBatch
 STATE_VERSION = 1
 # Declared shifts remembered so that feedback can reject one (the oldest go first).
 MAX_REMEMBERED = 1000
+# Runs in progress (a key and feature whose latest events deviate one way): few in a normal
+# stream; the bound keeps a flood of new keys that each deviate once from growing the state
+# (the oldest runs are dropped first).
+MAX_RUNS = 10_000
 # Feedback labels that reject a shift (alerting/feedback.py LABELS): the old baseline returns.
 REJECT_LABELS = ("reject", "false_positive")
 
@@ -209,6 +213,7 @@ class LevelShiftTracker:
         """Make a scan's runs current and count the segment's events against the adapting keys
         (``batch``: the segment, up to and including a declaration)."""
         self.runs = scan.runs
+        _bound(self.runs, MAX_RUNS)
         if not self.adapting:
             return
         for (ks, key), left in list(self.adapting.items()):
@@ -243,6 +248,7 @@ class LevelShiftTracker:
             surprise=-(math.log10(2.0) + scan.run.length * math.log10(0.5 * math.erfc(self.min_z / math.sqrt(2.0)))),
         )
         self.adapting[(ks, key)] = self.adapt_events
+        _bound(self.adapting)  # a key that never comes back would keep its place for ever
         self.undo[shift.shift_id] = (ks, key, feature, undo)
         _bound(self.undo)
         return shift
@@ -330,7 +336,7 @@ class LevelShiftTracker:
         self.runs, self.adapting, self.undo, self.rejected, self.decided = runs, adapting, undo, rejected, decided
 
 
-def _bound(remembered: dict[Any, Any]) -> None:
-    """Forget the oldest entries past ``MAX_REMEMBERED``."""
-    while len(remembered) > MAX_REMEMBERED:
+def _bound(remembered: dict[Any, Any], most: int = MAX_REMEMBERED) -> None:
+    """Forget the oldest entries past ``most``."""
+    while len(remembered) > most:
         del remembered[next(iter(remembered))]

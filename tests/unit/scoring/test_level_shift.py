@@ -15,6 +15,7 @@ from stream_detector.events.decode import decode_batch
 from stream_detector.features import FeatureBatch
 from stream_detector.generator import GeneratorConfig, SalesGenerator
 from stream_detector.records import level_shift_record
+from stream_detector.scoring import level_shift
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.level_shift import LevelShiftTracker
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
@@ -64,6 +65,16 @@ def test_no_shift_without_a_lasting_run(z, values, why):
     t = tracker(lasting=4)
     scan = t.scan(batch(["a"] * 5, values), zs(z), zs([2.0] * 5))
     assert scan.declared is None, why
+
+
+def test_runs_in_progress_are_bounded(monkeypatch):
+    """A flood of new keys that each deviate once would hold a run per key: the oldest go."""
+    monkeypatch.setattr(level_shift, "MAX_RUNS", 50)
+    t = tracker(lasting=4)
+    keys = [f"k{i}" for i in range(200)]
+    b = batch(keys, [5.0] * 200)
+    t.adopt(t.scan(b, zs([3.0] * 200), zs([2.0] * 200)), b)
+    assert len(t.runs) == 50 and ("store_id", "k199", "log_amount") in t.runs
 
 
 def test_scanning_changes_nothing_and_adopting_counts_the_adapting_events():
