@@ -34,7 +34,7 @@ from stream_detector import consumed
 from stream_detector.alerting.policy import AlertPolicy
 from stream_detector.alerting.windows import WindowBook
 from stream_detector.config import Settings, librdkafka_config
-from stream_detector.errors import DeliveryError, StalledError, StateError, StreamDetectorError
+from stream_detector.errors import DeliveryError, StateError, StreamDetectorError
 from stream_detector.metrics import Metrics
 from stream_detector.metrics_server import MetricsServer
 from stream_detector.runtime import partitions as parts
@@ -61,6 +61,7 @@ from stream_detector.runtime.clients import (
 from stream_detector.runtime.control import ControlReader
 from stream_detector.runtime.control_loop import MAX_PENDING_FEEDBACK, ControlTopics
 from stream_detector.runtime.delivery import SHUTDOWN_FLUSH_S, DeliveryTracker
+from stream_detector.runtime.liveness import NOT_READY_AFTER_S, Liveness
 from stream_detector.runtime.observe import STATE_GAUGES_EVERY_S, init_metrics, observe_alerting, observe_batch, observe_lag, observe_scores, observe_state
 from stream_detector.runtime.partitions import PartitionWork, Restorer
 from stream_detector.runtime.publishing import MAX_DEAD_LETTER_BYTES, Publisher
@@ -99,8 +100,6 @@ REPORT_EVERY_S = 0.005
 # gives up after SHUTDOWN_FLUSH_S, and past SHUTDOWN_TIMEOUT_S after the stop the process
 # exits 1 whatever it is waiting for (the uncommitted work is redone by the next start).
 SHUTDOWN_TIMEOUT_S = 30.0
-# /readyz says 503 once work has waited this long for a checkpoint (or 3 commit intervals).
-NOT_READY_AFTER_S = 10.0
 
 
 class Daemon:
@@ -134,12 +133,7 @@ class Daemon:
         self._partitions: dict[tuple[str, int], PartitionWork] = {}
         self._stop = threading.Event()
         self._errors = ErrorLog()
-        # Liveness: "progress" is a checkpoint committed, or nothing uncommitted with the input
-        # caught up. Rewinds and waiting work are counted from the last progress.
-        self._progress_at = time.monotonic()
-        self._rewinds_without_progress = 0
-        self._heartbeat = time.monotonic()  # the loop's last turn (or wait step)
-        self._failed: str | None = None  # why the loop stopped, if it failed
+        self._liveness = Liveness(settings.processing)  # progress, rewinds, the loop's turns
         self._closing = False
         self._shutdown_timer: threading.Timer | None = None
         self._stopped_at: float | None = None  # monotonic time of the stop request
@@ -235,18 +229,18 @@ class Daemon:
         log.info("consuming %s as group %s from %s (%s)", k.input_topic, k.group_id, k.bootstrap_servers, self.settings.processing.guarantee)
         self._running = True
         self.metrics.up.set(1)
-        self._progress_at = self._heartbeat = time.monotonic()
+        self._liveness.started()
         try:
             self._loop()
         except StreamDetectorError as exc:
-            self._failed = str(exc)  # the caller logs it and exits 1
+            self._liveness.failed = str(exc)  # the caller logs it and exits 1
             raise
         except KafkaException as exc:
-            self._failed = str(exc)
+            self._liveness.failed = str(exc)
             self._exit_code = 1
             log.error("the consume loop stopped on a Kafka error it cannot recover from: %s; exiting (exit code 1)", exc.args[0] if exc.args else exc)
         except Exception as exc:
-            self._failed = repr(exc)
+            self._liveness.failed = repr(exc)
             self._exit_code = 1
             log.exception("the consume loop stopped: %r; exiting (exit code 1)", exc)
         finally:
@@ -290,7 +284,7 @@ class Daemon:
     def _close(self) -> None:
         if self._producer is not None and not self.exactly_once:
             # After a failure nothing more is committed: what is still queued is not waited for.
-            remaining = self._producer.flush(0 if self._exit_code or self._failed else SHUTDOWN_FLUSH_S)
+            remaining = self._producer.flush(0 if self._exit_code or self._liveness.failed else SHUTDOWN_FLUSH_S)
             if remaining:
                 log.warning("%d records still undelivered at shutdown; their offsets were not committed", remaining)
         if self._consumer is not None:
@@ -304,50 +298,19 @@ class Daemon:
     # -- liveness --------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
-        if not self._running:
-            return False, "not running"
-        if not self._partitions:
-            return False, "no partitions assigned (or state not restored) yet"
-        rewinds = self._rewinds_without_progress
-        if rewinds:
-            bound = self.settings.processing.max_rewinds_without_progress
-            return False, f"rewinding without progress: {rewinds} rewind(s) since the last checkpoint (processing.max_rewinds_without_progress: {bound})"
-        waited = time.monotonic() - self._progress_at
-        if waited > self._not_ready_after_s:
-            return False, f"no checkpoint for {waited:.0f} s: waiting for the broker"
-        return True, f"ready: {len(self._partitions)} partition(s) assigned, state restored"
-
-    @property
-    def _not_ready_after_s(self) -> float:
-        """Work waiting this long for a checkpoint makes /readyz say 503: NOT_READY_AFTER_S or 3
-        commit intervals, and at most half of processing.max_stall_s (503 before the exit)."""
-        p = self.settings.processing
-        after = max(NOT_READY_AFTER_S, 3 * p.commit_interval_ms / 1000.0)
-        return after if p.max_stall_s is None else min(after, p.max_stall_s / 2)
+        return self._liveness.readiness(self._running, len(self._partitions))
 
     def liveness(self) -> tuple[bool, str]:
-        """/healthz: fails once the loop has stopped on a failure, or when it has not turned for
-        processing.max_stall_s (blocked); the process then exits, or should be restarted."""
-        if self._failed is not None:
-            return False, f"the consume loop stopped: {self._failed}"
-        limit = self.settings.processing.max_stall_s
-        blocked = time.monotonic() - self._heartbeat
-        if self._running and limit is not None and blocked > limit:
-            return False, f"the consume loop has not turned for {blocked:.0f} s (processing.max_stall_s: {limit:g})"
-        return True, "ok"
-
-    def _made_progress(self) -> None:
-        self._progress_at = time.monotonic()
-        self._rewinds_without_progress = 0
+        return self._liveness.liveness(self._running)
 
     def _settled(self) -> None:
         """Nothing arrived: with nothing uncommitted and (after a rewind) the input read up to
         its end, there is nothing left to do, which counts as progress."""
         if self._pending is not None or any(w.dirty for w in self._partitions.values()):
             return
-        if self._rewinds_without_progress and not self._caught_up():
+        if self._liveness.rewinds and not self._caught_up():
             return
-        self._made_progress()
+        self._liveness.made_progress()
 
     def _caught_up(self) -> bool:
         """Every owned partition read up to its (last known) end."""
@@ -366,14 +329,8 @@ class Daemon:
         return True
 
     def _check_progress(self) -> None:
-        """Raise StalledError when work has waited processing.max_stall_s for progress."""
-        self._heartbeat = now = time.monotonic()
-        limit = self.settings.processing.max_stall_s
-        if limit is not None and now - self._progress_at > limit and not self._stop.is_set():
-            raise StalledError(
-                f"no progress for {now - self._progress_at:.0f} s (processing.max_stall_s: {limit:g}): "
-                "nothing committed while work waits; exiting so that a restart reconnects"
-            )
+        """A turn of the loop: StalledError when work has waited processing.max_stall_s for progress."""
+        self._liveness.check(self._stop.is_set())
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -555,7 +512,7 @@ class Daemon:
         if not self._checkpoints.advance(self._producer, self._consumer, pending, self._partitions):
             return
         self._pending = None
-        self._made_progress()
+        self._liveness.made_progress()
         self.metrics.commits.labels("ok").inc()
         self.metrics.checkpoint_seconds.observe(time.monotonic() - pending.started)
 
@@ -578,7 +535,7 @@ class Daemon:
         for work in dirty.values():
             work.dirty = False
             work.checkpointed_at = self._last_checkpoint
-        self._made_progress()
+        self._liveness.made_progress()
         self.metrics.commits.labels("ok").inc()
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
 
@@ -591,13 +548,7 @@ class Daemon:
         (the uncommitted work is then redone by the next start).
         """
         self.metrics.recoveries.inc()
-        self._rewinds_without_progress += 1
-        bound = self.settings.processing.max_rewinds_without_progress
-        if self._rewinds_without_progress > bound:
-            raise StalledError(
-                f"{bound} rewind(s) in a row without a checkpoint committed (processing.max_rewinds_without_progress): "
-                "the same records fail every time; exiting so that a restart reconnects"
-            )
+        self._liveness.rewound()
         delay = 0.5
         while True:
             try:
@@ -660,9 +611,7 @@ class Daemon:
         # at the position its state reflects.
         started = time.monotonic()
         restored = self._restorer.restore(consumer, [(tp.topic, tp.partition) for tp in partitions])
-        # The time spent restoring is not a stall of the work waiting for a checkpoint.
-        self._progress_at += time.monotonic() - started
-        self._heartbeat = time.monotonic()
+        self._liveness.paused(time.monotonic() - started)
         for tp in partitions:
             work = restored[(tp.topic, tp.partition)]
             if work.position is not None:

@@ -1,6 +1,7 @@
-"""The daemon's liveness bookkeeping without a broker: rewinds without progress are bounded,
-readiness says why it is not ready, /healthz fails once the loop stopped or is blocked, and
-repeated Kafka errors are logged once per interval with a count."""
+"""The daemon's liveness bookkeeping without a broker (runtime/liveness.py, on a fake clock,
+and how the daemon reports to it): rewinds without progress are bounded, readiness says why it
+is not ready, /healthz fails once the loop stopped or is blocked, and repeated Kafka errors are
+logged once per interval with a count."""
 
 from __future__ import annotations
 
@@ -15,6 +16,26 @@ from stream_detector.config import load_settings
 from stream_detector.errors import StalledError
 from stream_detector.runtime import daemon as daemon_module
 from stream_detector.runtime.daemon import Daemon, PartitionWork
+from stream_detector.runtime.liveness import Liveness
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def liveness(clock: Clock) -> Liveness:
+    settings = load_settings(environ={"STREAM_DETECTOR_PROCESSING__MAX_REWINDS_WITHOUT_PROGRESS": "3", "STREAM_DETECTOR_PROCESSING__MAX_STALL_S": "20"})
+    return Liveness(settings.processing, clock)
 
 
 @pytest.fixture
@@ -50,27 +71,38 @@ def test_rewinds_without_progress_are_bounded_and_make_readiness_fail(daemon):
 def test_a_committed_checkpoint_resets_the_count(daemon):
     for _ in range(3):
         daemon._recover()
-    daemon._made_progress()
+    daemon._liveness.made_progress()
     assert daemon.readiness()[0]
     for _ in range(3):
         daemon._recover()  # three more: the bound counts rewinds in a row
 
 
-def test_work_waiting_without_progress_turns_readiness_then_raises(daemon, monkeypatch):
-    now = time.monotonic()
-    monkeypatch.setattr(daemon, "_progress_at", now - 11)
-    ok, why = daemon.readiness()
+def test_work_waiting_without_progress_turns_readiness_then_raises(liveness, clock):
+    assert liveness.readiness(True, 1)[0]
+    clock.now += 11
+    ok, why = liveness.readiness(True, 1)
     assert not ok and "no checkpoint for 11 s" in why  # after min(10 s, max_stall_s / 2)
-    daemon._check_progress()  # 11 s < max_stall_s
-    monkeypatch.setattr(daemon, "_progress_at", now - 21)
+    liveness.check(stopping=False)  # 11 s < max_stall_s
+    clock.now += 10
     with pytest.raises(StalledError, match="processing.max_stall_s"):
-        daemon._check_progress()
-    daemon._stop.set()  # stopping: the shutdown has its own bound
-    daemon._check_progress()
+        liveness.check(stopping=False)
+    liveness.check(stopping=True)  # stopping: the shutdown has its own bound
+
+
+def test_time_spent_restoring_is_not_a_stall(liveness, clock):
+    clock.now += 15
+    liveness.paused(15)
+    assert liveness.readiness(True, 1)[0] and liveness.liveness(True) == (True, "ok")
+
+
+def test_readiness_needs_a_running_loop_and_partitions(liveness):
+    assert liveness.readiness(False, 1) == (False, "not running")
+    assert liveness.readiness(True, 0) == (False, "no partitions assigned (or state not restored) yet")
+    assert liveness.readiness(True, 2) == (True, "ready: 2 partition(s) assigned, state restored")
 
 
 def test_idle_with_nothing_uncommitted_is_progress(daemon, monkeypatch):
-    monkeypatch.setattr(daemon, "_progress_at", time.monotonic() - 15)
+    daemon._liveness.progress_at = time.monotonic() - 15
     daemon._partitions[("in", 0)].dirty = True
     daemon._settled()
     assert not daemon.readiness()[0]
@@ -87,14 +119,15 @@ def test_idle_with_nothing_uncommitted_is_progress(daemon, monkeypatch):
     assert daemon.readiness()[0]
 
 
-def test_liveness_fails_when_the_loop_stopped_or_is_blocked(daemon, monkeypatch):
-    assert daemon.liveness() == (True, "ok")
-    monkeypatch.setattr(daemon, "_heartbeat", time.monotonic() - 25)
-    ok, why = daemon.liveness()
+def test_liveness_fails_when_the_loop_stopped_or_is_blocked(liveness, clock):
+    assert liveness.liveness(True) == (True, "ok")
+    clock.now += 25
+    ok, why = liveness.liveness(True)
     assert not ok and "has not turned for 25 s" in why
-    monkeypatch.setattr(daemon, "_heartbeat", time.monotonic())
-    daemon._failed = "boom"
-    assert daemon.liveness() == (False, "the consume loop stopped: boom")
+    assert liveness.liveness(False) == (True, "ok")  # not started yet, or stopped cleanly
+    liveness.check(stopping=True)  # a turn
+    liveness.failed = "boom"
+    assert liveness.liveness(True) == (False, "the consume loop stopped: boom")
 
 
 def test_a_fatal_kafka_error_stops_with_exit_code_1(daemon):
