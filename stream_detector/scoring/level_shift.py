@@ -36,10 +36,10 @@ from stream_detector.features import FeatureBatch
 STATE_VERSION = 1
 # Declared shifts remembered so that feedback can reject one (the oldest go first).
 MAX_REMEMBERED = 1000
-# Runs in progress (a key and feature whose latest events deviate one way): few in a normal
-# stream; the bound keeps a flood of new keys that each deviate once from growing the state
-# (the oldest runs are dropped first).
-MAX_RUNS = 10_000
+# Runs in progress (a key and feature whose latest events deviate one way): a few dozen in a
+# normal stream; the bound keeps a flood of new keys that each deviate once from growing the
+# state, which every checkpoint writes whole (the oldest runs are dropped first).
+MAX_RUNS = 1_000
 # Feedback labels that reject a shift (alerting/feedback.py LABELS): the old baseline returns.
 REJECT_LABELS = ("reject", "false_positive")
 
@@ -176,15 +176,17 @@ class LevelShiftTracker:
         column = values[:, self.key_sets[ks].index(feature)]
         with np.errstate(invalid="ignore"):
             deviating = (np.abs(z) >= self.min_z) & (column * baseline > 0)
-        # Every event of a key that has or starts a run: a non-deviating one ends the run.
-        watched = {key for (k2, key, f2) in runs if k2 == ks and f2 == feature} | set(keys[deviating].tolist())
+        # Every event of a key that has or starts a run: a non-deviating one ends the run. Looked
+        # up from the batch's keys, so the cost does not grow with the runs held.
+        key_list = keys.tolist()
+        watched = {key for key in set(key_list) if (ks, key, feature) in runs} | set(keys[deviating].tolist())
         watched.discard(None)
         if not watched:
             return None
         # Plain lists: the loop is per event, where numpy scalars (and np.isin on objects) cost
         # more than the work.
         z_list, dev_list = z.tolist(), deviating.tolist()
-        for i, key in enumerate(keys.tolist()):
+        for i, key in enumerate(key_list):
             if key not in watched:
                 continue
             zi = z_list[i]
