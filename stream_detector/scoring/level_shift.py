@@ -183,12 +183,12 @@ class LevelShiftTracker:
         watched.discard(None)
         if not watched:
             return None
-        # Plain lists: the loop is per event, where numpy scalars (and np.isin on objects) cost
-        # more than the work.
+        # Only the watched keys' events are walked (found at C speed); plain lists, as numpy
+        # scalars (and np.isin on objects) cost more than the work per event.
+        visit = np.flatnonzero(np.fromiter(map(watched.__contains__, key_list), dtype=bool, count=len(key_list)))
         z_list, dev_list = z.tolist(), deviating.tolist()
-        for i, key in enumerate(key_list):
-            if key not in watched:
-                continue
+        for i in visit.tolist():
+            key = key_list[i]
             zi = z_list[i]
             if zi != zi:  # NaN: not scored on this feature
                 continue
