@@ -17,12 +17,15 @@ result does not depend on how the stream was cut into batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from stream_detector.errors import StateError
 from stream_detector.scoring import calibration_kernel
+
+if TYPE_CHECKING:
+    from stream_detector.scoring.shared_calibration import SharedFit
 
 # Floor for probabilities: a score beyond a bounded tail is "extremely unlikely", not impossible.
 # The decisions use floored probabilities; the log probabilities (the surprise) are not floored.
@@ -148,11 +151,31 @@ class Calibrator:
         # transform: the pipeline's rounds transform the same batch again, and a refit whose
         # window is unchanged (same state, same scores before it) gives the same fit.
         self._fit_cache: tuple[_CalibratorState, list[tuple[int, np.ndarray, TailFit]]] | None = None
+        # The fit over every partition's window (scoring/shared_calibration.py), set by the
+        # daemon and backtest on each partition's pipeline: scores are calibrated with it once it
+        # is ready, and this calibrator's own window still learns (it is what the partition
+        # contributes). Not saved: it is rebuilt from the population topic.
+        self.shared: SharedFit | None = None
         calibration_kernel.warm_up()
 
     @property
     def ready(self) -> bool:
-        return self._state.fit.ready
+        return self._state.fit.ready or self._shared_fit() is not None
+
+    @property
+    def seen(self) -> int:
+        """Scores learned in total."""
+        return self._state.seen
+
+    def sorted_window(self) -> np.ndarray:
+        """The reference window as of now, sorted (what this calibrator contributes to a shared fit)."""
+        s = self._state
+        if s.fit.ready and s.fit_seen == s.seen:
+            return s.fit.reference
+        return self._sorted_window(s.buffer, s.seen, s.fit, s.fit_seen)
+
+    def _shared_fit(self) -> TailFit | None:
+        return None if self.shared is None else self.shared.fit()
 
     def transform(self, raw: np.ndarray, learn: np.ndarray | None = None) -> tuple[np.ndarray, _CalibratorState]:
         """Tail probabilities for ``raw`` (in order) and the state after seeing them.
@@ -178,13 +201,15 @@ class Calibrator:
         cache = self._fit_cache
         previous = cache[1] if cache is not None and cache[0] is state else []
         fits: list[tuple[int, np.ndarray, TailFit]] = []
+        # Fixed for the batch: the shared fit changes only between batches.
+        shared = self._shared_fit()
         start = 0
         while start < n:
             to_refresh = self.refresh - (seen % self.refresh)
             # The segment ends right after the learned event that completes ``refresh``.
             done = learned_before[start]
             stop = int(np.searchsorted(learned_before, done + to_refresh, side="left"))
-            out[start:stop], log_out[start:stop] = fit.log_survival(raw[start:stop])
+            out[start:stop], log_out[start:stop] = (shared or fit).log_survival(raw[start:stop])
             taken = raw[start:stop][learn[start:stop]]
             _ring_write(buffer, seen, taken)
             seen += len(taken)
