@@ -420,6 +420,18 @@ class StateConfig(Section):
     max_bytes: int | None = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
 
 
+class ScalingConfig(Section):
+    # Every partition calibrates its detectors with one fit over all partitions' reference
+    # windows, exchanged through the population topic, so that adding partitions neither delays
+    # the first alerts nor thins the fits (docs/architecture.md). false: each partition
+    # calibrates alone.
+    share_calibration: bool = True
+    # Default: "<group_id>-population". Created (compacted, one partition) if missing.
+    population_topic: str | None = None
+
+    _topic_is_legal = field_validator("population_topic")(_legal_topic)
+
+
 class MetricsConfig(Section):
     enabled: bool = True
     # 0.0.0.0 serves every interface (needed in containers), unauthenticated: limit who can
@@ -457,6 +469,7 @@ class Settings(BaseSettings):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
@@ -491,15 +504,18 @@ def check_topics(settings: Settings) -> None:
     changelog_key = "state.changelog_topic"
     if state.enabled and state.changelog_topic is None:
         changelog_key = "state.changelog_topic (default: kafka.group_id + '-state')"
-        problem = topic_name_problem(f"{k.group_id}-state")
-        if problem:
-            default = "the default state.changelog_topic (kafka.group_id + '-state')"
-            raise ValueError(f"kafka.group_id: {default} is not a legal topic name ({problem}); set state.changelog_topic")
+        _check_default_topic(k.group_id, "-state", "state.changelog_topic")
+    scaling = settings.scaling
+    population_key = "scaling.population_topic"
+    if scaling.share_calibration and scaling.population_topic is None:
+        population_key = "scaling.population_topic (default: kafka.group_id + '-population')"
+        _check_default_topic(k.group_id, "-population", "scaling.population_topic")
     topics = [
         ("kafka.input_topic", k.input_topic),
         ("kafka.output_topic", k.output_topic),
         ("kafka.dlq_topic", k.dlq_topic),
         (changelog_key, (state.changelog_topic or f"{k.group_id}-state") if state.enabled else None),
+        (population_key, population_topic(settings)),
         ("alerts.control_topic", alerts.control_topic),
         ("alerts.feedback_topic", alerts.feedback_topic),
     ]
@@ -510,6 +526,19 @@ def check_topics(settings: Settings) -> None:
                 raise ValueError(f"{key}: {topic!r} is also {other_key}; the daemon's topics must be distinct")
 
 
+def _check_default_topic(group_id: str, suffix: str, key: str) -> None:
+    problem = topic_name_problem(f"{group_id}{suffix}")
+    if problem:
+        default = f"the default {key} (kafka.group_id + '{suffix}')"
+        raise ValueError(f"kafka.group_id: {default} is not a legal topic name ({problem}); set {key}")
+
+
+def population_topic(settings: Settings) -> str | None:
+    """The topic of the partitions' calibration summaries; None when calibration is not shared."""
+    s = settings.scaling
+    return (s.population_topic or f"{settings.kafka.group_id}-population") if s.share_calibration else None
+
+
 def _check_features(value: list[str]) -> list[str]:
     unknown = [name for name in value if name not in KNOWN_FEATURES]
     if unknown:
@@ -517,7 +546,22 @@ def _check_features(value: list[str]) -> list[str]:
     return value
 
 
-SECTIONS = ("kafka", "processing", "schema", "zscore", "duplicates", "silence", "river", "autoencoder", "scoring", "alerts", "state", "metrics", "logging")
+SECTIONS = (
+    "kafka",
+    "processing",
+    "schema",
+    "zscore",
+    "duplicates",
+    "silence",
+    "river",
+    "autoencoder",
+    "scoring",
+    "alerts",
+    "state",
+    "scaling",
+    "metrics",
+    "logging",
+)
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Settings:

@@ -35,6 +35,10 @@ SUPPRESSED_BY = ("window", "feedback")  # alerting/policy.py
 # What the control topic's records did: WindowBook.apply_control's results and ControlError
 # reasons, and the daemon's own "not_json".
 CONTROL_OUTCOMES = ("added", "replaced", "cancelled", "unknown_window", "invalid_window", "too_long", "not_an_object", "not_json")
+# What happened to the calibration summaries of the population topic (runtime/population.py):
+# sent by this instance, applied from another, or refused (unreadable, or made by another
+# scoring configuration).
+POPULATION_OUTCOMES = ("sent", "applied", "corrupt", "unsupported_format", "incompatible")
 # Feedback outcomes by label (alerting/feedback.py's LABELS): FeedbackMemory.apply's for a
 # remembered event, the daemon's pending and expired for the others, and an unreadable record
 # counted as unknown/invalid.
@@ -147,6 +151,17 @@ class Metrics:
         self.windows = Gauge(
             f"{ns}_alert_windows", "Alert windows known (config and control topic), and those containing the latest event time.", ["state"], registry=r
         )
+        self.population = Counter(
+            f"{ns}_population_records",
+            "Calibration summaries of the population topic, by outcome (sent, applied, corrupt, unsupported_format, incompatible).",
+            ["outcome"],
+            registry=r,
+        )
+        self.calibration_partitions = Gauge(
+            f"{ns}_calibration_partitions",
+            "Input partitions whose reference windows the shared calibration holds (1 or 0: each partition calibrates alone).",
+            registry=r,
+        )
         self.http_dropped = Counter(
             f"{ns}_metrics_connections_dropped",
             "Connections to the metrics endpoint closed without an answer, by reason "
@@ -173,6 +188,8 @@ class Metrics:
                 self.feedback.labels(label, outcome)
         for state in WINDOW_STATES:
             self.windows.labels(state).set(0)
+        for outcome in POPULATION_OUTCOMES:
+            self.population.labels(outcome)
         for reason in HTTP_DROP_REASONS:
             self.http_dropped.labels(reason)
         for reason in STATE_RESTORE_FAILURE_REASONS:

@@ -55,7 +55,12 @@ def process_cpu_seconds(pid: int | None) -> float | None:
 
 
 def write_config(path: Path, bootstrap: str, input_topic: str, output_topic: str, dlq_topic: str, group: str, **sections: Any) -> Path:
-    """A daemon config for one test: its own topics, group and metrics port."""
+    """A daemon config for one test: its own topics, group and metrics port.
+
+    Calibration is shared between partitions only where a test asks for it
+    (``scaling={"share_calibration": True}``): with it, what a partition flags depends on how far
+    the others have got, and ``expected_anomalies`` (a fresh pipeline per partition) is exact
+    only without it."""
     config: dict[str, Any] = {
         "kafka": {
             "bootstrap_servers": bootstrap,
@@ -67,6 +72,7 @@ def write_config(path: Path, bootstrap: str, input_topic: str, output_topic: str
         },
         "metrics": {"host": "127.0.0.1", "port": free_port()},
         "logging": {"format": "json"},
+        "scaling": {"share_calibration": False},
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)

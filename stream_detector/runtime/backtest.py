@@ -18,11 +18,14 @@ moves the daemon's offsets. Every partition of ``kafka.input_topic`` is read
 
 Records are consumed ``processing.batch_size`` at a time, as the daemon does, decoded and
 scored by ``score_batch`` with a freshly built pipeline per input partition, as the daemon
-keeps one per partition it owns (with ``state.max_bytes`` shared between them), so a backtest
-raises what a daemon that started from the same offsets with no saved state would raise (no
-saved model state: the first ``scoring.calibration_min_events`` events of each partition
-cannot raise anomalies). Nothing is produced: the summary says how many anomalies *would*
-have been raised and how often each detector fired.
+keeps one per partition it owns (with ``state.max_bytes`` shared between them), and, with
+``scaling.share_calibration``, one calibration fit over every partition's window, so a
+backtest raises what a daemon that started from the same offsets with no saved state would
+raise (no saved model state: the first ``scoring.calibration_min_events`` events cannot raise
+anomalies). With shared calibration the fit a batch is calibrated with depends on how far the
+other partitions have got, so the two agree up to that timing; without it, exactly. Nothing is
+produced: the summary says how many anomalies *would* have been raised and how often each
+detector fired.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from stream_detector.config import Settings, librdkafka_config
+from stream_detector.config import Settings, librdkafka_config, population_topic
 from stream_detector.errors import ConfigError, StreamDetectorError
 from stream_detector.events.decode import EventSchema
 from stream_detector.events.event_time import iso_utc
 from stream_detector.scoring.batch import score_batch
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import ScoringPipeline
+from stream_detector.scoring.shared_calibration import CalibrationPool
 
 log = logging.getLogger("stream_detector.backtest")
 
@@ -207,7 +211,12 @@ def backtest(
         if active:
             consumer.assign(active)
             pipelines = _per_partition(pipeline, ranges, settings.state.max_bytes)
-            _consume(consumer, ranges, summary, pipelines, schema, settings, ts_ms, from_offset, limit, on_batch, progress, idle_timeout_s)
+            pool = None
+            if population_topic(settings) is not None:  # as the daemon: one fit over every partition's window
+                pool = CalibrationPool.from_settings(settings)
+                for each in pipelines.values():
+                    pool.attach(each)
+            _consume(consumer, ranges, summary, pipelines, pool, schema, settings, ts_ms, from_offset, limit, on_batch, progress, idle_timeout_s)
     finally:
         consumer.close()
     summary.seconds = time.monotonic() - started
@@ -259,6 +268,7 @@ def _consume(
     ranges: dict[int, PartitionRange],
     summary: BacktestSummary,
     pipelines: dict[int, ScoringPipeline],
+    pool: CalibrationPool | None,
     schema: EventSchema,
     settings: Settings,
     ts_ms: int | None,
@@ -326,6 +336,9 @@ def _consume(
                 part.done = True
         for partition, batch in records.items():
             scored = score_batch(pipelines[partition], schema, [m.value() for m in batch])
+            if pool is not None:
+                pool.contribute(str(partition), pipelines[partition])
+                pool.take_outbox()  # nothing is published: the summaries only feed the shared fits
             decoded, result = scored.decoded, scored.result
             summary.records += len(batch)
             summary.events += decoded.features.n

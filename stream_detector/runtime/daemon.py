@@ -64,6 +64,7 @@ from stream_detector.runtime.delivery import SHUTDOWN_FLUSH_S, DeliveryTracker
 from stream_detector.runtime.liveness import NOT_READY_AFTER_S, Liveness
 from stream_detector.runtime.observe import STATE_GAUGES_EVERY_S, init_metrics, observe_alerting, observe_batch, observe_lag, observe_scores, observe_state
 from stream_detector.runtime.partitions import PartitionWork, Restorer
+from stream_detector.runtime.population import exchange_for, source_of
 from stream_detector.runtime.publishing import MAX_DEAD_LETTER_BYTES, Publisher
 from stream_detector.runtime.topics import ensure_topics
 from stream_detector.scoring.batch import score_batch
@@ -158,6 +159,8 @@ class Daemon:
         self.policy = AlertPolicy(WindowBook(settings.alerts.windows, max_seconds=settings.alerts.max_window_seconds))
         self._publisher = Publisher(settings, self.metrics, self.policy, self._tracker)
         self._controls = ControlTopics(settings, self.metrics, self.policy)
+        # Calibration shared by every partition (runtime/population.py); None: not shared.
+        self._population = exchange_for(settings, self.metrics, self._tracker)
         self._control: ControlReader | None = None
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
@@ -221,6 +224,8 @@ class Daemon:
             return self._exit_code
         self._producer = self._new_producer()
         self._checkpoints.begin(self._producer)
+        if self._population is not None:
+            self._population.open()
         control_topics = self._controls.topics
         if control_topics:
             self._control = ControlReader(k.bootstrap_servers, control_topics, librdkafka_config(self.settings, "consumer"), f"{k.group_id}-control")
@@ -263,6 +268,8 @@ class Daemon:
         control_topics = self._controls.topics
         if control_topics:  # small topics every instance reads whole: one partition each
             ensure_topics(k.bootstrap_servers, dict.fromkeys(control_topics, 1), client_config=admin_config)
+        if self._population is not None:  # read whole by every instance; one record per partition
+            ensure_topics(k.bootstrap_servers, {self._population.topic: 1}, client_config=admin_config, config=COMPACTED)
 
     def _until_done(self, step: Callable[[], object], what: str) -> bool:
         """Retry ``step`` with backoff while the broker is unreachable; False if asked to stop."""
@@ -291,6 +298,8 @@ class Daemon:
             self._consumer.close()
         if self._control is not None:
             self._control.close()
+        if self._population is not None:
+            self._population.close()
         if self._server is not None:
             self._server.stop()
         log.info("stopped")
@@ -342,6 +351,8 @@ class Daemon:
         while not self._stop.is_set():
             if self._control is not None:
                 self._read_control()
+            if self._population is not None:
+                self._population.read({source_of(*tp) for tp in self._partitions})
             # Every assigned partition has its own pipeline: ask for batch_size records per
             # partition, so each pipeline scores batches of up to batch_size (fewer, bigger
             # batches), not batch_size / partitions.
@@ -455,6 +466,10 @@ class Daemon:
                 if features.n:
                     work.last_event_time = float(features.event_time[-1])
                 observe_batch(self.metrics, work.pipeline, scored, time.perf_counter() - started)
+            if self._population is not None:
+                self._population.contribute(topic, partition, work.pipeline)
+        if self._population is not None:
+            self._population.publish(producer, consumed_at)
         if by_partition:
             self._state_gauges_stale = True
         # Serve delivery reports now (end-to-end latency is observed there), not at the checkpoint.
@@ -574,6 +589,7 @@ class Daemon:
         self._pending = None  # its snapshots may be half sent; the state is read back below
         before = dict(self._partitions)
         self._partitions.update(self._restorer.restore(self._consumer, list(before)))
+        self._attach_population()
         parts.rewind(self._consumer, self._partitions, before)
         self._checkpoints.begin(self._producer)
         self._last_checkpoint = time.monotonic()
@@ -590,6 +606,11 @@ class Daemon:
 
     def _new_producer(self) -> Producer:
         return new_producer(self.settings, self._on_kafka_error)
+
+    def _attach_population(self) -> None:
+        """Restored pipelines are copies: point their calibrators at the shared fits."""
+        if self._population is not None:
+            self._population.attach(work.pipeline for work in self._partitions.values())
 
     # -- metrics ---------------------------------------------------------------------------
 
@@ -618,6 +639,7 @@ class Daemon:
                 tp.offset = work.position
         # Ready (/readyz) only once every partition of the assignment is restored.
         self._partitions.update(restored)
+        self._attach_population()
         consumer.assign(partitions)
         self.metrics.assigned.set(len(self._partitions))
         self._state_gauges_stale = True
@@ -642,6 +664,8 @@ class Daemon:
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
         parts.forget(self._partitions, partitions, self.metrics)
+        if self._population is not None:
+            self._population.forget(source_of(tp.topic, tp.partition) for tp in partitions)
         self._state_gauges_stale = True  # the keys of the partitions that left no longer count
 
     def _on_kafka_error(self, err: KafkaError) -> None:

@@ -132,7 +132,16 @@ def test_group_id_must_not_be_empty_nor_make_an_illegal_changelog_name() -> None
     assert "kafka.group_id: " in refused(kafka={"group_id": ""})
     message = refused(kafka={"group_id": "fraud team"})
     assert "kafka.group_id: the default state.changelog_topic (kafka.group_id + '-state') is not a legal topic name ('fraud team-state' has" in message
-    assert settings(kafka={"group_id": "fraud team"}, state={"changelog_topic": "fraud-state"}).kafka.group_id == "fraud team"
+    message = refused(kafka={"group_id": "fraud team"}, state={"changelog_topic": "fraud-state"})
+    assert "kafka.group_id: the default scaling.population_topic (kafka.group_id + '-population') is not a legal topic name" in message
+    named = settings(kafka={"group_id": "fraud team"}, state={"changelog_topic": "fraud-state"}, scaling={"population_topic": "fraud-population"})
+    assert named.kafka.group_id == "fraud team"
+
+
+def test_the_population_topic_is_distinct_from_the_others() -> None:
+    message = refused(kafka={"output_topic": "shared"}, scaling={"population_topic": "shared"})
+    assert "scaling.population_topic: 'shared' is also kafka.output_topic" in message
+    assert settings(kafka={"output_topic": "shared"}, scaling={"population_topic": "shared", "share_calibration": False})
 
 
 @pytest.mark.parametrize("section", ["client_config", "consumer_config", "producer_config"])

@@ -15,6 +15,7 @@ from stream_detector.events.decode import REASONS
 from stream_detector.metrics import (
     CONTROL_OUTCOMES,
     FEEDBACK_OUTCOMES,
+    POPULATION_OUTCOMES,
     SCORE_BUCKETS,
     ArrayHistogram,
     Metrics,
@@ -130,6 +131,7 @@ def test_a_fresh_metrics_exposes_every_closed_label_set_at_zero() -> None:
             for outcome in outcomes
         ),
         *(("stream_detector_alert_windows", (("state", state),)) for state in ("known", "active")),
+        *(("stream_detector_population_records_total", (("outcome", outcome),)) for outcome in POPULATION_OUTCOMES),
     ]
     for key in expected:
         assert samples.get(key) == 0.0, key
