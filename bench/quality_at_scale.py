@@ -21,6 +21,14 @@ zlib's). What is measured:
   partition, ``batch_size`` at a time, each partition with its own pipeline). The instance count
   cannot change the figures today, because no state is shared between partitions; the rows
   show it.
+* **Built: calibration shared** (``scaling.share_calibration``, the default;
+  scoring/shared_calibration.py, runtime/population.py): 12 partitions served by 1, 2 or 3
+  instances, each partition with its own pipeline whose calibrators score with its instance's
+  ``CalibrationPool``, fed after every batch by the instance's own partitions and by the other
+  instances' summaries once they are ``lag`` events of the stream old (the population topic's
+  delay: about a fetch under at-least-once, a checkpoint interval under exactly-once). The
+  classes are the daemon's; only the topic is a list. "Today" rows above calibrate each
+  partition alone (``share_calibration: false``, the engine before it).
 * **Simulations of designs for issue 20** (not the daemon): the same 12 partitions, each with
   its own pipeline, but with some state shared by all of them, so a shared object sees every
   partition's events about as they arrive: an ideal owner with no replication lag. What can be
@@ -74,6 +82,7 @@ from stream_detector.events.decode import EventSchema
 from stream_detector.scoring.batch import score_batch
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
+from stream_detector.scoring.shared_calibration import CalibrationPool
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,9 @@ class Plan:
 
 FULL = Plan(60_000, (1, 4, 12), (1, 2, 3), (2_000, 10_000))
 QUICK = Plan(20_000, (1, 12), (1, 2), (2_000,))
+# Built design: (instances, exchange lag in events of the stream).
+BUILT_FULL = ((1, 0), (2, 250), (3, 250), (2, 2_000), (2, 10_000))
+BUILT_QUICK = ((1, 0), (2, 250), (2, 2_000))
 # What the simulations share: per-key z-score tables ("keyed"), population models
 # ("population": z-score global statistics, HalfSpaceTrees, autoencoder), calibrators.
 PARTS = ("keyed", "population", "calibrators")
@@ -264,6 +276,41 @@ def score_interleaved(
     return collector.done(time.perf_counter() - started)
 
 
+def score_shared(stream: Stream, settings: Settings, partitions: int, instances: int, lag: int) -> Scored:
+    """The built design (module docstring): every instance's partitions calibrate with the
+    instance's ``CalibrationPool``; a summary one instance sends reaches the others once the
+    stream has moved ``lag`` events past the window it was sent in."""
+    schema = event_schema(settings)
+    part = np.array([partition_of(k, partitions, i) for i, k in enumerate(stream.keys)], dtype=np.int32)
+    assignment = [list(range(partitions))[i * partitions // instances : (i + 1) * partitions // instances] for i in range(instances)]
+    pools = [CalibrationPool.from_settings(settings) for _ in range(instances)]
+    pipelines: dict[int, ScoringPipeline] = {}
+    for i, owned in enumerate(assignment):
+        for p in owned:
+            pipelines[p] = build_pipeline(settings)
+            pools[i].attach(pipelines[p])
+    topic: list[tuple[int, int, str, bytes]] = []  # (window start, sender, source, record)
+    read = [0] * instances
+    collector = Collector(stream.labels)
+    started = time.perf_counter()
+    for lo in range(0, len(stream.values), WINDOW):
+        for i in range(instances):
+            while read[i] < len(topic) and topic[read[i]][0] <= lo - lag:
+                _, sender, source, record = topic[read[i]]
+                read[i] += 1
+                if sender != i:
+                    pools[i].receive(source, record)
+        window = np.arange(lo, min(lo + WINDOW, len(stream.values)))
+        for i, owned in enumerate(assignment):
+            for p in owned:
+                mine = window[part[window] == p]
+                if mine.size:
+                    collector.score(pipelines[p], schema, [stream.values[k] for k in mine.tolist()], mine, p)
+                    pools[i].contribute(str(p), pipelines[p])
+            topic.extend((lo, i, source, record) for source, record in pools[i].take_outbox().items())
+    return collector.done(time.perf_counter() - started)
+
+
 def score_by_instance(stream: Stream, settings: Settings, partitions: int, instances: int) -> tuple[Scored, list[list[int]]]:
     """``instances`` daemons sharing ``partitions`` partitions (range assignment): each consumes
     its partitions' records in arrival order, up to ``batch_size`` per owned partition per poll,
@@ -340,12 +387,14 @@ def run(
     sharing: Sequence[str],
     sync_every: Sequence[int] = (),
     log: Callable[[str], None] = say,
+    built: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Any]:
     settings = load_settings(environ={})
     log(f"quality: generating {count:,} events, seed {seed}")
     stream = make_stream(count, seed)
     kinds = list(POINT_KINDS)
-    out: dict[str, Any] = {"count": count, "seed": seed, "batch_size": settings.processing.batch_size, "today": {}, "instances": {}, "simulated": {}}
+    out: dict[str, Any] = {"count": count, "seed": seed, "batch_size": settings.processing.batch_size}
+    out |= {"today": {}, "instances": {}, "built": {}, "simulated": {}}
 
     log("quality: reference, evaluation.evaluate (what `stream-detector evaluate` runs)")
     reference = evaluate(stream.values, stream.labels, build_pipeline(settings), event_schema(settings), settings.processing.batch_size, keep_series=False)
@@ -375,6 +424,9 @@ def run(
         log(f"quality: today's daemon, {SIM_PARTITIONS} partitions served by {n} instance(s)")
         scored, assignment = score_by_instance(stream, settings, SIM_PARTITIONS, n)
         out["instances"][n] = {**measure(scored, stream, SIM_PARTITIONS, kinds), "assignment": assignment}
+    for n, lag in built:
+        log(f"quality: built, {SIM_PARTITIONS} partitions over {n} instance(s), calibration shared, exchange lag {lag} events")
+        out["built"][f"{n}/{lag}"] = measure(score_shared(stream, settings, SIM_PARTITIONS, n, lag), stream, SIM_PARTITIONS, kinds)
     for what in sharing:
         log(f"quality: simulated design, {SIM_PARTITIONS} partitions sharing {what}")
         out["simulated"][what] = measure(score_interleaved(stream, settings, SIM_PARTITIONS, what, WINDOW), stream, SIM_PARTITIONS, kinds)
@@ -407,6 +459,9 @@ def rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         out.append(("1 partition (= replay / evaluate)" if int(p) == 1 else f"{p} partitions (today)", m))
     for n, m in result["instances"].items():
         out.append((f"{SIM_PARTITIONS} partitions, {n} instance{'s' if int(n) > 1 else ''} (today)", m))
+    for key, m in result.get("built", {}).items():
+        n, lag = (int(x) for x in key.split("/"))
+        out.append((f"{SIM_PARTITIONS} partitions, {n} instance{'s' if n > 1 else ''}, calibration shared (built), exchange lag {lag:,} events", m))
     for what, m in result["simulated"].items():
         title = SIMULATION_TITLES.get(what) or lagged_title(what)
         out.append((f"{SIM_PARTITIONS} partitions, {title}", m))
@@ -462,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     count = args.count or plan.count
-    result = run(count, args.seed, plan.partitions, plan.instances, SHARING, plan.sync_every)
+    result = run(count, args.seed, plan.partitions, plan.instances, SHARING, plan.sync_every, built=BUILT_QUICK if args.quick else BUILT_FULL)
     same = result["p1_equals_evaluate"]
     print(f"quality at scale: {count:,} generated events, seed {args.seed}, arrival windows of {WINDOW}; 1 partition equals evaluate: {same}\n")
     print(markdown(result))

@@ -494,11 +494,12 @@ def section_gpu(quick: bool) -> dict[str, Any]:
 
 def section_quality(quick: bool) -> dict[str, Any]:
     """One pipeline (baseline) vs the same stream split into input partitions, each with its own
-    pipeline, and 12 partitions over 1..3 instances; then the simulated designs of issue 20."""
+    pipeline, and 12 partitions over 1..3 instances, calibrated alone and with the built shared
+    calibration; then the simulated designs of issue 20."""
     from bench import quality_at_scale as q
 
     plan = q.QUICK if quick else q.FULL
-    r = q.run(plan.count, 5, plan.partitions, plan.instances, q.SHARING, plan.sync_every, log=say)
+    r = q.run(plan.count, 5, plan.partitions, plan.instances, q.SHARING, plan.sync_every, log=say, built=q.BUILT_QUICK if quick else q.BUILT_FULL)
     one = r["today"][1]
 
     def figures(m: dict[str, Any]) -> str:
