@@ -6,12 +6,14 @@ from __future__ import annotations
 import io
 import time
 
+import numpy as np
 import orjson
 import pytest
 
 from stream_detector.config import load_settings
 from stream_detector.runtime.backtest import backtest
 from stream_detector.runtime.replay import replay
+from stream_detector.scoring.shared_calibration import encode_summaries, summarize
 from tests.daemon_helpers import DaemonProcess, generate_labelled, metric, sample, write_config
 from tests.kafka_helpers import produce_all, read_all, unique_name
 
@@ -90,3 +92,46 @@ def test_two_instances_over_twelve_partitions_calibrate_like_one_pipeline(kafka_
     assert recall >= alone_recall + 0.1
     assert recall >= one_recall - 0.25
     assert precision >= one_precision - 0.05
+
+
+def test_summaries_are_transactional_foreign_ones_ignored_and_read_back_on_restart(kafka_bootstrap, make_topics, tmp_path):
+    """Exactly-once: summaries are committed with the outputs. Records the daemon cannot use
+    are counted and skipped. A restarted instance holds every partition's summary again
+    before it scores anything new."""
+    partitions = 4
+    input_topic = make_topics(partitions=partitions, prefix="pop-in")[0]
+    output_topic, dlq_topic = make_topics(partitions=1, n=2, prefix="pop-out")
+    population = make_topics(partitions=1, prefix="pop", config={"cleanup.policy": "compact"})[0]
+    foreign = encode_summaries("another-configuration", {"zscore": summarize(np.linspace(0.0, 1.0, 500), 500)})
+    produce_all(kafka_bootstrap, population, [(b"elsewhere/0", b"\x00not a summary"), (b"elsewhere/1", foreign)])
+    events, _labels, _windows = generate_labelled(3_000, seed=21)
+    produce_all(kafka_bootstrap, input_topic, ((e["store_id"].encode(), orjson.dumps(e)) for e in events))
+    sections = {
+        "scaling": {"share_calibration": True, "population_topic": population},
+        "scoring": {"calibration_window": 1_000, "calibration_min_events": 200, "calibration_refresh": 100},
+        "processing": {"guarantee": "exactly-once", "instance_id": unique_name("pop")},
+        "autoencoder": {"enabled": False},
+    }
+    config = write_config(tmp_path / "d.yaml", kafka_bootstrap, input_topic, output_topic, dlq_topic, unique_name("g"), **sections)
+    daemon = DaemonProcess(config, tmp_path / "d.log").start()
+    try:
+        daemon.wait_for(lambda m: metric(m, 'stream_detector_events_total{outcome="scored"}') >= len(events), 90, "every event scored")
+        daemon.wait_for(lambda m: metric(m, "stream_detector_calibration_partitions") == partitions, 30, "every partition's summary held")
+        s = daemon.samples()
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()
+    assert sample(s, "stream_detector_population_records_total", outcome="corrupt") == 1
+    assert sample(s, "stream_detector_population_records_total", outcome="incompatible") == 1
+    assert sample(s, "stream_detector_population_records_total", outcome="sent") >= partitions
+    committed = read_all(kafka_bootstrap, population, isolation_level="read_committed", idle=2.0)
+    keys = {m.key().decode() for m in committed} - {"elsewhere/0", "elsewhere/1"}
+    assert keys == {f"{input_topic}/{p}" for p in range(partitions)}
+
+    restarted = DaemonProcess(config, tmp_path / "d2.log").start()
+    try:
+        # Nothing new to score: the summaries come from the topic (the partitions' own are
+        # skipped once they are assigned; before that they count as another instance's).
+        restarted.wait_for(lambda m: metric(m, "stream_detector_calibration_partitions") >= partitions, 60, "summaries read back")
+        assert metric(restarted.metrics(), 'stream_detector_events_total{outcome="scored"}') == 0
+    finally:
+        assert restarted.stop() == 0, restarted.log_tail()
