@@ -64,6 +64,7 @@ from stream_detector.runtime.delivery import SHUTDOWN_FLUSH_S, DeliveryTracker
 from stream_detector.runtime.liveness import NOT_READY_AFTER_S, Liveness
 from stream_detector.runtime.observe import STATE_GAUGES_EVERY_S, init_metrics, observe_alerting, observe_batch, observe_lag, observe_scores, observe_state
 from stream_detector.runtime.partitions import PartitionWork, Restorer
+from stream_detector.runtime.population import TOPIC_CONFIG as POPULATION_TOPIC_CONFIG
 from stream_detector.runtime.population import exchange_for, source_of
 from stream_detector.runtime.publishing import MAX_DEAD_LETTER_BYTES, Publisher
 from stream_detector.runtime.topics import ensure_topics
@@ -269,7 +270,7 @@ class Daemon:
         if control_topics:  # small topics every instance reads whole: one partition each
             ensure_topics(k.bootstrap_servers, dict.fromkeys(control_topics, 1), client_config=admin_config)
         if self._population is not None:  # read whole by every instance; one record per partition
-            ensure_topics(k.bootstrap_servers, {self._population.topic: 1}, client_config=admin_config, config=COMPACTED)
+            ensure_topics(k.bootstrap_servers, {self._population.topic: 1}, client_config=admin_config, config=POPULATION_TOPIC_CONFIG)
 
     def _until_done(self, step: Callable[[], object], what: str) -> bool:
         """Retry ``step`` with backoff while the broker is unreachable; False if asked to stop."""

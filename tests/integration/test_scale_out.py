@@ -9,9 +9,11 @@ import time
 import numpy as np
 import orjson
 import pytest
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from stream_detector.config import load_settings
 from stream_detector.runtime.backtest import backtest
+from stream_detector.runtime.population import TOPIC_CONFIG
 from stream_detector.runtime.replay import replay
 from stream_detector.scoring.shared_calibration import encode_summaries, summarize
 from tests.daemon_helpers import DaemonProcess, generate_labelled, metric, sample, write_config
@@ -36,7 +38,8 @@ def test_two_instances_over_twelve_partitions_calibrate_like_one_pipeline(kafka_
     input_topic = make_topics(partitions=PARTITIONS, prefix="scale-in")[0]
     output_topic, dlq_topic = make_topics(partitions=1, n=2, prefix="scale-out")
     events, labels, _windows = generate_labelled(N_EVENTS, seed=5)
-    sections = {"scaling": {"share_calibration": True, "population_topic": unique_name("population")}, "autoencoder": {"enabled": False}}
+    population = unique_name("population")
+    sections = {"scaling": {"share_calibration": True, "population_topic": population}, "autoencoder": {"enabled": False}}
     group = unique_name("g")
     configs = [write_config(tmp_path / f"d{i}.yaml", kafka_bootstrap, input_topic, output_topic, dlq_topic, group, **sections) for i in range(2)]
     daemons = [DaemonProcess(c, tmp_path / f"d{i}.log") for i, c in enumerate(configs)]
@@ -59,6 +62,10 @@ def test_two_instances_over_twelve_partitions_calibrate_like_one_pipeline(kafka_
     finally:
         for d in daemons:
             assert d.stop() == 0, d.log_tail()
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    described = admin.describe_configs([ConfigResource("topic", population)])
+    topic_config = {name: entry.value for name, entry in next(iter(described.values())).result(timeout=10).items()}
+    assert {k: topic_config.get(k) for k in TOPIC_CONFIG} == TOPIC_CONFIG  # compacted, small segments
     for s in samples:
         assert sample(s, "stream_detector_calibration_partitions") == PARTITIONS
         assert sample(s, "stream_detector_population_records_total", outcome="sent") > 0
