@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--anomaly-rate", type=_fraction, default=0.01, help="share of injected point anomalies, with --generate (default 0.01)")
     _drift_args(evaluate, " with --generate")
     evaluate.add_argument("--skip-warmup", type=int, default=0, metavar="N", help="score but do not count the first N records (default 0)")
+    evaluate.add_argument(
+        "--partitions",
+        type=_positive_int,
+        metavar="P",
+        help="score as a daemon does a topic of P partitions: a pipeline per partition, records keyed by schema.key_fields (default: one pipeline, as replay)",
+    )
+    evaluate.add_argument("--instances", type=_positive_int, metavar="I", help="with --partitions: spread over I instances (default 1)")
     evaluate.add_argument("--plot", metavar="FILE.png", help="save a plot of the fused score and recall by kind")
     evaluate.add_argument("--json", metavar="FILE", help="write the report as JSON")
 
@@ -206,6 +213,10 @@ def _evaluate(settings: Settings, args: argparse.Namespace, out: IO[str] | None 
         raise ConfigError(f"--skip-warmup must be >= 0, got {args.skip_warmup}")
     if args.plot and not args.dataset:
         _require_extra("matplotlib", "plot", "--plot")
+    if args.instances is not None and args.partitions is None:
+        raise ConfigError("--instances goes with --partitions")
+    if args.partitions is not None and args.dataset:
+        raise ConfigError("--partitions applies to sales-event evaluations, not to --dataset")
     if (args.drift or args.drift_at is not None) and not args.generate:
         raise ConfigError("--drift and --drift-at go with --generate (a --labels file carries its own change labels)")
     if args.dataset:
@@ -232,14 +243,27 @@ def _evaluate(settings: Settings, args: argparse.Namespace, out: IO[str] | None 
         source = f"generated: {args.generate:,} events, seed {args.seed}, anomaly rate {args.anomaly_rate}"
         if drift_at is not None:
             source += f", drift from event {drift_at:,}"
+    pipeline, schema = build_pipeline(settings), event_schema(settings)
+    scorer = None
+    if args.partitions is not None:
+        from stream_detector.evaluation.shape import Deployment, DeploymentScorer
+
+        try:
+            deployment = Deployment(args.partitions, args.instances or 1)
+        except ValueError as exc:
+            raise ConfigError(f"--partitions / --instances: {exc}") from None
+        scorer = DeploymentScorer(pipeline, settings, schema, deployment)
+        sharing = "calibration shared" if scorer.pools else "each partition calibrated alone (scaling.share_calibration: false)"
+        source += f"; scored as {deployment.describe()}, {sharing}"
     report = evaluate(
         events,
         labels,
-        build_pipeline(settings),
-        event_schema(settings),
+        pipeline,
+        schema,
         settings.processing.batch_size,
         skip_warmup=args.skip_warmup,
         progress=Progress("evaluate", total=total),
+        deployment=scorer,
     )
     print(format_report(report, source), file=out)
     if args.json:

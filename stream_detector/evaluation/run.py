@@ -25,8 +25,9 @@ from stream_detector.evaluation.labels import (
 )
 from stream_detector.evaluation.measures import NORMAL_RUN, change_stats, point_measures, ranking_stats, window_stats
 from stream_detector.evaluation.report import ChangeSummary, EvaluationReport, Series
+from stream_detector.evaluation.shape import DeploymentScorer
 from stream_detector.events.decode import DecodedBatch, EventSchema
-from stream_detector.scoring.batch import score_batch
+from stream_detector.scoring.batch import ScoredBatch, score_batch
 from stream_detector.scoring.level_shift import LevelShift
 from stream_detector.scoring.pipeline import ScoringPipeline
 
@@ -43,9 +44,12 @@ def evaluate(
     window_grace_s: float = DEFAULT_WINDOW_GRACE_S,
     progress: Callable[[int], None] | None = None,
     keep_series: bool = True,
+    deployment: DeploymentScorer | None = None,
 ) -> EvaluationReport:
     """Score ``events`` (raw JSON values, or dicts) with ``pipeline`` in micro-batches of
-    ``batch_size``, exactly as the daemon does, and compare with ``labels`` (package docstring)."""
+    ``batch_size``, exactly as the daemon does, and compare with ``labels`` (package docstring).
+    With ``deployment``, the events are scored as that deployment's partitions and instances
+    would score them (evaluation/shape.py) instead, and ``pipeline`` is not used."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     started = time.monotonic()
@@ -59,15 +63,14 @@ def evaluate(
     changed_parts: dict[int, list[np.ndarray]] = {}
     shifts: list[LevelShift] = []
 
-    for values in _batches(events, batch_size):
-        scored = score_batch(pipeline, schema, values)
+    for positions, scored in _scored(events, pipeline, schema, batch_size, deployment):
         decoded, result = scored.decoded, scored.result
         if collective_alerts_fn is not None:
             alerts.extend(as_alert(a) for a in collective_alerts_fn(decoded, result))
         else:  # the pipeline's own timers (keys that went silent)
             alerts.extend(CollectiveAlert(a.key, a.event_time, detector="silence") for a in result.collective)
         shifts += result.level_shifts
-        invalid_counted += sum(1 for bad in decoded.invalid if records + bad.index >= skip_warmup)
+        invalid_counted += sum(1 for bad in decoded.invalid if positions[bad.index] >= skip_warmup)
         codes = np.zeros(decoded.features.n, dtype=np.int16)
         for i, event_id in enumerate(decoded.features.event_ids.tolist()):
             label_kind = labels.points.get(event_id)
@@ -77,7 +80,7 @@ def evaluate(
         for c, hits in _changed_events(labels, decoded).items():
             changed_parts.setdefault(c, []).append(valid + hits)
         valid += decoded.features.n
-        parts["position"].append(records + decoded.source_index)
+        parts["position"].append(positions[decoded.source_index])
         parts["time"].append(decoded.features.event_time)
         parts["fused"].append(result.fused)
         parts["surprise"].append(result.surprise)
@@ -85,7 +88,7 @@ def evaluate(
         parts["kind"].append(codes)
         fired = result.fired()
         parts["fired"].append(np.column_stack([fired[name] for name in names]) if names else np.zeros((decoded.features.n, 0), dtype=bool))
-        records += len(values)
+        records += len(positions)
         if progress is not None:
             progress(records)
 
@@ -99,6 +102,13 @@ def evaluate(
     flagged = cat("flagged", bool)
     kind_code = cat("kind", np.int16)
     fired_all = cat("fired", bool, (len(names),))
+    # In stream order (a deployment scores partition by partition); the changed events' indexes
+    # follow their events.
+    order = np.argsort(position, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    position, event_time, fused, surprise, flagged = position[order], event_time[order], fused[order], surprise[order], flagged[order]
+    kind_code, fired_all = kind_code[order], fired_all[order]
     kinds = [name for name, _ in sorted(kind_codes.items(), key=lambda item: item[1])]
     counted = position >= skip_warmup
     changes = None
@@ -108,7 +118,7 @@ def evaluate(
         changed = np.zeros(position.size, dtype=bool)
         stats = []
         for c, change in enumerate(labels.changes):
-            idx = np.concatenate(changed_parts.get(c, [np.zeros(0, dtype=np.int64)]))
+            idx = np.sort(rank[np.concatenate(changed_parts.get(c, [np.zeros(0, dtype=np.int64)]))])
             idx = idx[counted[idx]]
             changed[idx] = True
             found = sum(1 for shift in shifts if _names(shift, change))
@@ -151,6 +161,21 @@ def evaluate(
         level_shifts_unmatched=sum(1 for shift in shifts if not any(_names(shift, change) for change in labels.changes)),
         **measures,
     )
+
+
+def _scored(
+    events: Iterable[bytes | str | dict], pipeline: ScoringPipeline, schema: EventSchema, batch_size: int, deployment: DeploymentScorer | None
+) -> Iterator[tuple[np.ndarray, ScoredBatch]]:
+    """(stream positions of the records, their scored batch): micro-batches of one pipeline, or
+    a deployment's partitions window by window."""
+    position = 0
+    size = batch_size if deployment is None else deployment.deployment.window
+    for values in _batches(events, size):
+        if deployment is None:
+            yield np.arange(position, position + len(values)), score_batch(pipeline, schema, values)
+        else:
+            yield from deployment.score(values, position)
+        position += len(values)
 
 
 def _names(shift: LevelShift, change: ChangeLabel) -> bool:

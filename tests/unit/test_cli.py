@@ -147,6 +147,15 @@ def test_cli_evaluate_usage_errors(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     assert "price_spike" in proc.stdout.decode()
     assert cli("evaluate", "--generate", "10", "--skip-warmup", "-1").returncode == 2
+    assert b"--instances goes with --partitions" in cli("evaluate", "--generate", "10", "--instances", "2").stderr
+    assert b"some would own none" in cli("evaluate", "--generate", "10", "--partitions", "2", "--instances", "3").stderr
+
+
+def test_cli_evaluate_as_a_deployment(tmp_path):
+    proc = cli("evaluate", "--generate", "3000", "--seed", "1", "--partitions", "4", "--instances", "2", timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    assert "scored as 4 partitions over 2 instances, windows of 250 records, calibration shared" in out and "all point kinds" in out
 
 
 def test_generate_drift_writes_change_labels(tmp_path):
