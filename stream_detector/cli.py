@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="score as a daemon does a topic of P partitions: a pipeline per partition, records keyed by schema.key_fields (default: one pipeline, as replay)",
     )
     evaluate.add_argument("--instances", type=_positive_int, metavar="I", help="with --partitions: spread over I instances (default 1)")
+    evaluate.add_argument(
+        "--restart-every",
+        type=_positive_int,
+        metavar="N",
+        help="with --partitions: restart every instance after each N records (state through its snapshot, calibration from the population topic)",
+    )
     evaluate.add_argument("--plot", metavar="FILE.png", help="save a plot of the fused score and recall by kind")
     evaluate.add_argument("--json", metavar="FILE", help="write the report as JSON")
 
@@ -213,8 +219,8 @@ def _evaluate(settings: Settings, args: argparse.Namespace, out: IO[str] | None 
         raise ConfigError(f"--skip-warmup must be >= 0, got {args.skip_warmup}")
     if args.plot and not args.dataset:
         _require_extra("matplotlib", "plot", "--plot")
-    if args.instances is not None and args.partitions is None:
-        raise ConfigError("--instances goes with --partitions")
+    if (args.instances is not None or args.restart_every is not None) and args.partitions is None:
+        raise ConfigError("--instances and --restart-every go with --partitions")
     if args.partitions is not None and args.dataset:
         raise ConfigError("--partitions applies to sales-event evaluations, not to --dataset")
     if (args.drift or args.drift_at is not None) and not args.generate:
@@ -249,7 +255,7 @@ def _evaluate(settings: Settings, args: argparse.Namespace, out: IO[str] | None 
         from stream_detector.evaluation.shape import Deployment, DeploymentScorer
 
         try:
-            deployment = Deployment(args.partitions, args.instances or 1)
+            deployment = Deployment(args.partitions, args.instances or 1, restart_every=args.restart_every)
         except ValueError as exc:
             raise ConfigError(f"--partitions / --instances: {exc}") from None
         scorer = DeploymentScorer(pipeline, settings, schema, deployment)
@@ -266,6 +272,8 @@ def _evaluate(settings: Settings, args: argparse.Namespace, out: IO[str] | None 
         deployment=scorer,
     )
     print(format_report(report, source), file=out)
+    if scorer is not None and scorer.restarts:
+        print(f"restarts: {scorer.restarts}, state parts not restored: {scorer.restore_failures}", file=out)
     if args.json:
         write_json({"source": source, **report.to_dict()}, args.json)
     if args.plot:

@@ -147,7 +147,7 @@ def test_cli_evaluate_usage_errors(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     assert "price_spike" in proc.stdout.decode()
     assert cli("evaluate", "--generate", "10", "--skip-warmup", "-1").returncode == 2
-    assert b"--instances goes with --partitions" in cli("evaluate", "--generate", "10", "--instances", "2").stderr
+    assert b"--instances and --restart-every go with --partitions" in cli("evaluate", "--generate", "10", "--instances", "2").stderr
     assert b"some would own none" in cli("evaluate", "--generate", "10", "--partitions", "2", "--instances", "3").stderr
 
 

@@ -58,3 +58,23 @@ def test_a_deployment_needs_a_partition_per_instance() -> None:
         Deployment(2, 3)
     with pytest.raises(ValueError):
         Deployment(0)
+
+
+def test_restarts_through_the_snapshots_change_nothing() -> None:
+    alone = {"STREAM_DETECTOR_SCALING__SHARE_CALIBRATION": "false"}
+    plain, _ = _run(alone, Deployment(4, 2))
+    restarted, scorer = _run(alone, Deployment(4, 2, restart_every=1_500))
+    assert scorer is not None and scorer.restarts == N // 1_500 and scorer.restore_failures == 0
+    assert (restarted.tp, restarted.fp) == (plain.tp, plain.fp)
+    assert {k: s.flagged for k, s in restarted.kinds.items()} == {k: s.flagged for k, s in plain.kinds.items()}
+
+
+def test_restarts_rebuild_the_shared_calibration_from_the_topic() -> None:
+    """Nearly the same, not exactly: the rebuilt shared fit is refitted at once, with the
+    summaries as they are, where the running one waited for its next refit (measured: 29
+    true and 3 false positives against 29 and 1; on 60,000 events over 12 partitions and 2
+    instances, restarts every 10,000 or 30,000 records gave exactly the same figures)."""
+    plain, _ = _run({}, Deployment(4, 2))
+    restarted, scorer = _run({}, Deployment(4, 2, restart_every=1_500))
+    assert scorer is not None and scorer.restarts == N // 1_500 and all(pool.sources() == 4 for pool in scorer.pools)
+    assert abs(restarted.tp - plain.tp) <= 2 and abs(restarted.fp - plain.fp) <= 3

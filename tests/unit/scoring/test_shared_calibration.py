@@ -140,3 +140,22 @@ def test_the_fingerprint_follows_the_scoring_settings_only() -> None:
     base = load_settings(environ={})
     assert scoring_fingerprint(base) == scoring_fingerprint(load_settings(environ={"STREAM_DETECTOR_KAFKA__GROUP_ID": "other"}))
     assert scoring_fingerprint(base) != scoring_fingerprint(load_settings(environ={"STREAM_DETECTOR_SCORING__TAIL_QUANTILE": "0.9"}))
+
+
+def test_a_received_summary_sets_when_that_partition_is_next_due() -> None:
+    """A restarted instance reads its partitions' summaries back and goes on sending them at
+    the same points, not all at once."""
+    settings = load_settings(environ={"STREAM_DETECTOR_AUTOENCODER__ENABLED": "false"})
+    running, restarted = CalibrationPool.from_settings(settings), CalibrationPool.from_settings(settings)
+    pipeline = build_pipeline(settings)
+    calibrators = [c for c in pipeline.calibrators.values() if isinstance(c, Calibrator)]
+    for c in calibrators:
+        _learn(c, np.random.default_rng(8).exponential(size=1_500))
+    assert running.contribute("t/0", pipeline)
+    restarted.receive("t/0", running.take_outbox()["t/0"])
+    for c in calibrators:
+        _learn(c, np.random.default_rng(9).exponential(size=300))
+    assert not restarted.contribute("t/0", pipeline) and not running.contribute("t/0", pipeline)
+    for c in calibrators:
+        _learn(c, np.random.default_rng(10).exponential(size=settings.scoring.calibration_refresh))
+    assert restarted.contribute("t/0", pipeline) and running.contribute("t/0", pipeline)
