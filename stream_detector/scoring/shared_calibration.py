@@ -210,8 +210,8 @@ class CalibrationPool:
 
     def forget(self, source: str) -> None:
         """A partition this process gave up: its summary stays (still a valid sample) until
-        its new owner sends the next; only the local bookkeeping goes."""
-        self._taken.pop(source, None)
+        its new owner sends the next, and so does when its next one is due (the new owner's
+        summaries, read back, move it on); an unsent summary is dropped."""
         self.outbox.pop(source, None)
 
     def take_outbox(self) -> dict[str, bytes]:
