@@ -32,7 +32,7 @@ autoencoder included; at-least-once; state on) but the tests' fast group setting
 a free port and JSON logs. Neither has a ``scaling`` section, so ours shares calibration (its
 default) and the baseline, which refuses the key, has no such setting.
 
-    python -m bench.bench_scale [--quick] [--base-tree PATH]
+    python -m bench.bench_scale [--quick] [--events N] [--rate N] [--rounds N] [--state-off] [--base-tree PATH]
 """
 
 from __future__ import annotations
@@ -493,6 +493,7 @@ def run_scale(plan: Plan, base_tree: Path | None = None, base_rev: str = BASE_RE
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK.events:,} events, {QUICK.latency_seconds:.0f} s paced, one round")
+    parser.add_argument("--events", type=int, help=f"the throughput backlog (default: {FULL.events:,}, {QUICK.events:,} with --quick)")
     parser.add_argument("--rate", type=int, default=RATE, help="events/s of the latency phase")
     parser.add_argument("--rounds", type=int, help="rounds of the two trees (default: 1 with --quick, else 2)")
     parser.add_argument("--state-off", action="store_true", help="a probe: state.enabled false in both trees (no changelog)")
@@ -500,7 +501,7 @@ def main() -> None:
     parser.add_argument("--base-rev", default=BASE_REV, help="the baseline commit, when --base-tree is not given")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
-    plan = dataclasses.replace(plan, rate=args.rate, rounds=args.rounds or plan.rounds, state=not args.state_off)
+    plan = dataclasses.replace(plan, events=args.events or plan.events, rate=args.rate, rounds=args.rounds or plan.rounds, state=not args.state_off)
     result = run_scale(plan, args.base_tree, args.base_rev)
     print(json.dumps(result, indent=2, default=str))
 
