@@ -66,8 +66,10 @@ class PopulationExchange:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "isolation.level": "read_committed",
-                # Summaries from the other instances warm the shared fits up: fetch them promptly.
-                "fetch.wait.max.ms": 10,
+                # The broker answers a fetch as soon as a summary arrives; this bounds how often
+                # an idle reader asks. With 10 ms (and float64 summaries) the broker used about
+                # twice the CPU and the daemons 0.8x the events/s (docs/benchmarks.md, section 9).
+                "fetch.wait.max.ms": 100,
             }
         )
         self._reader.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
