@@ -353,7 +353,7 @@ class Daemon:
             if self._control is not None:
                 self._read_control()
             if self._population is not None:
-                self._population.read({source_of(*tp) for tp in self._partitions})
+                self._population.read(self._partitions)
             # Every assigned partition has its own pipeline: ask for batch_size records per
             # partition, so each pipeline scores batches of up to batch_size (fewer, bigger
             # batches), not batch_size / partitions.

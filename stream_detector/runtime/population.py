@@ -79,12 +79,17 @@ class PopulationExchange:
         for pipeline in pipelines:
             self.pool.attach(pipeline)
 
-    def read(self, owned: set[str]) -> None:
+    def read(self, partitions: Iterable[tuple[str, int]]) -> None:
         """Apply what other instances sent since the last call; never blocks. A summary of a
-        partition this process owns is its own (older, or its previous owner's): skipped."""
+        partition this process owns (``partitions``) is its own (older, or its previous
+        owner's): skipped. Called every turn of the loop, so nothing is done when nothing came."""
         if self._reader is None:
             return
-        for msg in self._reader.consume(MAX_RECORDS_PER_TURN, timeout=0):
+        messages = self._reader.consume(MAX_RECORDS_PER_TURN, timeout=0)
+        if not messages:
+            return
+        owned = {source_of(topic, partition) for topic, partition in partitions}
+        for msg in messages:
             if msg.error() is not None:
                 continue  # partition EOF and transient errors: the client retries by itself
             key = msg.key()
@@ -105,7 +110,10 @@ class PopulationExchange:
     def publish(self, producer: Producing, consumed_at: float) -> None:
         """Produce the summaries taken since the last call (tracked like every output, so a
         checkpoint waits for them; under exactly-once they are part of its transaction)."""
-        for source, value in self.pool.take_outbox().items():
+        outbox = self.pool.take_outbox()
+        if not outbox:
+            return
+        for source, value in outbox.items():
             produce(producer, self.topic, source.encode(), value, None, self.tracker.callback(consumed_at, False))
             self.metrics.population.labels("sent").inc()
         self.metrics.calibration_partitions.set(self.pool.sources())

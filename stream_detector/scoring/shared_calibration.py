@@ -123,10 +123,6 @@ class SharedFit:
         self._stale = True
 
     @property
-    def count(self) -> int:
-        return sum(s.count for s in self.summaries.values())
-
-    @property
     def ready(self) -> bool:
         """As of the last refit (``fit`` may refit)."""
         return self._fit is not None
@@ -144,7 +140,7 @@ class SharedFit:
         usable = [s for s in self.summaries.values() if s.count]
         self._fitted_count = sum(s.count for s in usable)
         self._fit = None
-        if len(usable) >= 2 and sum(s.count for s in usable) >= self.min_events:
+        if len(usable) >= 2 and self._fitted_count >= self.min_events:
             fit = fit_sorted_tail(merged_window(usable, self.window), self.tail_quantile)
             self._fit = fit if fit.ready else None
         return self._fit
