@@ -37,14 +37,6 @@ SUMMARY_POINTS = 1_000
 # The share of a window counted as its tail: above ``tail_quantile`` (0.95 by default) with a
 # margin, so the merged threshold falls among tail points.
 TAIL_SHARE = 0.10
-# The shared fit is refitted once the partitions have learned ``refresh`` more scores in all,
-# or, when that is more, 1/REFIT_SHARE of the scores the last fit rested on. A refit over 12
-# to 48 partitions' summaries costs 2 to 3 ms per detector, on every instance, so refitting
-# every 1,000 events of the whole topic would cost about 10 µs per event on each instance; with
-# the share, a fit is at most about 4 % behind its data, and while
-# the windows fill (the first ``window x partitions`` events, where staleness costs precision,
-# see docs/architecture.md) the refits stay at every ``refresh``.
-REFIT_SHARE = 24
 # A summary larger than this is refused (a hostile or foreign record cannot cost memory).
 MAX_RECORD_BYTES = 1024 * 1024
 
@@ -104,8 +96,9 @@ def merged_window(summaries: list[WindowSummary], size: int) -> np.ndarray:
 class SharedFit:
     """One detector's fit over every partition's summary (local and remote), refitted at every
     new summary while it is not ready; then once the partitions have learned ``refresh`` more
-    scores in all (as one calibrator over the whole stream refits), or 1/REFIT_SHARE of the
-    scores the fit rests on when that is more."""
+    scores in all (as one calibrator over the whole stream refits). A refit over 12 to 48
+    summaries costs 1 to 3 ms per detector on every instance; refitting less often was tried
+    and cost precision (docs/architecture.md)."""
 
     def __init__(self, window: int, refresh: int, min_events: int, tail_quantile: float) -> None:
         self.window = window
@@ -116,7 +109,6 @@ class SharedFit:
         self._fit: TailFit | None = None
         self._stale = False
         self._fitted_seen = 0  # the partitions' scores learned in all at the last refit
-        self._fitted_count = 0  # the scores the last fit rested on
 
     def put(self, source: str, summary: WindowSummary) -> None:
         self.summaries[source] = summary
@@ -133,14 +125,12 @@ class SharedFit:
         if not self._stale:
             return self._fit
         seen = sum(s.seen for s in self.summaries.values())
-        due = max(self.refresh, self._fitted_count // REFIT_SHARE)
-        if self._fit is not None and 0 <= seen - self._fitted_seen < due:
+        if self._fit is not None and 0 <= seen - self._fitted_seen < self.refresh:
             return self._fit
         self._stale, self._fitted_seen = False, seen
         usable = [s for s in self.summaries.values() if s.count]
-        self._fitted_count = sum(s.count for s in usable)
         self._fit = None
-        if len(usable) >= 2 and self._fitted_count >= self.min_events:
+        if len(usable) >= 2 and sum(s.count for s in usable) >= self.min_events:
             fit = fit_sorted_tail(merged_window(usable, self.window), self.tail_quantile)
             self._fit = fit if fit.ready else None
         return self._fit
