@@ -175,6 +175,20 @@ class KeySetConfig(Section):
     # Seasonal baselines, coarse to fine: each event is scored against the finest one that is
     # warm for its key (hour_of_week, else hour_of_day, else the key, else global). UTC.
     seasonality: list[Literal["hour_of_day", "day_of_week", "hour_of_week"]] = Field(default_factory=list)
+    # Fields (some of ``fields``) whose keys' levels move together: a level shift declared on
+    # one key is taken by each key sharing these fields at its first event that fits the same
+    # change of level, not after a run of its own (a product re-priced in USD is re-priced in
+    # EUR and GBP too).
+    moves_with: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _moves_with_fields(self) -> KeySetConfig:
+        stray = [f for f in self.moves_with if f not in self.fields]
+        if stray:
+            raise ValueError(f"moves_with names {stray}, which are not among the key set's fields {self.fields}")
+        if self.moves_with and len(set(self.moves_with)) == len(set(self.fields)):
+            raise ValueError("moves_with must leave out at least one of the key set's fields (its keys would all be one key)")
+        return self
 
     @field_validator("features")
     @classmethod
@@ -198,11 +212,28 @@ def _default_key_sets() -> list[KeySetConfig]:
         # A store's baskets, by hour of day and then by hour of week once those are learned.
         KeySetConfig(fields=["store_id"], features=["log_amount", "log_quantity"], seasonality=["hour_of_day", "hour_of_week"]),
         # Per currency: the same product sells at a different number in GBP than in USD.
-        KeySetConfig(fields=["product_id", "currency"], features=["log_unit_price", "log_quantity"]),
+        KeySetConfig(fields=["product_id", "currency"], features=["log_unit_price", "log_quantity"], moves_with=["product_id"]),
         # A customer's spending, where the event names one (loyalty card, login).
         KeySetConfig(fields=["customer_id"], features=["log_amount"]),
         KeySetConfig(fields=[], features=["log_price_ratio"]),
     ]
+
+
+class GradualShiftConfig(Section):
+    # Key sets (by name, e.g. store_id) whose keys are watched for gradual shifts. Not the
+    # product keys by default: a promotion holds a product's price 1-2 sd low for days.
+    key_sets: list[str] = Field(default_factory=lambda: ["store_id"])
+    # Each event adds min(z, cap) - slack to its key's sum (0 at least); a shift is declared
+    # when the sum reaches threshold, so after threshold / (cap - slack) events at the soonest.
+    slack: float = Field(default=0.5, ge=0)
+    cap: float = Field(default=2.0, gt=0)
+    threshold: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _cap_above_slack(self) -> GradualShiftConfig:
+        if self.cap <= self.slack:
+            raise ValueError(f"cap ({self.cap}) must be above slack ({self.slack}), or no sum ever grows")
+        return self
 
 
 class LevelShiftConfig(Section):
@@ -218,6 +249,9 @@ class LevelShiftConfig(Section):
     min_z: float = Field(default=2.0, gt=0)
     mean_z: float = Field(default=3.0, gt=0)
     adapt_events: int = Field(default=5000, ge=0)
+    # Gradual shifts, too small for the run rule (a store whose baskets grow 3x moves its
+    # quantities about 1.4 sd): a CUSUM per key and feature of the key sets named here.
+    gradual: GradualShiftConfig = Field(default_factory=lambda: GradualShiftConfig())
 
 
 class ZScoreConfig(Section):
@@ -246,6 +280,15 @@ class ZScoreConfig(Section):
     key_ttl_seconds: float | None = Field(default=7 * 24 * 3600.0, gt=0)
     # Lasting changes of a key's level (scoring/level_shift.py).
     level_shift: LevelShiftConfig = Field(default_factory=LevelShiftConfig)
+
+    @model_validator(mode="after")
+    def _gradual_key_sets(self) -> ZScoreConfig:
+        gradual = self.level_shift.gradual
+        keyed = [ks.name for ks in self.key_sets if ks.fields]
+        unknown = [name for name in gradual.key_sets if name not in keyed]
+        if unknown and "key_sets" in gradual.model_fields_set:
+            raise ValueError(f"level_shift.gradual.key_sets names {unknown}, which are not among the keyed key sets {keyed}")
+        return self  # the default names store_id: without that key set, none is watched
 
 
 class DuplicateConfig(Section):

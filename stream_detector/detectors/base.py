@@ -158,10 +158,14 @@ class Detector(KeyedState, ABC):
         """Keys per key set still warming up (scored by a global baseline meanwhile)."""
         return {}
 
-    def relearn(self, key_set: str, key: str, mean: np.ndarray, var: np.ndarray, event_time: float) -> tuple[np.ndarray, np.ndarray, Any] | None:
+    def relearn(
+        self, key_set: str, key: str, mean: np.ndarray, var: np.ndarray, event_time: float, moved: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, Any] | None:
         """Move ``key``'s baseline in ``key_set`` to a new level (the mean and variance of a run
         of its values, over the key set's features): (old means, new means, what
-        ``restore_rows`` needs to undo it). None: the detector has no per-key baseline."""
+        ``restore_rows`` needs to undo it). ``moved``: features known to have moved (the
+        declared one), moved however small the change. None: the detector has no per-key
+        baseline."""
         return None
 
     def focus(self, step: Step, key_sets: dict[str, np.ndarray]) -> np.ndarray | None:

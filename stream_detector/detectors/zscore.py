@@ -18,6 +18,7 @@ Raw score: the largest |z| over key sets and features (higher = more anomalous).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -501,11 +502,13 @@ class ZScoreDetector(Detector):
 
     # -- level shifts (scoring/level_shift.py) ---------------------------------------------
 
-    def relearn(self, key_set: str, key: str, mean: np.ndarray, var: np.ndarray, event_time: float) -> tuple[np.ndarray, np.ndarray, Any]:
+    def relearn(
+        self, key_set: str, key: str, mean: np.ndarray, var: np.ndarray, event_time: float, moved: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, Any]:
         """Move ``key``'s baseline to the level of a run of its values (``mean``, ``var`` over
         the key set's features). A warm key keeps its spread and its seasonal shape: the key
         row and its seasonal rows move by the change of level on each feature that moved by at
-        least one sd. A key still learning takes the run's statistics as a warm baseline.
+        least one sd, and on the ``moved`` ones (a gradual shift is declared below one sd). A key still learning takes the run's statistics as a warm baseline.
         Features the run never saw (NaN) keep their statistics. The undo is small (the key's
         old row and the change of level), since it travels in every checkpoint until feedback
         on the shift is taken or forgotten."""
@@ -521,11 +524,16 @@ class ZScoreDetector(Detector):
         before = (st.count[slot].copy(), old, st.m2[slot].copy())
         if st.count[slot].max(initial=0.0) >= self.warmup:
             with np.errstate(invalid="ignore"):
-                moved = seen & (np.abs(mean - old) >= self._std(st.count[slot], st.m2[slot], self._min_std[fi]))
-            delta = np.where(moved, mean - old, 0.0)
+                far = np.abs(mean - old) >= self._std(st.count[slot], st.m2[slot], self._min_std[fi])
+            if moved is not None:
+                far |= moved
+            delta = np.where(seen & far, mean - old, 0.0)
             st.mean[slot] += delta
         else:
             delta = np.where(seen & (st.count[slot] > 0), mean - old, 0.0)
+            # A run of a few events understates the spread (quantities of a new store at 30x
+            # are 30, 30, 60, ...: a MAD of 0): at least a typical warm key's spread.
+            var = np.fmax(var, self._typical_variance(key_set))
             st.count[slot] = np.where(seen, float(self.warmup), st.count[slot])
             st.mean[slot] = np.where(seen, mean, st.mean[slot])
             st.m2[slot] = np.where(seen, var * (self.warmup - 1), st.m2[slot])
@@ -538,20 +546,34 @@ class ZScoreDetector(Detector):
         self._round_cache.clear()
         return old, st.mean[slot].copy(), [*before, delta]
 
+    def _typical_variance(self, key_set: str) -> np.ndarray:
+        """Per feature of ``key_set``, the median variance of its warm keys (NaN: none warm)."""
+        state = self._state.key_sets[key_set]
+        n = state.allocated
+        count, m2 = state.stats.count[:n], state.stats.m2[:n]
+        warm = (count >= self.warmup) & (state.stats.last_seen[:n, None] > -np.inf)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a feature no warm key has: NaN
+            return np.nanmedian(np.where(warm, m2 / np.maximum(count - 1, 1), np.nan), axis=0) if n else np.full(count.shape[1], np.nan)
+
     def focus(self, step: Step, key_sets: dict[str, np.ndarray]) -> np.ndarray | None:
-        """The scores with each marked event judged by its marked key sets only: the largest
-        |z| over them (0 where every one is missing)."""
+        """The scores with each marked event judged by its marked key sets only: the smallest
+        over them of the largest |z| (0 where every one is missing). An event of two adapting
+        keys (a re-priced product sold in a store that changed format) is off only if each
+        key's own baseline finds it off: each new level moved the other key's baseline."""
         marked = [(k, key_sets[ks]) for k, ks in enumerate(self.key_sets) if ks in key_sets]
         if not marked:
             return None
         z = step.details["z"]
         scores = step.scores.copy()
         own = np.zeros(len(scores), dtype=bool)
-        best = np.zeros(len(scores))
+        least = np.full(len(scores), np.inf)
         for k, mask in marked:
-            best = np.where(mask, np.maximum(best, max_abs(np.ascontiguousarray(z[:, k : k + 1, :]))), best)
+            with np.errstate(invalid="ignore"):
+                this = np.where(np.isnan(z[:, k, :]).all(axis=1), np.inf, max_abs(np.ascontiguousarray(z[:, k : k + 1, :])))
+            least = np.where(mask, np.minimum(least, this), least)
             own |= mask
-        scores[own] = best[own]
+        scores[own] = np.where(np.isinf(least[own]), 0.0, least[own])
         return scores
 
     def restore_rows(self, key_set: str, key: str, rows: Any) -> None:

@@ -152,10 +152,16 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
             key_sets={ks.name: tuple(f for f in features if f in ks.features) for ks in z.key_sets if ks.fields},
             features=features,
             axis={ks.name: k for k, ks in enumerate(z.key_sets)},
+            # The key fields (by position in the key) whose keys shift together.
+            together={ks.name: tuple(ks.fields.index(f) for f in ks.moves_with) for ks in z.key_sets if ks.moves_with},
             lasting=shifts.lasting,
             min_z=shifts.min_z,
             mean_z=shifts.mean_z,
             adapt_events=shifts.adapt_events,
+            gradual=tuple(name for name in shifts.gradual.key_sets if any(ks.name == name for ks in z.key_sets if ks.fields)),
+            gradual_slack=shifts.gradual.slack,
+            gradual_cap=shifts.gradual.cap,
+            gradual_threshold=shifts.gradual.threshold,
         )
     pipeline = ScoringPipeline(
         detectors,

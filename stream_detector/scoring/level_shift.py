@@ -30,10 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from stream_detector.detectors.zscore_kernel import factorize
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch
+from stream_detector.scoring.cusum_kernel import cusum
 
-STATE_VERSION = 1
+# 2: adds the changes expected of keys that move with a shifted key (version 1 is still read).
+STATE_VERSION = 2
 # Declared shifts remembered so that feedback can reject one (the oldest go first).
 MAX_REMEMBERED = 1000
 # Runs in progress (a key and feature whose latest events deviate one way): a few dozen in a
@@ -84,9 +87,11 @@ class Scan:
     first declaration), the declaring event (None: none) and its run."""
 
     runs: dict[tuple[str, str, str], _Run]
+    drifts: dict[tuple[str, str, str, int], _Run] = field(default_factory=dict)
     declared: int | None = None
     run: _Run | None = None
     where: tuple[str, str, str] | None = None
+    gradual: bool = False  # declared by the CUSUM of a gradual shift, not by a run
 
 
 @dataclass
@@ -105,6 +110,14 @@ class LevelShiftTracker:
     mean_z: float = 3.0
     adapt_events: int = 5000
     detector: str = "zscore"
+    # key set -> positions of the key fields whose keys shift together (``moves_with``).
+    together: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Key sets watched for gradual shifts too, and their CUSUM (cusum_kernel.py): each event
+    # adds min(z, cap) - slack, a shift is declared at ``threshold``.
+    gradual: tuple[str, ...] = ()
+    gradual_slack: float = 0.5
+    gradual_cap: float = 2.0
+    gradual_threshold: float = 15.0
     runs: dict[tuple[str, str, str], _Run] = field(default_factory=dict)
     # (key set, key) -> events of the key still to come before the population models may flag
     # it alone again.
@@ -116,6 +129,13 @@ class LevelShiftTracker:
     rejected: dict[tuple[str, str, str], str] = field(default_factory=dict)
     # Shift ids with feedback taken, and its label (a second feedback is a duplicate).
     decided: dict[str, str] = field(default_factory=dict)
+    # (key set, key, feature, direction) -> the CUSUM's excursion (``total_z`` is the sum) of
+    # a key of a ``gradual`` key set, while above 0.
+    drifts: dict[tuple[str, str, str, int], _Run] = field(default_factory=dict)
+    # (key set, shared fields' values, feature) -> (the shifted key, its change of level): a
+    # key sharing those fields takes the same change at its first event that fits it, while
+    # the shifted key adapts.
+    expected: dict[tuple[str, str, str], tuple[str, float]] = field(default_factory=dict)
 
     # -- scanning ------------------------------------------------------------------------------
 
@@ -123,19 +143,26 @@ class LevelShiftTracker:
         """The runs after ``batch`` given its z-scores and the baseline means they were measured
         against (both (n, key sets, features)), up to and including the first event that
         declares a shift (the first column wins a tie)."""
-        runs = dict(self.runs)
-        hits = [hit for column in self._columns(batch, z, baseline) if (hit := self._walk(*column, runs, declare=True)) is not None]
+        runs, drifts = dict(self.runs), dict(self.drifts)
+        columns = self._columns(batch, z, baseline)
+        hits = [(*hit, False) for column in columns if (hit := self._walk(*column, runs, declare=True)) is not None]
+        hits += [(*hit, True) for column in columns if column[1] in self.gradual and (hit := self._drift(*column, drifts, declare=True)) is not None]
         if not hits:
-            return Scan(runs)
-        index, where, run = min(hits, key=lambda hit: hit[0])
+            return Scan(runs, drifts)
+        index, where, run, gradual = min(hits, key=lambda hit: hit[0])
         # Each column stopped at its own first declaration: walk them again up to ``index``.
-        runs = dict(self.runs)
-        for keys, ks, feature, zf, bf, values, event_time in self._columns(batch, z, baseline):
-            end = index + 1
-            self._walk(keys[:end], ks, feature, zf[:end], bf[:end], values[:end], event_time[:end], runs, declare=False)
+        runs, drifts = dict(self.runs), dict(self.drifts)
+        end = index + 1
+        for keys, ks, feature, zf, bf, values, event_time in columns:
+            args = (keys[:end], ks, feature, zf[:end], bf[:end], values[:end], event_time[:end])
+            self._walk(*args, runs, declare=False)
+            if ks in self.gradual:
+                self._drift(*args, drifts, declare=False)
         for stale in [r for r in runs if r[:2] == where[:2]]:
             del runs[stale]  # the key re-learns: every feature's run starts again
-        return Scan(runs, index, run, where)
+        for drift in [r for r in drifts if r[:2] == where[:2]]:
+            del drifts[drift]
+        return Scan(runs, drifts, index, run, where, gradual)
 
     def _columns(
         self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray
@@ -178,6 +205,7 @@ class LevelShiftTracker:
             deviating = (np.abs(z) >= self.min_z) & (column * baseline > 0)
         # Every event of a key that has or starts a run: a non-deviating one ends the run. Looked
         # up from the batch's keys, so the cost does not grow with the runs held.
+        expected = self._expected_for(ks, feature) if declare else None
         key_list = keys.tolist()
         watched = {key for key in set(key_list) if (ks, key, feature) in runs} | set(keys[deviating].tolist())
         watched.discard(None)
@@ -205,9 +233,109 @@ class LevelShiftTracker:
                 kept = np.vstack([run.values[1 - self.lasting :] if self.lasting > 1 else run.values[:0], row])
                 run = _Run(direction, run.length + 1, run.total_z + abs(zi), run.began, run.baseline + float(baseline[i]), kept)
             runs[where] = run
-            if declare and run.length >= self.lasting and run.total_z / run.length >= self.mean_z and where not in self.rejected:
+            if not declare or where in self.rejected:
+                continue
+            if run.length >= self.lasting and run.total_z / run.length >= self.mean_z:
+                return i, where, run
+            if expected is not None and self._fits_expected(expected, ks, key, zi, float(column[i]), float(baseline[i])):
                 return i, where, run
         return None
+
+    def _drift(
+        self,
+        keys: np.ndarray,
+        ks: str,
+        feature: str,
+        z: np.ndarray,
+        baseline: np.ndarray,
+        values: np.ndarray,
+        event_time: np.ndarray,
+        drifts: dict[tuple[str, str, str, int], _Run],
+        declare: bool,
+    ) -> tuple[int, tuple[str, str, str], _Run] | None:
+        """The CUSUM of one feature's events, both ways, updating ``drifts`` to its state after
+        them; with ``declare``, the first event whose sum reaches ``gradual_threshold`` (and
+        its excursion as a run: ``scan`` then walks the events up to it again).
+        Events counted as by ``_walk``: a value of the other sign than its baseline (a refund
+        among sales) is not counted."""
+        column = values[:, self.key_sets[ks].index(feature)]
+        with np.errstate(invalid="ignore"):
+            counted = (column * baseline > 0) & ~np.isnan(z)
+        for (a_ks, a_key), left in self.adapting.items():  # a key adapting to a shift is not summed
+            if a_ks == ks:
+                counted[np.flatnonzero(keys == a_key)[:left]] = False
+        codes, distinct = factorize(keys.tolist())
+        if None in distinct:
+            codes = np.where(codes == distinct.index(None), -1, codes)
+        first: tuple[int, tuple[str, str, str], _Run] | None = None
+        for direction in (1, -1):
+            before = [drifts.get((ks, key, feature, direction)) for key in distinct]
+            sums = np.array([0.0 if r is None else r.total_z for r in before])
+            lengths = np.array([0 if r is None else r.length for r in before], dtype=np.int64)
+            bases = np.array([0.0 if r is None else r.baseline for r in before])
+            signed = np.where(counted, direction * z, np.nan)
+            s, length, base, start = cusum(codes, signed, baseline, sums, lengths, bases, self.gradual_cap, self.gradual_slack)
+            if declare:
+                reached = np.flatnonzero(counted & (s >= self.gradual_threshold)).tolist()
+                crossed = [i for i in reached if (ks, distinct[codes[i]], feature) not in self.rejected]
+                if crossed and (first is None or crossed[0] < first[0]):
+                    i = crossed[0]
+                    g = int(codes[i])
+                    rows = self._excursion_rows(codes[: i + 1] == g, counted[: i + 1], int(start[i]), values[: i + 1], before[g])
+                    began = _began(int(start[i]), event_time, before[g])
+                    first = (i, (ks, distinct[g], feature), _Run(direction, int(length[i]), float(s[i]), began, float(base[i]), rows))
+            for g, key in enumerate(distinct):
+                if key is None:
+                    continue
+                where = (ks, key, feature, direction)
+                if lengths[g] == 0:
+                    drifts.pop(where, None)
+                    continue
+                mine = np.flatnonzero(codes == g)
+                at = int(mine[-1])
+                began = _began(int(start[at]), event_time, before[g])
+                rows = self._excursion_rows(codes == g, counted, int(start[at]), values, before[g])
+                drifts[where] = _Run(direction, int(lengths[g]), float(sums[g]), began, float(bases[g]), rows)
+        _bound(drifts, MAX_RUNS)
+        return first
+
+    def _excursion_rows(self, mine: np.ndarray, counted: np.ndarray, start: int, values: np.ndarray, before: _Run | None) -> np.ndarray:
+        """The key set's values at the excursion's last ``lasting`` counted events: the key's
+        rows in the batch from ``start`` on (-1: all, after those it held before)."""
+        take = mine & counted
+        if start >= 0:
+            take[:start] = False
+        rows = values[np.flatnonzero(take)]
+        if start < 0 and before is not None:
+            rows = np.vstack([before.values, rows])
+        return rows[-self.lasting :].copy()
+
+    def _expected_for(self, ks: str, feature: str) -> dict[str, tuple[str, float]] | None:
+        """Shared fields' values -> (shifted key, change of level) for the changes keys of
+        ``ks`` may take on ``feature`` now (None: none)."""
+        if ks not in self.together or not self.expected:
+            return None
+        out = {
+            entity: change
+            for (e_ks, entity, e_feature), change in self.expected.items()
+            if e_ks == ks and e_feature == feature and (ks, change[0]) in self.adapting
+        }
+        return out or None
+
+    def entity(self, ks: str, key: str) -> str:
+        """The values of ``key``'s fields that move together (``together``), joined."""
+        parts = key.split("|")
+        return "|".join(parts[p] for p in self.together[ks] if p < len(parts))
+
+    def _fits_expected(self, expected: dict[str, tuple[str, float]], ks: str, key: str, z: float, value: float, baseline: float) -> bool:
+        """Whether an event of ``key`` that deviates ``z`` sd from ``baseline`` lies within
+        ``min_z`` sd of the level a shifted key sharing its fields moved to."""
+        change = expected.get(self.entity(ks, key))
+        if change is None or change[0] == key or value == baseline:
+            return False
+        delta = change[1]
+        std = (value - baseline) / z
+        return delta * z > 0 and abs(value - baseline - delta) / abs(std) < self.min_z
 
     # -- adopting --------------------------------------------------------------------------------
 
@@ -216,6 +344,7 @@ class LevelShiftTracker:
         (``batch``: the segment, up to and including a declaration)."""
         self.runs = scan.runs
         _bound(self.runs, MAX_RUNS)
+        self.drifts = scan.drifts
         if not self.adapting:
             return
         for (ks, key), left in list(self.adapting.items()):
@@ -247,13 +376,31 @@ class LevelShiftTracker:
             event_time=float(batch.event_time[i]),
             events=scan.run.length,
             event_id=event_id,
-            surprise=-(math.log10(2.0) + scan.run.length * math.log10(0.5 * math.erfc(self.min_z / math.sqrt(2.0)))),
+            surprise=self._surprise(scan),
         )
         self.adapting[(ks, key)] = self.adapt_events
         _bound(self.adapting)  # a key that never comes back would keep its place for ever
+        if ks in self.together:
+            where = (ks, self.entity(ks, key), feature)
+            lead = self.expected.get(where)
+            if lead is None or (ks, lead[0]) not in self.adapting or lead[0] == key:
+                self.expected[where] = (key, shift.new_level - shift.old_level)
+                _bound(self.expected)
         self.undo[shift.shift_id] = (ks, key, feature, undo)
         _bound(self.undo)
         return shift
+
+    def _surprise(self, scan: Scan) -> float:
+        """-log10 of the chance of the declaring evidence among normal events: ``length`` events
+        in a row each ``min_z`` sd off the same way (a run), or, for a CUSUM, their mean clipped
+        z-score as far off (2 * P(Z > mean * sqrt(length)))."""
+        assert scan.run is not None
+        run = scan.run
+        if not scan.gradual:
+            return -(math.log10(2.0) + run.length * math.log10(0.5 * math.erfc(self.min_z / math.sqrt(2.0))))
+        mean = (run.total_z + self.gradual_slack * run.length) / run.length
+        tail = 0.5 * math.erfc(mean * math.sqrt(run.length) / math.sqrt(2.0))
+        return -math.log10(2.0 * max(tail, 1e-300))
 
     # -- feedback --------------------------------------------------------------------------------
 
@@ -277,8 +424,12 @@ class LevelShiftTracker:
         if label not in REJECT_LABELS:
             return "recorded", None
         self.adapting.pop((ks, key), None)
+        for gone in [w for w, (lead, _) in self.expected.items() if w[0] == ks and lead == key]:
+            del self.expected[gone]  # the keys that move with it keep their own baselines
         for stale in [r for r in self.runs if r[:2] == (ks, key)]:
             del self.runs[stale]
+        for drift in [r for r in self.drifts if r[:2] == (ks, key)]:
+            del self.drifts[drift]
         self.rejected[(ks, key, feature)] = shift_id
         _bound(self.rejected)
         return "applied", (ks, key, rows)
@@ -317,25 +468,41 @@ class LevelShiftTracker:
             "undo": [[shift_id, ks, key, f, rows] for shift_id, (ks, key, f, rows) in self.undo.items()],
             "rejected": [[ks, key, f, shift_id] for (ks, key, f), shift_id in self.rejected.items()],
             "decided": [[shift_id, label] for shift_id, label in self.decided.items()],
+            "expected": [[ks, entity, f, key, delta] for (ks, entity, f), (key, delta) in self.expected.items()],
+            "drifts": [[ks, key, f, r.direction, r.length, r.total_z, r.began, r.baseline, r.values] for (ks, key, f, _), r in self.drifts.items()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise StateError(f"level shift state version {state.get('version')!r}, expected {STATE_VERSION}")
         try:
-            runs = {}
-            for ks, key, f, direction, length, total_z, began, baseline, values in state["runs"]:
-                kept = np.asarray(values, dtype=np.float64)
-                if f not in self.key_sets[ks] or kept.ndim != 2 or kept.shape[1] != len(self.key_sets[ks]) or not 0 < len(kept) <= self.lasting:
-                    raise StateError(f"level shift run of {ks} {f} does not fit the key set", reason="incompatible")
-                runs[(str(ks), str(key), str(f))] = _Run(int(direction), int(length), float(total_z), float(began), float(baseline), kept)
+            runs = {(ks, key, f): run for ks, key, f, run in self._load_runs(state["runs"])}
+            drifts = {(ks, key, f, run.direction): run for ks, key, f, run in self._load_runs(state.get("drifts", []))}
             adapting = {(str(ks), str(key)): int(left) for ks, key, left in state["adapting"]}
             undo = {str(shift_id): (str(ks), str(key), str(f), rows) for shift_id, ks, key, f, rows in state["undo"]}
             rejected = {(str(ks), str(key), str(f)): str(shift_id) for ks, key, f, shift_id in state["rejected"]}
             decided = {str(shift_id): str(label) for shift_id, label in state["decided"]}
+            expected = {(str(ks), str(entity), str(f)): (str(key), float(delta)) for ks, entity, f, key, delta in state.get("expected", [])}
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"level shift state is malformed: {exc!r}", reason="corrupt") from None
         self.runs, self.adapting, self.undo, self.rejected, self.decided = runs, adapting, undo, rejected, decided
+        self.drifts, self.expected = drifts, expected
+
+    def _load_runs(self, entries: list[Any]) -> list[tuple[str, str, str, _Run]]:
+        out = []
+        for ks, key, f, direction, length, total_z, began, baseline, values in entries:
+            kept = np.asarray(values, dtype=np.float64)
+            if f not in self.key_sets[ks] or kept.ndim != 2 or kept.shape[1] != len(self.key_sets[ks]) or not 0 < len(kept) <= self.lasting:
+                raise StateError(f"level shift run of {ks} {f} does not fit the key set", reason="incompatible")
+            out.append((str(ks), str(key), str(f), _Run(int(direction), int(length), float(total_z), float(began), float(baseline), kept)))
+        return out
+
+
+def _began(start: int, event_time: np.ndarray, before: _Run | None) -> float:
+    """When an excursion began: at its first event in the batch (``start``), or before it."""
+    if start >= 0 or before is None:
+        return float(event_time[max(start, 0)])
+    return before.began
 
 
 def _bound(remembered: dict[Any, Any], most: int = MAX_REMEMBERED) -> None:

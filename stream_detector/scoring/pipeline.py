@@ -270,8 +270,9 @@ class ScoringPipeline:
         tracker.adopt(scan, batch)
         assert scan.run is not None and scan.where is not None
         mean, var = tracker.run_statistics(scan.run)
-        ks, key, _ = scan.where
-        relearned = relearner.relearn(ks, key, mean, var, float(batch.event_time[-1]))
+        ks, key, feature = scan.where
+        declared = np.array([f == feature for f in tracker.key_sets[ks]])
+        relearned = relearner.relearn(ks, key, mean, var, float(batch.event_time[-1]), moved=declared)
         if relearned is not None:
             _, new, undo = relearned
             result.level_shifts.append(tracker.declared(scan, batch, new, undo))

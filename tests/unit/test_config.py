@@ -202,6 +202,34 @@ def test_cross_field_check_is_reported(tmp_path: Path) -> None:
         load_settings(path, environ={})
 
 
+STORE_KEY_SET = "zscore:\n  key_sets:\n    - {{fields: [store_id], features: [log_amount], moves_with: [{}]}}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (STORE_KEY_SET.format("product_id"), r"zscore\.key_sets\.0: .*moves_with names \['product_id'\]"),
+        (STORE_KEY_SET.format("store_id"), r"zscore\.key_sets\.0: .*leave out at least one"),
+        ("zscore:\n  level_shift:\n    gradual:\n      key_sets: [customer]\n", r"zscore: .*gradual\.key_sets names \['customer'\]"),
+        ("zscore:\n  level_shift:\n    gradual:\n      cap: 0.5\n      slack: 1.0\n", r"zscore\.level_shift\.gradual: .*cap \(0\.5\) must be above slack"),
+    ],
+)
+def test_level_shift_settings_are_checked_with_the_key_named(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(write(tmp_path, text), environ={})
+
+
+def test_gradual_shifts_default_to_the_store_key_set_only_where_it_exists(tmp_path: Path) -> None:
+    """The default names store_id; a configuration without that key set is valid and watches none."""
+    from stream_detector.scoring.factory import build_pipeline
+
+    text = "zscore:\n  key_sets:\n    - {fields: [product_id], features: [log_unit_price]}\nautoencoder:\n  enabled: false\n"
+    pipeline = build_pipeline(load_settings(write(tmp_path, text), environ={}))
+    assert pipeline.level_shifts is not None and pipeline.level_shifts.gradual == ()
+    default = build_pipeline(load_settings(None, environ={})).level_shifts
+    assert default is not None and default.gradual == ("store_id",)
+
+
 def test_config_windows_are_validated_with_the_key_named(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("alerts:\n  windows:\n    - name: sale\n      start: 2026-11-27\n      end: 2026-11-20\n")

@@ -7,6 +7,7 @@ The contract (``detectors/base.py``): scoring a batch equals scoring its events 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import re
@@ -657,3 +658,32 @@ def test_seasonal_state_round_trips_and_old_snapshots_load():
     upgraded.load_state_dict(flat.state_dict())
     assert upgraded.n_keys() == {"store_id": 1, "store_id@hour_of_day": 0}
     assert seasonal_probe(upgraded, TUESDAY_3AM, 100.0)[0] == seasonal_probe(flat, TUESDAY_3AM, 100.0)[0]
+
+
+def test_an_event_of_two_adapting_keys_is_judged_by_the_smaller_of_their_views(data):
+    """``focus``: each marked event takes the smallest over its marked key sets of the largest
+    |z|; an event marked by one key set takes that key set's; a marked key set without a z for
+    the event does not count."""
+    batch, learn = data
+    det = make_detector()
+    det.commit(det.score(batch, learn))
+    step = det.score(batch, learn)
+    k_store, k_product = det.key_sets.index("store"), det.key_sets.index("product")
+    z = step.details["z"].copy()
+    z[:10, k_product, :] = np.nan  # events the product key set did not score
+    step = dataclasses.replace(step, details={**step.details, "z": z})
+    with np.errstate(invalid="ignore"):
+        store = np.nanmax(np.abs(z[:, k_store, :]), axis=1, initial=0.0)
+        product = np.nanmax(np.abs(z[:, k_product, :]), axis=1, initial=0.0)
+    both = np.zeros(batch.n, dtype=bool)
+    both[:50] = True
+    only_store = np.zeros(batch.n, dtype=bool)
+    only_store[50:100] = True
+    focused = det.focus(step, {"store": both | only_store, "product": both})
+    assert focused is not None
+    has_store, has_product = (~np.isnan(z[:, k, :]).all(axis=1) for k in (k_store, k_product))
+    expected_both = np.where(has_store & has_product, np.minimum(store, product), np.where(has_store, store, product))
+    assert has_store[:50].all() and not has_product[:10].any()
+    np.testing.assert_allclose(focused[:50], expected_both[:50])
+    np.testing.assert_allclose(focused[50:100], store[50:100])
+    np.testing.assert_array_equal(focused[100:], step.scores[100:])

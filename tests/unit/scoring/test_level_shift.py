@@ -102,6 +102,120 @@ def test_tracker_state_round_trip_and_foreign_version():
         other.load_state_dict({**t.state_dict(), "version": 99})
 
 
+# -- keys that move together, and gradual shifts ----------------------------------------------
+
+PRODUCT = "product_id+currency"
+
+
+def product_tracker(**kw) -> LevelShiftTracker:
+    return LevelShiftTracker(key_sets={PRODUCT: ("log_unit_price",)}, features=("log_unit_price",), axis={PRODUCT: 0}, together={PRODUCT: (0,)}, **kw)
+
+
+def product_batch(keys: list[str], values: list[float]) -> FeatureBatch:
+    n = len(keys)
+    return FeatureBatch(
+        event_time=np.arange(n, dtype=np.float64),
+        columns={"log_unit_price": np.array(values, dtype=np.float64)},
+        keys={PRODUCT: np.array(keys, dtype=object)},
+        event_ids=np.array([f"e{i}" for i in range(n)], dtype=object),
+    )
+
+
+def declare_usd_shift(t: LevelShiftTracker) -> None:
+    """p|USD moves from 2.0 to 3.0 (z 5 at sd 0.2) over a run of 3."""
+    b = product_batch(["p|USD"] * 3, [3.0] * 3)
+    scan = t.scan(b, zs([5.0] * 3), zs([2.0] * 3))
+    assert scan.declared == 2
+    t.adopt(scan, b)
+    t.declared(scan, b, np.array([3.0]), undo=[])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "z", "declared"),
+    [
+        ("p|EUR", 2.9, 5.0, 0),  # the same change (+1.0 from its baseline 1.9): taken at once
+        ("p|EUR", 3.4, 7.5, None),  # +1.5, 2.5 sd past the change: a run of its own
+        ("q|EUR", 2.9, 5.0, None),  # another product
+        ("p|EUR", 1.4, -2.5, None),  # the other way
+    ],
+)
+def test_a_key_that_moves_with_a_shifted_key_takes_its_change_at_one_fitting_event(key, value, z, declared):
+    t = product_tracker(lasting=3)
+    declare_usd_shift(t)
+    baseline = value - z * 0.2
+    scan = t.scan(product_batch([key], [value]), zs([z]), zs([baseline]))
+    assert scan.declared == declared
+
+
+def test_the_change_expected_of_siblings_ends_with_the_shifted_keys_adaptation():
+    t = product_tracker(lasting=3, adapt_events=2)
+    declare_usd_shift(t)
+    later = product_batch(["p|USD", "p|USD"], [3.0, 3.0])
+    t.adopt(t.scan(later, zs([0.0, 0.0]), zs([3.0, 3.0])), later)
+    assert not t.adapting
+    assert t.scan(product_batch(["p|EUR"], [2.9]), zs([5.0]), zs([1.9])).declared is None
+
+
+def test_rejecting_the_shift_forgets_the_change_expected_of_siblings():
+    t = product_tracker(lasting=3)
+    declare_usd_shift(t)
+    shift_id = next(iter(t.undo))
+    assert t.feedback(shift_id, "reject")[0] == "applied"
+    assert t.scan(product_batch(["p|EUR"], [2.9]), zs([5.0]), zs([1.9])).declared is None
+
+
+def gradual_tracker(**kw) -> LevelShiftTracker:
+    return tracker(gradual=("store_id",), gradual_slack=0.5, gradual_cap=2.0, gradual_threshold=6.0, **kw)
+
+
+def test_a_gradual_shift_is_declared_by_its_sum_below_the_run_rule():
+    """1.4 sd each time: no run (each under min_z 2) but the sum grows 0.9 an event."""
+    t = gradual_tracker(lasting=4)
+    b = batch(["a"] * 10, [5.0] * 10)
+    scan = t.scan(b, zs([1.4] * 10), zs([4.0] * 10))
+    assert scan.declared == 6 and scan.gradual and scan.where == ("store_id", "a", "log_amount")
+    assert scan.run is not None and scan.run.length == 7 and scan.run.direction == 1 and len(scan.run.values) == 4
+    assert not [d for d in scan.drifts if d[1] == "a"]  # the key starts afresh
+    assert tracker(lasting=4).scan(b, zs([1.4] * 10), zs([4.0] * 10)).declared is None
+
+
+@pytest.mark.parametrize(
+    ("z", "why"),
+    [
+        ([9.0, 9.0, 9.0] + [0.0] * 7, "a short burst adds at most cap - slack an event"),
+        ([1.4, -1.4] * 5, "back and forth"),
+        ([0.4] * 10, "within the slack"),
+    ],
+)
+def test_no_gradual_shift_without_a_lasting_deviation(z, why):
+    t = gradual_tracker(lasting=4)
+    assert t.scan(batch(["a"] * 10, [5.0] * 10), zs(z), zs([4.0] * 10)).declared is None, why
+
+
+def test_the_gradual_sum_carries_across_batches_and_snapshots():
+    whole = gradual_tracker(lasting=4).scan(batch(["a"] * 10, [5.0] * 10), zs([1.4] * 10), zs([4.0] * 10))
+    t = gradual_tracker(lasting=4)
+    first = batch(["a"] * 4, [5.0] * 4)
+    t.adopt(t.scan(first, zs([1.4] * 4), zs([4.0] * 4)), first)
+    assert t.drifts[("store_id", "a", "log_amount", 1)].length == 4
+    restored = gradual_tracker(lasting=4)
+    restored.load_state_dict(codec.decode(codec.encode(t.state_dict())))
+    scan = restored.scan(batch(["a"] * 6, [5.0] * 6), zs([1.4] * 6), zs([4.0] * 6))
+    assert scan.declared == whole.declared - 4 and scan.run is not None and whole.run is not None
+    assert (scan.run.length, scan.run.began, scan.run.total_z) == (whole.run.length, whole.run.began, pytest.approx(whole.run.total_z))
+    np.testing.assert_array_equal(scan.run.values, whole.run.values)
+
+
+def test_an_adapting_key_adds_nothing_to_its_gradual_sum():
+    t = gradual_tracker(lasting=2, adapt_events=100)
+    b = batch(["a", "a"], [5.0, 5.0])
+    scan = t.scan(b, zs([3.0, 3.0]), zs([2.0, 2.0]))
+    t.adopt(scan, b)
+    t.declared(scan, b, np.array([5.0]), undo=[])
+    later = batch(["a"] * 10, [5.0] * 10)
+    assert t.scan(later, zs([1.4] * 10), zs([4.0] * 10)).declared is None
+
+
 # -- through the pipeline: recovery after a lasting shift --------------------------------------
 
 N_EVENTS = 6000
