@@ -249,6 +249,10 @@ class LevelShiftConfig(Section):
     min_z: float = Field(default=2.0, gt=0)
     mean_z: float = Field(default=3.0, gt=0)
     adapt_events: int = Field(default=5000, ge=0)
+    # Keys that move together (a key set's moves_with) pool their runs: declared once their
+    # runs reach ``lasting`` events together, each run on average this far off. Above mean_z:
+    # a promotion (10-30 % off, up to ~3.6 sd) moves every currency of a product for days.
+    pooled_mean_z: float = Field(default=4.5, gt=0)
     # Gradual shifts, too small for the run rule (a store whose baskets grow 3x moves its
     # quantities about 1.4 sd): a CUSUM per key and feature of the key sets named here.
     gradual: GradualShiftConfig = Field(default_factory=lambda: GradualShiftConfig())

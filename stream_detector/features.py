@@ -26,6 +26,18 @@ DERIVED_FEATURES = (
 )
 
 
+# Derived features computed from others: a lasting change of a part moves them too.
+COMPOSED_OF = {"log_amount": ("log_quantity", "log_unit_price")}
+
+
+def moved_together(features: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``features`` and the derived features composed of any of them (a product's new price
+    moves its lines' amounts)."""
+    out = dict.fromkeys(features)
+    out.update(dict.fromkeys(c for c, parts in COMPOSED_OF.items() if any(p in out for p in parts)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class FeatureBatch:
     """Columns for ``n`` events, in input order."""

@@ -168,10 +168,12 @@ class Detector(KeyedState, ABC):
         baseline."""
         return None
 
-    def focus(self, step: Step, key_sets: dict[str, np.ndarray]) -> np.ndarray | None:
-        """``step``'s scores with the events marked in ``key_sets`` (key set -> bool (n,))
-        judged by those key sets alone: a key adapting to its level shift is judged by its own
-        baseline, not by the other key sets its new level also moved. None: no such view."""
+    def focus(self, step: Step, moved: dict[tuple[str, str], np.ndarray]) -> np.ndarray | None:
+        """``step``'s scores with the events of keys adapting to a level shift judged without
+        the baselines that shift moved: ``moved`` maps (key set, feature) to the events of
+        that key set's adapting keys (LevelShiftTracker.adapting_masks), and another key set's
+        view of that feature no longer counts for them (a store at 30x moves every product's
+        quantities). None: no such view."""
         return None
 
     def restore_rows(self, key_set: str, key: str, rows: Any) -> None:

@@ -556,24 +556,26 @@ class ZScoreDetector(Detector):
             warnings.simplefilter("ignore", RuntimeWarning)  # a feature no warm key has: NaN
             return np.nanmedian(np.where(warm, m2 / np.maximum(count - 1, 1), np.nan), axis=0) if n else np.full(count.shape[1], np.nan)
 
-    def focus(self, step: Step, key_sets: dict[str, np.ndarray]) -> np.ndarray | None:
-        """The scores with each marked event judged by its marked key sets only: the smallest
-        over them of the largest |z| (0 where every one is missing). An event of two adapting
-        keys (a re-priced product sold in a store that changed format) is off only if each
-        key's own baseline finds it off: each new level moved the other key's baseline."""
-        marked = [(k, key_sets[ks]) for k, ks in enumerate(self.key_sets) if ks in key_sets]
-        if not marked:
+    def focus(self, step: Step, moved: dict[tuple[str, str], np.ndarray]) -> np.ndarray | None:
+        """The scores with each marked event judged by the largest |z| over the key sets and
+        features left: a key set's z on a feature counts unless another key set's adapting key
+        of the event moved that feature (an event of a re-priced product in a store that
+        changed format is judged by the product's price and the store's quantities)."""
+        if not moved:
             return None
+        marked = np.logical_or.reduce(list(moved.values()))
         z = step.details["z"]
+        best = np.zeros(len(step.scores))
+        for k, ks in enumerate(self.key_sets):
+            for j, feature in enumerate(self.features):
+                others = [mask for (by, f), mask in moved.items() if f == feature and by != ks]
+                with np.errstate(invalid="ignore"):
+                    view = np.nan_to_num(np.abs(z[:, k, j]), nan=0.0)
+                if others:
+                    view = np.where(np.logical_or.reduce(others), 0.0, view)
+                np.maximum(best, view, out=best)
         scores = step.scores.copy()
-        own = np.zeros(len(scores), dtype=bool)
-        least = np.full(len(scores), np.inf)
-        for k, mask in marked:
-            with np.errstate(invalid="ignore"):
-                this = np.where(np.isnan(z[:, k, :]).all(axis=1), np.inf, max_abs(np.ascontiguousarray(z[:, k : k + 1, :])))
-            least = np.where(mask, np.minimum(least, this), least)
-            own |= mask
-        scores[own] = np.where(np.isinf(least[own]), 0.0, least[own])
+        scores[marked] = best[marked]
         return scores
 
     def restore_rows(self, key_set: str, key: str, rows: Any) -> None:

@@ -71,7 +71,8 @@ def format_changes(summary: ChangeSummary) -> str:
     normal = [c.normal_after for c in g.changes if c.normal_after is not None]
     within = sum(1 for n in normal if n <= g.normal_run)
     lines.append(
-        f"changes: {len(g.changes)}; alerts per change median {_count(g.alerts_median)}, max {_count(g.alerts_max)}; "
+        f"changes: {len(g.changes)}; alerts per change median {_count(g.alerts_median)}, max {_count(g.alerts_max)} "
+        f"(not on injected point anomalies: median {_count(g.cost_median)}, max {_count(g.cost_max)}); "
         f"normal again within {g.normal_run} events: {within} of {len(g.changes)}; never normal again: {g.never_normal} "
         f"({fmt(100 * g.never_normal / len(g.changes) if g.changes else None, 0)} %)"
     )

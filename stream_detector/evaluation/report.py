@@ -108,6 +108,16 @@ class ChangeSummary:
         return max(c.alerts for c in self.changes) if self.changes else None
 
     @property
+    def cost_median(self) -> float | None:
+        """Median over the changes of their alerts on events that are not injected point
+        anomalies: what the change itself cost (the others are anomalies found)."""
+        return float(np.median([c.alerts - c.labelled_alerts for c in self.changes])) if self.changes else None
+
+    @property
+    def cost_max(self) -> int | None:
+        return max(c.alerts - c.labelled_alerts for c in self.changes) if self.changes else None
+
+    @property
     def never_normal(self) -> int:
         return sum(1 for c in self.changes if c.normal_after is None)
 
@@ -118,6 +128,8 @@ class ChangeSummary:
             "changed_labelled": self.changed_labelled,
             "alerts_median": self.alerts_median,
             "alerts_max": self.alerts_max,
+            "cost_median": self.cost_median,
+            "cost_max": self.cost_max,
             "never_normal": self.never_normal,
             "changes": [c.to_dict() for c in self.changes],
         }

@@ -158,6 +158,7 @@ def build_pipeline(settings: Settings) -> ScoringPipeline:
             min_z=shifts.min_z,
             mean_z=shifts.mean_z,
             adapt_events=shifts.adapt_events,
+            pooled_mean_z=shifts.pooled_mean_z,
             gradual=tuple(name for name in shifts.gradual.key_sets if any(ks.name == name for ks in z.key_sets if ks.fields)),
             gradual_slack=shifts.gradual.slack,
             gradual_cap=shifts.gradual.cap,

@@ -23,6 +23,7 @@ changing anything; ``adopt`` makes what it found current.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import numpy as np
 
 from stream_detector.detectors.zscore_kernel import factorize
 from stream_detector.errors import StateError
-from stream_detector.features import FeatureBatch
+from stream_detector.features import FeatureBatch, moved_together
 from stream_detector.scoring.cusum_kernel import cusum
 
 # 2: adds the changes expected of keys that move with a shifted key (version 1 is still read).
@@ -92,6 +93,9 @@ class Scan:
     run: _Run | None = None
     where: tuple[str, str, str] | None = None
     gradual: bool = False  # declared by the CUSUM of a gradual shift, not by a run
+    # Keys that move with the declaring one (``together``) and whose open runs counted toward
+    # its declaration: declared with it, each from its own run.
+    also: list[tuple[tuple[str, str, str], _Run]] = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +116,8 @@ class LevelShiftTracker:
     detector: str = "zscore"
     # key set -> positions of the key fields whose keys shift together (``moves_with``).
     together: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # How far off on average each pooled run must be (``together``).
+    pooled_mean_z: float = 4.5
     # Key sets watched for gradual shifts too, and their CUSUM (cusum_kernel.py): each event
     # adds min(z, cap) - slack, a shift is declared at ``threshold``.
     gradual: tuple[str, ...] = ()
@@ -146,10 +152,12 @@ class LevelShiftTracker:
         runs, drifts = dict(self.runs), dict(self.drifts)
         columns = self._columns(batch, z, baseline)
         hits = [(*hit, False) for column in columns if (hit := self._walk(*column, runs, declare=True)) is not None]
-        hits += [(*hit, True) for column in columns if column[1] in self.gradual and (hit := self._drift(*column, drifts, declare=True)) is not None]
+        hits += [
+            (*sum_hit, [], True) for column in columns if column[1] in self.gradual and (sum_hit := self._drift(*column, drifts, declare=True)) is not None
+        ]
         if not hits:
             return Scan(runs, drifts)
-        index, where, run, gradual = min(hits, key=lambda hit: hit[0])
+        index, where, run, also, gradual = min(hits, key=lambda hit: hit[0])
         # Each column stopped at its own first declaration: walk them again up to ``index``.
         runs, drifts = dict(self.runs), dict(self.drifts)
         end = index + 1
@@ -158,11 +166,12 @@ class LevelShiftTracker:
             self._walk(*args, runs, declare=False)
             if ks in self.gradual:
                 self._drift(*args, drifts, declare=False)
-        for stale in [r for r in runs if r[:2] == where[:2]]:
-            del runs[stale]  # the key re-learns: every feature's run starts again
-        for drift in [r for r in drifts if r[:2] == where[:2]]:
-            del drifts[drift]
-        return Scan(runs, drifts, index, run, where, gradual)
+        for relearnt in [where[:2]] + [w[:2] for w, _ in also]:
+            for stale in [r for r in runs if r[:2] == relearnt]:
+                del runs[stale]  # the key re-learns: every feature's run starts again
+            for drift in [r for r in drifts if r[:2] == relearnt]:
+                del drifts[drift]
+        return Scan(runs, drifts, index, run, where, gradual, also)
 
     def _columns(
         self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray
@@ -192,10 +201,16 @@ class LevelShiftTracker:
         event_time: np.ndarray,
         runs: dict[tuple[str, str, str], _Run],
         declare: bool,
-    ) -> tuple[int, tuple[str, str, str], _Run] | None:
+    ) -> tuple[int, tuple[str, str, str], _Run, list[tuple[tuple[str, str, str], _Run]]] | None:
         """Walk one feature's events in order, updating ``runs``; with ``declare``, stop at the
-        first declaration and return (index, run key, run). Only the events of keys that have or
-        start a run are visited.
+        first declaration and return (index, run key, run, the runs declared with it). Only the
+        events of keys that have or start a run are visited.
+
+        Keys that move together (``together``) pool their open runs the same way: a product
+        re-priced in every currency is declared once its currency keys' runs reach ``lasting``
+        events together, each run counted while on average ``mean_z`` sd off. A key's run still
+        ends at its own next event that does not deviate, so a change in one currency only is
+        declared by that key's run.
 
         An event whose value has not the sign of its baseline does not extend a run: the log
         features are sign * log1p(|x|), so that is a refund or a zero among sales, another kind
@@ -206,6 +221,13 @@ class LevelShiftTracker:
         # Every event of a key that has or starts a run: a non-deviating one ends the run. Looked
         # up from the batch's keys, so the cost does not grow with the runs held.
         expected = self._expected_for(ks, feature) if declare else None
+        # entity -> keys of it with a run on this feature (some may have ended since).
+        pooled: dict[str, set[str]] | None = None
+        if declare and ks in self.together:
+            pooled = {}
+            for r_ks, r_key, r_feature in runs:
+                if r_ks == ks and r_feature == feature:
+                    pooled.setdefault(self.entity(ks, r_key), set()).add(r_key)
         key_list = keys.tolist()
         watched = {key for key in set(key_list) if (ks, key, feature) in runs} | set(keys[deviating].tolist())
         watched.discard(None)
@@ -236,10 +258,36 @@ class LevelShiftTracker:
             if not declare or where in self.rejected:
                 continue
             if run.length >= self.lasting and run.total_z / run.length >= self.mean_z:
-                return i, where, run
+                return i, where, run, []
             if expected is not None and self._fits_expected(expected, ks, key, zi, float(column[i]), float(baseline[i])):
-                return i, where, run
+                # Re-learnt from this event alone: earlier ones of its run may be a price error.
+                return i, where, dataclasses.replace(run, values=row.copy()), []
+            if pooled is not None:
+                partners = pooled.setdefault(self.entity(ks, key), set())
+                partners.add(key)
+                also = self._pooled(runs, ks, feature, key, run, partners)
+                if also is not None:
+                    return i, where, run, also
         return None
+
+    def _pooled(
+        self, runs: dict[tuple[str, str, str], _Run], ks: str, feature: str, key: str, run: _Run, partners: set[str]
+    ) -> list[tuple[tuple[str, str, str], _Run]] | None:
+        """The other keys' runs to declare with ``key``'s when their pooled length reaches
+        ``lasting`` (None: not yet): runs the same way, each on average ``mean_z`` sd off."""
+        if run.total_z / run.length < self.pooled_mean_z:
+            return None
+        also = []
+        for other in partners:
+            where = (ks, other, feature)
+            theirs = runs.get(where)
+            if other == key or theirs is None or theirs.direction != run.direction or where in self.rejected:
+                continue
+            if theirs.total_z / theirs.length >= self.pooled_mean_z:
+                also.append((where, theirs))
+        if not also or run.length + sum(r.length for _, r in also) < self.lasting:
+            return None
+        return also
 
     def _drift(
         self,
@@ -355,12 +403,20 @@ class LevelShiftTracker:
             else:
                 self.adapting[(ks, key)] = left - seen
 
-    def declared(self, scan: Scan, batch: FeatureBatch, new: np.ndarray, undo: Any) -> LevelShift:
-        """Record the shift ``scan`` declared (after ``adopt``): the key adapts from now on. Its
-        old level is the baseline the run was measured against (a key still learning is
-        measured against every key's events), its new level the key's after ``relearn``."""
+    def declared(
+        self,
+        scan: Scan,
+        batch: FeatureBatch,
+        new: np.ndarray,
+        undo: Any,
+        which: tuple[tuple[str, str, str], _Run] | None = None,
+    ) -> LevelShift:
+        """Record the shift ``scan`` declared (after ``adopt``), or ``which`` of the runs
+        declared with it (``scan.also``): the key adapts from now on. Its old level is the
+        baseline the run was measured against (a key still learning is measured against every
+        key's events), its new level the key's after ``relearn``."""
         assert scan.declared is not None and scan.run is not None and scan.where is not None
-        ks, key, feature = scan.where
+        (ks, key, feature), run = which if which is not None else (scan.where, scan.run)
         names = self.key_sets[ks]
         j = names.index(feature)
         i = scan.declared
@@ -370,11 +426,11 @@ class LevelShiftTracker:
             key_set=ks,
             key=key,
             feature=feature,
-            old_level=scan.run.baseline / scan.run.length,
+            old_level=run.baseline / run.length,
             new_level=float(new[j]),
-            began=scan.run.began,
+            began=run.began,
             event_time=float(batch.event_time[i]),
-            events=scan.run.length,
+            events=run.length,
             event_id=event_id,
             surprise=self._surprise(scan),
         )
@@ -396,8 +452,9 @@ class LevelShiftTracker:
         z-score as far off (2 * P(Z > mean * sqrt(length)))."""
         assert scan.run is not None
         run = scan.run
-        if not scan.gradual:
-            return -(math.log10(2.0) + run.length * math.log10(0.5 * math.erfc(self.min_z / math.sqrt(2.0))))
+        if not scan.gradual:  # pooled runs: all their events
+            events = run.length + sum(r.length for _, r in scan.also)
+            return -(math.log10(2.0) + events * math.log10(0.5 * math.erfc(self.min_z / math.sqrt(2.0))))
         mean = (run.total_z + self.gradual_slack * run.length) / run.length
         tail = 0.5 * math.erfc(mean * math.sqrt(run.length) / math.sqrt(2.0))
         return -math.log10(2.0 * max(tail, 1e-300))
@@ -434,17 +491,22 @@ class LevelShiftTracker:
         _bound(self.rejected)
         return "applied", (ks, key, rows)
 
-    def adapting_masks(self, batch: FeatureBatch) -> dict[str, np.ndarray]:
-        """key set -> bool (n,): the batch's events of keys that adapt to a shift (within
-        ``adapt_events`` of it); key sets without such events are left out."""
-        masks: dict[str, np.ndarray] = {}
+    def adapting_masks(self, batch: FeatureBatch) -> dict[tuple[str, str], np.ndarray]:
+        """(key set, feature) -> bool (n,): the batch's events of that key set's keys that adapt
+        to a shift (within ``adapt_events`` of it), for each feature the key set watches and
+        each composed of them (a new level moves the other key sets' baselines of those: a store
+        at 30x moves every product's quantities, a re-priced product its stores' amounts); pairs
+        without such events are left out."""
+        masks: dict[tuple[str, str], np.ndarray] = {}
         for (ks, key), left in self.adapting.items():
             keys = batch.keys.get(ks)
             if keys is None:
                 continue
             mine = np.flatnonzero(keys == key)[:left]
-            if mine.size:
-                masks.setdefault(ks, np.zeros(batch.n, dtype=bool))[mine] = True
+            if not mine.size:
+                continue
+            for feature in moved_together(self.key_sets[ks]):
+                masks.setdefault((ks, feature), np.zeros(batch.n, dtype=bool))[mine] = True
         return masks
 
     @staticmethod

@@ -269,13 +269,15 @@ class ScoringPipeline:
         result = self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
         tracker.adopt(scan, batch)
         assert scan.run is not None and scan.where is not None
-        mean, var = tracker.run_statistics(scan.run)
-        ks, key, feature = scan.where
-        declared = np.array([f == feature for f in tracker.key_sets[ks]])
-        relearned = relearner.relearn(ks, key, mean, var, float(batch.event_time[-1]), moved=declared)
-        if relearned is not None:
-            _, new, undo = relearned
-            result.level_shifts.append(tracker.declared(scan, batch, new, undo))
+        # The declaring key, then the keys whose runs were pooled with its own (LevelShiftTracker).
+        for which in [(scan.where, scan.run), *scan.also]:
+            (ks, key, feature), run = which
+            mean, var = tracker.run_statistics(run)
+            declared = np.array([f == feature for f in tracker.key_sets[ks]])
+            relearned = relearner.relearn(ks, key, mean, var, float(batch.event_time[-1]), moved=declared)
+            if relearned is not None:
+                _, new, undo = relearned
+                result.level_shifts.append(tracker.declared(scan, batch, new, undo, which=which))
         return result
 
     def _score(
@@ -285,7 +287,7 @@ class ScoringPipeline:
         calibrate: np.ndarray,
         exact: dict[str, tuple[np.ndarray, Step]],
         guessing: bool,
-        adapting: dict[str, np.ndarray] | None = None,
+        adapting: dict[tuple[str, str], np.ndarray] | None = None,
     ) -> tuple[dict[str, Step], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any], bool]:
         steps: dict[str, Step] = {}
         probs: dict[str, np.ndarray] = {}
@@ -307,7 +309,8 @@ class ScoringPipeline:
                 step = detector.score(batch, learn)
                 exact[name] = (learn, step)
             if adapting and guess is None:
-                # Events of keys adapting to a level shift are judged by their own key set.
+                # Events of keys adapting to a level shift: not judged by the other key sets'
+                # baselines of the features the shifted key set watches.
                 focused = detector.focus(step, adapting)
                 if focused is not None:
                     step = dataclasses.replace(step, scores=focused)
@@ -315,7 +318,7 @@ class ScoringPipeline:
             probs[name], logs[name], cal_states[name] = self.calibrators[name].transform_with_log(step.scores, calibrate)
         return steps, probs, logs, cal_states, all_exact
 
-    def _decide(self, probs: dict[str, np.ndarray], adapting: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _decide(self, probs: dict[str, np.ndarray], adapting: dict[tuple[str, str], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Fused score and flags (scoring/fusion.py). An ``adapting`` event (its key adapts to
         a level shift) is flagged only if a detector with a per-key view fires on it, so the
         population models learn the key's new kind of event instead of flagging it for ever."""

@@ -7,7 +7,6 @@ The contract (``detectors/base.py``): scoring a batch equals scoring its events 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import pickle
 import re
@@ -660,30 +659,33 @@ def test_seasonal_state_round_trips_and_old_snapshots_load():
     assert seasonal_probe(upgraded, TUESDAY_3AM, 100.0)[0] == seasonal_probe(flat, TUESDAY_3AM, 100.0)[0]
 
 
-def test_an_event_of_two_adapting_keys_is_judged_by_the_smaller_of_their_views(data):
-    """``focus``: each marked event takes the smallest over its marked key sets of the largest
-    |z|; an event marked by one key set takes that key set's; a marked key set without a z for
-    the event does not count."""
+def test_an_adapting_event_is_not_judged_by_other_key_sets_on_the_features_its_shift_moved(data):
+    """``focus``: for a marked event, a key set's z on a feature counts unless another key
+    set's adapting key of the event moved that feature; unmarked events keep their scores."""
     batch, learn = data
     det = make_detector()
     det.commit(det.score(batch, learn))
     step = det.score(batch, learn)
+    z = np.nan_to_num(np.abs(step.details["z"]), nan=0.0)
     k_store, k_product = det.key_sets.index("store"), det.key_sets.index("product")
-    z = step.details["z"].copy()
-    z[:10, k_product, :] = np.nan  # events the product key set did not score
-    step = dataclasses.replace(step, details={**step.details, "z": z})
-    with np.errstate(invalid="ignore"):
-        store = np.nanmax(np.abs(z[:, k_store, :]), axis=1, initial=0.0)
-        product = np.nanmax(np.abs(z[:, k_product, :]), axis=1, initial=0.0)
-    both = np.zeros(batch.n, dtype=bool)
-    both[:50] = True
-    only_store = np.zeros(batch.n, dtype=bool)
-    only_store[50:100] = True
-    focused = det.focus(step, {"store": both | only_store, "product": both})
+    j_a, j_b = det.features.index("a"), det.features.index("b")
+    store_moved_a = np.zeros(batch.n, dtype=bool)
+    store_moved_a[:50] = True
+    product_moved_b = np.zeros(batch.n, dtype=bool)
+    product_moved_b[25:75] = True
+    focused = det.focus(step, {("store", "a"): store_moved_a, ("product", "b"): product_moved_b})
     assert focused is not None
-    has_store, has_product = (~np.isnan(z[:, k, :]).all(axis=1) for k in (k_store, k_product))
-    expected_both = np.where(has_store & has_product, np.minimum(store, product), np.where(has_store, store, product))
-    assert has_store[:50].all() and not has_product[:10].any()
-    np.testing.assert_allclose(focused[:50], expected_both[:50])
-    np.testing.assert_allclose(focused[50:100], store[50:100])
-    np.testing.assert_array_equal(focused[100:], step.scores[100:])
+    expected = z.reshape(batch.n, -1).max(axis=1)
+    only_store = z.copy()
+    only_store[:, [k for k in range(len(det.key_sets)) if k != k_store], j_a] = 0.0  # a: moved by the store
+    both = only_store.copy()
+    both[:, [k for k in range(len(det.key_sets)) if k != k_product], j_b] = 0.0  # b: moved by the product
+    only_product = z.copy()
+    only_product[:, [k for k in range(len(det.key_sets)) if k != k_product], j_b] = 0.0
+    np.testing.assert_allclose(focused[:25], only_store[:25].reshape(25, -1).max(axis=1))
+    np.testing.assert_allclose(focused[25:50], both[25:50].reshape(25, -1).max(axis=1))
+    np.testing.assert_allclose(focused[50:75], only_product[50:75].reshape(25, -1).max(axis=1))
+    np.testing.assert_allclose(focused[:75], np.minimum(focused[:75], expected[:75]))
+    np.testing.assert_array_equal(focused[75:], step.scores[75:])
+    assert (focused[:75] < expected[:75]).any()  # some events lost the view that made them extreme
+    assert det.focus(step, {}) is None

@@ -155,10 +155,14 @@ def test_changes_are_measured_per_change_and_left_out_of_the_point_metrics():
     (stats,) = changes.changes
     assert (stats.events, stats.alerts, stats.normal_after, stats.last_alert, stats.labelled) == (70, 6, 5, 60, 1)
     assert (changes.alerts_median, changes.alerts_max, changes.never_normal) == (6.0, 6, 0)
+    assert (stats.labelled_alerts, changes.cost_median, changes.cost_max) == (1, 5.0, 5)  # e23 is an anomaly found
     text = format_report(report)
     assert "lasting changes (labelled as change points, not anomalies; their keys' 70 events" in text
     assert "store_format x10" in text and "store_id=s-2" in text
-    assert "changes: 1; alerts per change median 6, max 6; normal again within 50 events: 1 of 1; never normal again: 0 (0 %)" in text
+    assert (
+        "changes: 1; alerts per change median 6, max 6 (not on injected point anomalies: median 5, max 5); "
+        "normal again within 50 events: 1 of 1; never normal again: 0 (0 %)"
+    ) in text
     as_dict = report.to_dict()["changes"]
     assert as_dict["changes"][0]["normal_after"] == 5 and as_dict["changes"][0]["start"] == "2026-01-05T00:20:00.000Z"
 
