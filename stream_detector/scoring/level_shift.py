@@ -27,7 +27,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -80,6 +80,22 @@ class _Run:
     began: float
     baseline: float  # summed baseline means the run's z-scores were measured against
     values: np.ndarray  # (m, F), m <= lasting: the key set's features at the run's last events
+
+
+class _Column(NamedTuple):
+    """One key set's feature over a batch: its keys, z-scores, the baselines they were measured
+    against, the key set's values (all its features) and the event times."""
+
+    keys: np.ndarray
+    ks: str
+    feature: str
+    z: np.ndarray
+    baseline: np.ndarray
+    values: np.ndarray
+    event_time: np.ndarray
+
+    def head(self, end: int) -> _Column:
+        return _Column(self.keys[:end], self.ks, self.feature, self.z[:end], self.baseline[:end], self.values[:end], self.event_time[:end])
 
 
 @dataclass
@@ -151,21 +167,18 @@ class LevelShiftTracker:
         declares a shift (the first column wins a tie)."""
         runs, drifts = dict(self.runs), dict(self.drifts)
         columns = self._columns(batch, z, baseline)
-        hits = [(*hit, False) for column in columns if (hit := self._walk(*column, runs, declare=True)) is not None]
-        hits += [
-            (*sum_hit, [], True) for column in columns if column[1] in self.gradual and (sum_hit := self._drift(*column, drifts, declare=True)) is not None
-        ]
+        hits = [(*hit, False) for column in columns if (hit := self._walk(column, runs, declare=True)) is not None]
+        hits += [(*sum_hit, [], True) for column in columns if column.ks in self.gradual and (sum_hit := self._drift(column, drifts, declare=True)) is not None]
         if not hits:
             return Scan(runs, drifts)
         index, where, run, also, gradual = min(hits, key=lambda hit: hit[0])
         # Each column stopped at its own first declaration: walk them again up to ``index``.
         runs, drifts = dict(self.runs), dict(self.drifts)
         end = index + 1
-        for keys, ks, feature, zf, bf, values, event_time in columns:
-            args = (keys[:end], ks, feature, zf[:end], bf[:end], values[:end], event_time[:end])
-            self._walk(*args, runs, declare=False)
-            if ks in self.gradual:
-                self._drift(*args, drifts, declare=False)
+        for column in columns:
+            self._walk(column.head(end), runs, declare=False)
+            if column.ks in self.gradual:
+                self._drift(column.head(end), drifts, declare=False)
         for relearnt in [where[:2]] + [w[:2] for w, _ in also]:
             for stale in [r for r in runs if r[:2] == relearnt]:
                 del runs[stale]  # the key re-learns: every feature's run starts again
@@ -173,10 +186,8 @@ class LevelShiftTracker:
                 del drifts[drift]
         return Scan(runs, drifts, index, run, where, gradual, also)
 
-    def _columns(
-        self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray
-    ) -> list[tuple[np.ndarray, str, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """(keys, key set, feature, its z, its baseline, the key set's values, event times) per column."""
+    def _columns(self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray) -> list[_Column]:
+        """Each tracked key set's features over the batch."""
         out = []
         for ks, names in self.key_sets.items():
             keys = batch.keys.get(ks)
@@ -185,22 +196,13 @@ class LevelShiftTracker:
             k = self.axis[ks]
             values = batch.matrix(names)
             out += [
-                (keys, ks, feature, z[:, k, j], baseline[:, k, j], values, batch.event_time)
+                _Column(keys, ks, feature, z[:, k, j], baseline[:, k, j], values, batch.event_time)
                 for feature, j in zip(names, map(self.features.index, names), strict=True)
             ]
         return out
 
     def _walk(
-        self,
-        keys: np.ndarray,
-        ks: str,
-        feature: str,
-        z: np.ndarray,
-        baseline: np.ndarray,
-        values: np.ndarray,
-        event_time: np.ndarray,
-        runs: dict[tuple[str, str, str], _Run],
-        declare: bool,
+        self, column: _Column, runs: dict[tuple[str, str, str], _Run], declare: bool
     ) -> tuple[int, tuple[str, str, str], _Run, list[tuple[tuple[str, str, str], _Run]]] | None:
         """Walk one feature's events in order, updating ``runs``; with ``declare``, stop at the
         first declaration and return (index, run key, run, the runs declared with it). Only the
@@ -215,9 +217,10 @@ class LevelShiftTracker:
         An event whose value has not the sign of its baseline does not extend a run: the log
         features are sign * log1p(|x|), so that is a refund or a zero among sales, another kind
         of event rather than a new level (a refund burst at a quiet hour is 8-15 in a row)."""
-        column = values[:, self.key_sets[ks].index(feature)]
+        keys, ks, feature, z, baseline, values, event_time = column
+        column_values = values[:, self.key_sets[ks].index(feature)]
         with np.errstate(invalid="ignore"):
-            deviating = (np.abs(z) >= self.min_z) & (column * baseline > 0)
+            deviating = (np.abs(z) >= self.min_z) & (column_values * baseline > 0)
         # Every event of a key that has or starts a run: a non-deviating one ends the run. Looked
         # up from the batch's keys, so the cost does not grow with the runs held.
         expected = self._expected_for(ks, feature) if declare else None
@@ -259,7 +262,7 @@ class LevelShiftTracker:
                 continue
             if run.length >= self.lasting and run.total_z / run.length >= self.mean_z:
                 return i, where, run, []
-            if expected is not None and self._fits_expected(expected, ks, key, zi, float(column[i]), float(baseline[i])):
+            if expected is not None and self._fits_expected(expected, ks, key, zi, float(column_values[i]), float(baseline[i])):
                 # Re-learnt from this event alone: earlier ones of its run may be a price error.
                 return i, where, dataclasses.replace(run, values=row.copy()), []
             if pooled is not None:
@@ -289,26 +292,15 @@ class LevelShiftTracker:
             return None
         return also
 
-    def _drift(
-        self,
-        keys: np.ndarray,
-        ks: str,
-        feature: str,
-        z: np.ndarray,
-        baseline: np.ndarray,
-        values: np.ndarray,
-        event_time: np.ndarray,
-        drifts: dict[tuple[str, str, str, int], _Run],
-        declare: bool,
-    ) -> tuple[int, tuple[str, str, str], _Run] | None:
+    def _drift(self, column: _Column, drifts: dict[tuple[str, str, str, int], _Run], declare: bool) -> tuple[int, tuple[str, str, str], _Run] | None:
         """The CUSUM of one feature's events, both ways, updating ``drifts`` to its state after
         them; with ``declare``, the first event whose sum reaches ``gradual_threshold`` (and
         its excursion as a run: ``scan`` then walks the events up to it again).
         Events counted as by ``_walk``: a value of the other sign than its baseline (a refund
         among sales) is not counted."""
-        column = values[:, self.key_sets[ks].index(feature)]
+        keys, ks, feature, z, baseline, values, event_time = column
         with np.errstate(invalid="ignore"):
-            counted = (column * baseline > 0) & ~np.isnan(z)
+            counted = (values[:, self.key_sets[ks].index(feature)] * baseline > 0) & ~np.isnan(z)
         for (a_ks, a_key), left in self.adapting.items():  # a key adapting to a shift is not summed
             if a_ks == ks:
                 counted[np.flatnonzero(keys == a_key)[:left]] = False
