@@ -13,19 +13,20 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def cusum(codes, z, baseline, sums, lengths, baselines, cap, slack):  # pragma: no cover - compiled
-    """Walk the events in order; ``codes`` index each event's key in ``sums``, ``lengths`` and
-    ``baselines`` (the sum, the events since it last left 0, and their summed baselines),
-    which are updated in place. An event with a NaN ``z`` (not scored, or not counted) leaves
-    its key as it was.
+def cusum(codes, z, baseline, value, sums, lengths, baselines, values, cap, slack):  # pragma: no cover - compiled
+    """Walk the events in order; ``codes`` index each event's key in ``sums``, ``lengths``,
+    ``baselines`` and ``values`` (the sum, the events since it last left 0, and their summed
+    baselines and values), which are updated in place. An event with a NaN ``z`` (not scored,
+    or not counted) leaves its key as it was.
 
-    Returns per event the sum, the length and the summed baselines after it, and where the
-    excursion began: the index of its first event in the batch, or -1 when it began before it.
+    Returns per event the sum, the length, the summed baselines and values after it, and where
+    the excursion began: the index of its first event in the batch, or -1 when it began before.
     """
     n = codes.shape[0]
     s_out = np.zeros(n)
     len_out = np.zeros(n, dtype=np.int64)
     base_out = np.zeros(n)
+    value_out = np.zeros(n)
     start = np.full(sums.shape[0], -1, dtype=np.int64)
     start_out = np.full(n, -1, dtype=np.int64)
     for i in range(n):
@@ -37,15 +38,18 @@ def cusum(codes, z, baseline, sums, lengths, baselines, cap, slack):  # pragma: 
                 sums[g] = 0.0
                 lengths[g] = 0
                 baselines[g] = 0.0
+                values[g] = 0.0
             else:
                 if lengths[g] == 0:
                     start[g] = i
                 sums[g] = s
                 lengths[g] += 1
                 baselines[g] += baseline[i]
+                values[g] += value[i]
         if g >= 0:
             s_out[i] = sums[g]
             len_out[i] = lengths[g]
             base_out[i] = baselines[g]
+            value_out[i] = values[g]
             start_out[i] = start[g]
-    return s_out, len_out, base_out, start_out
+    return s_out, len_out, base_out, value_out, start_out

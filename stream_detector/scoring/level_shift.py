@@ -34,6 +34,7 @@ import numpy as np
 from stream_detector.detectors.zscore_kernel import factorize
 from stream_detector.errors import StateError
 from stream_detector.features import FeatureBatch, moved_together
+from stream_detector.scoring.cusum import CusumTable, Pending
 from stream_detector.scoring.cusum_kernel import cusum
 
 # 2: adds the changes expected of keys that move with a shifted key (version 1 is still read).
@@ -104,7 +105,8 @@ class Scan:
     first declaration), the declaring event (None: none) and its run."""
 
     runs: dict[tuple[str, str, str], _Run]
-    drifts: dict[tuple[str, str, str, int], _Run] = field(default_factory=dict)
+    # (key set, feature, direction) -> the CUSUM state of the batch's keys after it.
+    sums: dict[tuple[str, str, int], Pending] = field(default_factory=dict)
     declared: int | None = None
     run: _Run | None = None
     where: tuple[str, str, str] | None = None
@@ -151,9 +153,8 @@ class LevelShiftTracker:
     rejected: dict[tuple[str, str, str], str] = field(default_factory=dict)
     # Shift ids with feedback taken, and its label (a second feedback is a duplicate).
     decided: dict[str, str] = field(default_factory=dict)
-    # (key set, key, feature, direction) -> the CUSUM's excursion (``total_z`` is the sum) of
-    # a key of a ``gradual`` key set, while above 0.
-    drifts: dict[tuple[str, str, str, int], _Run] = field(default_factory=dict)
+    # (key set, feature, direction) -> the CUSUM of each key of a ``gradual`` key set.
+    sums: dict[tuple[str, str, int], CusumTable] = field(default_factory=dict)
     # (key set, shared fields' values, feature) -> (the shifted key, its change of level): a
     # key sharing those fields takes the same change at its first event that fits it, while
     # the shifted key adapts.
@@ -165,26 +166,28 @@ class LevelShiftTracker:
         """The runs after ``batch`` given its z-scores and the baseline means they were measured
         against (both (n, key sets, features)), up to and including the first event that
         declares a shift (the first column wins a tie)."""
-        runs, drifts = dict(self.runs), dict(self.drifts)
+        runs: dict[tuple[str, str, str], _Run] = dict(self.runs)
+        sums: dict[tuple[str, str, int], Pending] = {}
         columns = self._columns(batch, z, baseline)
         hits = [(*hit, False) for column in columns if (hit := self._walk(column, runs, declare=True)) is not None]
-        hits += [(*sum_hit, [], True) for column in columns if column.ks in self.gradual and (sum_hit := self._drift(column, drifts, declare=True)) is not None]
+        hits += [(*sum_hit, [], True) for column in columns if column.ks in self.gradual and (sum_hit := self._drift(column, sums, declare=True)) is not None]
         if not hits:
-            return Scan(runs, drifts)
+            return Scan(runs, sums)
         index, where, run, also, gradual = min(hits, key=lambda hit: hit[0])
         # Each column stopped at its own first declaration: walk them again up to ``index``.
-        runs, drifts = dict(self.runs), dict(self.drifts)
+        runs, sums = dict(self.runs), {}
         end = index + 1
         for column in columns:
             self._walk(column.head(end), runs, declare=False)
             if column.ks in self.gradual:
-                self._drift(column.head(end), drifts, declare=False)
+                self._drift(column.head(end), sums, declare=False)
         for relearnt in [where[:2]] + [w[:2] for w, _ in also]:
             for stale in [r for r in runs if r[:2] == relearnt]:
                 del runs[stale]  # the key re-learns: every feature's run starts again
-            for drift in [r for r in drifts if r[:2] == relearnt]:
-                del drifts[drift]
-        return Scan(runs, drifts, index, run, where, gradual, also)
+            for (ks, _, _), pending in sums.items():
+                if ks == relearnt[0]:
+                    pending.reset(relearnt[1])
+        return Scan(runs, sums, index, run, where, gradual, also)
 
     def _columns(self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray) -> list[_Column]:
         """Each tracked key set's features over the batch."""
@@ -292,63 +295,56 @@ class LevelShiftTracker:
             return None
         return also
 
-    def _drift(self, column: _Column, drifts: dict[tuple[str, str, str, int], _Run], declare: bool) -> tuple[int, tuple[str, str, str], _Run] | None:
-        """The CUSUM of one feature's events, both ways, updating ``drifts`` to its state after
-        them; with ``declare``, the first event whose sum reaches ``gradual_threshold`` (and
+    def _drift(self, column: _Column, sums: dict[tuple[str, str, int], Pending], declare: bool) -> tuple[int, tuple[str, str, str], _Run] | None:
+        """The CUSUM of one feature's events, both ways, into ``sums`` (the state of their keys
+        after them); with ``declare``, the first event whose sum reaches ``gradual_threshold`` (and
         its excursion as a run: ``scan`` then walks the events up to it again).
         Events counted as by ``_walk``: a value of the other sign than its baseline (a refund
         among sales) is not counted."""
         keys, ks, feature, z, baseline, values, event_time = column
         with np.errstate(invalid="ignore"):
             counted = (values[:, self.key_sets[ks].index(feature)] * baseline > 0) & ~np.isnan(z)
-        for (a_ks, a_key), left in self.adapting.items():  # a key adapting to a shift is not summed
-            if a_ks == ks:
-                counted[np.flatnonzero(keys == a_key)[:left]] = False
         codes, distinct = factorize(keys.tolist())
         if None in distinct:
             codes = np.where(codes == distinct.index(None), -1, codes)
+        # Each key's events in order (a stable sort by key), found once instead of once a key.
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(distinct) + 1))
+        for g, key in enumerate(distinct):  # a key adapting to a shift is not summed
+            left = self.adapting.get((ks, key)) if key is not None else None
+            if left is not None:
+                counted[order[bounds[g] : bounds[g + 1]][:left]] = False
+        column_values = values[:, self.key_sets[ks].index(feature)]
+        last = order[bounds[1:] - 1]  # each key's last event in the batch
         first: tuple[int, tuple[str, str, str], _Run] | None = None
+        named = [key for key in distinct if key is not None]
+        mine = np.array([key is not None for key in distinct], dtype=bool)
         for direction in (1, -1):
-            before = [drifts.get((ks, key, feature, direction)) for key in distinct]
-            sums = np.array([0.0 if r is None else r.total_z for r in before])
-            lengths = np.array([0 if r is None else r.length for r in before], dtype=np.int64)
-            bases = np.array([0.0 if r is None else r.baseline for r in before])
+            table = self.sums.get((ks, feature, direction), CusumTable())
+            # Per distinct key (None included, at 0): the state it held before the batch.
+            totals, bases, values_sum = np.zeros(len(distinct)), np.zeros(len(distinct)), np.zeros(len(distinct))
+            lengths, held_began = np.zeros(len(distinct), dtype=np.int64), np.full(len(distinct), np.nan)
+            totals[mine], lengths[mine], bases[mine], values_sum[mine], held_began[mine] = table.gather(named)
             signed = np.where(counted, direction * z, np.nan)
-            s, length, base, start = cusum(codes, signed, baseline, sums, lengths, bases, self.gradual_cap, self.gradual_slack)
+            s, length, base, total, start = cusum(
+                codes, signed, baseline, column_values, totals, lengths, bases, values_sum, self.gradual_cap, self.gradual_slack
+            )
             if declare:
                 reached = np.flatnonzero(counted & (s >= self.gradual_threshold)).tolist()
                 crossed = [i for i in reached if (ks, distinct[codes[i]], feature) not in self.rejected]
                 if crossed and (first is None or crossed[0] < first[0]):
                     i = crossed[0]
                     g = int(codes[i])
-                    rows = self._excursion_rows(codes[: i + 1] == g, counted[: i + 1], int(start[i]), values[: i + 1], before[g])
-                    began = _began(int(start[i]), event_time, before[g])
-                    first = (i, (ks, distinct[g], feature), _Run(direction, int(length[i]), float(s[i]), began, float(base[i]), rows))
-            for g, key in enumerate(distinct):
-                if key is None:
-                    continue
-                where = (ks, key, feature, direction)
-                if lengths[g] == 0:
-                    drifts.pop(where, None)
-                    continue
-                mine = np.flatnonzero(codes == g)
-                at = int(mine[-1])
-                began = _began(int(start[at]), event_time, before[g])
-                rows = self._excursion_rows(codes == g, counted, int(start[at]), values, before[g])
-                drifts[where] = _Run(direction, int(lengths[g]), float(sums[g]), began, float(bases[g]), rows)
-        _bound(drifts, MAX_RUNS)
+                    began = float(event_time[start[i]]) if start[i] >= 0 else float(held_began[g])
+                    # The excursion's mean value, for ``relearn``: the one feature it summed.
+                    row = np.full((1, len(self.key_sets[ks])), np.nan)
+                    row[0, self.key_sets[ks].index(feature)] = total[i] / length[i]
+                    first = (i, (ks, distinct[g], feature), _Run(direction, int(length[i]), float(s[i]), began, float(base[i]), row))
+            # When each key's excursion began: at its last event's ``start`` in the batch, or before.
+            at = last[mine]
+            began_now = np.where(start[at] >= 0, event_time[np.maximum(start[at], 0)], held_began[mine])
+            sums[(ks, feature, direction)] = Pending(named, totals[mine], lengths[mine], bases[mine], values_sum[mine], began_now)
         return first
-
-    def _excursion_rows(self, mine: np.ndarray, counted: np.ndarray, start: int, values: np.ndarray, before: _Run | None) -> np.ndarray:
-        """The key set's values at the excursion's last ``lasting`` counted events: the key's
-        rows in the batch from ``start`` on (-1: all, after those it held before)."""
-        take = mine & counted
-        if start >= 0:
-            take[:start] = False
-        rows = values[np.flatnonzero(take)]
-        if start < 0 and before is not None:
-            rows = np.vstack([before.values, rows])
-        return rows[-self.lasting :].copy()
 
     def _expected_for(self, ks: str, feature: str) -> dict[str, tuple[str, float]] | None:
         """Shared fields' values -> (shifted key, change of level) for the changes keys of
@@ -384,7 +380,8 @@ class LevelShiftTracker:
         (``batch``: the segment, up to and including a declaration)."""
         self.runs = scan.runs
         _bound(self.runs, MAX_RUNS)
-        self.drifts = scan.drifts
+        for where, pending in scan.sums.items():
+            self.sums.setdefault(where, CusumTable()).apply(pending)
         if not self.adapting:
             return
         for (ks, key), left in list(self.adapting.items()):
@@ -477,8 +474,9 @@ class LevelShiftTracker:
             del self.expected[gone]  # the keys that move with it keep their own baselines
         for stale in [r for r in self.runs if r[:2] == (ks, key)]:
             del self.runs[stale]
-        for drift in [r for r in self.drifts if r[:2] == (ks, key)]:
-            del self.drifts[drift]
+        for (table_ks, _, _), table in self.sums.items():
+            if table_ks == ks:
+                table.reset(key)
         self.rejected[(ks, key, feature)] = shift_id
         _bound(self.rejected)
         return "applied", (ks, key, rows)
@@ -523,7 +521,7 @@ class LevelShiftTracker:
             "rejected": [[ks, key, f, shift_id] for (ks, key, f), shift_id in self.rejected.items()],
             "decided": [[shift_id, label] for shift_id, label in self.decided.items()],
             "expected": [[ks, entity, f, key, delta] for (ks, entity, f), (key, delta) in self.expected.items()],
-            "drifts": [[ks, key, f, r.direction, r.length, r.total_z, r.began, r.baseline, r.values] for (ks, key, f, _), r in self.drifts.items()],
+            "drifts": [[ks, key, f, direction, *entry] for (ks, f, direction), table in self.sums.items() for key, *entry in table.entries()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -531,7 +529,12 @@ class LevelShiftTracker:
             raise StateError(f"level shift state version {state.get('version')!r}, expected {STATE_VERSION}")
         try:
             runs = {(ks, key, f): run for ks, key, f, run in self._load_runs(state["runs"])}
-            drifts = {(ks, key, f, run.direction): run for ks, key, f, run in self._load_runs(state.get("drifts", []))}
+            loaded: dict[tuple[str, str, int], list[tuple[str, float, int, float, float, float]]] = {}
+            for ks, key, f, direction, total, length, began, base, value in state.get("drifts", []):
+                if f not in self.key_sets.get(ks, ()) or int(length) < 1:
+                    raise StateError(f"level shift sum of {ks} {f} does not fit the key sets", reason="incompatible")
+                loaded.setdefault((str(ks), str(f), int(direction)), []).append((str(key), float(total), int(length), float(began), float(base), float(value)))
+            sums = {where: _table(entries) for where, entries in loaded.items()}
             adapting = {(str(ks), str(key)): int(left) for ks, key, left in state["adapting"]}
             undo = {str(shift_id): (str(ks), str(key), str(f), rows) for shift_id, ks, key, f, rows in state["undo"]}
             rejected = {(str(ks), str(key), str(f)): str(shift_id) for ks, key, f, shift_id in state["rejected"]}
@@ -540,7 +543,7 @@ class LevelShiftTracker:
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"level shift state is malformed: {exc!r}", reason="corrupt") from None
         self.runs, self.adapting, self.undo, self.rejected, self.decided = runs, adapting, undo, rejected, decided
-        self.drifts, self.expected = drifts, expected
+        self.sums, self.expected = sums, expected
 
     def _load_runs(self, entries: list[Any]) -> list[tuple[str, str, str, _Run]]:
         out = []
@@ -552,11 +555,12 @@ class LevelShiftTracker:
         return out
 
 
-def _began(start: int, event_time: np.ndarray, before: _Run | None) -> float:
-    """When an excursion began: at its first event in the batch (``start``), or before it."""
-    if start >= 0 or before is None:
-        return float(event_time[max(start, 0)])
-    return before.began
+def _table(entries: list[tuple[str, float, int, float, float, float]]) -> CusumTable:
+    """A CUSUM table holding ``entries`` (key, sum, length, began, summed baselines and values)."""
+    table = CusumTable()
+    keys, total, length, began, base, value = zip(*entries, strict=True)
+    table.apply(Pending(list(keys), np.array(total), np.array(length, dtype=np.int64), np.array(base), np.array(value), np.array(began)))
+    return table
 
 
 def _bound(remembered: dict[Any, Any], most: int = MAX_REMEMBERED) -> None:
