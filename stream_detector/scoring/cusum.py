@@ -19,6 +19,9 @@ import numpy as np
 # A key whose sum is back at 0 keeps its slot; once the table holds this many keys, those
 # without an excursion are dropped (they come back as new keys).
 MAX_IDLE_KEYS = 50_000
+# Most excursions held: past it, those of the keys seen longest ago end (like the runs in
+# progress, whose bound keeps keys that never come back from holding state for ever).
+MAX_EXCURSIONS = 1_000
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Pending:
     bases: np.ndarray
     values: np.ndarray
     began: np.ndarray
+    seen: np.ndarray  # each key's latest event time in the batch
 
     def reset(self, key: str) -> None:
         """``key`` re-learnt: its excursion ends."""
@@ -48,6 +52,7 @@ class CusumTable:
     bases: np.ndarray = field(default_factory=lambda: np.zeros(0))
     values: np.ndarray = field(default_factory=lambda: np.zeros(0))
     began: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def gather(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(sums, lengths, summed baselines, summed values, began) of ``keys``; 0 (began NaN)
@@ -74,11 +79,17 @@ class CusumTable:
                 self.bases = np.concatenate([self.bases, np.zeros(grow)])
                 self.values = np.concatenate([self.values, np.zeros(grow)])
                 self.began = np.concatenate([self.began, np.full(grow, np.nan)])
+                self.seen = np.concatenate([self.seen, np.full(grow, -np.inf)])
         slots = np.fromiter(map(self.slots.get, pending.keys, itertools.repeat(-1)), dtype=np.int64, count=len(pending.keys))
         mine = slots >= 0
         at = slots[mine]
         self.sums[at], self.lengths[at], self.bases[at] = pending.sums[mine], pending.lengths[mine], pending.bases[mine]
-        self.values[at], self.began[at] = pending.values[mine], pending.began[mine]
+        self.values[at], self.began[at], self.seen[at] = pending.values[mine], pending.began[mine], pending.seen[mine]
+        active = np.flatnonzero(self.lengths > 0)
+        if active.size > MAX_EXCURSIONS:
+            oldest = active[np.argsort(self.seen[active], kind="stable")[: active.size - MAX_EXCURSIONS]]
+            self.sums[oldest] = self.bases[oldest] = self.values[oldest] = 0.0
+            self.lengths[oldest] = 0
         if len(self.slots) > MAX_IDLE_KEYS + int(np.count_nonzero(self.lengths)):
             self._drop_idle()
 
@@ -88,10 +99,11 @@ class CusumTable:
             self.sums[slot] = self.bases[slot] = self.values[slot] = 0.0
             self.lengths[slot] = 0
 
-    def entries(self) -> list[tuple[str, float, int, float, float, float]]:
-        """(key, sum, length, began, summed baselines, summed values) of each excursion under way."""
+    def entries(self) -> list[tuple[str, float, int, float, float, float, float]]:
+        """(key, sum, length, began, summed baselines, summed values, last seen) of each
+        excursion under way."""
         return [
-            (key, float(self.sums[s]), int(self.lengths[s]), float(self.began[s]), float(self.bases[s]), float(self.values[s]))
+            (key, float(self.sums[s]), int(self.lengths[s]), float(self.began[s]), float(self.bases[s]), float(self.values[s]), float(self.seen[s]))
             for key, s in self.slots.items()
             if self.lengths[s] > 0
         ]
@@ -101,4 +113,4 @@ class CusumTable:
         index = np.array([s for _, s in kept], dtype=np.int64)
         self.slots = {key: i for i, (key, _) in enumerate(kept)}
         self.sums, self.lengths, self.bases = self.sums[index], self.lengths[index], self.bases[index]
-        self.values, self.began = self.values[index], self.began[index]
+        self.values, self.began, self.seen = self.values[index], self.began[index], self.seen[index]

@@ -37,7 +37,8 @@ from stream_detector.features import FeatureBatch, moved_together
 from stream_detector.scoring.cusum import CusumTable, Pending
 from stream_detector.scoring.cusum_kernel import cusum
 
-# 2: adds the changes expected of keys that move with a shifted key (version 1 is still read).
+# 2: adds the CUSUM sums of gradual shifts and the changes expected of keys that move with a
+# shifted key (version 1 is still read).
 STATE_VERSION = 2
 # Declared shifts remembered so that feedback can reject one (the oldest go first).
 MAX_REMEMBERED = 1000
@@ -94,9 +95,10 @@ class _Column(NamedTuple):
     baseline: np.ndarray
     values: np.ndarray
     event_time: np.ndarray
+    warm: np.ndarray  # the key was scored against its own baseline
 
     def head(self, end: int) -> _Column:
-        return _Column(self.keys[:end], self.ks, self.feature, self.z[:end], self.baseline[:end], self.values[:end], self.event_time[:end])
+        return _Column(self.keys[:end], self.ks, self.feature, self.z[:end], self.baseline[:end], self.values[:end], self.event_time[:end], self.warm[:end])
 
 
 @dataclass
@@ -162,13 +164,13 @@ class LevelShiftTracker:
 
     # -- scanning ------------------------------------------------------------------------------
 
-    def scan(self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray) -> Scan:
+    def scan(self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray, warm: np.ndarray | None = None) -> Scan:
         """The runs after ``batch`` given its z-scores and the baseline means they were measured
         against (both (n, key sets, features)), up to and including the first event that
         declares a shift (the first column wins a tie)."""
         runs: dict[tuple[str, str, str], _Run] = dict(self.runs)
         sums: dict[tuple[str, str, int], Pending] = {}
-        columns = self._columns(batch, z, baseline)
+        columns = self._columns(batch, z, baseline, warm)
         hits = [(*hit, False) for column in columns if (hit := self._walk(column, runs, declare=True)) is not None]
         hits += [(*sum_hit, [], True) for column in columns if column.ks in self.gradual and (sum_hit := self._drift(column, sums, declare=True)) is not None]
         if not hits:
@@ -189,8 +191,9 @@ class LevelShiftTracker:
                     pending.reset(relearnt[1])
         return Scan(runs, sums, index, run, where, gradual, also)
 
-    def _columns(self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray) -> list[_Column]:
-        """Each tracked key set's features over the batch."""
+    def _columns(self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray, warm: np.ndarray | None) -> list[_Column]:
+        """Each tracked key set's features over the batch (``warm``: (n, key sets), whether the
+        event's key was scored against its own baseline; None: all were)."""
         out = []
         for ks, names in self.key_sets.items():
             keys = batch.keys.get(ks)
@@ -198,8 +201,9 @@ class LevelShiftTracker:
                 continue
             k = self.axis[ks]
             values = batch.matrix(names)
+            own = np.ones(batch.n, dtype=bool) if warm is None else np.asarray(warm[:, k], dtype=bool)
             out += [
-                _Column(keys, ks, feature, z[:, k, j], baseline[:, k, j], values, batch.event_time)
+                _Column(keys, ks, feature, z[:, k, j], baseline[:, k, j], values, batch.event_time, own)
                 for feature, j in zip(names, map(self.features.index, names), strict=True)
             ]
         return out
@@ -213,14 +217,14 @@ class LevelShiftTracker:
 
         Keys that move together (``together``) pool their open runs the same way: a product
         re-priced in every currency is declared once its currency keys' runs reach ``lasting``
-        events together, each run counted while on average ``mean_z`` sd off. A key's run still
+        events together, each run counted while on average ``pooled_mean_z`` sd off. A key's run still
         ends at its own next event that does not deviate, so a change in one currency only is
         declared by that key's run.
 
         An event whose value has not the sign of its baseline does not extend a run: the log
         features are sign * log1p(|x|), so that is a refund or a zero among sales, another kind
         of event rather than a new level (a refund burst at a quiet hour is 8-15 in a row)."""
-        keys, ks, feature, z, baseline, values, event_time = column
+        keys, ks, feature, z, baseline, values, event_time, _ = column
         column_values = values[:, self.key_sets[ks].index(feature)]
         with np.errstate(invalid="ignore"):
             deviating = (np.abs(z) >= self.min_z) & (column_values * baseline > 0)
@@ -299,11 +303,13 @@ class LevelShiftTracker:
         """The CUSUM of one feature's events, both ways, into ``sums`` (the state of their keys
         after them); with ``declare``, the first event whose sum reaches ``gradual_threshold`` (and
         its excursion as a run: ``scan`` then walks the events up to it again).
-        Events counted as by ``_walk``: a value of the other sign than its baseline (a refund
-        among sales) is not counted."""
-        keys, ks, feature, z, baseline, values, event_time = column
+        Events counted as by ``_walk`` (a value of the other sign than its baseline, a refund
+        among sales, is not), and only those of keys scored against their own baseline: a key
+        still learning has no level to drift from (and a flood of new keys, each seen once,
+        would each hold a sum)."""
+        keys, ks, feature, z, baseline, values, event_time, warm = column
         with np.errstate(invalid="ignore"):
-            counted = (values[:, self.key_sets[ks].index(feature)] * baseline > 0) & ~np.isnan(z)
+            counted = (values[:, self.key_sets[ks].index(feature)] * baseline > 0) & ~np.isnan(z) & warm
         codes, distinct = factorize(keys.tolist())
         if None in distinct:
             codes = np.where(codes == distinct.index(None), -1, codes)
@@ -343,7 +349,7 @@ class LevelShiftTracker:
             # When each key's excursion began: at its last event's ``start`` in the batch, or before.
             at = last[mine]
             began_now = np.where(start[at] >= 0, event_time[np.maximum(start[at], 0)], held_began[mine])
-            sums[(ks, feature, direction)] = Pending(named, totals[mine], lengths[mine], bases[mine], values_sum[mine], began_now)
+            sums[(ks, feature, direction)] = Pending(named, totals[mine], lengths[mine], bases[mine], values_sum[mine], began_now, event_time[at])
         return first
 
     def _expected_for(self, ks: str, feature: str) -> dict[str, tuple[str, float]] | None:
@@ -529,11 +535,12 @@ class LevelShiftTracker:
             raise StateError(f"level shift state version {state.get('version')!r}, expected {STATE_VERSION}")
         try:
             runs = {(ks, key, f): run for ks, key, f, run in self._load_runs(state["runs"])}
-            loaded: dict[tuple[str, str, int], list[tuple[str, float, int, float, float, float]]] = {}
-            for ks, key, f, direction, total, length, began, base, value in state.get("drifts", []):
+            loaded: dict[tuple[str, str, int], list[tuple[str, float, int, float, float, float, float]]] = {}
+            for ks, key, f, direction, total, length, began, base, value, seen in state.get("drifts", []):
                 if f not in self.key_sets.get(ks, ()) or int(length) < 1:
                     raise StateError(f"level shift sum of {ks} {f} does not fit the key sets", reason="incompatible")
-                loaded.setdefault((str(ks), str(f), int(direction)), []).append((str(key), float(total), int(length), float(began), float(base), float(value)))
+                entry = (str(key), float(total), int(length), float(began), float(base), float(value), float(seen))
+                loaded.setdefault((str(ks), str(f), int(direction)), []).append(entry)
             sums = {where: _table(entries) for where, entries in loaded.items()}
             adapting = {(str(ks), str(key)): int(left) for ks, key, left in state["adapting"]}
             undo = {str(shift_id): (str(ks), str(key), str(f), rows) for shift_id, ks, key, f, rows in state["undo"]}
@@ -555,11 +562,12 @@ class LevelShiftTracker:
         return out
 
 
-def _table(entries: list[tuple[str, float, int, float, float, float]]) -> CusumTable:
-    """A CUSUM table holding ``entries`` (key, sum, length, began, summed baselines and values)."""
+def _table(entries: list[tuple[str, float, int, float, float, float, float]]) -> CusumTable:
+    """A CUSUM table holding ``entries`` (key, sum, length, began, summed baselines and values,
+    last seen)."""
     table = CusumTable()
-    keys, total, length, began, base, value = zip(*entries, strict=True)
-    table.apply(Pending(list(keys), np.array(total), np.array(length, dtype=np.int64), np.array(base), np.array(value), np.array(began)))
+    keys, total, length, began, base, value, seen = zip(*entries, strict=True)
+    table.apply(Pending(list(keys), np.array(total), np.array(length, dtype=np.int64), np.array(base), np.array(value), np.array(began), np.array(seen)))
     return table
 
 

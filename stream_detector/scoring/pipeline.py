@@ -255,7 +255,7 @@ class ScoringPipeline:
         if tracker is None or relearner is None:
             return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
         details = steps[relearner.name].details
-        scan = tracker.scan(batch, details["z"], details["mean"])
+        scan = tracker.scan(batch, details["z"], details["mean"], details["warm"])
         if scan.declared is None:
             tracker.adopt(scan, batch)
             return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)

@@ -11,7 +11,9 @@ from stream_detector.scoring.cusum import CusumTable, Pending
 
 def pending(keys: list[str], sums: list[float], lengths: list[int]) -> Pending:
     n = len(keys)
-    return Pending(keys, np.array(sums), np.array(lengths, dtype=np.int64), np.ones(n), np.full(n, 2.0), np.arange(n, dtype=np.float64))
+    return Pending(
+        keys, np.array(sums), np.array(lengths, dtype=np.int64), np.ones(n), np.full(n, 2.0), np.arange(n, dtype=np.float64), np.arange(n, dtype=np.float64)
+    )
 
 
 def test_only_keys_with_an_excursion_take_a_slot_and_unknown_keys_read_as_zero():
@@ -43,3 +45,10 @@ def test_idle_keys_are_dropped_past_the_bound(monkeypatch):
     table.apply(pending(["k3", "new"], [0.0, 2.0], [0, 1]))  # 4 idle > 3: the idle ones go
     assert sorted(table.slots) == ["k4", "k5", "new"]
     assert [(key, s, n) for key, s, n, *_ in table.entries()] == [("k4", 1.0, 1), ("k5", 1.0, 1), ("new", 2.0, 1)]
+
+
+def test_past_the_bound_the_excursions_of_keys_seen_longest_ago_end(monkeypatch):
+    monkeypatch.setattr(cusum, "MAX_EXCURSIONS", 2)
+    table = CusumTable()
+    table.apply(pending(["a", "b", "c"], [1.0, 2.0, 3.0], [1, 1, 1]))  # seen at 0, 1, 2
+    assert [key for key, *_ in table.entries()] == ["b", "c"]

@@ -249,6 +249,17 @@ def test_the_gradual_sum_carries_across_batches_and_snapshots():
     np.testing.assert_array_equal(scan.run.values, whole.run.values)
 
 
+def test_a_key_still_learning_adds_nothing_to_its_gradual_sum():
+    """Only keys scored against their own baseline are summed: a flood of new keys, each seen
+    once, holds no sums."""
+    t = gradual_tracker(lasting=4)
+    b = batch(["a"] * 10, [5.0] * 10)
+    scan = t.scan(b, zs([1.4] * 10), zs([4.0] * 10), warm=np.zeros((10, 1), dtype=bool))
+    assert scan.declared is None
+    t.adopt(scan, b)
+    assert all(not table.entries() for table in t.sums.values())
+
+
 def test_an_adapting_key_adds_nothing_to_its_gradual_sum():
     t = gradual_tracker(lasting=2, adapt_events=100)
     b = batch(["a", "a"], [5.0, 5.0])
