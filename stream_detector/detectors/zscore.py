@@ -556,21 +556,35 @@ class ZScoreDetector(Detector):
             warnings.simplefilter("ignore", RuntimeWarning)  # a feature no warm key has: NaN
             return np.nanmedian(np.where(warm, m2 / np.maximum(count - 1, 1), np.nan), axis=0) if n else np.full(count.shape[1], np.nan)
 
-    def focus(self, step: Step, moved: dict[tuple[str, str], np.ndarray]) -> np.ndarray | None:
+    def focus(self, step: Step, moved: dict[tuple[str, str], np.ndarray], shifted: dict[tuple[str, str], np.ndarray] | None = None) -> np.ndarray | None:
         """The scores with each marked event judged by the largest |z| over the key sets and
         features left: a key set's z on a feature counts unless another key set's adapting key
         of the event moved that feature (an event of a re-priced product in a store that
-        changed format is judged by the product's price and the store's quantities)."""
-        if not moved:
+        changed format is judged by the product's price and the store's quantities); where a
+        change of level is expected of the event's key (``shifted``), its z is measured from
+        the baseline moved by that change."""
+        shifted = shifted or {}
+        if not moved and not shifted:
             return None
-        marked = np.logical_or.reduce(list(moved.values()))
+        marked = np.zeros(len(step.scores), dtype=bool)
+        for mask in moved.values():
+            marked |= mask
         z = step.details["z"]
+        std = step.details["std"]
+        adjusted: dict[tuple[int, int], np.ndarray] = {}
+        for (ks, feature), delta in shifted.items():
+            if ks in self.key_sets and feature in self.features:
+                k, j = self.key_sets.index(ks), self.features.index(feature)
+                expected = ~np.isnan(delta)
+                with np.errstate(invalid="ignore"):
+                    adjusted[(k, j)] = np.where(expected, z[:, k, j] - np.where(expected, delta, 0.0) / std[:, k, j], z[:, k, j])
+                marked |= expected
         best = np.zeros(len(step.scores))
         for k, ks in enumerate(self.key_sets):
             for j, feature in enumerate(self.features):
                 others = [mask for (by, f), mask in moved.items() if f == feature and by != ks]
                 with np.errstate(invalid="ignore"):
-                    view = np.nan_to_num(np.abs(z[:, k, j]), nan=0.0)
+                    view = np.nan_to_num(np.abs(adjusted.get((k, j), z[:, k, j])), nan=0.0)
                 if others:
                     view = np.where(np.logical_or.reduce(others), 0.0, view)
                 np.maximum(best, view, out=best)

@@ -2,15 +2,21 @@
 
 The detectors learn only the events the pipeline does not flag, so a key whose level moves for
 good (a price change, a store that changes format, a new store at another scale) would be
-flagged for ever. The tracker watches, per z-score key set, key and feature, the run of the
-key's latest events whose z-score points the same way, each at least ``min_z`` sd off and on
-average ``mean_z`` sd. When a run reaches ``lasting`` events the pipeline declares a level
-shift at that event: one change record, the z-score detector re-learns the key from the run's
-values (``Detector.relearn``), and for the key's next ``adapt_events`` events it is judged by
-its own key set only (``Detector.focus``): neither the population models
-(``Detector.population``) nor the z-score's other key sets, whose baselines the new level also
-moved (a store at 30x moves every product's quantities), may flag it alone, and what they do
-not flag they learn.
+flagged for ever. The tracker watches, per z-score key set, key and feature:
+
+- the run of the key's latest events whose z-score points the same way, each at least
+  ``min_z`` sd off and on average ``mean_z`` sd: a shift at ``lasting`` events;
+- for keys that move together (a key set's ``moves_with``: a product's currency keys), their
+  runs pooled, each on average ``pooled_mean_z`` sd off, and once one of them has shifted, the
+  others' first event that fits the same change (``expected``);
+- for the ``gradual`` key sets (stores), a CUSUM of the z-scores (``cusum.py``), for shifts
+  below ``min_z`` (a store whose baskets grow 3x moves about 1.4 sd).
+
+At a declaration the pipeline publishes one change record per key, the z-score detector
+re-learns the key (``Detector.relearn``), and for the key's next ``adapt_events`` events the
+population models (``Detector.population``) may not flag it alone, and the other key sets'
+baselines of the features its key set watches no longer judge it (``Adaptation``,
+``Detector.focus``): a store at 30x moves every product's quantities, not their prices.
 
 Short anomalies stay anomalies: on the generator (60,000 events, seed 5, with and without
 drift) the longest such run of an injected short anomaly is 5 events (a refund burst in one
@@ -99,6 +105,34 @@ class _Column(NamedTuple):
 
     def head(self, end: int) -> _Column:
         return _Column(self.keys[:end], self.ks, self.feature, self.z[:end], self.baseline[:end], self.values[:end], self.event_time[:end], self.warm[:end])
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """How the level shifts change the judging of a batch's events (``Detector.focus``).
+
+    ``moved``: (key set, feature) -> the events of that key set's keys adapting to a shift, for
+    each feature their key set watches (``adapting_masks``). ``shifted``: (key set, feature) ->
+    per event, the change of level its key is expected to take because a key it moves with
+    took it (NaN: none), until the key takes it itself."""
+
+    moved: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    shifted: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.moved or self.shifted)
+
+    def events(self, n: int) -> np.ndarray:
+        """bool (n,): the events either marks."""
+        out = np.zeros(n, dtype=bool)
+        for mask in self.moved.values():
+            out |= mask
+        for delta in self.shifted.values():
+            out |= ~np.isnan(delta)
+        return out
+
+    def head(self, end: int) -> Adaptation:
+        return Adaptation({k: m[:end] for k, m in self.moved.items()}, {k: d[:end] for k, d in self.shifted.items()})
 
 
 @dataclass
@@ -486,6 +520,30 @@ class LevelShiftTracker:
         self.rejected[(ks, key, feature)] = shift_id
         _bound(self.rejected)
         return "applied", (ks, key, rows)
+
+    def adaptation(self, batch: FeatureBatch) -> Adaptation:
+        """What the shifts change about judging ``batch`` (``Adaptation``)."""
+        return Adaptation(self.adapting_masks(batch), self.expected_shifts(batch))
+
+    def expected_shifts(self, batch: FeatureBatch) -> dict[tuple[str, str], np.ndarray]:
+        """(key set, feature) -> per event, the change of level a key moving with a shifted key
+        is expected to take (NaN: none): events of keys that have not taken it yet, while the
+        shifted key adapts. Their key set judges them against their old level moved by it, so
+        the event that takes the change (``_fits_expected``) raises no alert."""
+        out: dict[tuple[str, str], np.ndarray] = {}
+        for (ks, entity, feature), (lead, delta) in self.expected.items():
+            keys = batch.keys.get(ks)
+            if keys is None or (ks, lead) not in self.adapting:
+                continue
+            mine = np.fromiter(
+                (key is not None and key != lead and (ks, key) not in self.adapting and self.entity(ks, key) == entity for key in keys.tolist()),
+                dtype=bool,
+                count=batch.n,
+            )
+            if mine.any():
+                column = out.setdefault((ks, feature), np.full(batch.n, np.nan))
+                column[mine] = delta
+        return out
 
     def adapting_masks(self, batch: FeatureBatch) -> dict[tuple[str, str], np.ndarray]:
         """(key set, feature) -> bool (n,): the batch's events of that key set's keys that adapt

@@ -43,7 +43,7 @@ from stream_detector.events.event_time import EventTimeGuard
 from stream_detector.features import FeatureBatch
 from stream_detector.scoring import fusion
 from stream_detector.scoring.calibration import ScoreCalibrator
-from stream_detector.scoring.level_shift import LevelShift, LevelShiftTracker
+from stream_detector.scoring.level_shift import Adaptation, LevelShift, LevelShiftTracker
 
 
 @dataclass
@@ -215,7 +215,7 @@ class ScoringPipeline:
         learn = np.ones(batch.n, dtype=bool)
         calibrate = np.ones(batch.n, dtype=bool)
         # Events of keys adapting to a level shift: the population models may not flag them alone.
-        adapting = self.level_shifts.adapting_masks(batch) if self.level_shifts is not None else {}
+        adapting = self.level_shifts.adaptation(batch) if self.level_shifts is not None else Adaptation()
         # Exact steps by detector, with the learn mask they were scored with: a round whose mask
         # a detector already scored (only the calibrate mask changed, or a guess is confirmed)
         # reuses the step instead of scoring the batch again.
@@ -240,7 +240,7 @@ class ScoringPipeline:
         # Redo them alone and commit.
         prefix = max(changed, 1)
         sub = batch.slice(0, prefix)
-        sub_adapting = {ks: mask[:prefix] for ks, mask in adapting.items()}
+        sub_adapting = adapting.head(prefix)
         scored = self._score(sub, learn[:prefix], calibrate[:prefix], {}, False, sub_adapting)[:4]
         fused, flagged = self._decide(scored[1], sub_adapting)
         return self._commit_until_shift(sub, offset, learn[:prefix], calibrate[:prefix], sub_adapting, scored, fused, flagged, self.max_rounds + 1)
@@ -263,7 +263,7 @@ class ScoringPipeline:
         if end < batch.n:
             batch = batch.slice(0, end)
             learn, calibrate = learn[:end], calibrate[:end]
-            adapting = {ks: mask[:end] for ks, mask in adapting.items()}
+            adapting = adapting.head(end)
             steps, probs, logs, cal_states, _ = self._score(batch, learn, calibrate, {}, False, adapting)
             fused, flagged = self._decide(probs, adapting)
         result = self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
@@ -287,7 +287,7 @@ class ScoringPipeline:
         calibrate: np.ndarray,
         exact: dict[str, tuple[np.ndarray, Step]],
         guessing: bool,
-        adapting: dict[tuple[str, str], np.ndarray] | None = None,
+        adapting: Adaptation | None = None,
     ) -> tuple[dict[str, Step], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any], bool]:
         steps: dict[str, Step] = {}
         probs: dict[str, np.ndarray] = {}
@@ -311,21 +311,21 @@ class ScoringPipeline:
             if adapting and guess is None:
                 # Events of keys adapting to a level shift: not judged by the other key sets'
                 # baselines of the features the shifted key set watches.
-                focused = detector.focus(step, adapting)
+                focused = detector.focus(step, adapting.moved, adapting.shifted)
                 if focused is not None:
                     step = dataclasses.replace(step, scores=focused)
             steps[name] = step
             probs[name], logs[name], cal_states[name] = self.calibrators[name].transform_with_log(step.scores, calibrate)
         return steps, probs, logs, cal_states, all_exact
 
-    def _decide(self, probs: dict[str, np.ndarray], adapting: dict[tuple[str, str], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _decide(self, probs: dict[str, np.ndarray], adapting: Adaptation | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Fused score and flags (scoring/fusion.py). An ``adapting`` event (its key adapts to
         a level shift) is flagged only if a detector with a per-key view fires on it, so the
         population models learn the key's new kind of event instead of flagging it for ever."""
         fused = fusion.fuse(probs)
         flagged = fused > self.threshold
         if adapting:
-            mine = np.logical_or.reduce(list(adapting.values()))
+            mine = adapting.events(len(fused))
             fired = fusion.fired(probs, self.threshold)
             keyed = np.zeros(len(fused), dtype=bool)
             for detector in self.detectors:

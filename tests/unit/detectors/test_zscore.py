@@ -689,3 +689,22 @@ def test_an_adapting_event_is_not_judged_by_other_key_sets_on_the_features_its_s
     np.testing.assert_array_equal(focused[75:], step.scores[75:])
     assert (focused[:75] < expected[:75]).any()  # some events lost the view that made them extreme
     assert det.focus(step, {}) is None
+
+
+def test_an_event_expected_to_take_a_change_is_judged_from_the_moved_baseline(data):
+    """``focus`` with ``shifted``: the key set's z on that feature is measured from its baseline
+    moved by the expected change (z - delta / std); other events keep their scores."""
+    batch, learn = data
+    det = make_detector()
+    det.commit(det.score(batch, learn))
+    step = det.score(batch, learn)
+    k, j = det.key_sets.index("product"), det.features.index("b")
+    delta = np.full(batch.n, np.nan)
+    delta[:20] = 0.7
+    focused = det.focus(step, {}, {("product", "b"): delta})
+    assert focused is not None
+    z = step.details["z"].copy()
+    z[:20, k, j] -= 0.7 / step.details["std"][:20, k, j]
+    expected = np.nan_to_num(np.abs(z), nan=0.0).reshape(batch.n, -1).max(axis=1)
+    np.testing.assert_allclose(focused[:20], expected[:20])
+    np.testing.assert_array_equal(focused[20:], step.scores[20:])

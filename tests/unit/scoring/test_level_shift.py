@@ -147,6 +147,18 @@ def test_a_key_that_moves_with_a_shifted_key_takes_its_change_at_one_fitting_eve
     assert scan.declared == declared
 
 
+def test_events_of_keys_expected_to_take_a_change_carry_it_until_they_do():
+    t = product_tracker(lasting=3)
+    declare_usd_shift(t)
+    b = product_batch(["p|EUR", "p|USD", "q|EUR", "p|GBP"], [2.9, 3.0, 1.0, 2.5])
+    delta = t.adaptation(b).shifted[(PRODUCT, "log_unit_price")]
+    np.testing.assert_allclose(delta, [1.0, np.nan, np.nan, 1.0])  # not the shifted key, not another product
+    scan = t.scan(product_batch(["p|EUR"], [2.9]), zs([5.0]), zs([1.9]))
+    t.adopt(scan, product_batch(["p|EUR"], [2.9]))
+    t.declared(scan, product_batch(["p|EUR"], [2.9]), np.array([2.9]), undo=[])
+    np.testing.assert_allclose(t.adaptation(b).shifted[(PRODUCT, "log_unit_price")], [np.nan, np.nan, np.nan, 1.0])  # EUR took it
+
+
 def test_a_sibling_takes_the_change_from_its_fitting_event_alone():
     """An earlier event of its run (a price error) does not enter its new level."""
     t = product_tracker(lasting=3)
