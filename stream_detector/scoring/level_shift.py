@@ -529,20 +529,28 @@ class LevelShiftTracker:
         """(key set, feature) -> per event, the change of level a key moving with a shifted key
         is expected to take (NaN: none): events of keys that have not taken it yet, while the
         shifted key adapts. Their key set judges them against their old level moved by it, so
-        the event that takes the change (``_fits_expected``) raises no alert."""
-        out: dict[tuple[str, str], np.ndarray] = {}
+        the event that takes the change (``_fits_expected``) raises no alert. One pass over the
+        batch's keys per key set, however many changes are expected (a price list changes
+        hundreds of products at once)."""
+        active: dict[str, dict[str, dict[str, tuple[str, float]]]] = {}  # key set -> feature -> entity -> change
         for (ks, entity, feature), (lead, delta) in self.expected.items():
+            if (ks, lead) in self.adapting:
+                active.setdefault(ks, {}).setdefault(feature, {})[entity] = (lead, delta)
+        out: dict[tuple[str, str], np.ndarray] = {}
+        for ks, by_feature in active.items():
             keys = batch.keys.get(ks)
-            if keys is None or (ks, lead) not in self.adapting:
+            if keys is None:
                 continue
-            mine = np.fromiter(
-                (key is not None and key != lead and (ks, key) not in self.adapting and self.entity(ks, key) == entity for key in keys.tolist()),
-                dtype=bool,
-                count=batch.n,
-            )
-            if mine.any():
-                column = out.setdefault((ks, feature), np.full(batch.n, np.nan))
-                column[mine] = delta
+            key_list = keys.tolist()
+            entities: list[str | None] = [None if key is None else self.entity(ks, key) for key in key_list]
+            for feature, changes in by_feature.items():
+                column = np.full(batch.n, np.nan)
+                for i, (key, of) in enumerate(zip(key_list, entities, strict=True)):
+                    change = changes.get(of) if of is not None else None
+                    if change is not None and key != change[0] and (ks, key) not in self.adapting:
+                        column[i] = change[1]
+                if not np.isnan(column).all():
+                    out[(ks, feature)] = column
         return out
 
     def adapting_masks(self, batch: FeatureBatch) -> dict[tuple[str, str], np.ndarray]:
