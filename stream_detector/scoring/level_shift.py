@@ -424,13 +424,27 @@ class LevelShiftTracker:
             self.sums.setdefault(where, CusumTable()).apply(pending)
         if not self.adapting:
             return
-        for (ks, key), left in list(self.adapting.items()):
-            keys = batch.keys.get(ks)
-            seen = int(np.count_nonzero(keys == key)) if keys is not None else 0
-            if seen >= left:
+        for ks, key, events in self._adapting_events(batch):
+            left = self.adapting[(ks, key)]
+            if events.size >= left:
                 del self.adapting[(ks, key)]
             else:
-                self.adapting[(ks, key)] = left - seen
+                self.adapting[(ks, key)] = left - events.size
+
+    def _adapting_events(self, batch: FeatureBatch) -> list[tuple[str, str, np.ndarray]]:
+        """(key set, key, its events in the batch, in order) for each adapting key the batch
+        holds: one pass over each key set's keys, however many keys adapt (a price list moves
+        hundreds of products at once)."""
+        out = []
+        for ks in {ks for ks, _ in self.adapting}:
+            keys = batch.keys.get(ks)
+            if keys is None or not len(keys):
+                continue
+            codes, distinct = factorize(keys.tolist())
+            order = np.argsort(codes, kind="stable")
+            bounds = np.searchsorted(codes[order], np.arange(len(distinct) + 1))
+            out += [(ks, key, order[bounds[g] : bounds[g + 1]]) for g, key in enumerate(distinct) if key is not None and (ks, key) in self.adapting]
+        return out
 
     def declared(
         self,
@@ -560,13 +574,8 @@ class LevelShiftTracker:
         at 30x moves every product's quantities, a re-priced product its stores' amounts); pairs
         without such events are left out."""
         masks: dict[tuple[str, str], np.ndarray] = {}
-        for (ks, key), left in self.adapting.items():
-            keys = batch.keys.get(ks)
-            if keys is None:
-                continue
-            mine = np.flatnonzero(keys == key)[:left]
-            if not mine.size:
-                continue
+        for ks, key, events in self._adapting_events(batch):
+            mine = events[: self.adapting[(ks, key)]]
             for feature in moved_together(self.key_sets[ks]):
                 masks.setdefault((ks, feature), np.zeros(batch.n, dtype=bool))[mine] = True
         return masks
