@@ -137,8 +137,9 @@ class Adaptation:
 
 @dataclass
 class Scan:
-    """What ``scan`` found in a segment: the runs after its events (up to and including the
-    first declaration), the declaring event (None: none) and its run."""
+    """What ``scan`` found in a segment: the runs after its events (up to the first declaration,
+    which is left out: it is scored again once the key has re-learnt), the declaring event
+    (None: none) and its run."""
 
     runs: dict[tuple[str, str, str], _Run]
     # (key set, feature, direction) -> the CUSUM state of the batch's keys after it.
@@ -200,8 +201,8 @@ class LevelShiftTracker:
 
     def scan(self, batch: FeatureBatch, z: np.ndarray, baseline: np.ndarray, warm: np.ndarray | None = None) -> Scan:
         """The runs after ``batch`` given its z-scores and the baseline means they were measured
-        against (both (n, key sets, features)), up to and including the first event that
-        declares a shift (the first column wins a tie)."""
+        against (both (n, key sets, features)), up to the first event that declares a shift
+        (the first column wins a tie), that event left out."""
         runs: dict[tuple[str, str, str], _Run] = dict(self.runs)
         sums: dict[tuple[str, str, int], Pending] = {}
         columns = self._columns(batch, z, baseline, warm)
@@ -210,9 +211,10 @@ class LevelShiftTracker:
         if not hits:
             return Scan(runs, sums)
         index, where, run, also, gradual = min(hits, key=lambda hit: hit[0])
-        # Each column stopped at its own first declaration: walk them again up to ``index``.
+        # Each column stopped at its own first declaration: walk them again up to ``index``,
+        # which is not walked: the pipeline scores it again once the key has re-learnt.
         runs, sums = dict(self.runs), {}
-        end = index + 1
+        end = index
         for column in columns:
             self._walk(column.head(end), runs, declare=False)
             if column.ks in self.gradual:
@@ -417,7 +419,7 @@ class LevelShiftTracker:
 
     def adopt(self, scan: Scan, batch: FeatureBatch) -> None:
         """Make a scan's runs current and count the segment's events against the adapting keys
-        (``batch``: the segment, up to and including a declaration)."""
+        (``batch``: the segment, up to a declaration, the declaring event left out)."""
         self.runs = scan.runs
         _bound(self.runs, MAX_RUNS)
         for where, pending in scan.sums.items():

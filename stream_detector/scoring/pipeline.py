@@ -168,9 +168,7 @@ class ScoringPipeline:
     def process(self, batch: FeatureBatch) -> BatchResult:
         """Score, decide and learn one batch (see the module docstring)."""
         if batch.n == 0:  # e.g. every record of a consumed batch was dead-lettered
-            empty = np.zeros(0)
-            names = self.detector_names
-            return BatchResult(empty, np.zeros(0, dtype=bool), dict.fromkeys(names, empty), dict.fromkeys(names, empty), self.threshold)
+            return self._empty(0)
         parts: list[BatchResult] = []
         start = 0
         while start < batch.n:
@@ -259,26 +257,37 @@ class ScoringPipeline:
         if scan.declared is None:
             tracker.adopt(scan, batch)
             return self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
-        end = scan.declared + 1
+        # The segment ends before the declaring event: once the key has re-learnt, that event is
+        # scored against the new level (the next segment starts with it), so a change costs the
+        # run's other events only. ``scan`` walked the events before it for the same reason.
+        whole, end = batch, scan.declared
         if end < batch.n:
             batch = batch.slice(0, end)
             learn, calibrate = learn[:end], calibrate[:end]
             adapting = adapting.head(end)
-            steps, probs, logs, cal_states, _ = self._score(batch, learn, calibrate, {}, False, adapting)
-            fused, flagged = self._decide(probs, adapting)
-        result = self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds)
+            if end:
+                steps, probs, logs, cal_states, _ = self._score(batch, learn, calibrate, {}, False, adapting)
+                fused, flagged = self._decide(probs, adapting)
+        result = self._commit(batch, offset, steps, probs, logs, cal_states, fused, flagged, rounds) if end else self._empty(rounds)
         tracker.adopt(scan, batch)
         assert scan.run is not None and scan.where is not None
         # The declaring key, then the keys whose runs were pooled with its own (LevelShiftTracker).
+        at = float(whole.event_time[scan.declared])
         for which in [(scan.where, scan.run), *scan.also]:
             (ks, key, feature), run = which
             mean, var = tracker.run_statistics(run)
             declared = np.array([f == feature for f in tracker.key_sets[ks]])
-            relearned = relearner.relearn(ks, key, mean, var, float(batch.event_time[-1]), moved=declared)
+            relearned = relearner.relearn(ks, key, mean, var, at, moved=declared)
             if relearned is not None:
                 _, new, undo = relearned
-                result.level_shifts.append(tracker.declared(scan, batch, new, undo, which=which))
+                result.level_shifts.append(tracker.declared(scan, whole, new, undo, which=which))
         return result
+
+    def _empty(self, rounds: int) -> BatchResult:
+        """The result of a segment of no events (a level shift declared at its first event)."""
+        empty = np.zeros(0)
+        names = self.detector_names
+        return BatchResult(empty, np.zeros(0, dtype=bool), dict.fromkeys(names, empty), dict.fromkeys(names, empty), self.threshold, rounds=rounds)
 
     def _score(
         self,
