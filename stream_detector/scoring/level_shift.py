@@ -346,18 +346,14 @@ class LevelShiftTracker:
         keys, ks, feature, z, baseline, values, event_time, warm = column
         with np.errstate(invalid="ignore"):
             counted = (values[:, self.key_sets[ks].index(feature)] * baseline > 0) & ~np.isnan(z) & warm
-        codes, distinct = factorize(keys.tolist())
-        if None in distinct:
-            codes = np.where(codes == distinct.index(None), -1, codes)
-        # Each key's events in order (a stable sort by key), found once instead of once a key.
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(distinct) + 1))
+        groups = _KeyGroups.of(keys)
+        codes, distinct = groups.codes, groups.distinct
         for g, key in enumerate(distinct):  # a key adapting to a shift is not summed
             left = self.adapting.get((ks, key)) if key is not None else None
             if left is not None:
-                counted[order[bounds[g] : bounds[g + 1]][:left]] = False
+                counted[groups.events(g)[:left]] = False
         column_values = values[:, self.key_sets[ks].index(feature)]
-        last = order[bounds[1:] - 1]  # each key's last event in the batch
+        last = groups.order[groups.bounds[1:] - 1]  # each key's last event in the batch (None's: unused)
         first: tuple[int, tuple[str, str, str], _Run] | None = None
         named = [key for key in distinct if key is not None]
         mine = np.array([key is not None for key in distinct], dtype=bool)
@@ -442,10 +438,8 @@ class LevelShiftTracker:
             keys = batch.keys.get(ks)
             if keys is None or not len(keys):
                 continue
-            codes, distinct = factorize(keys.tolist())
-            order = np.argsort(codes, kind="stable")
-            bounds = np.searchsorted(codes[order], np.arange(len(distinct) + 1))
-            out += [(ks, key, order[bounds[g] : bounds[g + 1]]) for g, key in enumerate(distinct) if key is not None and (ks, key) in self.adapting]
+            groups = _KeyGroups.of(keys)
+            out += [(ks, key, groups.events(g)) for g, key in enumerate(groups.distinct) if key is not None and (ks, key) in self.adapting]
         return out
 
     def declared(
@@ -557,14 +551,16 @@ class LevelShiftTracker:
             keys = batch.keys.get(ks)
             if keys is None:
                 continue
-            key_list = keys.tolist()
-            entities: list[str | None] = [None if key is None else self.entity(ks, key) for key in key_list]
+            groups = _KeyGroups.of(keys)
+            # Per distinct key, then to its events: a key's entity is computed once a batch.
+            entities = [None if key is None else self.entity(ks, key) for key in groups.distinct]
             for feature, changes in by_feature.items():
-                column = np.full(batch.n, np.nan)
-                for i, (key, of) in enumerate(zip(key_list, entities, strict=True)):
+                per_key = np.full(len(groups.distinct) + 1, np.nan)  # the last: events without a key
+                for g, (key, of) in enumerate(zip(groups.distinct, entities, strict=True)):
                     change = changes.get(of) if of is not None else None
                     if change is not None and key != change[0] and (ks, key) not in self.adapting:
-                        column[i] = change[1]
+                        per_key[g] = change[1]
+                column = per_key[groups.codes]
                 if not np.isnan(column).all():
                     out[(ks, feature)] = column
         return out
@@ -646,6 +642,27 @@ def _table(entries: list[tuple[str, float, int, float, float, float, float]]) ->
     keys, total, length, began, base, value, seen = zip(*entries, strict=True)
     table.apply(Pending(list(keys), np.array(total), np.array(length, dtype=np.int64), np.array(base), np.array(value), np.array(began), np.array(seen)))
     return table
+
+
+class _KeyGroups(NamedTuple):
+    """A batch's events grouped by key: each event's code (-1: no key), the distinct keys (None
+    among them where some events have none), and each key's events in order (``events``)."""
+
+    codes: np.ndarray
+    distinct: list[Any]
+    order: np.ndarray
+    bounds: np.ndarray
+
+    @classmethod
+    def of(cls, keys: np.ndarray) -> _KeyGroups:
+        codes, distinct = factorize(keys.tolist())
+        if None in distinct:
+            codes = np.where(codes == distinct.index(None), -1, codes)
+        order = np.argsort(codes, kind="stable")  # a stable sort: each key's events stay in order
+        return cls(codes, distinct, order, np.searchsorted(codes[order], np.arange(len(distinct) + 1)))
+
+    def events(self, g: int) -> np.ndarray:
+        return self.order[self.bounds[g] : self.bounds[g + 1]]
 
 
 def _bound(remembered: dict[Any, Any], most: int = MAX_REMEMBERED) -> None:
