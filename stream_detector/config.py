@@ -250,6 +250,10 @@ class LevelShiftConfig(Section):
     min_z: float = Field(default=2.0, gt=0)
     mean_z: float = Field(default=3.0, gt=0)
     adapt_events: int = Field(default=5000, ge=0)
+    # Meanwhile the key's own baseline learns its every event, flagged or not, each held within
+    # this many sd: a run of ``lasting`` events understates the new level's spread, and values
+    # flagged against the understated spread would otherwise never widen it.
+    adapt_clip_z: float = Field(default=3.0, gt=0)
     # Keys that move together (a key set's moves_with) pool their runs: declared once their
     # runs reach ``lasting`` events together, each run on average this far off. Above mean_z:
     # at 3 sd, 2-17 shifts per 60,000 generated events were declared on unchanged keys.

@@ -256,6 +256,7 @@ class ZScoreDetector(Detector):
         key_set_seasonality: dict[str, tuple[str, ...]] | None = None,
         seasonal_warmup: int | None = None,
         learning_prior: float = 0.0,
+        adapt_clip_z: float = 3.0,
     ) -> None:
         self.features = tuple(features)
         self.key_sets = tuple(key_sets)
@@ -288,6 +289,9 @@ class ZScoreDetector(Detector):
         # so one early outlier cannot inflate a variance for good.
         self.reject_z = reject_z
         self.reject_after = reject_after
+        # While a key adapts to a level shift its own rows learn its every event, each held
+        # within this many sd (``score_adapting``).
+        self.adapt_clip_z = adapt_clip_z
         self._state = _State(
             key_sets={name: _KeySetState.of([], _Stats.empty(len(self._fidx[ks]))) for ks, name in self._state_tables()},
             global_stats=_Stats.empty(len(self.features), capacity=1),
@@ -305,21 +309,29 @@ class ZScoreDetector(Detector):
     # -- scoring ---------------------------------------------------------------------------
 
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
+        return self.score_adapting(batch, learn, {})
+
+    def score_adapting(self, batch: FeatureBatch, learn: np.ndarray, adapting: dict[str, np.ndarray]) -> Step:
         """Scores, and the gross outliers (``reject``), of a batch whose events ``learn`` says
-        may be learned. A rejected event is learned by none of the statistics: each kernel
-        skips it as soon as it (or an earlier table) rejects it, so a key whose level jumped
-        has all its new values rejected in one call, not one more per pipeline round (a chain
-        of rejections used to keep batches from settling: 10x slower). A table scored before
-        the one that rejects an event has learned it, so the call is repeated with those events
-        left out until the rejections reproduce themselves (two calls when a batch has new
-        rejections of that kind, one otherwise).
+        may be learned; ``adapting`` (key set -> bool (n,)): events whose key in that key set
+        adapts to a level shift, learned by that key's rows flagged or rejected or not, each
+        value held within ``adapt_clip_z`` sd (``Detector.score_adapting``).
+
+        A rejected event is learned by none of the statistics: each kernel skips it as soon as
+        it (or an earlier table) rejects it, so a key whose level jumped has all its new values
+        rejected in one call, not one more per pipeline round (a chain of rejections used to
+        keep batches from settling: 10x slower). A table scored before the one that rejects an
+        event has learned it, so the call is repeated with those events left out until the
+        rejections reproduce themselves (two calls when a batch has new rejections of that
+        kind, one otherwise).
         """
         x = np.ascontiguousarray(batch.matrix(self.features), dtype=np.float64)
         learn = np.asarray(learn, dtype=bool)
         observed = ~np.isnan(x)
+        adapt = {ks: np.asarray(mask, dtype=bool) for ks, mask in adapting.items() if ks in self.key_sets}
         learned = learn
         for _ in range(MAX_REJECT_PASSES):
-            step = self._score_pass(batch, x, observed & learned[:, None])
+            step = self._score_pass(batch, x, observed & learned[:, None], adapt)
             assert step.reject is not None
             consistent = learn & ~step.reject
             if np.array_equal(consistent, learned):
@@ -327,7 +339,7 @@ class ZScoreDetector(Detector):
             learned = consistent
         return step
 
-    def _score_pass(self, batch: FeatureBatch, x: np.ndarray, contrib: np.ndarray) -> Step:
+    def _score_pass(self, batch: FeatureBatch, x: np.ndarray, contrib: np.ndarray, adapting: dict[str, np.ndarray]) -> Step:
         n, n_features = batch.n, len(self.features)
         g = self._state.global_stats
         g_count, g_mean, g_m2, g_z, g_std, reject, *g_tot = global_scores(
@@ -342,6 +354,7 @@ class ZScoreDetector(Detector):
         # Baseline used per event and key set: 0 global, 1 the key, 2.. its seasonal levels.
         level = np.zeros((n, n_sets), dtype=np.int8)
         pending = []
+        nobody = np.zeros(n, dtype=bool)
         for k, ks in enumerate(self.key_sets):
             keys = batch.keys.get(ks)
             grouped, groups, prior, offsets = self._key_set_tables(ks, keys, batch.event_time, n)
@@ -371,6 +384,8 @@ class ZScoreDetector(Detector):
                 warm,
                 level,
                 reject,
+                adapting.get(ks, nobody),
+                float(self.adapt_clip_z),
             )
             pending.append((ks, grouped, offsets, totals))
         details = {"z": z, "mean": mean, "std": std, "warm": warm, "level": level}

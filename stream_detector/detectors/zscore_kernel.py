@@ -106,6 +106,8 @@ def warm_up() -> None:
         np.zeros((1, 1), dtype=np.bool_),
         np.zeros((1, 1), dtype=np.int8),
         np.zeros(1, dtype=np.bool_),
+        np.zeros(1, dtype=np.bool_),
+        3.0,
     )
     max_abs(cube)
 
@@ -158,6 +160,8 @@ def key_set_scores(
     warm,
     level,
     reject,
+    adapting,
+    clip_z,
 ):  # pragma: no cover - compiled
     """Key set ``k``'s z-scores, with its seasonal levels, in one walk over the batch.
 
@@ -170,7 +174,9 @@ def key_set_scores(
 
     Writes ``z, base_mean, base_std`` (n, K, F) at ``[:, k, features]``, ``warm`` and
     ``level`` (n, K) at ``[:, k]`` (level 0 global/learning, 1 key, 2.. seasonal) and sets
-    ``reject`` (n,) for gross outliers of the key's own statistics. Returns the totals after
+    ``reject`` (n,) for gross outliers of the key's own statistics. An ``adapting`` event (its
+    key adapts to a level shift) is learned whether ``contrib`` and ``reject`` let it or not,
+    each value held within ``clip_z`` sd of the row's mean. Returns the totals after
     the batch (R, len(features)) x 3, ``touched`` (R,) (rows with an event of this key set)
     and their latest event time.
     """
@@ -221,14 +227,27 @@ def key_set_scores(
             g = groups[lv, i]
             touched[g] = True
             last[g] = max(last[g], event_time[i])
+            if reject[i] and not adapting[i]:
+                continue
             for j in range(features.shape[0]):
                 f = features[j]
-                if contrib[i, f] and not reject[i]:
-                    c = count[g, j] + 1.0
-                    delta = x[i, f] - mean[g, j]
-                    mu = mean[g, j] + delta / c
-                    m2[g, j] += delta * (x[i, f] - mu)
-                    count[g, j], mean[g, j] = c, mu
+                xf = x[i, f]
+                if adapting[i]:
+                    # Winsorised instead of left out when flagged or rejected (a new store's
+                    # quantities at 30x are gross outliers of everyone's): a run of 8 understates
+                    # the new level's spread, and values outside it would never widen it.
+                    if np.isnan(xf):
+                        continue
+                    if count[g, j] > 1:
+                        sd = _std(count[g, j], m2[g, j], floor[f])
+                        xf = min(max(xf, mean[g, j] - clip_z * sd), mean[g, j] + clip_z * sd)
+                elif not contrib[i, f]:
+                    continue
+                c = count[g, j] + 1.0
+                delta = xf - mean[g, j]
+                mu = mean[g, j] + delta / c
+                m2[g, j] += delta * (xf - mu)
+                count[g, j], mean[g, j] = c, mu
     return count, mean, m2, touched, last
 
 

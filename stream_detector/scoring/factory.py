@@ -47,6 +47,7 @@ def build_detectors(settings: Settings) -> list[Detector]:
                 key_set_seasonality={ks.name: tuple(ks.seasonality) for ks in z.key_sets},
                 seasonal_warmup=z.seasonal_warmup,
                 learning_prior=z.learning_prior,
+                adapt_clip_z=z.level_shift.adapt_clip_z,
                 warmup=z.warmup,
                 min_std=z.min_std,
                 min_std_by_feature=z.min_std_by_feature,

@@ -114,10 +114,12 @@ class Adaptation:
     ``moved``: (key set, feature) -> the events of that key set's keys adapting to a shift, for
     each feature their key set watches (``adapting_masks``). ``shifted``: (key set, feature) ->
     per event, the change of level its key is expected to take because a key it moves with
-    took it (NaN: none), until the key takes it itself."""
+    took it (NaN: none), until the key takes it itself. ``keys``: key set -> the events of its
+    adapting keys (``Detector.score_adapting``)."""
 
     moved: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     shifted: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    keys: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.moved or self.shifted)
@@ -132,7 +134,9 @@ class Adaptation:
         return out
 
     def head(self, end: int) -> Adaptation:
-        return Adaptation({k: m[:end] for k, m in self.moved.items()}, {k: d[:end] for k, d in self.shifted.items()})
+        return Adaptation(
+            {k: m[:end] for k, m in self.moved.items()}, {k: d[:end] for k, d in self.shifted.items()}, {k: m[:end] for k, m in self.keys.items()}
+        )
 
 
 @dataclass
@@ -533,7 +537,10 @@ class LevelShiftTracker:
 
     def adaptation(self, batch: FeatureBatch) -> Adaptation:
         """What the shifts change about judging ``batch`` (``Adaptation``)."""
-        return Adaptation(self.adapting_masks(batch), self.expected_shifts(batch))
+        keys: dict[str, np.ndarray] = {}
+        for ks, key, events in self._adapting_events(batch):
+            keys.setdefault(ks, np.zeros(batch.n, dtype=bool))[events[: self.adapting[(ks, key)]]] = True
+        return Adaptation(self.adapting_masks(batch), self.expected_shifts(batch), keys)
 
     def expected_shifts(self, batch: FeatureBatch) -> dict[tuple[str, str], np.ndarray]:
         """(key set, feature) -> per event, the change of level a key moving with a shifted key

@@ -212,6 +212,7 @@ STORE_KEY_SET = "zscore:\n  key_sets:\n    - {{fields: [store_id], features: [lo
         (STORE_KEY_SET.format("store_id"), r"zscore\.key_sets\.0: .*leave out at least one"),
         ("zscore:\n  level_shift:\n    gradual:\n      key_sets: [customer]\n", r"zscore: .*gradual\.key_sets names \['customer'\]"),
         ("zscore:\n  level_shift:\n    gradual:\n      cap: 0.5\n      slack: 1.0\n", r"zscore\.level_shift\.gradual: .*cap \(0\.5\) must be above slack"),
+        ("zscore:\n  level_shift:\n    adapt_clip_z: 0\n", r"zscore\.level_shift\.adapt_clip_z: .*greater than 0"),
     ],
 )
 def test_level_shift_settings_are_checked_with_the_key_named(tmp_path: Path, text: str, problem: str) -> None:

@@ -130,6 +130,31 @@ def test_batch_equals_one_by_one(make: Callable[[], Detector], stream: FeatureBa
     assert np.ptp(one_by_one[np.isfinite(one_by_one)]) > 0
 
 
+def test_score_adapting_batch_equals_one_by_one_and_without_adapting_keys_is_score(make: Callable[[], Detector], stream: FeatureBatch) -> None:
+    """``score_adapting`` (the pipeline's call while a key adapts to a level shift) keeps the
+    sequential semantics; with no adapting key it is ``score``."""
+    learn = _every_other_tenth_masked(stream.n)
+    stores = stream.keys["store_id"].astype(str)
+    adapting = {"store_id": stores == np.unique(stores)[0]}
+
+    def chunks(detector: Detector, sizes: list[int], marks: dict[str, np.ndarray]) -> np.ndarray:
+        out, start, i = [], 0, 0
+        while start < stream.n:
+            stop = min(stream.n, start + sizes[i % len(sizes)])
+            step = detector.score_adapting(stream.slice(start, stop), learn[start:stop], {ks: m[start:stop] for ks, m in marks.items()})
+            detector.commit(step)
+            out.append(step.scores)
+            start, i = stop, i + 1
+        return np.concatenate(out)
+
+    np.testing.assert_array_equal(chunks(make(), [250], {}), _scores_in_chunks(make(), stream, [250], learn))
+    if type(make()).score_adapting is Detector.score_adapting:
+        return  # it is ``score``, whose sequential semantics test_batch_equals_one_by_one checks
+    one_by_one = chunks(make(), [1], adapting)
+    np.testing.assert_allclose(chunks(make(), [97, 250, 3, 250], adapting), one_by_one, rtol=RTOL, atol=ATOL)
+    assert not np.allclose(one_by_one, _scores_in_chunks(make(), stream, [250], learn))  # adapting changed what was learned
+
+
 def test_score_changes_nothing(make: Callable[[], Detector], stream: FeatureBatch) -> None:
     detector = make()
     _scores_in_chunks(detector, stream.slice(0, 400), [200])

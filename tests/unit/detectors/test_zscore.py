@@ -708,3 +708,74 @@ def test_an_event_expected_to_take_a_change_is_judged_from_the_moved_baseline(da
     expected = np.nan_to_num(np.abs(z), nan=0.0).reshape(batch.n, -1).max(axis=1)
     np.testing.assert_allclose(focused[:20], expected[:20])
     np.testing.assert_array_equal(focused[20:], step.scores[20:])
+
+
+# -- keys adapting to a level shift (Detector.score_adapting) ------------------------------------
+
+
+def one_store(values: np.ndarray, t0: float = 1_700_000_000.0) -> FeatureBatch:
+    n = len(values)
+    return FeatureBatch(event_time=t0 + np.arange(n, dtype=np.float64), columns={"a": values}, keys={"store": np.full(n, "s", dtype=object)})
+
+
+def baseline(det: ZScoreDetector) -> tuple[float, float]:
+    """(mean, sd) the store's next event is scored against."""
+    probe = det.score(one_store(np.array([6.0]), t0=1_700_002_000.0), np.zeros(1, dtype=bool))
+    return float(probe.details["mean"][0, 0, 0]), float(probe.details["std"][0, 0, 0])
+
+
+def adapted_store(later: np.ndarray, adapting: bool) -> tuple[tuple[float, float], tuple[float, float]]:
+    """A store warm at level 1 (sd about 0.3, 300 events) re-learnt at level 6, keeping its
+    spread, then shown ``later`` with every event flagged (learn all False): its baseline
+    (mean, sd) before and after."""
+    det = ZScoreDetector(features=("a",), key_sets=("store",), warmup=30, min_std=0.05)
+    det.learn_one_batch(one_store(np.random.default_rng(0).normal(1.0, 0.3, 300)))
+    det.relearn("store", "s", np.array([6.0]), np.array([0.09]), 1_700_000_300.0)
+    before = baseline(det)
+    batch = one_store(later, t0=1_700_001_000.0)
+    flagged = np.zeros(batch.n, dtype=bool)
+    det.commit(det.score_adapting(batch, flagged, {"store": np.full(batch.n, adapting)}))
+    return before, baseline(det)
+
+
+def test_an_adapting_key_learns_its_new_spread_from_flagged_and_rejected_events():
+    # The new level's events spread 0.6, twice what the run of 8 suggested; all were flagged
+    # against the narrow spread, and those past reject_z of the global statistics (about 17 sd
+    # of everyone's level 1) are gross outliers for every other table.
+    later = np.random.default_rng(1).normal(6.2, 0.6, 2000)
+    (mean0, sd0), (mean, sd) = adapted_store(later, adapting=True)
+    assert mean0 == pytest.approx(6.0) and sd0 < 0.32
+    assert mean == pytest.approx(6.2, abs=0.05)
+    # Winsorised at 3 sd of the estimate as it grows: close to the spread, a little under it.
+    assert 0.5 < sd < 0.62, sd
+    before, after = adapted_store(later, adapting=False)
+    assert after == before  # nothing learned: every event was flagged
+
+
+def test_an_adapting_key_holds_each_value_within_clip_z_sd():
+    (mean0, sd0), (mean, _) = adapted_store(np.array([6.0 + 100 * 0.3]), adapting=True)
+    # 100 sd off counts as adapt_clip_z (3) sd: the mean of 300 events moves by 3 sd / 301.
+    assert mean - mean0 == pytest.approx(3.0 * sd0 / 301, rel=1e-9)
+
+
+def test_learning_adapting_events_batch_equals_one_by_one():
+    rng = np.random.default_rng(2)
+    values = rng.normal(6.2, 0.6, 400)
+    learn = rng.random(400) < 0.5
+    adapting = np.arange(400) >= 100
+    steps = []
+    for sizes in ([400], [1] * 400, [37] * 10 + [30]):
+        det = ZScoreDetector(features=("a",), key_sets=("store",), warmup=30)
+        det.learn_one_batch(one_store(np.random.default_rng(0).normal(1.0, 0.3, 300)))
+        det.relearn("store", "s", np.array([6.0]), np.array([0.09]), 1_700_000_300.0)
+        batch = one_store(values, t0=1_700_001_000.0)
+        scores, start = [], 0
+        for size in sizes:
+            part = batch.slice(start, start + size)
+            step = det.score_adapting(part, learn[start : start + size], {"store": adapting[start : start + size]})
+            det.commit(step)
+            scores.append(step.scores)
+            start += size
+        steps.append(np.concatenate(scores))
+    np.testing.assert_allclose(steps[1], steps[0], rtol=1e-9)
+    np.testing.assert_allclose(steps[2], steps[0], rtol=1e-9)

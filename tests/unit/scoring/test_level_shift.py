@@ -16,6 +16,7 @@ from stream_detector.features import FeatureBatch
 from stream_detector.generator import GeneratorConfig, SalesGenerator
 from stream_detector.records import level_shift_record
 from stream_detector.scoring import level_shift
+from stream_detector.scoring.calibration import Calibrator
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.level_shift import LevelShiftTracker
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
@@ -412,3 +413,22 @@ def test_the_tracker_reads_each_key_set_at_its_place_in_the_z_scores(tmp_path):
     assert pipeline.level_shifts is not None
     assert pipeline.level_shifts.key_sets == {"store_id": ("log_amount", "log_quantity")}
     assert pipeline.level_shifts.axis == {"global": 0, "store_id": 1}
+
+
+def test_events_of_adapting_keys_stay_out_of_the_calibrators_windows(settings, stream):
+    # While a key's baseline moves to its new level its scores run high; in the windows they
+    # would fatten every detector's fitted tail (a new store at 30x is a tenth of the stream).
+    features = stream[0]
+    pipeline = build_pipeline(settings)
+    run(pipeline, features, 2000, stop=2000)
+    stores = features.keys["store_id"][2000:2500]
+    key = str(stores[0])
+    assert pipeline.level_shifts is not None
+    pipeline.level_shifts.adapting[("store_id", key)] = 10_000
+    windows = {name: cal for name, cal in pipeline.calibrators.items() if isinstance(cal, Calibrator)}
+    assert windows
+    seen = {name: cal.seen for name, cal in windows.items()}
+    result = pipeline.process(features.slice(2000, 2500))
+    assert not result.level_shifts and (stores == key).sum() > 10
+    for name, cal in windows.items():
+        assert cal.seen - seen[name] == int((~result.is_anomaly & (stores != key)).sum()), name
