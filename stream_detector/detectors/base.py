@@ -116,6 +116,10 @@ class Detector(KeyedState, ABC):
     # True when an event is scored against every key's events (no per-key baseline): after a
     # level shift such a detector may not flag the shifted key alone (scoring/level_shift.py).
     population: bool = False
+    # True when, among normal events, the detector's tail probability does not depend on the
+    # event's values (an exact duplicate: any sale is as likely to be re-sent): where it fires,
+    # its evidence multiplies the other detectors' instead of competing with it (fusion.py).
+    independent_evidence: bool = False
 
     @abstractmethod
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:

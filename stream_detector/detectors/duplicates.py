@@ -33,6 +33,8 @@ class DuplicateDetector(Detector):
     name = "duplicates"
     state_version = 1
     outputs_probability = True
+    # Whether a sale is re-sent does not depend on its amount, store or product.
+    independent_evidence = True
 
     def __init__(self, window_seconds: float = 3600.0, max_entries: int = 1_000_000, probability: float = 1e-9) -> None:
         self.window_seconds = window_seconds

@@ -90,6 +90,8 @@ class BatchResult:
     forgotten_keys: int = 0
     # Level shifts declared in this batch, in order (scoring/level_shift.py).
     level_shifts: list[LevelShift] = field(default_factory=list)
+    # Detectors whose evidence multiplies the others' where they fire (fusion.py).
+    independent: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.log_probability:
@@ -104,7 +106,7 @@ class BatchResult:
     def surprise(self) -> np.ndarray:
         """float64 (n,), 0 or more: ``-log10`` of the fused tail probability, not floored
         (scoring/fusion.py); ordered like ``fused``, and still apart where ``fused`` saturates."""
-        return fusion.fuse_surprise(self.log_probability)
+        return fusion.fuse_surprise(self.log_probability, self.independent, self.threshold)
 
     @cached_property
     def detector_surprise(self) -> dict[str, np.ndarray]:
@@ -141,6 +143,8 @@ class ScoringPipeline:
         self.detectors = detectors
         self.calibrators = calibrators
         self.threshold = threshold
+        # Detectors whose evidence multiplies the others' where they fire (fusion.py).
+        self.independent = frozenset(d.name for d in detectors if d.independent_evidence)
         self.max_rounds = max_rounds
         # Timers over per-key rates (detectors/silence.py): they learn every event and raise
         # alerts about keys, not events.
@@ -292,7 +296,8 @@ class ScoringPipeline:
         """The result of a segment of no events (a level shift declared at its first event)."""
         empty = np.zeros(0)
         names = self.detector_names
-        return BatchResult(empty, np.zeros(0, dtype=bool), dict.fromkeys(names, empty), dict.fromkeys(names, empty), self.threshold, rounds=rounds)
+        nothing = dict.fromkeys(names, empty)
+        return BatchResult(empty, np.zeros(0, dtype=bool), nothing, nothing, self.threshold, rounds=rounds, independent=self.independent)
 
     def _score(
         self,
@@ -336,7 +341,7 @@ class ScoringPipeline:
         """Fused score and flags (scoring/fusion.py). An ``adapting`` event (its key adapts to
         a level shift) is flagged only if a detector with a per-key view fires on it, so the
         population models learn the key's new kind of event instead of flagging it for ever."""
-        fused = fusion.fuse(probs)
+        fused = fusion.fuse(probs, self.independent, self.threshold)
         flagged = fused > self.threshold
         if adapting:
             mine = adapting.events(len(fused))
@@ -361,6 +366,7 @@ class ScoringPipeline:
             segments=[Segment(offset, batch, steps)],
             rounds=rounds,
             log_probability=logs,
+            independent=self.independent,
         )
 
     def level_shift_feedback(self, shift_id: str, label: str) -> str:
@@ -531,4 +537,5 @@ def _concat(parts: list[BatchResult], threshold: float) -> BatchResult:
         rounds=max(p.rounds for p in parts),
         log_probability={n: np.concatenate([p.log_probability[n] for p in parts]) for n in names},
         level_shifts=[shift for p in parts for shift in p.level_shifts],
+        independent=parts[0].independent,
     )

@@ -128,3 +128,47 @@ def test_pass_through_gives_the_log_of_its_probability():
     p, log_p, state = PassThrough().transform_with_log(1.0 - np.array([1.0, 1e-3, 0.0]))
     np.testing.assert_allclose(log_p, np.log(p))
     assert p[2] == MIN_PROBABILITY and state is None
+
+
+# -- evidence independent of the event's values (Detector.independent_evidence) -----------------
+
+
+def test_a_duplicate_s_evidence_multiplies_the_others_and_keeps_its_flag():
+    rng = np.random.default_rng(3)
+    n, k, threshold = 5000, 4, 0.9999
+    p = {name: rng.uniform(0, 1, n) for name in ("z", "hst", "ae")}
+    p["dup"] = np.where(rng.random(n) < 0.2, 1e-9, 1.0)
+    log_p = {name: np.log(v) for name, v in p.items()}
+    plain, plain_surprise = fusion.fuse(p), fusion.fuse_surprise(log_p)
+    fused = fusion.fuse(p, {"dup"}, threshold)
+    surprise = fusion.fuse_surprise(log_p, {"dup"}, threshold)
+    dup = p["dup"] < 1
+    # Elsewhere nothing changes; the flags do not change at all.
+    np.testing.assert_array_equal(fused[~dup], plain[~dup])
+    np.testing.assert_array_equal(surprise[~dup], plain_surprise[~dup])
+    np.testing.assert_array_equal(fused > threshold, plain > threshold)
+    # A duplicate's tail: k * p_dup times the Sidak-adjusted smallest of the other three.
+    smallest = np.min(np.vstack([p["z"], p["hst"], p["ae"]]), axis=0)
+    expected = -np.log10(k * 1e-9 * (1 - (1 - smallest) ** 3))
+    np.testing.assert_allclose(surprise[dup], expected[dup], rtol=1e-9)
+    np.testing.assert_allclose(fused[dup], 1 - 10 ** -expected[dup], rtol=0, atol=1e-15)
+    # The duplicates no longer share one score: an odd re-sent sale ranks above an ordinary one.
+    assert np.unique(plain_surprise[dup]).size == 1
+    assert np.unique(surprise[dup]).size == dup.sum()
+    order = np.lexsort((surprise, fused))
+    assert np.all(np.diff(surprise[order]) >= 0)  # never against the fused score
+
+
+def test_independent_evidence_that_does_not_fire_multiplies_nothing():
+    p = {"z": np.array([0.5, 1e-7]), "dup": np.array([0.01, 0.01])}  # 2 * 0.01: not past 0.9999
+    log_p = {name: np.log(v) for name, v in p.items()}
+    np.testing.assert_array_equal(fusion.fuse(p, {"dup"}, 0.9999), fusion.fuse(p))
+    np.testing.assert_array_equal(fusion.fuse_surprise(log_p, {"dup"}, 0.9999), fusion.fuse_surprise(log_p))
+
+
+def test_the_joint_tail_is_finite_far_past_the_floor():
+    log_p = {"z": np.array([-5000.0, -0.0]), "dup": np.log(np.array([1e-9, 1e-9]))}
+    surprise = fusion.fuse_surprise(log_p, {"dup"}, 0.9999)
+    assert np.all(np.isfinite(surprise))
+    # 2 * 1e-9 times 1 - (1 - p)^1 = p: e^-5000 adds 5000 / ln 10 decades; p = 1 adds none.
+    np.testing.assert_allclose(surprise, [-math.log10(2e-9) + 5000 / math.log(10), -math.log10(2e-9)], rtol=1e-12)
