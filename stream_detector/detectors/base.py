@@ -125,11 +125,12 @@ class Detector(KeyedState, ABC):
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
         """Score ``batch`` in order without changing the detector (see module docstring)."""
 
-    def score_adapting(self, batch: FeatureBatch, learn: np.ndarray, adapting: dict[str, np.ndarray]) -> Step:
-        """``score``, where ``adapting`` (key set -> bool (n,)) marks the events whose key in that
-        key set adapts to a level shift (LevelShiftTracker.adaptation): a detector with per-key
-        baselines lets those keys learn their every event, flagged or not, so a new level's
-        spread is learned too, not only the part of it that goes unflagged. Default: ``score``."""
+    def score_adapting(self, batch: FeatureBatch, learn: np.ndarray, adapting: dict[tuple[str, str], np.ndarray]) -> Step:
+        """``score``, where ``adapting`` ((key set, feature) -> bool (n,), ``Adaptation.moved``)
+        marks the events whose key in that key set adapts to a level shift of that feature: a
+        detector with per-key baselines lets those keys learn the feature from their every event,
+        flagged or not, so a new level's spread is learned too, not only the part of it that goes
+        unflagged. Default: ``score``."""
         return self.score(batch, learn)
 
     @abstractmethod

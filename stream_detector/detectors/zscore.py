@@ -311,11 +311,12 @@ class ZScoreDetector(Detector):
     def score(self, batch: FeatureBatch, learn: np.ndarray) -> Step:
         return self.score_adapting(batch, learn, {})
 
-    def score_adapting(self, batch: FeatureBatch, learn: np.ndarray, adapting: dict[str, np.ndarray]) -> Step:
+    def score_adapting(self, batch: FeatureBatch, learn: np.ndarray, adapting: dict[tuple[str, str], np.ndarray]) -> Step:
         """Scores, and the gross outliers (``reject``), of a batch whose events ``learn`` says
-        may be learned; ``adapting`` (key set -> bool (n,)): events whose key in that key set
-        adapts to a level shift, learned by that key's rows flagged or rejected or not, each
-        value held within ``adapt_clip_z`` sd (``Detector.score_adapting``).
+        may be learned; ``adapting`` ((key set, feature) -> bool (n,)): events whose key in that
+        key set adapts to a level shift of that feature, learned by that key's rows on that
+        feature flagged or rejected or not, each value held within ``adapt_clip_z`` sd
+        (``Detector.score_adapting``).
 
         A rejected event is learned by none of the statistics: each kernel skips it as soon as
         it (or an earlier table) rejects it, so a key whose level jumped has all its new values
@@ -328,7 +329,10 @@ class ZScoreDetector(Detector):
         x = np.ascontiguousarray(batch.matrix(self.features), dtype=np.float64)
         learn = np.asarray(learn, dtype=bool)
         observed = ~np.isnan(x)
-        adapt = {ks: np.asarray(mask, dtype=bool) for ks, mask in adapting.items() if ks in self.key_sets}
+        adapt: dict[str, np.ndarray] = {}  # key set -> bool (n, features)
+        for (ks, feature), mask in adapting.items():
+            if ks in self.key_sets and feature in self.key_set_features[ks]:
+                adapt.setdefault(ks, np.zeros(x.shape, dtype=bool))[:, self.features.index(feature)] = mask
         learned = learn
         for _ in range(MAX_REJECT_PASSES):
             step = self._score_pass(batch, x, observed & learned[:, None], adapt)
@@ -354,7 +358,7 @@ class ZScoreDetector(Detector):
         # Baseline used per event and key set: 0 global, 1 the key, 2.. its seasonal levels.
         level = np.zeros((n, n_sets), dtype=np.int8)
         pending = []
-        nobody = np.zeros(n, dtype=bool)
+        nobody = np.zeros(x.shape, dtype=bool)
         for k, ks in enumerate(self.key_sets):
             keys = batch.keys.get(ks)
             grouped, groups, prior, offsets = self._key_set_tables(ks, keys, batch.event_time, n)

@@ -106,7 +106,7 @@ def warm_up() -> None:
         np.zeros((1, 1), dtype=np.bool_),
         np.zeros((1, 1), dtype=np.int8),
         np.zeros(1, dtype=np.bool_),
-        np.zeros(1, dtype=np.bool_),
+        np.zeros((1, 1), dtype=np.bool_),
         3.0,
     )
     max_abs(cube)
@@ -174,9 +174,10 @@ def key_set_scores(
 
     Writes ``z, base_mean, base_std`` (n, K, F) at ``[:, k, features]``, ``warm`` and
     ``level`` (n, K) at ``[:, k]`` (level 0 global/learning, 1 key, 2.. seasonal) and sets
-    ``reject`` (n,) for gross outliers of the key's own statistics. An ``adapting`` event (its
-    key adapts to a level shift) is learned whether ``contrib`` and ``reject`` let it or not,
-    each value held within ``clip_z`` sd of the row's mean. Returns the totals after
+    ``reject`` (n,) for gross outliers of the key's own statistics. Where ``adapting`` (n, F)
+    is set (the event's key adapts to a level shift of that feature) the value is learned
+    whether ``contrib`` and ``reject`` let it or not, held within ``clip_z`` sd of the row's
+    mean. Returns the totals after
     the batch (R, len(features)) x 3, ``touched`` (R,) (rows with an event of this key set)
     and their latest event time.
     """
@@ -227,12 +228,12 @@ def key_set_scores(
             g = groups[lv, i]
             touched[g] = True
             last[g] = max(last[g], event_time[i])
-            if reject[i] and not adapting[i]:
-                continue
             for j in range(features.shape[0]):
                 f = features[j]
                 xf = x[i, f]
-                if adapting[i]:
+                if reject[i] and not adapting[i, f]:
+                    continue
+                if adapting[i, f]:
                     # Winsorised instead of left out when flagged or rejected (a new store's
                     # quantities at 30x are gross outliers of everyone's): a run of 8 understates
                     # the new level's spread, and values outside it would never widen it.

@@ -44,8 +44,9 @@ from stream_detector.scoring.cusum import CusumTable, Pending
 from stream_detector.scoring.cusum_kernel import cusum
 
 # 2: adds the CUSUM sums of gradual shifts and the changes expected of keys that move with a
-# shifted key (version 1 is still read).
-STATE_VERSION = 2
+# shifted key. 3: each adapting key names the features its shifts moved. (Versions 1 and 2 are
+# still read: their adapting keys moved every feature of their key set.)
+STATE_VERSION = 3
 # Declared shifts remembered so that feedback can reject one (the oldest go first).
 MAX_REMEMBERED = 1000
 # Runs in progress (a key and feature whose latest events deviate one way): a few dozen in a
@@ -111,15 +112,13 @@ class _Column(NamedTuple):
 class Adaptation:
     """How the level shifts change the judging of a batch's events (``Detector.focus``).
 
-    ``moved``: (key set, feature) -> the events of that key set's keys adapting to a shift, for
-    each feature their key set watches (``adapting_masks``). ``shifted``: (key set, feature) ->
-    per event, the change of level its key is expected to take because a key it moves with
-    took it (NaN: none), until the key takes it itself. ``keys``: key set -> the events of its
-    adapting keys (``Detector.score_adapting``)."""
+    ``moved``: (key set, feature) -> the events of that key set's keys adapting to a shift of
+    that feature (``adapting_masks``). ``shifted``: (key set, feature) -> per event, the change
+    of level its key is expected to take because a key it moves with took it (NaN: none), until
+    the key takes it itself."""
 
     moved: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     shifted: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
-    keys: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.moved or self.shifted)
@@ -134,9 +133,7 @@ class Adaptation:
         return out
 
     def head(self, end: int) -> Adaptation:
-        return Adaptation(
-            {k: m[:end] for k, m in self.moved.items()}, {k: d[:end] for k, d in self.shifted.items()}, {k: m[:end] for k, m in self.keys.items()}
-        )
+        return Adaptation({k: m[:end] for k, m in self.moved.items()}, {k: d[:end] for k, d in self.shifted.items()})
 
 
 @dataclass
@@ -187,6 +184,9 @@ class LevelShiftTracker:
     # (key set, key) -> events of the key still to come before the population models may flag
     # it alone again.
     adapting: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (key set, key) -> the features its shifts moved (each declared one, and those composed of
+    # it: a re-priced product moves its prices and amounts, not its quantities), while it adapts.
+    moving: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     # shift id -> (key set, key, feature, the rows ``relearn`` replaced), for a rejection.
     undo: dict[str, tuple[str, str, str, Any]] = field(default_factory=dict)
     # Shifts an analyst rejected: (key set, key, feature) -> shift id. Their runs declare no
@@ -430,6 +430,7 @@ class LevelShiftTracker:
             left = self.adapting[(ks, key)]
             if events.size >= left:
                 del self.adapting[(ks, key)]
+                self.moving.pop((ks, key), None)
             else:
                 self.adapting[(ks, key)] = left - events.size
 
@@ -453,11 +454,14 @@ class LevelShiftTracker:
         new: np.ndarray,
         undo: Any,
         which: tuple[tuple[str, str, str], _Run] | None = None,
+        moved: tuple[str, ...] = (),
     ) -> LevelShift:
         """Record the shift ``scan`` declared (after ``adopt``), or ``which`` of the runs
         declared with it (``scan.also``): the key adapts from now on. Its old level is the
         baseline the run was measured against (a key still learning is measured against every
-        key's events), its new level the key's after ``relearn``."""
+        key's events), its new level the key's after ``relearn``. ``moved``: the features whose
+        level ``relearn`` moved (the declared one always): a store declared on its amounts whose
+        quantities moved too."""
         assert scan.declared is not None and scan.run is not None and scan.where is not None
         (ks, key, feature), run = which if which is not None else (scan.where, scan.run)
         names = self.key_sets[ks]
@@ -478,7 +482,10 @@ class LevelShiftTracker:
             surprise=self._surprise(scan),
         )
         self.adapting[(ks, key)] = self.adapt_events
+        self.moving[(ks, key)] = moved_together((*self.moving.get((ks, key), ()), *moved, feature))
         _bound(self.adapting)  # a key that never comes back would keep its place for ever
+        if len(self.moving) > len(self.adapting):
+            self.moving = {where: moved for where, moved in self.moving.items() if where in self.adapting}
         if ks in self.together:
             where = (ks, self.entity(ks, key), feature)
             lead = self.expected.get(where)
@@ -524,6 +531,7 @@ class LevelShiftTracker:
         if label not in REJECT_LABELS:
             return "recorded", None
         self.adapting.pop((ks, key), None)
+        self.moving.pop((ks, key), None)
         for gone in [w for w, (lead, _) in self.expected.items() if w[0] == ks and lead == key]:
             del self.expected[gone]  # the keys that move with it keep their own baselines
         for stale in [r for r in self.runs if r[:2] == (ks, key)]:
@@ -537,10 +545,7 @@ class LevelShiftTracker:
 
     def adaptation(self, batch: FeatureBatch) -> Adaptation:
         """What the shifts change about judging ``batch`` (``Adaptation``)."""
-        keys: dict[str, np.ndarray] = {}
-        for ks, key, events in self._adapting_events(batch):
-            keys.setdefault(ks, np.zeros(batch.n, dtype=bool))[events[: self.adapting[(ks, key)]]] = True
-        return Adaptation(self.adapting_masks(batch), self.expected_shifts(batch), keys)
+        return Adaptation(self.adapting_masks(batch), self.expected_shifts(batch))
 
     def expected_shifts(self, batch: FeatureBatch) -> dict[tuple[str, str], np.ndarray]:
         """(key set, feature) -> per event, the change of level a key moving with a shifted key
@@ -574,14 +579,14 @@ class LevelShiftTracker:
 
     def adapting_masks(self, batch: FeatureBatch) -> dict[tuple[str, str], np.ndarray]:
         """(key set, feature) -> bool (n,): the batch's events of that key set's keys that adapt
-        to a shift (within ``adapt_events`` of it), for each feature the key set watches and
-        each composed of them (a new level moves the other key sets' baselines of those: a store
-        at 30x moves every product's quantities, a re-priced product its stores' amounts); pairs
-        without such events are left out."""
+        to a shift (within ``adapt_events`` of it), for each feature their shifts moved and each
+        composed of those (a new level moves the other key sets' baselines of those: a store at
+        30x moves every product's quantities, a re-priced product its stores' amounts but not
+        their quantities); pairs without such events are left out."""
         masks: dict[tuple[str, str], np.ndarray] = {}
         for ks, key, events in self._adapting_events(batch):
             mine = events[: self.adapting[(ks, key)]]
-            for feature in moved_together(self.key_sets[ks]):
+            for feature in self.moving.get((ks, key)) or moved_together(self.key_sets[ks]):
                 masks.setdefault((ks, feature), np.zeros(batch.n, dtype=bool))[mine] = True
         return masks
 
@@ -602,7 +607,7 @@ class LevelShiftTracker:
         return {
             "version": STATE_VERSION,
             "runs": [[ks, key, f, r.direction, r.length, r.total_z, r.began, r.baseline, r.values] for (ks, key, f), r in self.runs.items()],
-            "adapting": [[ks, key, left] for (ks, key), left in self.adapting.items()],
+            "adapting": [[ks, key, left, list(self.moving.get((ks, key), ()))] for (ks, key), left in self.adapting.items()],
             "undo": [[shift_id, ks, key, f, rows] for shift_id, (ks, key, f, rows) in self.undo.items()],
             "rejected": [[ks, key, f, shift_id] for (ks, key, f), shift_id in self.rejected.items()],
             "decided": [[shift_id, label] for shift_id, label in self.decided.items()],
@@ -611,7 +616,7 @@ class LevelShiftTracker:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") not in (1, STATE_VERSION):
+        if state.get("version") not in (1, 2, STATE_VERSION):
             raise StateError(f"level shift state version {state.get('version')!r}, expected {STATE_VERSION}")
         try:
             runs = {(ks, key, f): run for ks, key, f, run in self._load_runs(state["runs"])}
@@ -622,7 +627,9 @@ class LevelShiftTracker:
                 entry = (str(key), float(total), int(length), float(began), float(base), float(value), float(seen))
                 loaded.setdefault((str(ks), str(f), int(direction)), []).append(entry)
             sums = {where: _table(entries) for where, entries in loaded.items()}
-            adapting = {(str(ks), str(key)): int(left) for ks, key, left in state["adapting"]}
+            adapting = {(str(ks), str(key)): int(left) for ks, key, left, *_ in state["adapting"]}
+            # Before version 3: every feature of the key set (``adapting_masks``' default).
+            moving = {(str(ks), str(key)): tuple(str(f) for f in rest[0]) for ks, key, _, *rest in state["adapting"] if rest and rest[0]}
             undo = {str(shift_id): (str(ks), str(key), str(f), rows) for shift_id, ks, key, f, rows in state["undo"]}
             rejected = {(str(ks), str(key), str(f)): str(shift_id) for ks, key, f, shift_id in state["rejected"]}
             decided = {str(shift_id): str(label) for shift_id, label in state["decided"]}
@@ -630,6 +637,7 @@ class LevelShiftTracker:
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"level shift state is malformed: {exc!r}", reason="corrupt") from None
         self.runs, self.adapting, self.undo, self.rejected, self.decided = runs, adapting, undo, rejected, decided
+        self.moving = moving
         self.sums, self.expected = sums, expected
 
     def _load_runs(self, entries: list[Any]) -> list[tuple[str, str, str, _Run]]:

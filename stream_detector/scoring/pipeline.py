@@ -288,8 +288,10 @@ class ScoringPipeline:
             declared = np.array([f == feature for f in tracker.key_sets[ks]])
             relearned = relearner.relearn(ks, key, mean, var, at, moved=declared)
             if relearned is not None:
-                _, new, undo = relearned
-                result.level_shifts.append(tracker.declared(scan, whole, new, undo, which=which))
+                old, new, undo = relearned
+                with np.errstate(invalid="ignore"):
+                    moved = tuple(f for f, was, now in zip(tracker.key_sets[ks], old, new, strict=True) if was != now or f == feature)
+                result.level_shifts.append(tracker.declared(scan, whole, new, undo, which=which, moved=moved))
         return result
 
     def _empty(self, rounds: int) -> BatchResult:
@@ -325,7 +327,7 @@ class ScoringPipeline:
             elif known is not None and np.array_equal(known[0], learn):
                 step = known[1]
             else:
-                step = detector.score_adapting(batch, learn, adapting.keys) if adapting is not None and adapting.keys else detector.score(batch, learn)
+                step = detector.score_adapting(batch, learn, adapting.moved) if adapting is not None and adapting.moved else detector.score(batch, learn)
                 exact[name] = (learn, step)
             if adapting and guess is None:
                 # Events of keys adapting to a level shift: not judged by the other key sets'

@@ -135,9 +135,10 @@ def test_score_adapting_batch_equals_one_by_one_and_without_adapting_keys_is_sco
     sequential semantics; with no adapting key it is ``score``."""
     learn = _every_other_tenth_masked(stream.n)
     stores = stream.keys["store_id"].astype(str)
-    adapting = {"store_id": stores == np.unique(stores)[0]}
+    # The busiest store shifted its quantities (and so its amounts).
+    adapting = dict.fromkeys([("store_id", "log_quantity"), ("store_id", "log_amount")], stores == np.unique(stores)[0])
 
-    def chunks(detector: Detector, sizes: list[int], marks: dict[str, np.ndarray]) -> np.ndarray:
+    def chunks(detector: Detector, sizes: list[int], marks: dict[tuple[str, str], np.ndarray]) -> np.ndarray:
         out, start, i = [], 0, 0
         while start < stream.n:
             stop = min(stream.n, start + sizes[i % len(sizes)])

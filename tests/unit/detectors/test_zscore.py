@@ -734,7 +734,7 @@ def adapted_store(later: np.ndarray, adapting: bool) -> tuple[tuple[float, float
     before = baseline(det)
     batch = one_store(later, t0=1_700_001_000.0)
     flagged = np.zeros(batch.n, dtype=bool)
-    det.commit(det.score_adapting(batch, flagged, {"store": np.full(batch.n, adapting)}))
+    det.commit(det.score_adapting(batch, flagged, {("store", "a"): np.full(batch.n, adapting)}))
     return before, baseline(det)
 
 
@@ -772,7 +772,7 @@ def test_learning_adapting_events_batch_equals_one_by_one():
         scores, start = [], 0
         for size in sizes:
             part = batch.slice(start, start + size)
-            step = det.score_adapting(part, learn[start : start + size], {"store": adapting[start : start + size]})
+            step = det.score_adapting(part, learn[start : start + size], {("store", "a"): adapting[start : start + size]})
             det.commit(step)
             scores.append(step.scores)
             start += size

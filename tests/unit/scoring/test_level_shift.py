@@ -103,6 +103,58 @@ def test_tracker_state_round_trip_and_foreign_version():
         other.load_state_dict({**t.state_dict(), "version": 99})
 
 
+STORE_FEATURES = ("log_amount", "log_quantity", "log_unit_price")
+
+
+def store_tracker() -> LevelShiftTracker:
+    return LevelShiftTracker(key_sets={"store_id": STORE_FEATURES}, features=STORE_FEATURES, axis={"store_id": 0}, lasting=2)
+
+
+def declare_store_shift(t: LevelShiftTracker, feature: str, moved: tuple[str, ...]) -> FeatureBatch:
+    j = STORE_FEATURES.index(feature)
+    b = FeatureBatch(
+        event_time=np.arange(4, dtype=np.float64),
+        columns={f: np.full(4, 5.0) for f in STORE_FEATURES},
+        keys={"store_id": np.array(["a"] * 4, dtype=object)},
+        event_ids=np.array([f"e{i}" for i in range(4)], dtype=object),
+    )
+    z = np.zeros((4, 1, len(STORE_FEATURES)))
+    z[:, 0, j] = 3.0
+    scan = t.scan(b, z, np.full((4, 1, len(STORE_FEATURES)), 2.0))
+    assert scan.declared == 1 and scan.where == ("store_id", "a", feature)
+    t.adopt(scan, b.slice(0, 1))
+    t.declared(scan, b, np.full(len(STORE_FEATURES), 5.0), undo=[], moved=moved)
+    return b
+
+
+@pytest.mark.parametrize(
+    ("feature", "moved", "judged_elsewhere"),
+    [
+        # A re-priced key: its prices and amounts moved, not its quantities.
+        ("log_unit_price", ("log_unit_price",), {"log_unit_price", "log_amount"}),
+        # Declared on its amounts, its quantities moved with them (relearn moved both).
+        ("log_amount", ("log_amount", "log_quantity"), {"log_amount", "log_quantity"}),
+    ],
+)
+def test_a_shift_moves_the_features_it_moved_and_those_made_of_them(feature, moved, judged_elsewhere):
+    t = store_tracker()
+    b = declare_store_shift(t, feature, moved)
+    masks = t.adapting_masks(b.slice(1, 4))
+    assert {f for (ks, f) in masks} == judged_elsewhere
+    assert all(m.all() for m in masks.values())
+    # A second shift of the key adds its features; the state keeps them; a version-2 state,
+    # which did not name them, moves every feature of the key set (as version 2 did).
+    declare_store_shift(t, "log_quantity", ("log_quantity",))
+    assert {f for (_, f) in t.adapting_masks(b)} == judged_elsewhere | {"log_quantity"}
+    restored = store_tracker()
+    restored.load_state_dict(codec.decode(codec.encode(t.state_dict())))
+    assert restored.moving == t.moving
+    old = t.state_dict()
+    old["version"], old["adapting"] = 2, [entry[:3] for entry in old["adapting"]]
+    restored.load_state_dict(old)
+    assert {f for (_, f) in restored.adapting_masks(b)} == {"log_amount", "log_quantity", "log_unit_price"}
+
+
 # -- keys that move together, and gradual shifts ----------------------------------------------
 
 PRODUCT = "product_id+currency"
