@@ -14,9 +14,11 @@ flagged for ever. The tracker watches, per z-score key set, key and feature:
 
 At a declaration the pipeline publishes one change record per key, the z-score detector
 re-learns the key (``Detector.relearn``), and for the key's next ``adapt_events`` events the
-population models (``Detector.population``) may not flag it alone, and the other key sets'
-baselines of the features its key set watches no longer judge it (``Adaptation``,
-``Detector.focus``): a store at 30x moves every product's quantities, not their prices.
+population models (``Detector.population``) may not flag it alone, its events stay out of
+the calibrators' windows, and on the features the shift moved (``moving``) the key's own
+baselines learn its every event (``Detector.score_adapting``) while the other key sets'
+baselines no longer judge it (``Adaptation``, ``Detector.focus``): a store at 30x moves every
+product's quantities, not their prices.
 
 Short anomalies stay anomalies: on the generator (60,000 events, seed 5, with and without
 drift) the longest such run of an injected short anomaly is 5 events (a refund burst in one
