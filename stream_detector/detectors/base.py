@@ -180,14 +180,15 @@ class Detector(KeyedState, ABC):
         baseline."""
         return None
 
-    def focus(self, step: Step, moved: dict[tuple[str, str], np.ndarray], shifted: dict[tuple[str, str], np.ndarray] | None = None) -> np.ndarray | None:
-        """``step``'s scores with the events of keys adapting to a level shift judged without
-        the baselines that shift moved: ``moved`` maps (key set, feature) to the events of
-        that key set's adapting keys (LevelShiftTracker.adapting_masks), and another key set's
-        view of that feature no longer counts for them (a store at 30x moves every product's
-        quantities). ``shifted`` maps (key set, feature) to the change of level each event's key
-        is expected to take (NaN: none; LevelShiftTracker.expected_shifts): that key set judges
-        the event against its baseline moved by it. None: no such view."""
+    def focus(self, step: Step, moved: dict[tuple[str, str], np.ndarray], shifted: dict[tuple[str, str], np.ndarray] | None = None) -> Step | None:
+        """``step`` with the events of keys adapting to a level shift judged without the
+        baselines that shift moved, its scores replaced (and whatever ``explain`` needs to name
+        the views that counted): ``moved`` maps (key set, feature) to the events of that key
+        set's keys adapting to a shift of that feature (LevelShiftTracker.adapting_masks), and
+        another key set's view of that feature no longer counts for them (a store at 30x moves
+        every product's quantities). ``shifted`` maps (key set, feature) to the change of level
+        each event's key is expected to take (NaN: none; LevelShiftTracker.expected_shifts):
+        that key set judges the event against its baseline moved by it. None: no such view."""
         return None
 
     def restore_rows(self, key_set: str, key: str, rows: Any) -> None:

@@ -18,6 +18,7 @@ Raw score: the largest |z| over key sets and features (higher = more anomalous).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -575,41 +576,38 @@ class ZScoreDetector(Detector):
             warnings.simplefilter("ignore", RuntimeWarning)  # a feature no warm key has: NaN
             return np.nanmedian(np.where(warm, m2 / np.maximum(count - 1, 1), np.nan), axis=0) if n else np.full(count.shape[1], np.nan)
 
-    def focus(self, step: Step, moved: dict[tuple[str, str], np.ndarray], shifted: dict[tuple[str, str], np.ndarray] | None = None) -> np.ndarray | None:
-        """The scores with each marked event judged by the largest |z| over the key sets and
+    def focus(self, step: Step, moved: dict[tuple[str, str], np.ndarray], shifted: dict[tuple[str, str], np.ndarray] | None = None) -> Step | None:
+        """``step`` with each marked event judged by the largest |z| over the key sets and
         features left: a key set's z on a feature counts unless another key set's adapting key
         of the event moved that feature (an event of a re-priced product in a store that
         changed format is judged by the product's price and the store's quantities); where a
         change of level is expected of the event's key (``shifted``), its z is measured from
-        the baseline moved by that change."""
+        the baseline moved by that change. ``details["judged"]`` holds the z-scores as judged
+        (NaN: did not count), which ``explain`` names; ``details["z"]`` stays as scored (the
+        level-shift runs read it)."""
         shifted = shifted or {}
         if not moved and not shifted:
             return None
         marked = np.zeros(len(step.scores), dtype=bool)
         for mask in moved.values():
             marked |= mask
-        z = step.details["z"]
+        judged = step.details["z"].copy()
         std = step.details["std"]
-        adjusted: dict[tuple[int, int], np.ndarray] = {}
         for (ks, feature), delta in shifted.items():
             if ks in self.key_sets and feature in self.features:
                 k, j = self.key_sets.index(ks), self.features.index(feature)
                 expected = ~np.isnan(delta)
                 with np.errstate(invalid="ignore"):
-                    adjusted[(k, j)] = np.where(expected, z[:, k, j] - np.where(expected, delta, 0.0) / std[:, k, j], z[:, k, j])
+                    judged[:, k, j] = np.where(expected, judged[:, k, j] - np.where(expected, delta, 0.0) / std[:, k, j], judged[:, k, j])
                 marked |= expected
-        best = np.zeros(len(step.scores))
         for k, ks in enumerate(self.key_sets):
             for j, feature in enumerate(self.features):
                 others = [mask for (by, f), mask in moved.items() if f == feature and by != ks]
-                with np.errstate(invalid="ignore"):
-                    view = np.nan_to_num(np.abs(adjusted.get((k, j), z[:, k, j])), nan=0.0)
                 if others:
-                    view = np.where(np.logical_or.reduce(others), 0.0, view)
-                np.maximum(best, view, out=best)
+                    judged[np.logical_or.reduce(others), k, j] = np.nan
         scores = step.scores.copy()
-        scores[marked] = best[marked]
-        return scores
+        scores[marked] = max_abs(judged[marked])
+        return dataclasses.replace(step, scores=scores, details={**step.details, "judged": judged})
 
     def restore_rows(self, key_set: str, key: str, rows: Any) -> None:
         """Undo a ``relearn`` (its ``undo``: the key's old row and the change of level): the key
@@ -654,7 +652,7 @@ class ZScoreDetector(Detector):
         return out
 
     def explain(self, batch: FeatureBatch, step: Step, i: int) -> Explanation:
-        z = step.details["z"][i]
+        z = step.details.get("judged", step.details["z"])[i]  # the views that counted (focus)
         magnitude = np.abs(z)
         magnitude[np.isnan(magnitude)] = -1.0  # nanargmax without its checks (explained per anomaly)
         best = int(magnitude.argmax())

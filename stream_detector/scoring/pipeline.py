@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -334,7 +333,7 @@ class ScoringPipeline:
                 # baselines of the features the shifted key set watches.
                 focused = detector.focus(step, adapting.moved, adapting.shifted)
                 if focused is not None:
-                    step = dataclasses.replace(step, scores=focused)
+                    step = focused
             steps[name] = step
             probs[name], logs[name], cal_states[name] = self.calibrators[name].transform_with_log(step.scores, calibrate)
         return steps, probs, logs, cal_states, all_exact

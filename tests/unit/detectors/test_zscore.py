@@ -673,8 +673,9 @@ def test_an_adapting_event_is_not_judged_by_other_key_sets_on_the_features_its_s
     store_moved_a[:50] = True
     product_moved_b = np.zeros(batch.n, dtype=bool)
     product_moved_b[25:75] = True
-    focused = det.focus(step, {("store", "a"): store_moved_a, ("product", "b"): product_moved_b})
-    assert focused is not None
+    judged = det.focus(step, {("store", "a"): store_moved_a, ("product", "b"): product_moved_b})
+    assert judged is not None
+    focused = judged.scores
     expected = z.reshape(batch.n, -1).max(axis=1)
     only_store = z.copy()
     only_store[:, [k for k in range(len(det.key_sets)) if k != k_store], j_a] = 0.0  # a: moved by the store
@@ -689,6 +690,15 @@ def test_an_adapting_event_is_not_judged_by_other_key_sets_on_the_features_its_s
     np.testing.assert_array_equal(focused[75:], step.scores[75:])
     assert (focused[:75] < expected[:75]).any()  # some events lost the view that made them extreme
     assert det.focus(step, {}) is None
+    # The reasons name a view that counted, the one that gave the score.
+    for i in np.flatnonzero(focused[:75] < expected[:75]):
+        details = det.explain(batch, judged, int(i)).details
+        assert abs(details["z"]) == pytest.approx(focused[i])
+        if i < 50 and details["feature"] == "a":
+            assert details["key_set"] == "store"  # a: moved by the store, only its view counts
+        if 25 <= i < 75 and details["feature"] == "b":
+            assert details["key_set"] == "product"
+    np.testing.assert_array_equal(judged.details["z"], step.details["z"])  # as scored, for the runs
 
 
 def test_an_event_expected_to_take_a_change_is_judged_from_the_moved_baseline(data):
@@ -701,8 +711,9 @@ def test_an_event_expected_to_take_a_change_is_judged_from_the_moved_baseline(da
     k, j = det.key_sets.index("product"), det.features.index("b")
     delta = np.full(batch.n, np.nan)
     delta[:20] = 0.7
-    focused = det.focus(step, {}, {("product", "b"): delta})
-    assert focused is not None
+    judged = det.focus(step, {}, {("product", "b"): delta})
+    assert judged is not None
+    focused = judged.scores
     z = step.details["z"].copy()
     z[:20, k, j] -= 0.7 / step.details["std"][:20, k, j]
     expected = np.nan_to_num(np.abs(z), nan=0.0).reshape(batch.n, -1).max(axis=1)
