@@ -40,8 +40,14 @@ zlib's). What is measured:
     of the whole population, learned from every partition and replicated to all.
   - ``calibrators``: the score calibrators (one reference window per detector).
 
+  - ``alone`` (with ``keyed``): the key sets a keyed task would own (all but the store's, the
+    input key) learn without the pipeline's decision, which the keyed task would not have:
+    each event unless its own key set's z-scores would flag it alone (the z-score's calibrated
+    tail of their largest |z|, Bonferroni-adjusted like a detector's, past the threshold) or a
+    table rejects it. Option (a) of docs/architecture.md, section 4.
+
   A: keyed; B: keyed and population; C: calibrators; D: keyed and calibrators; E: all three;
-  F: population and calibrators (no repartition topic needed). These share live; G is E with
+  E(a): E with ``alone``; F: population and calibrators (no repartition topic needed). These share live; G is E with
   the calibrators replicated with a lag: one merged set learns every partition's scores, and
   each partition gets a copy of it every N events of the stream (2,000 and 10,000; 2,000 with
   ``--quick``), learning its own scores in between; for 10,000 also with one extra copy as
@@ -70,15 +76,17 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
 
 from stream_detector.config import Settings, load_settings
+from stream_detector.detectors.zscore import ZScoreDetector
 from stream_detector.evaluation import POINT_KINDS, WINDOW_KINDS, CollectiveAlert, Labels, evaluate, generated_events, match_windows
 from stream_detector.evaluation.measures import point_measures, window_stats
 from stream_detector.events.decode import EventSchema
+from stream_detector.scoring import fusion
 from stream_detector.scoring.batch import score_batch
 from stream_detector.scoring.factory import build_pipeline, event_schema
 from stream_detector.scoring.pipeline import BatchResult, ScoringPipeline
@@ -100,8 +108,18 @@ BUILT_FULL = ((1, 0), (2, 250), (3, 250), (2, 2_000), (2, 10_000))
 BUILT_QUICK = ((1, 0), (2, 250), (2, 2_000))
 # What the simulations share: per-key z-score tables ("keyed"), population models
 # ("population": z-score global statistics, HalfSpaceTrees, autoencoder), calibrators.
-PARTS = ("keyed", "population", "calibrators")
-SHARING = ("keyed", "keyed+population", "calibrators", "keyed+calibrators", "keyed+population+calibrators", "population+calibrators")
+PARTS = ("keyed", "population", "calibrators", "alone")
+SHARING = (
+    "keyed",
+    "keyed+population",
+    "calibrators",
+    "keyed+calibrators",
+    "keyed+population+calibrators",
+    "keyed+population+calibrators+alone",
+    "population+calibrators",
+)
+# The key set of the input key: owned by the front task, which has the decision.
+FRONT_KEY_SETS = frozenset({"store_id"})
 # Simulation G: E with the calibrators replicated every N events instead of shared live.
 LAGGED = "keyed+population, calibrators every "
 WHEN_READY = " and when ready"
@@ -158,7 +176,13 @@ def share(pipelines: list[ScoringPipeline], what: str) -> None:
     parts = set(what.split("+"))
     if not parts <= set(PARTS):
         raise ValueError(f"unknown part(s) {sorted(parts - set(PARTS))}; known: {PARTS}")
+    if "alone" in parts and not {"keyed", "population"} <= parts:
+        raise ValueError("alone needs keyed+population (one shared z-score)")
     first = pipelines[0]
+    if "alone" in parts:
+        z = next(d for d in first.detectors if d.name == "zscore")
+        z.__class__ = LearningAlone  # a simulation: the same state, another learning rule
+        cast(LearningAlone, z).pipeline = first
     for pipe in pipelines[1:]:
         for i, detector in enumerate(pipe.detectors):
             shared: Any = first.detectors[i]
@@ -174,6 +198,36 @@ def share(pipelines: list[ScoringPipeline], what: str) -> None:
                 pipe.detectors[i] = shared
         if "calibrators" in parts:
             pipe.calibrators = first.calibrators
+
+
+class LearningAlone(ZScoreDetector):
+    """The shared z-score of simulation ``alone``: the key sets outside ``FRONT_KEY_SETS`` learn
+    each event unless their own z-scores would flag it alone (``alone_limit``) or a table
+    rejects it; the rest follows the pipeline's decision."""
+
+    pipeline: ScoringPipeline  # whose calibrator and threshold say what flags alone
+
+    def score_adapting(self, batch: Any, learn: np.ndarray, adapting: dict[tuple[str, str], np.ndarray]) -> Any:
+        first = super().score_adapting(batch, learn, adapting)
+        limit = alone_limit(self.pipeline)
+        own = {}
+        for k, ks in enumerate(self.key_sets):
+            if ks not in FRONT_KEY_SETS:
+                with np.errstate(invalid="ignore"):
+                    own[ks] = np.nan_to_num(np.abs(first.details["z"][:, k, :]), nan=0.0).max(axis=1) <= limit
+        return self.score_by_key_set(batch, learn, adapting, own)
+
+
+# The z-scores ``alone_limit`` tries.
+Z_GRID = np.linspace(0.0, 60.0, 1201)
+
+
+def alone_limit(pipeline: ScoringPipeline) -> float:
+    """The smallest z-score (to 0.05) that the pipeline's z-score calibrator makes fire on its
+    own; infinity while it is not ready (nothing fires)."""
+    probability, _ = pipeline.calibrators["zscore"].transform(Z_GRID)
+    fires = fusion.adjusted_score(probability, len(pipeline.detectors)) > pipeline.threshold
+    return float(Z_GRID[np.argmax(fires)]) if fires.any() else float("inf")
 
 
 @dataclass
@@ -448,6 +502,7 @@ SIMULATION_TITLES = {
     "calibrators": "sim C: only calibrators shared",
     "keyed+calibrators": "sim D: A + calibrators shared",
     "keyed+population+calibrators": "sim E: A + population models + calibrators shared",
+    "keyed+population+calibrators+alone": "sim E(a): E, keyed key sets learning without the decision",
     "population+calibrators": "sim F: population models + calibrators shared, per-key state as today",
 }
 

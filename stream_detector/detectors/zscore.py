@@ -327,6 +327,15 @@ class ZScoreDetector(Detector):
         rejections reproduce themselves (two calls when a batch has new rejections of that
         kind, one otherwise).
         """
+        return self.score_by_key_set(batch, learn, adapting, {})
+
+    def score_by_key_set(
+        self, batch: FeatureBatch, learn: np.ndarray, adapting: dict[tuple[str, str], np.ndarray], learn_by_key_set: dict[str, np.ndarray]
+    ) -> Step:
+        """``score_adapting``, where ``learn_by_key_set`` replaces ``learn`` for the tables of
+        the key sets it names (the global statistics follow ``learn``): what a key set owned by
+        another task would learn without the pipeline's decision (docs/architecture.md, section
+        4; ``bench/quality_at_scale.py`` measures it)."""
         x = np.ascontiguousarray(batch.matrix(self.features), dtype=np.float64)
         learn = np.asarray(learn, dtype=bool)
         observed = ~np.isnan(x)
@@ -334,17 +343,20 @@ class ZScoreDetector(Detector):
         for (ks, feature), mask in adapting.items():
             if ks in self.key_sets and feature in self.key_set_features[ks]:
                 adapt.setdefault(ks, np.zeros(x.shape, dtype=bool))[:, self.features.index(feature)] = mask
-        learned = learn
+        excluded = np.zeros(batch.n, dtype=bool)  # rejected by some table
+        learnable = np.logical_or.reduce([learn, *learn_by_key_set.values()])
         for _ in range(MAX_REJECT_PASSES):
-            step = self._score_pass(batch, x, observed & learned[:, None], adapt)
+            own = {ks: observed & (np.asarray(mask, dtype=bool) & ~excluded)[:, None] for ks, mask in learn_by_key_set.items()}
+            step = self._score_pass(batch, x, observed & (learn & ~excluded)[:, None], adapt, own)
             assert step.reject is not None
-            consistent = learn & ~step.reject
-            if np.array_equal(consistent, learned):
+            if np.array_equal(step.reject & learnable, excluded & learnable):
                 break
-            learned = consistent
+            excluded = step.reject
         return step
 
-    def _score_pass(self, batch: FeatureBatch, x: np.ndarray, contrib: np.ndarray, adapting: dict[str, np.ndarray]) -> Step:
+    def _score_pass(
+        self, batch: FeatureBatch, x: np.ndarray, contrib: np.ndarray, adapting: dict[str, np.ndarray], own: dict[str, np.ndarray] | None = None
+    ) -> Step:
         n, n_features = batch.n, len(self.features)
         g = self._state.global_stats
         g_count, g_mean, g_m2, g_z, g_std, reject, *g_tot = global_scores(
@@ -365,7 +377,7 @@ class ZScoreDetector(Detector):
             grouped, groups, prior, offsets = self._key_set_tables(ks, keys, batch.event_time, n)
             totals = key_set_scores(
                 x,
-                contrib,
+                (own or {}).get(ks, contrib),
                 self._fidx[ks],
                 grouped[0][0] >= 0,
                 batch.event_time,

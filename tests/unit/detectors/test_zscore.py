@@ -790,3 +790,36 @@ def test_learning_adapting_events_batch_equals_one_by_one():
         steps.append(np.concatenate(scores))
     np.testing.assert_allclose(steps[1], steps[0], rtol=1e-9)
     np.testing.assert_allclose(steps[2], steps[0], rtol=1e-9)
+
+
+def test_a_key_set_can_learn_by_its_own_mask():
+    """``score_by_key_set``: the named key set's tables learn by its own mask (what a keyed task
+    would learn without the pipeline's decision), the others and the global statistics by
+    ``learn``; sequential, so a batch equals its events one by one."""
+    batch = make_batch(600, seed=11)
+    rng = np.random.default_rng(4)
+    learn = rng.random(batch.n) < 0.7
+    own = rng.random(batch.n) < 0.9
+
+    def run(sizes: list[int], by_key_set: dict[str, np.ndarray]) -> tuple[np.ndarray, ZScoreDetector]:
+        det, out, start = make_detector(), [], 0
+        for size in sizes:
+            part = batch.slice(start, start + size)
+            step = det.score_by_key_set(part, learn[start : start + size], {}, {ks: m[start : start + size] for ks, m in by_key_set.items()})
+            det.commit(step)
+            out.append(step.scores)
+            start += size
+        return np.concatenate(out), det
+
+    by_product = {"product": own}
+    one_by_one, _ = run([1] * batch.n, by_product)
+    batched, _ = run([600], by_product)
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-9)
+    # Without masks it is score_adapting with nothing adapting; the masks change what was learned.
+    plain, _ = run([600], {})
+    reference = make_detector()
+    np.testing.assert_array_equal(plain, reference.score(batch, learn).scores)
+    assert not np.allclose(batched, plain)
+    # A key set's own mask equal to ``learn`` is no mask at all.
+    same, _ = run([600], {"product": learn})
+    np.testing.assert_array_equal(same, plain)
