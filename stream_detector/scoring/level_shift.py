@@ -181,7 +181,7 @@ class LevelShiftTracker:
     gradual: tuple[str, ...] = ()
     gradual_slack: float = 0.5
     gradual_cap: float = 2.0
-    gradual_threshold: float = 15.0
+    gradual_threshold: float = 25.0
     runs: dict[tuple[str, str, str], _Run] = field(default_factory=dict)
     # (key set, key) -> events of the key still to come before the population models may flag
     # it alone again.
