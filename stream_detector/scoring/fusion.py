@@ -50,6 +50,8 @@ def fuse(probabilities: dict[str, np.ndarray], independent: Collection[str] = ()
         return np.zeros(0)
     stacked = np.vstack(list(probabilities.values()))
     fused = adjusted_score(stacked.min(axis=0), len(probabilities))
+    if not any(name in independent for name in probabilities):
+        return fused  # no logs to take: the pipeline decides on this every round
     with np.errstate(divide="ignore"):
         joint = _joint_log(_logs(probabilities), independent, threshold)
     if joint is not None:
