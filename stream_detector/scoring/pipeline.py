@@ -330,7 +330,7 @@ class ScoringPipeline:
                 exact[name] = (learn, step)
             if adapting and guess is None:
                 # Events of keys adapting to a level shift: not judged by the other key sets'
-                # baselines of the features the shifted key set watches.
+                # baselines of the features the shift moved.
                 focused = detector.focus(step, adapting.moved, adapting.shifted)
                 if focused is not None:
                     step = focused
